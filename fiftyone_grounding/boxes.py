@@ -1,0 +1,141 @@
+"""Box formats and overlap measures, as pure functions.
+
+Every box conversion of the project lives here, like detr's ``util/box_ops.py``.
+Functions take tensors (or arrays) of any leading shape with the 4 coordinates
+in the last dimension. Formats:
+
+- ``xyxy``: (x_min, y_min, x_max, y_max)
+- ``cxcywh``: (center x, center y, width, height)
+- ``xywh``: (x_min, y_min, width, height), FiftyOne's ``Detection.bounding_box``
+  when relative to the image size
+
+Normalized boxes are in [0, 1] image units; pixel boxes are in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_xywh_to_xyxy(boxes: Tensor) -> Tensor:
+    x, y, w, h = boxes.unbind(-1)
+    return torch.stack([x, y, x + w, y + h], dim=-1)
+
+
+def box_xyxy_to_xywh(boxes: Tensor) -> Tensor:
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_xyxy_abs_to_rel(boxes: Tensor, width: float, height: float) -> Tensor:
+    """Pixel xyxy -> normalized xyxy."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes / scale
+
+
+def box_xyxy_rel_to_abs(boxes: Tensor, width: float, height: float) -> Tensor:
+    """Normalized xyxy -> pixel xyxy."""
+    scale = boxes.new_tensor([width, height, width, height])
+    return boxes * scale
+
+
+def fiftyone_xywh_to_xyxy(bounding_box: Sequence[float]) -> list[float]:
+    """FiftyOne ``Detection.bounding_box`` (relative x, y, w, h) -> relative xyxy list."""
+    x, y, w, h = (float(v) for v in bounding_box)
+    return [x, y, x + w, y + h]
+
+
+def xyxy_to_fiftyone_xywh(box: Sequence[float]) -> list[float]:
+    """Relative xyxy -> FiftyOne ``Detection.bounding_box`` (relative x, y, w, h)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0, y0, x1 - x0, y1 - y0]
+
+
+def pixel_xyxy_to_fiftyone_xywh(box: Sequence[float], width: float, height: float) -> list[float]:
+    """Pixel xyxy (RefCOCO's ``bbox``) -> FiftyOne relative [x, y, w, h]."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
+
+
+def fiftyone_xywh_to_pixel_xyxy(bounding_box: Sequence[float], width: float, height: float) -> list[float]:
+    """FiftyOne relative [x, y, w, h] -> pixel xyxy."""
+    x, y, w, h = (float(v) for v in bounding_box)
+    return [x * width, y * height, (x + w) * width, (y + h) * height]
+
+
+def clip_xyxy(boxes: Tensor, max_value: float = 1.0) -> Tensor:
+    return boxes.clamp(0.0, max_value)
+
+
+def is_valid_xyxy(box: Sequence[float]) -> bool:
+    """True for a finite box with positive width and height."""
+    if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+        return False
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x1 > x0 and y1 > y0
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(a) + box_area(b) - inter
+    return inter, union
+
+
+def _enclosing(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    lt = torch.minimum(a[..., :2], b[..., :2])
+    rb = torch.maximum(a[..., 2:], b[..., 2:])
+    return lt, rb
+
+
+def box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """Element-wise IoU of xyxy boxes ``a`` and ``b`` (same shape, ``(..., 4)``)."""
+    inter, union = _inter_union(a, b)
+    return inter / (union + eps)
+
+
+def generalized_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """Element-wise GIoU of xyxy boxes."""
+    inter, union = _inter_union(a, b)
+    iou = inter / (union + eps)
+    lt, rb = _enclosing(a, b)
+    wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / (hull + eps)
+
+
+def distance_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """Element-wise DIoU of xyxy boxes: IoU minus normalized center distance."""
+    inter, union = _inter_union(a, b)
+    iou = inter / (union + eps)
+    lt, rb = _enclosing(a, b)
+    diag = ((rb - lt) ** 2).sum(-1)
+    ca = (a[..., :2] + a[..., 2:]) / 2
+    cb = (b[..., :2] + b[..., 2:]) / 2
+    dist = ((ca - cb) ** 2).sum(-1)
+    return iou - dist / (diag + eps)
+
+
+def box_iou_matrix(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+    """Pairwise IoU: ``a`` (N, 4), ``b`` (M, 4) -> (N, M)."""
+    return box_iou(a[:, None, :], b[None, :, :], eps)

@@ -1,0 +1,111 @@
+"""Checkpoints: a folder with ``config.json`` + ``model.safetensors`` (trainable weights only).
+
+The frozen encoders are named by id/path in the config, not copied. Nothing here
+unpickles: weights are safetensors, everything else JSON. Folders are written
+atomically (written beside, then renamed), so a kill during a save leaves the previous
+checkpoint loadable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GrounderConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+
+PathLike = Union[str, os.PathLike]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete or of a refused kind."""
+
+
+def atomic_write_dir(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder with ``write(tmp)`` then swap it in place of ``path`` by renames."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def resolve_checkpoint_dir(path: PathLike) -> Path:
+    """The checkpoint folder at ``path`` (or the one a kill mid-swap left beside it)."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise CheckpointError(
+                f"{path} is a pickle file, which can run code when loaded; fiftyone-grounding only loads "
+                f"safetensors + JSON checkpoints. Convert it once with `fiftyone-grounding convert {path} OUT_DIR`."
+            )
+        if path.name in (CONFIG_NAME, WEIGHTS_NAME):
+            path = path.parent
+    if not (path / CONFIG_NAME).exists():
+        old = path.with_name(f".{path.name}.old")
+        if (old / CONFIG_NAME).exists():
+            return old
+        raise CheckpointError(f"No checkpoint at {path}: expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not (path / WEIGHTS_NAME).exists():
+        raise CheckpointError(f"Incomplete checkpoint at {path}: {WEIGHTS_NAME} is missing")
+    return path
+
+
+def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None) -> Path:
+    """Save a ``Grounder``'s config and trainable weights (plus optional JSON metadata)."""
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        model.config.to_json(tmp / CONFIG_NAME)
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if extra is not None:
+            (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+
+    return atomic_write_dir(path, write)
+
+
+def load_config(path: PathLike) -> GrounderConfig:
+    return GrounderConfig.from_json(resolve_checkpoint_dir(path) / CONFIG_NAME)
+
+
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", weights: bool = True):
+    """Rebuild a ``Grounder`` from a checkpoint folder (encoders via ``from_pretrained``)."""
+    from .model import build_model
+
+    folder = resolve_checkpoint_dir(path)
+    config = GrounderConfig.from_json(folder / CONFIG_NAME)
+    model = build_model(config=config, weights=weights)
+    load_trainable_weights(model, folder / WEIGHTS_NAME)
+    return model.to(device).eval()
+
+
+def load_trainable_weights(model, weights_file: PathLike) -> None:
+    state = load_file(str(weights_file))
+    expected = set(model.trainable_state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_file} does not match the config: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(state, strict=False)

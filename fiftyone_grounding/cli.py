@@ -1,0 +1,213 @@
+"""``fiftyone-grounding``: command-line entry point. Each subcommand calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
+    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase")
+    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box")
+    p.add_argument("--split-field", default="split", help="sample field naming each sample's split")
+
+
+def _load_view(args):
+    import fiftyone as fo
+
+    if not fo.dataset_exists(args.dataset):
+        sys.exit(f"error: no FiftyOne dataset named {args.dataset!r}; existing: {fo.list_datasets()}")
+    return fo.load_dataset(args.dataset)
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out_dir, dataset_name=args.dataset_name, num_images=args.num_images,
+             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+             json_path=args.json, overwrite=args.overwrite, progress=not args.no_progress)
+
+
+def cmd_summary(args) -> None:
+    from .model import build_model
+
+    overrides = {"image_size": args.image_size, "image_encoder": args.image_encoder,
+                 "text_encoder": args.text_encoder}
+    model = build_model(args.preset, weights=False, **overrides)
+    print(f"preset {args.preset!r}: image encoder {model.config.image_encoder}, "
+          f"text encoder {model.config.text_encoder}, {model.config.image_size} px")
+    for name, module in model.named_children():
+        total = sum(p.numel() for p in module.parameters())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"  {name:<14} {total:>13,} params  {trainable:>12,} trainable")
+    print(f"total params:     {model.num_parameters():,}")
+    print(f"trainable params: {model.num_parameters(trainable_only=True):,}")
+
+
+def cmd_train(args) -> None:
+    from .train import fit
+
+    options = {}
+    if args.recipe:
+        with open(args.recipe) as f:
+            options.update(json.load(f))
+    cli = {"preset": args.preset, "out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size,
+           "lr": args.lr, "num_workers": args.num_workers, "seed": args.seed, "augment": args.augment,
+           "image_size": args.image_size, "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
+           "train_split": args.train_split, "val_split": args.val_split}
+    options.update({k: v for k, v in cli.items() if v is not None})
+    options.setdefault("preset", "seed")
+    options.setdefault("out_dir", os.path.join("runs", options["preset"]))
+    view = _load_view(args)
+    result = fit(view, phrase_field=args.phrase_field, gt_field=args.gt_field, split_field=args.split_field,
+                 resume=not args.no_resume, cpu=args.cpu, progress=not args.no_progress, **options)
+    print(f"best checkpoint: {result.best_dir} (score {result.best_val_iou})")
+
+
+def cmd_apply(args) -> None:
+    from .zoo import GroundingModel
+
+    view = _load_view(args)
+    if args.split:
+        from fiftyone import ViewField as F
+
+        view = view.match(F(args.split_field) == args.split)
+    model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
+    view.apply_model(model, label_field=args.label_field, prompt_field=args.phrase_field,
+                     batch_size=args.batch_size, num_workers=args.num_workers)
+    print(f"wrote {args.label_field!r} on {len(view)} samples")
+    return view
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_grounding
+
+    view = cmd_apply(args) if args.checkpoint else _load_view(args)
+    if not args.checkpoint and args.split:
+        from fiftyone import ViewField as F
+
+        view = view.match(F(args.split_field) == args.split)
+    result = evaluate_grounding(view, args.label_field, args.gt_field, split_field=args.split_field)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def cmd_predict(args) -> None:
+    from .predict import predict_and_crop
+
+    out = predict_and_crop(args.image, args.phrase, args.checkpoint, out_dir=args.out_dir, device=args.device)
+    x0, y0, x1, y1 = out["box_pixels"]
+    print(f"box (pixels, xyxy): {x0:.1f} {y0:.1f} {x1:.1f} {y1:.1f}")
+    print(f"crop: {out['crop_path']}\nannotated image: {out['annotated_path']}")
+
+
+def cmd_import_refcoco(args) -> None:
+    from .refcoco import run_from_args
+
+    run_from_args(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fiftyone-grounding",
+        description="Visual grounding for FiftyOne: find the box a phrase refers to. "
+                    "Start with `fiftyone-grounding demo` (offline, CPU, ~10 minutes).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="offline main job: synthetic data, train tiny on CPU, apply, evaluate",
+                       description="Generate a synthetic referring-expression dataset into FiftyOne, train the "
+                                   "'tiny' preset on the CPU, apply it to the test split and print mIoU/Acc.")
+    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here")
+    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name")
+    p.add_argument("--num-images", type=int, default=8000, help="synthetic images (2 expressions each)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write the test metrics and the constant-box baseline to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="regenerate the dataset and retrain from scratch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("summary", help="print total and trainable parameters of a preset (no download)")
+    p.add_argument("--preset", default="seed", help="seed | grounder | tiny")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder")
+    p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train on a FiftyOne dataset",
+                       description="Train a grounding model on a FiftyOne dataset with a phrase field and a "
+                                   "one-box Detections field. Resumes from OUT_DIR/last when it exists.")
+    _add_data_args(p)
+    p.add_argument("--recipe", help="JSON file of fit() options (see training/); flags override it")
+    p.add_argument("--preset", help="seed | grounder | tiny (default: seed)")
+    p.add_argument("--out-dir", help="checkpoints, metrics.json and curves.png (default: runs/PRESET)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--augment", choices=["none", "flip", "crop-flip"])
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-encoder")
+    p.add_argument("--text-encoder")
+    p.add_argument("--train-split")
+    p.add_argument("--val-split")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last and start over")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (("apply", cmd_apply, "write predictions of a checkpoint to a dataset"),
+                             ("evaluate", cmd_evaluate, "mIoU / Acc@0.5 / Acc@0.75, overall and per split")):
+        p = sub.add_parser(name, help=text, description=text + ".")
+        _add_data_args(p)
+        p.add_argument("--checkpoint", required=name == "apply",
+                       help="checkpoint folder; with evaluate, predictions are made first")
+        p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions")
+        p.add_argument("--split", help="only samples of this split (e.g. testA)")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--num-workers", type=int, default=None)
+        p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
+        if name == "evaluate":
+            p.add_argument("--json", help="write the metrics to this JSON file")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("predict", help="ground one phrase in one image; write the crop and the boxed image",
+                       description="Like the notebook's predict_and_crop: prints the box and writes "
+                                   "OUT_DIR/<image>_crop.png and OUT_DIR/<image>_box.png.")
+    p.add_argument("image", help="image file")
+    p.add_argument("phrase", help='referring phrase, e.g. "the small red circle on the left"')
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--out-dir", default="outputs/predict")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne",
+                       description="Import a RefCOCO-family dataset (Hugging Face jxu124/*) into FiftyOne, "
+                                   "one sample per expression, with COCO train2014 images.")
+    try:
+        from .refcoco import add_arguments
+
+        add_arguments(p)
+    except ImportError:  # pragma: no cover - refcoco module is part of the package
+        pass
+    p.set_defaults(func=cmd_import_refcoco)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

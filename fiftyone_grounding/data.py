@@ -1,0 +1,290 @@
+"""FiftyOne view -> torch Dataset / DataLoader for grounding.
+
+Items are *images*, each with all of its phrases and boxes, so an image shared by
+several referring expressions is decoded, augmented and encoded once per batch.
+Transforms take and return image, boxes and phrases together (detr's
+``datasets/transforms.py``): a horizontal flip swaps "left" and "right" in the phrases.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
+
+logger = logging.getLogger(__name__)
+
+# Whole words only: "bright" and "leftover" stay as they are (TransVG's str.replace
+# turned "bright" into "bleft").
+_LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)
+_SWAP = {"left": "right", "right": "left"}
+
+# Decompression-bomb guard: huge images are refused with a reason, not loaded.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+def swap_left_right(phrase: str) -> str:
+    """Swap the whole words left/right (and leftmost/rightmost), keeping their case."""
+
+    def repl(m: re.Match) -> str:
+        word = m.group(1)
+        new = _SWAP[word.lower()]
+        if word.isupper():
+            new = new.upper()
+        elif word[0].isupper():
+            new = new.capitalize()
+        return new + (m.group(2) or "")
+
+    return _LEFT_RIGHT.sub(repl, phrase)
+
+
+def hflip(image: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str]):
+    """Horizontal flip of an (H, W, C) image, its normalized xyxy boxes and phrases."""
+    image = np.ascontiguousarray(image[:, ::-1])
+    boxes = boxes_xyxy.copy()
+    boxes[:, [0, 2]] = 1.0 - boxes_xyxy[:, [2, 0]]
+    return image, boxes, [swap_left_right(p) for p in phrases]
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decode an image as (H, W, 3) uint8 RGB, honouring EXIF rotation.
+
+    Grayscale, palette, RGBA and 16-bit images are converted; failures raise
+    ``ValueError`` with the reason.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image too large ({im.width}x{im.height})")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                scale = 65535.0 if arr.max() > 255 else 255.0
+                im = Image.fromarray((arr / scale * 255.0).clip(0, 255).astype(np.uint8))
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(background, im)
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ValueError("image file not found") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image ({e})") from None
+
+
+@dataclass
+class GroundingRecords:
+    """The rows of a view that can be trained on, and why the others were skipped."""
+
+    sample_ids: list[str] = field(default_factory=list)
+    filepaths: list[str] = field(default_factory=list)
+    phrases: list[str] = field(default_factory=list)
+    boxes: list[list[float]] = field(default_factory=list)  # normalized xyxy
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+def clean_phrase(phrase) -> Optional[str]:
+    """Whitespace-normalized phrase, or None when missing or empty."""
+    if not isinstance(phrase, str):
+        return None
+    phrase = " ".join(phrase.split())
+    return phrase or None
+
+
+def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth") -> GroundingRecords:
+    """Bulk-read (id, filepath, phrase, first box) from a FiftyOne view, validating each row."""
+    for name in (phrase_field, gt_field):
+        if not view.has_field(name):
+            raise ValueError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
+    ids, paths, phrases, bbs = view.values(
+        ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
+    )
+    records = GroundingRecords()
+    for sid, path, phrase, boxes in zip(ids, paths, phrases, bbs):
+        text = clean_phrase(phrase)
+        if text is None:
+            records.skipped.append((sid, "missing or empty phrase"))
+            continue
+        if not boxes:
+            records.skipped.append((sid, f"no box in {gt_field!r}"))
+            continue
+        box = fiftyone_xywh_to_xyxy(boxes[0]) if len(boxes[0]) == 4 else [math.nan] * 4
+        if not all(math.isfinite(v) for v in box):
+            records.skipped.append((sid, "box has non-finite coordinates"))
+            continue
+        box = [min(max(v, 0.0), 1.0) for v in box]  # partly outside the image: clipped
+        if not is_valid_xyxy(box):
+            records.skipped.append((sid, "box has zero or negative area"))
+            continue
+        records.sample_ids.append(sid)
+        records.filepaths.append(path)
+        records.phrases.append(text)
+        records.boxes.append(box)
+    return records
+
+
+def build_transform(image_size: int, crop: bool = False):
+    """Albumentations pipeline: optional box-safe crop, then resize to a square."""
+    import albumentations as A
+
+    ops = [A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5)] if crop else []
+    ops.append(A.Resize(image_size, image_size))
+    return A.Compose(ops, bbox_params=A.BboxParams(format="albumentations", label_fields=["indices"],
+                                                   clip=True, min_area=0.0, min_visibility=0.0))
+
+
+class GroundingDataset(Dataset):
+    """One item per image (or per chunk of an image's phrases).
+
+    Returns ``dict(pixel_values (3, S, S) float, boxes (k, 4), phrases [k], sample_ids [k])``,
+    or ``dict(skipped=[(sample_id, reason), ...])`` when the image cannot be read.
+    """
+
+    def __init__(
+        self,
+        records: GroundingRecords,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: str = "none",  # "none" | "flip" | "crop-flip"
+        max_phrases_per_image: int = 32,
+        seed: int = 0,
+    ):
+        if augment not in ("none", "flip", "crop-flip"):
+            raise ValueError("augment must be 'none', 'flip' or 'crop-flip'")
+        self.records = records
+        self.image_size = image_size
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+        self.augment = augment
+        self.transform = build_transform(image_size, crop=augment == "crop-flip")
+        self.seed = seed
+        self.epoch = 0
+        by_image: dict[str, list[int]] = {}
+        for i, path in enumerate(records.filepaths):
+            by_image.setdefault(path, []).append(i)
+        self.groups: list[list[int]] = []
+        for indices in by_image.values():
+            for start in range(0, len(indices), max_phrases_per_image):
+                self.groups.append(indices[start:start + max_phrases_per_image])
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def group_sizes(self) -> list[int]:
+        return [len(g) for g in self.groups]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        rows = self.groups[index]
+        r = self.records
+        ids = [r.sample_ids[i] for i in rows]
+        try:
+            image = load_rgb(r.filepaths[rows[0]])
+        except ValueError as e:
+            return {"skipped": [(sid, str(e)) for sid in ids]}
+        boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
+        phrases = [r.phrases[i] for i in rows]
+        # Per-item randomness from (seed, epoch, index): the same augmentation whatever
+        # the number of workers or processes, so a resumed run repeats itself exactly.
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        self.transform.set_random_seed(int(rng.integers(2**31)))
+        out = self.transform(image=image, bboxes=boxes, indices=list(range(len(rows))))
+        image, boxes = out["image"], np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+        if len(boxes) != len(rows):  # a crop never drops boxes, but be safe
+            return {"skipped": [(sid, "box lost in augmentation") for sid in ids]}
+        if self.augment != "none" and rng.random() < 0.5:
+            image, boxes, phrases = hflip(image, boxes, phrases)
+        pixels = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        return {
+            "pixel_values": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),  # (3, S, S)
+            "boxes": torch.from_numpy(boxes),  # (k, 4)
+            "phrases": phrases,
+            "sample_ids": ids,
+        }
+
+
+class GroupBatchSampler(Sampler[list[int]]):
+    """Packs image groups into batches of at most ``batch_size`` phrases.
+
+    Shuffled per epoch with ``(seed, epoch)``, so every process of a distributed run and
+    every resumed run sees the same order.
+    """
+
+    def __init__(self, group_sizes: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        self.group_sizes = list(group_sizes)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self._batches = self._pack()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._batches = self._pack()
+
+    def _pack(self) -> list[list[int]]:
+        order = np.arange(len(self.group_sizes))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        batches, current, count = [], [], 0
+        for g in order.tolist():
+            size = self.group_sizes[g]
+            if current and count + size > self.batch_size:
+                batches.append(current)
+                current, count = [], 0
+            current.append(g)
+            count += size
+        if current and not (self.drop_last and count < self.batch_size and batches):
+            batches.append(current)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+class Collator:
+    """Stacks images once, tokenizes phrases, and maps each phrase to its image."""
+
+    def __init__(self, tokenizer, max_text_len: int):
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        skipped = [s for it in items for s in it.get("skipped", [])]
+        items = [it for it in items if "pixel_values" in it]
+        batch = {"skipped": skipped, "sample_ids": [s for it in items for s in it["sample_ids"]]}
+        if not items:
+            return batch
+        phrases = [p for it in items for p in it["phrases"]]
+        tokens = self.tokenizer(phrases, padding=True, truncation=True, max_length=self.max_text_len,
+                                return_tensors="pt")
+        batch.update(
+            pixel_values=torch.stack([it["pixel_values"] for it in items]),  # (I, 3, S, S)
+            image_index=torch.cat([torch.full((len(it["phrases"]),), i, dtype=torch.long)
+                                   for i, it in enumerate(items)]),  # (B,)
+            boxes=torch.cat([it["boxes"] for it in items]),  # (B, 4)
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            phrases=phrases,
+        )
+        return batch

@@ -1,0 +1,184 @@
+"""Building and loading the frozen encoders and the tokenizer: the one place that does it.
+
+Encoders load through ``from_pretrained`` from a Hub id or a local folder. The
+``tiny:*`` names are the real classes (``DINOv3ViTModel``, ``BertModel``) with small
+configs and random weights, generated once into a local folder and then loaded through
+the very same ``from_pretrained`` path; they serve the tests and the offline demo.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import string
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class EncoderUnavailableError(RuntimeError):
+    """An encoder or tokenizer could not be loaded; the message says what to do."""
+
+
+def home_dir() -> Path:
+    """Where fiftyone-grounding keeps generated encoders and caches."""
+    return Path(os.environ.get("FIFTYONE_GROUNDING_HOME", Path.home() / ".cache" / "fiftyone_grounding"))
+
+
+def _model_classes(model_type: str):
+    from transformers import BertConfig, BertModel, DINOv3ViTConfig, DINOv3ViTModel
+
+    return {
+        "dinov3_vit": (DINOv3ViTConfig, DINOv3ViTModel),
+        "bert": (BertConfig, BertModel),
+    }[model_type]
+
+
+def _config_from_dict(values: dict):
+    values = dict(values)
+    config_cls, _ = _model_classes(values.pop("model_type"))
+    return config_cls(**values)
+
+
+def tiny_encoder_dir(name: str) -> Path:
+    """The local folder of a ``tiny:*`` encoder, generated on first use."""
+    if name not in TINY_ENCODER_CONFIGS:
+        raise ValueError(f"Unknown tiny encoder {name!r}; known: {sorted(TINY_ENCODER_CONFIGS)}")
+    path = home_dir() / "encoders" / name.replace(":", "-")
+    if not (path / "config.json").exists():
+        _write_tiny_encoder(name, path)
+    return path
+
+
+def tiny_vocabulary() -> list[str]:
+    """WordPiece vocab of the tiny tokenizer: the synthetic set's words + characters."""
+    from .synthetic import VOCABULARY
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    words = sorted(set(w.lower() for w in VOCABULARY) - set(chars))
+    return SPECIAL_TOKENS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + words
+
+
+def _write_tiny_encoder(name: str, path: Path) -> None:
+    config = dict(TINY_ENCODER_CONFIGS[name])
+    _quiet_transformers()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    if config["model_type"] == "bert":
+        from transformers import BertTokenizerFast
+
+        vocab = tiny_vocabulary()
+        config["vocab_size"] = len(vocab)
+        vocab_file = tmp / "vocab.txt"
+        vocab_file.write_text("\n".join(vocab) + "\n")
+        # transformers 5 names the argument `vocab`, 4.x `vocab_file`.
+        params = inspect.signature(BertTokenizerFast.__init__).parameters
+        vocab_arg = {"vocab_file" if "vocab_file" in params else "vocab": str(vocab_file)}
+        tokenizer = BertTokenizerFast(**vocab_arg, do_lower_case=True,
+                                      model_max_length=config["max_position_embeddings"])
+        if tokenizer.tokenize(vocab[-1]) != [vocab[-1]]:
+            raise RuntimeError("The tiny tokenizer did not take its vocabulary")
+        tokenizer.save_pretrained(tmp)
+    _, model_cls = _model_classes(config["model_type"])
+    # Fixed seed: the same tiny encoder on every machine that generates it.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = model_cls(_config_from_dict(config))
+    model.save_pretrained(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process generated it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_encoder_path(name: str) -> str:
+    """Hub id or local folder that ``from_pretrained`` receives for ``name``."""
+    if name.startswith("tiny:"):
+        return str(tiny_encoder_dir(name))
+    return name
+
+
+def _unavailable(name: str, what: str, error: Exception) -> EncoderUnavailableError:
+    if os.path.isdir(name):
+        hint = f"the folder {name!r} does not hold a complete {what} (config.json and weights)"
+    elif "dinov3" in name.lower():
+        hint = (f"{name!r} could not be downloaded: DINOv3 is gated, so accept its licence on "
+                f"https://huggingface.co/{name} and run `hf auth login`, or, offline, download it "
+                "elsewhere and pass its local folder instead of the id")
+    else:
+        hint = (f"{name!r} could not be downloaded: check the id and your connection, or, offline, "
+                "download it elsewhere (`hf download ID --local-dir DIR`) and pass the local folder")
+    return EncoderUnavailableError(f"Cannot load the {what}: {hint}. ({type(error).__name__}: {error})")
+
+
+def _quiet_transformers() -> None:
+    """No per-shard progress bars from transformers: ours say what is going on."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen encoder: no gradients, eval mode (no dropout)."""
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def load_encoder(name: str, weights: bool = True, what: str = "encoder") -> nn.Module:
+    """A frozen encoder: pretrained weights when ``weights``, else random weights.
+
+    ``weights=False`` needs no download for the ids in ``KNOWN_ENCODER_CONFIGS``
+    (parameter counts, timing); otherwise the config is read from the folder or Hub.
+    """
+    path = resolve_encoder_path(name)
+    _quiet_transformers()
+    try:
+        if weights:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(path)
+        else:
+            if name in KNOWN_ENCODER_CONFIGS:
+                config = _config_from_dict(KNOWN_ENCODER_CONFIGS[name])
+            else:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(path)
+            _, model_cls = _model_classes(config.model_type)
+            model = model_cls(config)
+    except (OSError, ValueError) as e:
+        raise _unavailable(name, what, e) from e
+    return freeze(model)
+
+
+def load_tokenizer(name: str):
+    """The tokenizer that goes with the text encoder ``name``."""
+    from transformers import AutoTokenizer
+
+    path = resolve_encoder_path(name)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _unavailable(name, "tokenizer", e) from e
+
+
+def num_prefix_tokens(image_encoder: nn.Module) -> int:
+    """Tokens before the patch grid in the image encoder's output (CLS + registers)."""
+    return 1 + int(getattr(image_encoder.config, "num_register_tokens", 0) or 0)
+
+
+def encoder_hidden_size(encoder: nn.Module) -> int:
+    return int(encoder.config.hidden_size)
+
+
+def patch_size(image_encoder: nn.Module) -> int:
+    return int(image_encoder.config.patch_size)
+

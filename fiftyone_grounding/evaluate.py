@@ -1,0 +1,122 @@
+"""Grounding metrics (mIoU, Acc@0.5, Acc@0.75; overall and per split) on FiftyOne views."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .boxes import box_iou, fiftyone_xywh_to_xyxy
+
+THRESHOLDS = (0.5, 0.75)
+
+
+def grounding_metrics(ious) -> dict:
+    """mIoU, Acc@0.5 and Acc@0.75 of per-expression IoUs (a missing prediction counts as 0)."""
+    ious = torch.as_tensor(ious, dtype=torch.float64)
+    if ious.numel() == 0:
+        return {"miou": float("nan"), "acc50": float("nan"), "acc75": float("nan"), "count": 0}
+    return {
+        "miou": ious.mean().item(),
+        "acc50": (ious >= 0.5).double().mean().item(),
+        "acc75": (ious >= 0.75).double().mean().item(),
+        "count": int(ious.numel()),
+    }
+
+
+def _first_boxes(values) -> list[Optional[list[float]]]:
+    """First relative xyxy box of each sample's Detections.bounding_box list, or None."""
+    out = []
+    for boxes in values:
+        box = boxes[0] if boxes else None
+        if box is None or len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+            out.append(None)
+        else:
+            out.append(fiftyone_xywh_to_xyxy(box))
+    return out
+
+
+def sample_ious(view, pred_field: str, gt_field: str) -> tuple[list[str], list[Optional[float]]]:
+    """Per-sample IoU between the first predicted and first ground-truth box.
+
+    None where the sample has no ground truth; 0.0 where it has no prediction.
+    """
+    ids, preds, gts = view.values(
+        ["id", f"{pred_field}.detections.bounding_box", f"{gt_field}.detections.bounding_box"])
+    preds, gts = _first_boxes(preds), _first_boxes(gts)
+    ious: list[Optional[float]] = [None] * len(ids)
+    pairs = [(i, p, g) for i, (p, g) in enumerate(zip(preds, gts)) if g is not None]
+    with_pred = [(i, p, g) for i, p, g in pairs if p is not None]
+    for i, p, g in pairs:
+        ious[i] = 0.0
+    if with_pred:
+        p = torch.tensor([x[1] for x in with_pred], dtype=torch.float64)
+        g = torch.tensor([x[2] for x in with_pred], dtype=torch.float64)
+        for (i, _, _), v in zip(with_pred, box_iou(p, g, eps=0.0).tolist()):
+            ious[i] = v
+    return ids, ious
+
+
+def evaluate_grounding(
+    view,
+    pred_field: str = "predictions",
+    gt_field: str = "ground_truth",
+    split_field: Optional[str] = "split",
+    iou_field: Optional[str] = None,
+    print_table: bool = True,
+) -> dict:
+    """Score predictions against ground truth and store a per-sample IoU field.
+
+    Returns ``{"overall": {miou, acc50, acc75, count}, "splits": {name: {...}},
+    "missing_predictions": n, "iou_field": name}``. The IoU goes to ``iou_field``
+    (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
+    """
+    for name in (pred_field, gt_field):
+        if not view.has_field(name):
+            raise ValueError(f"The dataset has no field {name!r}")
+    iou_field = iou_field or f"{pred_field}_iou"
+    ids, ious = sample_ious(view, pred_field, gt_field)
+    has_pred = view.values(f"{pred_field}.detections")
+    missing = sum(1 for d, v in zip(has_pred, ious) if v is not None and not d)
+    view.set_values(iou_field, ious)
+
+    scored = [v for v in ious if v is not None]
+    result = {"overall": grounding_metrics(scored), "splits": {}, "missing_predictions": missing,
+              "iou_field": iou_field}
+    if split_field and view.has_field(split_field):
+        splits = view.values(split_field)
+        for name in sorted({s for s in splits if s is not None}, key=str):
+            result["splits"][name] = grounding_metrics(
+                [v for v, s in zip(ious, splits) if s == name and v is not None])
+    if print_table:
+        print(format_table(result))
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
+    lines = [f"{'split':<10} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}",
+             "-" * 50]
+    for name, m in rows:
+        lines.append(f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}")
+    if result.get("missing_predictions"):
+        lines.append(f"({result['missing_predictions']} samples had no prediction and count as IoU 0)")
+    return "\n".join(lines)
+
+
+def mean_box(view, gt_field: str = "ground_truth") -> list[float]:
+    """Mean ground-truth box (relative xyxy) of a view."""
+    boxes = [b for b in _first_boxes(view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
+    if not boxes:
+        raise ValueError("No ground-truth boxes to average")
+    return torch.tensor(boxes, dtype=torch.float64).mean(0).tolist()
+
+
+def constant_box_miou(train_view, test_view, gt_field: str = "ground_truth") -> float:
+    """Test mIoU of always predicting the mean training box: the floor a model must beat."""
+    box = mean_box(train_view, gt_field)
+    gts = [b for b in _first_boxes(test_view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
+    g = torch.tensor(gts, dtype=torch.float64)
+    p = torch.tensor(box, dtype=torch.float64).expand_as(g)
+    return box_iou(p, g, eps=0.0).mean().item()

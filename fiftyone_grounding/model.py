@@ -1,0 +1,197 @@
+"""The grounding network: frozen encoders, fusion decoder, box head; and its loss.
+
+``image -> DINOv3 -> tokens -> Linear (+ 2D sine positions) -> memory``
+``phrase -> BERT/BGE -> tokens -> Linear -> queries (+ a learned [REG] query)``
+``TransformerDecoder(queries, memory) -> MLP head -> normalized box``
+
+The model returns normalized xyxy boxes whatever its head predicts; post-processing
+into pixels or FiftyOne labels lives elsewhere (``labels.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import boxes as box_ops
+from .config import GrounderConfig, get_config
+from .encoders import encoder_hidden_size, load_encoder, load_tokenizer, num_prefix_tokens, patch_size
+
+
+def sine_positions_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """DETR's fixed 2D sine positional encoding for an ``height x width`` grid -> (H*W, dim)."""
+    if dim % 4:
+        raise ValueError("d_model must be divisible by 4 for 2D sine positions")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    y = (torch.arange(height, dtype=torch.float32) + 0.5) / height * 2 * math.pi
+    x = (torch.arange(width, dtype=torch.float32) + 0.5) / width * 2 * math.pi
+    yy, xx = torch.meshgrid(y, x, indexing="ij")
+    out_y = yy.flatten()[:, None] * omega[None]  # (HW, dim/4)
+    out_x = xx.flatten()[:, None] * omega[None]
+    return torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)  # (HW, dim)
+
+
+class Grounder(nn.Module):
+    """Phrase + image -> one normalized xyxy box."""
+
+    def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        d = config.d_model
+        self.num_prefix = num_prefix_tokens(image_encoder)
+        self.patch_size = patch_size(image_encoder)
+        self.image_proj = nn.Linear(encoder_hidden_size(image_encoder), d)
+        self.text_proj = nn.Linear(encoder_hidden_size(text_encoder), d)
+        layer = nn.TransformerDecoderLayer(
+            d, config.num_heads, config.dim_feedforward, config.dropout,
+            batch_first=True, norm_first=config.norm_first,
+        )
+        # Pre-norm stacks need a final norm; the seed (post-norm) has none.
+        self.decoder = nn.TransformerDecoder(
+            layer, config.num_layers, norm=nn.LayerNorm(d) if config.norm_first else None
+        )
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, d)) if config.query == "reg" else None
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=0.02)
+        self.head = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, 4)
+        )
+        self._pos_cache: dict[tuple[int, int], Tensor] = {}
+
+    # -- frozen encoders -------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen encoders never leave eval mode (no dropout, fixed statistics).
+        self.image_encoder.eval()
+        self.text_encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(I, 3, H, W) normalized pixels -> (I, prefix + H/p * W/p, D_img) frozen features."""
+        return self.image_encoder(pixel_values=pixel_values).last_hidden_state
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, D_txt) frozen features."""
+        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    # -- trainable fusion --------------------------------------------------------------
+
+    def _positions(self, num_tokens: int, device, dtype) -> Tensor:
+        """Sine positions for the image tokens: zeros for CLS/registers, 2D grid for patches."""
+        num_patches = num_tokens - self.num_prefix
+        side = int(round(math.sqrt(num_patches)))
+        if side * side != num_patches:
+            raise ValueError(f"Expected a square patch grid, got {num_patches} patches")
+        key = (side, side)
+        if key not in self._pos_cache:
+            grid = sine_positions_2d(side, side, self.config.d_model)
+            prefix = torch.zeros(self.num_prefix, self.config.d_model)
+            self._pos_cache[key] = torch.cat([prefix, grid], dim=0)
+        return self._pos_cache[key].to(device=device, dtype=dtype)
+
+    def decode(
+        self,
+        image_features: Tensor,
+        text_features: Tensor,
+        attention_mask: Tensor,
+        image_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Fuse frozen features into boxes.
+
+        image_features (I, N, D_img); text_features (B, T, D_txt); attention_mask (B, T);
+        image_index (B,) says which image each phrase refers to (default: phrase i -> image i),
+        so an image shared by several phrases is encoded once. Returns (B, 4) xyxy in [0, 1].
+        """
+        memory = self.image_proj(image_features)  # (I, N, d)
+        if self.config.pos_embed == "sine":
+            memory = memory + self._positions(memory.shape[1], memory.device, memory.dtype)
+        if image_index is not None:
+            memory = memory[image_index]  # (B, N, d)
+        queries = self.text_proj(text_features)  # (B, T, d)
+        padding = ~attention_mask.bool()  # (B, T) True where padded
+        if self.reg_token is not None:
+            reg = self.reg_token.to(queries.dtype).expand(queries.shape[0], -1, -1)
+            queries = torch.cat([reg, queries], dim=1)  # (B, 1 + T, d)
+            padding = torch.cat([padding.new_zeros(padding.shape[0], 1), padding], dim=1)
+        out = self.decoder(queries, memory, tgt_key_padding_mask=padding)  # (B, T', d)
+        if self.reg_token is not None:
+            pooled = out[:, 0]
+        else:
+            keep = (~padding).unsqueeze(-1).to(out.dtype)
+            pooled = (out * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, d)
+        raw = self.head(pooled).float().sigmoid()  # (B, 4)
+        return self.to_xyxy(raw)
+
+    def to_xyxy(self, raw: Tensor) -> Tensor:
+        if self.config.box_format == "cxcywh":
+            return box_ops.box_cxcywh_to_xyxy(raw).clamp(0.0, 1.0)
+        # The seed's head predicts corners directly; order them so the box is valid.
+        x0, y0, x1, y1 = raw.unbind(-1)
+        return torch.stack([torch.minimum(x0, x1), torch.minimum(y0, y1),
+                            torch.maximum(x0, x1), torch.maximum(y0, y1)], dim=-1)
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_index: Optional[Tensor] = None,
+    ) -> Tensor:
+        image_features = self.encode_images(pixel_values)
+        text_features = self.encode_text(input_ids, attention_mask)
+        return self.decode(image_features, text_features, attention_mask, image_index)
+
+    # -- bookkeeping -----------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """The weights a checkpoint holds: everything but the frozen encoders."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def box_loss(pred_xyxy: Tensor, target_xyxy: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+    """Named loss terms (mean over the batch) and their weighted sum under ``"loss"``.
+
+    Terms: ``l1`` on (cx, cy, w, h), ``giou`` = 1 - GIoU, ``diou`` = 1 - DIoU.
+    """
+    pred_xyxy = pred_xyxy.float()
+    target_xyxy = target_xyxy.float()
+    terms: dict[str, Tensor] = {}
+    if "l1" in weights:
+        terms["l1"] = F.l1_loss(box_ops.box_xyxy_to_cxcywh(pred_xyxy), box_ops.box_xyxy_to_cxcywh(target_xyxy))
+    if "giou" in weights:
+        terms["giou"] = (1 - box_ops.generalized_box_iou(pred_xyxy, target_xyxy)).mean()
+    if "diou" in weights:
+        terms["diou"] = (1 - box_ops.distance_box_iou(pred_xyxy, target_xyxy)).mean()
+    terms["loss"] = sum(weights[k] * terms[k] for k in weights)
+    return terms
+
+
+def build_model(preset: str = "seed", weights: bool = True, config: Optional[GrounderConfig] = None,
+                **overrides) -> Grounder:
+    """Build a ``Grounder`` from a preset (plus overrides) or a full config.
+
+    ``weights=False`` builds the encoders with random weights and no download (parameter
+    counts, timing); ``weights=True`` loads them with ``from_pretrained``.
+    """
+    config = config or get_config(preset, **overrides)
+    image_encoder = load_encoder(config.image_encoder, weights=weights, what="image encoder")
+    text_encoder = load_encoder(config.text_encoder, weights=weights, what="text encoder")
+    return Grounder(config, image_encoder, text_encoder)
+
+
+def build_tokenizer(config: GrounderConfig):
+    return load_tokenizer(config.text_encoder)

@@ -1,0 +1,447 @@
+"""The built-in synthetic referring-expression dataset (the offline default).
+
+Each image shows a few coloured shapes on a dark background; each referring
+expression picks exactly one of them out, e.g. "the small red circle" or
+"the blue square on the left". The task is built to be learnable by a small
+model yet honest:
+
+- Objects never overlap (a margin separates them) and lie fully inside the image;
+  "small" and "large" size ranges are far apart; the colours are far apart.
+- A phrase names the fewest of colour / shape / size that single the target out
+  (sometimes one redundant attribute more, so phrases are not a fixed function of
+  the scene). When look-alikes exist (same colour, shape and size), a spatial word
+  ("left", "right", "top", "bottom") compares the target with them along the axis
+  where they are best separated. A fraction of the images deliberately holds a
+  look-alike pair, so spatial words are common.
+- Nothing of the answer is in the image beyond the drawn shapes, and
+  :func:`resolve` proves that every phrase denotes its target alone.
+
+Phrases use whole words only, so a horizontal flip of the image can be matched by
+swapping "left" <-> "right" in the phrase; all shapes (circle, square, upright
+isosceles triangle) are mirror-symmetric, so their names survive the flip.
+
+One FiftyOne sample per referring expression; the expressions of an image share
+its PNG file and its split.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+import fiftyone as fo
+
+from .labels import make_detections
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 100, 245),
+    "yellow": (240, 220, 40),
+    "white": (235, 235, 235),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Side of an object's (square) box as a fraction of the image side. The gap
+# between the ranges keeps "small" and "large" unambiguous at 64 px (7-10 px vs 16-20 px).
+SIZES: dict[str, tuple[float, float]] = {
+    "small": (0.11, 0.16),
+    "large": (0.25, 0.32),
+}
+BACKGROUND: tuple[int, int, int] = (24, 24, 24)
+# Per-channel uniform jitter of an object's colour, so colours are ranges, not exact values.
+COLOR_JITTER = 12
+
+# Phrase order is "the [size] [colour] [shape|object] [spatial]".
+ATTRIBUTES: tuple[str, ...] = ("size", "color", "shape")
+NOUN_WITHOUT_SHAPE = "object"
+SPATIAL_PHRASES: dict[str, str] = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+}
+# Which box-centre coordinate a spatial word compares, and whether it picks the minimum.
+_SPATIAL_AXIS: dict[str, tuple[int, bool]] = {
+    "left": (0, True),
+    "right": (0, False),
+    "top": (1, True),
+    "bottom": (1, False),
+}
+# A spatial word only denotes one object when that object's centre is more than
+# this (relative) distance ahead of every other candidate's along the axis.
+SPATIAL_TOLERANCE = 0.08
+
+VOCABULARY: list[str] = (
+    ["the", NOUN_WITHOUT_SHAPE, "on", "at"]
+    + list(SPATIAL_PHRASES)
+    + list(SIZES)
+    + list(COLORS)
+    + list(SHAPES)
+)
+
+LOOKALIKE_FRACTION = 0.35
+REDUNDANT_ATTRIBUTE_PROB = 0.25
+# Minimum gap between two objects' boxes, in pixels.
+OBJECT_GAP_PX = 2
+# Shapes are drawn this many times larger and box-filtered down, for anti-aliased edges
+# whose coverage matches the box exactly.
+SUPERSAMPLE = 4
+
+
+def _center(box: Sequence[float]) -> tuple[float, float]:
+    return ((box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0)
+
+
+def _sample_attributes(rng: np.random.Generator, num_objects: int, lookalike: bool) -> list[tuple[str, str, str]]:
+    """(size, colour, shape) per object: all distinct, except one identical pair if ``lookalike``.
+
+    Controlling duplicates here (instead of letting them happen by chance) fixes the
+    share of look-alike scenes and keeps every object describable: a pair can
+    always be told apart by position, a triple not always.
+    """
+    combos = list(itertools.product(SIZES, COLORS, SHAPES))
+    num_distinct = num_objects - 1 if lookalike else num_objects
+    picks = [combos[i] for i in rng.choice(len(combos), size=num_distinct, replace=False)]
+    if lookalike:
+        picks.append(picks[0])
+    return picks
+
+
+def _place_boxes(rng: np.random.Generator, sides: Sequence[int], image_size: int) -> Optional[list[tuple[int, int, int, int]]]:
+    """Non-overlapping pixel boxes (x0, y0, x1, y1) of the given sides, or None if they did not fit."""
+    # Largest first: they are the hardest to fit.
+    order = sorted(range(len(sides)), key=lambda i: -sides[i])
+    placed: dict[int, tuple[int, int, int, int]] = {}
+    for i in order:
+        side = sides[i]
+        for _ in range(200):
+            x0 = int(rng.integers(0, image_size - side + 1))
+            y0 = int(rng.integers(0, image_size - side + 1))
+            box = (x0, y0, x0 + side, y0 + side)
+            if all(
+                box[0] >= b[2] + OBJECT_GAP_PX
+                or b[0] >= box[2] + OBJECT_GAP_PX
+                or box[1] >= b[3] + OBJECT_GAP_PX
+                or b[1] >= box[3] + OBJECT_GAP_PX
+                for b in placed.values()
+            ):
+                placed[i] = box
+                break
+        else:
+            return None
+    return [placed[i] for i in range(len(sides))]
+
+
+def _draw(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], color: tuple[int, int, int]) -> None:
+    """Draw ``shape`` filling the supersampled pixel ``box`` (x0, y0, x1, y1), x1/y1 exclusive."""
+    x0, y0, x1, y1 = box
+    # PIL includes the end coordinate; the box is exclusive.
+    xe, ye = x1 - 1, y1 - 1
+    if shape == "circle":
+        draw.ellipse((x0, y0, xe, ye), fill=color)
+    elif shape == "square":
+        draw.rectangle((x0, y0, xe, ye), fill=color)
+    elif shape == "triangle":
+        draw.polygon([((x0 + xe) / 2.0, y0), (xe, ye), (x0, ye)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def generate_scene(
+    rng: np.random.Generator,
+    image_size: int = 64,
+    min_objects: int = 2,
+    max_objects: int = 4,
+    lookalike_fraction: float = LOOKALIKE_FRACTION,
+) -> tuple[Image.Image, list[dict]]:
+    """Draw one scene of ``min_objects..max_objects`` shapes.
+
+    Returns the RGB image and one dict per object: ``shape``, ``color``, ``size``
+    (names from :data:`SHAPES`, :data:`COLORS`, :data:`SIZES`) and ``box_xyxy``
+    (relative, in [0, 1], tight around the drawn shape). With probability
+    ``lookalike_fraction`` (and at least 2 objects) two objects are identical in
+    size, colour and shape; otherwise no two objects share all three.
+    """
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError("need 1 <= min_objects <= max_objects")
+    while True:
+        num_objects = int(rng.integers(min_objects, max_objects + 1))
+        lookalike = num_objects >= 2 and rng.random() < lookalike_fraction
+        attributes = _sample_attributes(rng, num_objects, lookalike)
+        sides = [
+            max(3, int(round(rng.uniform(*SIZES[size]) * image_size)))
+            for size, _, _ in attributes
+        ]
+        boxes = _place_boxes(rng, sides, image_size)
+        if boxes is not None:
+            break
+        # Crowded draws (many large objects) can fail to fit: draw a new scene.
+
+    big = image_size * SUPERSAMPLE
+    canvas = Image.new("RGB", (big, big), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    objects = []
+    for (size, color, shape), box in zip(attributes, boxes):
+        base = np.array(COLORS[color])
+        jitter = rng.integers(-COLOR_JITTER, COLOR_JITTER + 1, size=3)
+        fill = tuple(int(v) for v in np.clip(base + jitter, 0, 255))
+        _draw(draw, shape, [v * SUPERSAMPLE for v in box], fill)
+        objects.append(
+            dict(
+                shape=shape,
+                color=color,
+                size=size,
+                box_xyxy=[v / image_size for v in box],
+            )
+        )
+    image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
+    return image, objects
+
+
+def _matches(obj: dict, attributes: dict[str, str]) -> bool:
+    return all(obj[key] == value for key, value in attributes.items())
+
+
+def _spatial_winner(objects: list[dict], candidates: list[int], word: str) -> list[int]:
+    """The candidates within :data:`SPATIAL_TOLERANCE` of the most ``word`` one."""
+    axis, pick_min = _SPATIAL_AXIS[word]
+    coords = {i: _center(objects[i]["box_xyxy"])[axis] for i in candidates}
+    best = min(coords.values()) if pick_min else max(coords.values())
+    return [i for i in candidates if abs(coords[i] - best) <= SPATIAL_TOLERANCE]
+
+
+def resolve(objects: list[dict], phrase: str) -> list[int]:
+    """Indices of the objects that ``phrase`` denotes (the checker of :func:`describe`).
+
+    Colour, shape and size words filter the objects; a spatial word then keeps
+    the candidate that is furthest in that direction, plus any candidate within
+    :data:`SPATIAL_TOLERANCE` of it (a near-tie is ambiguous, so all tied are
+    returned). A phrase identifies its target iff the result is ``[target]``.
+    Raises ``ValueError`` for words outside :data:`VOCABULARY`.
+    """
+    attributes: dict[str, str] = {}
+    spatial: list[str] = []
+    for word in phrase.lower().split():
+        if word not in VOCABULARY:
+            raise ValueError(f"word {word!r} of {phrase!r} is not in VOCABULARY")
+        for key, names in (("size", SIZES), ("color", COLORS), ("shape", SHAPES)):
+            if word in names:
+                if attributes.setdefault(key, word) != word:
+                    return []  # e.g. "red blue": nothing is both
+        if word in SPATIAL_PHRASES:
+            spatial.append(word)
+    candidates = [i for i, obj in enumerate(objects) if _matches(obj, attributes)]
+    for word in spatial:
+        if candidates:
+            candidates = _spatial_winner(objects, candidates, word)
+    return candidates
+
+
+def _best_spatial_word(objects: list[dict], group: list[int], target: int) -> Optional[str]:
+    """The spatial word under which ``target`` leads the rest of ``group`` by the widest margin."""
+    best_word, best_gap = None, SPATIAL_TOLERANCE
+    for word, (axis, pick_min) in _SPATIAL_AXIS.items():
+        sign = 1.0 if pick_min else -1.0
+        mine = sign * _center(objects[target]["box_xyxy"])[axis]
+        gap = min(sign * _center(objects[i]["box_xyxy"])[axis] - mine for i in group if i != target)
+        if gap > best_gap:
+            best_word, best_gap = word, gap
+    return best_word
+
+
+def describe(objects: list[dict], target: int, rng: np.random.Generator) -> str:
+    """A referring phrase that identifies ``objects[target]`` alone.
+
+    The phrase names a smallest set of attributes (size, colour, shape) that
+    separates the target from every object that is not its look-alike, chosen at
+    random among the smallest sets, and with probability
+    :data:`REDUNDANT_ATTRIBUTE_PROB` one more (redundant) attribute. If look-alikes
+    remain, the spatial word under which the target is furthest ahead of them is
+    appended. Raises ``ValueError`` if the target cannot be singled out (it is
+    not ahead of its look-alikes in any direction).
+    """
+    me = objects[target]
+    group = [i for i, obj in enumerate(objects) if all(obj[k] == me[k] for k in ATTRIBUTES)]
+    spatial = None
+    if len(group) > 1:
+        spatial = _best_spatial_word(objects, group, target)
+        if spatial is None:
+            raise ValueError(f"object {target} cannot be told apart from its look-alikes {group}")
+
+    for count in range(len(ATTRIBUTES) + 1):
+        # The subsets that select exactly the look-alike group (the target alone if it has none).
+        subsets = [
+            subset
+            for subset in itertools.combinations(ATTRIBUTES, count)
+            if [i for i, obj in enumerate(objects) if _matches(obj, {k: me[k] for k in subset})] == group
+        ]
+        if subsets:
+            break
+    chosen = set(subsets[int(rng.integers(len(subsets)))])
+    unused = [key for key in ATTRIBUTES if key not in chosen]
+    # At least one attribute, or the phrase would be "the object": it is then redundant but natural.
+    if unused and (not chosen or rng.random() < REDUNDANT_ATTRIBUTE_PROB):
+        chosen.add(unused[int(rng.integers(len(unused)))])
+
+    words = ["the"]
+    words += [me[key] for key in ("size", "color") if key in chosen]
+    words.append(me["shape"] if "shape" in chosen else NOUN_WITHOUT_SHAPE)
+    if spatial is not None:
+        words.append(SPATIAL_PHRASES[spatial])
+    return " ".join(words)
+
+
+def generate_example(
+    rng: np.random.Generator,
+    image_size: int = 64,
+    expressions_per_image: int = 2,
+    min_objects: int = 2,
+    max_objects: int = 4,
+    lookalike_fraction: float = LOOKALIKE_FRACTION,
+) -> tuple[Image.Image, list[dict], list[tuple[int, str]]]:
+    """One scene and up to ``expressions_per_image`` (target index, phrase) pairs, distinct targets.
+
+    In a look-alike scene one target is always a look-alike, so that scenes which
+    need a spatial word also yield phrases that use one.
+    """
+    image, objects = generate_scene(rng, image_size, min_objects, max_objects, lookalike_fraction)
+    order = [int(i) for i in rng.permutation(len(objects))]
+    keys = [tuple(obj[k] for k in ATTRIBUTES) for obj in objects]
+    twins = [i for i in order if keys.count(keys[i]) > 1]
+    if twins:
+        order.remove(twins[0])
+        order.insert(0, twins[0])
+    targets = order[: min(expressions_per_image, len(objects))]
+    return image, objects, [(t, describe(objects, t, rng)) for t in targets]
+
+
+def image_rng(seed: int, image_id: int) -> np.random.Generator:
+    """The random stream of image ``image_id``: an image depends on the seed and its id only.
+
+    The middle word tags the stream (1: images, 0: the split shuffle). Seed sequences
+    ignore trailing zeros, so untagged, image 0's ``[seed, 0]`` would equal ``[seed]``.
+    """
+    return np.random.default_rng([seed, 1, image_id])
+
+
+def _split_counts(num_images: int, split_fractions: Sequence[tuple[str, float]]) -> list[int]:
+    """Images per split: largest-remainder rounding, at least one per split when there are enough images."""
+    fractions = np.array([float(f) for _, f in split_fractions])
+    if (fractions < 0).any() or fractions.sum() <= 0:
+        raise ValueError(f"bad split_fractions {split_fractions!r}")
+    exact = fractions / fractions.sum() * num_images
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: num_images - counts.sum()]:
+        counts[i] += 1
+    # Tiny datasets would otherwise leave val/test empty.
+    for i in np.flatnonzero((counts == 0) & (fractions > 0)):
+        donor = int(np.argmax(counts))
+        if counts[donor] > 1:
+            counts[donor] -= 1
+            counts[i] += 1
+    return counts.tolist()
+
+
+def make_synthetic_dataset(
+    name: str = "grounding-synthetic",
+    num_images: int = 2000,
+    image_size: int = 64,
+    expressions_per_image: int = 2,
+    split_fractions: Sequence[tuple[str, float]] = (("train", 0.8), ("val", 0.1), ("test", 0.1)),
+    out_dir: Optional[str] = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    persistent: bool = True,
+    progress: bool = True,
+    min_objects: int = 2,
+    max_objects: int = 4,
+    lookalike_fraction: float = LOOKALIKE_FRACTION,
+) -> fo.Dataset:
+    """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
+
+    One sample per referring expression, with fields ``expression``,
+    ``ground_truth`` (one box, labelled with the expression), ``split`` (also a
+    sample tag), ``image_id``, ``ref_id`` (one per referred object), ``ann_id``
+    (one per drawn object), ``sent_id`` (one per expression), ``category`` (the
+    target's shape) and ``metadata``. Images are PNGs under ``out_dir`` (default
+    ``<fo.config.default_dataset_dir>/<name>``); splits are by image.
+
+    Image ``i`` depends only on ``(seed, i)``, so the same seed gives the same
+    phrases, boxes and pixels. An existing dataset ``name`` is returned unchanged
+    unless ``overwrite=True``, which deletes and regenerates it.
+    """
+    if fo.dataset_exists(name):
+        if not overwrite:
+            return fo.load_dataset(name)
+        fo.delete_dataset(name)
+    if out_dir is None:
+        out_dir = os.path.join(fo.config.default_dataset_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+
+    split_names = [split for split, _ in split_fractions]
+    counts = _split_counts(num_images, split_fractions)
+    image_splits = np.repeat(split_names, counts)
+    # Shuffle so that splits do not follow generation order (a separate stream from the scenes).
+    image_splits = image_splits[np.random.default_rng([seed, 0]).permutation(num_images)]
+
+    samples = []
+    ann_id = ref_id = 0
+    for image_id in tqdm(range(num_images), desc="synthetic images", disable=not progress):
+        image, objects, expressions = generate_example(
+            image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction
+        )
+        filepath = os.path.join(out_dir, f"{image_id:06d}.png")
+        image.save(filepath)
+        metadata = fo.ImageMetadata(
+            width=image_size,
+            height=image_size,
+            num_channels=3,
+            mime_type="image/png",
+            size_bytes=os.path.getsize(filepath),
+        )
+        split = str(image_splits[image_id])
+        # Object ids are dataset-wide: the first object of this image gets the next free id.
+        first_ann_id = ann_id
+        ann_id += len(objects)
+        for target, phrase in expressions:
+            target_obj = objects[target]
+            samples.append(
+                fo.Sample(
+                    filepath=filepath,
+                    tags=[split],
+                    metadata=metadata,
+                    expression=phrase,
+                    ground_truth=make_detections(target_obj["box_xyxy"], phrase),
+                    split=split,
+                    image_id=image_id,
+                    ref_id=ref_id,
+                    ann_id=first_ann_id + target,
+                    # One sentence per referred object here, so sentence and ref ids coincide.
+                    sent_id=ref_id,
+                    category=target_obj["shape"],
+                )
+            )
+            ref_id += 1
+
+    dataset = fo.Dataset(name)
+    dataset.add_samples(samples, progress=progress)
+    dataset.persistent = persistent
+    dataset.info["synthetic"] = dict(
+        num_images=num_images,
+        image_size=image_size,
+        expressions_per_image=expressions_per_image,
+        split_fractions=[[split, float(f)] for split, f in split_fractions],
+        seed=seed,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        lookalike_fraction=lookalike_fraction,
+        out_dir=out_dir,
+        vocabulary=VOCABULARY,
+    )
+    dataset.save()
+    return dataset

@@ -1,0 +1,386 @@
+"""Training: one ``fit()`` that the CLI, the operators and the tests all call.
+
+AdamW + cosine schedule with linear warm-up, gradient clipping, bf16 autocast where the
+device supports it, run under HF Accelerate so that ``torchrun``/``accelerate launch``
+on several GPUs or nodes needs no code change. Each epoch prints the seed's table row
+(train loss, train IoU, val loss, val IoU), writes ``metrics.json`` and ``curves.png``,
+saves ``last/`` (with optimizer state, for resume) and ``best/`` (by val IoU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from .boxes import box_iou
+from .checkpoint import WEIGHTS_NAME, atomic_write_dir, load_trainable_weights, save_checkpoint
+from .config import GrounderConfig, get_config
+from .data import Collator, GroundingDataset, GroupBatchSampler, read_records
+from .model import Grounder, box_loss, build_model, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+STATE_JSON = "training_state.json"
+OPTIMIZER_NAME = "optimizer.safetensors"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    best_dir: Path
+    last_dir: Path
+    history: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def best_val_iou(self) -> Optional[float]:
+        vals = [h["val_iou"] for h in self.history if h.get("val_iou") is not None]
+        return max(vals) if vals else None
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over trainable parameters only; no decay on biases, norms and the [REG] token."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "reg_token" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Optimizer state as (tensors for safetensors, JSON-able rest): no pickle."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _split_view(view, split_field: str, split: Optional[str]):
+    from fiftyone import ViewField as F
+
+    if split is None:
+        return None
+    if not view.has_field(split_field):
+        raise ValueError(f"The dataset has no split field {split_field!r}; pass split_field=... or add one")
+    return view.match(F(split_field) == split)
+
+
+def default_mixed_precision(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def fit(
+    view,
+    preset: str = "tiny",
+    out_dir: str = "runs/grounding",
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-4,
+    warmup_frac: float = 0.05,
+    grad_clip: float = 1.0,
+    phrase_field: str = "expression",
+    gt_field: str = "ground_truth",
+    split_field: str = "split",
+    train_split: Optional[str] = "train",
+    val_split: Optional[str] = "val",
+    augment: str = "flip",
+    num_workers: int = 0,
+    seed: int = 0,
+    resume: bool = True,
+    mixed_precision: str = "auto",
+    cpu: bool = False,
+    weights: bool = True,
+    config: Optional[GrounderConfig] = None,
+    progress: bool = True,
+    progress_callback: Optional[Callable[[float, str], None]] = None,
+    **overrides,
+) -> FitResult:
+    """Train a grounding model on a FiftyOne dataset or view.
+
+    Samples of ``train_split`` (by ``split_field``) are trained on, ``val_split`` picks
+    the best checkpoint; pass ``train_split=None`` to train on the whole view. ``overrides``
+    change the preset's config (e.g. ``image_size=448``). With ``resume=True`` a run that
+    finds ``out_dir/last`` continues from it. Returns the paths and per-epoch history.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    out = Path(out_dir)
+    last_dir, best_dir = out / "last", out / "best"
+    resuming = resume and (last_dir / STATE_JSON).exists()
+    if resuming:
+        config = GrounderConfig.from_json(last_dir / "config.json")
+    config = config or get_config(preset, **overrides)
+
+    probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
+    mp = default_mixed_precision(probe) if mixed_precision == "auto" else mixed_precision
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+    is_main = accelerator.is_main_process
+    set_seed(seed)
+
+    train_view = _split_view(view, split_field, train_split) if train_split else view
+    val_view = _split_view(view, split_field, val_split) if val_split else None
+    train_records = read_records(train_view, phrase_field, gt_field)
+    if len(train_records) == 0:
+        raise ValueError(f"No trainable samples in the {train_split or 'whole'} split: {train_records.skipped[:5]}")
+    val_records = read_records(val_view, phrase_field, gt_field) if val_view is not None else None
+    if val_records is not None and len(val_records) == 0:
+        val_records = None
+    skipped = list(train_records.skipped) + (list(val_records.skipped) if val_records else [])
+
+    tokenizer = build_tokenizer(config)
+    collate = Collator(tokenizer, config.max_text_len)
+    train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
+                                 augment=augment, seed=seed)
+    sampler = GroupBatchSampler(train_set.group_sizes(), batch_size, shuffle=True, seed=seed)
+    loader_kwargs = dict(collate_fn=collate, num_workers=num_workers,
+                         pin_memory=accelerator.device.type == "cuda",
+                         persistent_workers=False)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
+    val_loader = None
+    if val_records is not None:
+        val_set = GroundingDataset(val_records, config.image_size, config.image_mean, config.image_std)
+        val_sampler = GroupBatchSampler(val_set.group_sizes(), batch_size, shuffle=False)
+        val_loader = DataLoader(val_set, batch_sampler=val_sampler, **loader_kwargs)
+
+    model = build_model(config=config, weights=weights)
+    optimizer = configure_optimizer(model, lr, weight_decay)
+    total_steps = epochs * len(sampler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(warmup_frac * total_steps)))
+
+    start_epoch, history, best_iou = 0, [], -1.0
+    if resuming:
+        state = json.loads((last_dir / STATE_JSON).read_text())
+        load_trainable_weights(model, last_dir / WEIGHTS_NAME)
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(last_dir / OPTIMIZER_NAME)),
+                                                        state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_iou = state["best_val_iou"]
+        if is_main:
+            print(f"Resuming from {last_dir} after epoch {state['epoch'] + 1}")
+
+    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    if is_main:
+        n_total = accelerator.unwrap_model(model).num_parameters()
+        n_train = accelerator.unwrap_model(model).num_parameters(trainable_only=True)
+        print(f"Training {config.preset!r} on {len(train_records)} expressions / {len(train_set)} images "
+              f"({n_train:,} trainable of {n_total:,} params) on {accelerator.device} "
+              f"x{accelerator.num_processes}, mixed precision: {mp}")
+        if skipped:
+            print(f"Skipped {len(skipped)} samples; first: {skipped[:3]}")
+        print(_table_header())
+
+    for epoch in range(start_epoch, epochs):
+        # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
+        set_seed(seed + epoch)
+        sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        t0 = time.time()
+        train_stats = _train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, config,
+                                       grad_clip, epoch, epochs, progress and is_main, progress_callback)
+        skipped.extend(train_stats.pop("skipped"))
+        val_stats = evaluate_loss(model, val_loader, accelerator, config) if val_loader is not None else {}
+        row = {"epoch": epoch + 1, **train_stats,
+               "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
+               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
+        if is_main:
+            print(_table_row(row))
+            unwrapped = accelerator.unwrap_model(model)
+            if score > best_iou:
+                best_iou = score
+                save_checkpoint(unwrapped, best_dir, extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
+            _save_last(unwrapped, optimizer, scheduler, last_dir, epoch, history, best_iou)
+            _write_metrics(out, history, best_iou)
+        accelerator.wait_for_everyone()
+    if is_main:
+        _write_metrics(out, history, best_iou)
+        if skipped:
+            reasons: dict[str, int] = {}
+            for _, why in skipped:
+                reasons[why] = reasons.get(why, 0) + 1
+            print(f"Skipped {len(skipped)} samples: " + ", ".join(f"{n} x {r}" for r, n in reasons.items()))
+    accelerator.end_training()
+    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped)
+
+
+def _forward_batch(model, batch: dict) -> torch.Tensor:
+    return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                 attention_mask=batch["attention_mask"], image_index=batch["image_index"])
+
+
+def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig,
+                     grad_clip: float, epoch: int, epochs: int, show_progress: bool,
+                     progress_callback) -> dict:
+    from tqdm.auto import tqdm
+
+    model.train()
+    loss_sum = iou_sum = 0.0
+    count = 0
+    skipped: list = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False,
+               dynamic_ncols=True)
+    for step, batch in enumerate(bar):
+        skipped.extend(batch["skipped"])
+        if "pixel_values" not in batch:
+            continue
+        with accelerator.autocast():
+            pred = _forward_batch(model, batch)
+        terms = box_loss(pred, batch["boxes"], config.loss_weights)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"Non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; batch samples: "
+                f"{batch['sample_ids'][:8]}. The last good checkpoint is kept; lower the learning rate "
+                "or check these samples.")
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        n = pred.shape[0]
+        with torch.no_grad():
+            iou = box_iou(pred.detach().float(), batch["boxes"].float()).mean().item()
+        loss_sum += loss.item() * n
+        iou_sum += iou * n
+        count += n
+        if show_progress:
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}")
+        if progress_callback is not None and step % 10 == 0:
+            progress_callback((epoch + (step + 1) / max(1, len(loader))) / epochs,
+                              f"epoch {epoch + 1}/{epochs}, step {step + 1}/{len(loader)}")
+    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
+    loss_sum, iou_sum, count = totals.tolist()
+    return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(count, 1), "skipped": skipped}
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
+    """Mean loss and IoU over a loader (all processes together)."""
+    model.eval()
+    losses, ious = [], []
+    for batch in loader:
+        if "pixel_values" not in batch:
+            continue
+        with accelerator.autocast():
+            pred = _forward_batch(model, batch)
+        terms = box_loss(pred, batch["boxes"], config.loss_weights)
+        n = torch.tensor([pred.shape[0]], device=pred.device, dtype=torch.float32)
+        losses.append(accelerator.gather_for_metrics(terms["loss"].detach().float().reshape(1) * n))
+        ious.append(accelerator.gather_for_metrics(box_iou(pred.float(), batch["boxes"].float())))
+    if not ious:
+        return {}
+    iou = torch.cat(ious)
+    return {"loss": torch.cat(losses).sum().item() / iou.numel(), "iou": iou.mean().item()}
+
+
+def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int, history: list,
+               best_iou: float) -> None:
+    tensors, meta = _optimizer_to_files(optimizer)
+    state = {"epoch": epoch, "history": history, "best_val_iou": best_iou, "optimizer": meta,
+             "scheduler": scheduler.state_dict()}
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        model.config.to_json(tmp / "config.json")
+        save_file(weights, str(tmp / WEIGHTS_NAME))
+        save_file(tensors, str(tmp / OPTIMIZER_NAME))
+        (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, default=float))
+
+    atomic_write_dir(last_dir, write)
+
+
+def _table_header() -> str:
+    return f"{'epoch':>5} | {'train loss':>10} | {'train IoU':>9} | {'val loss':>9} | {'val IoU':>8} | {'lr':>9} | {'s':>6}"
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if v is not None else "-"
+
+
+def _table_row(r: dict) -> str:
+    return (f"{r['epoch']:>5} | {_fmt(r['train_loss'], '10.4f')} | {_fmt(r['train_iou'], '9.4f')} | "
+            f"{_fmt(r['val_loss'], '>9.4f')} | {_fmt(r['val_iou'], '>8.4f')} | {r['lr']:>9.2e} | {r['seconds']:>6.1f}")
+
+
+def _write_metrics(out: Path, history: list[dict], best_iou: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"history": history, "best_score": best_iou}, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    if history:
+        plot_curves(history, out / "curves.png")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss and IoU per epoch, train and val, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "iou", "mean IoU")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
+        val = [h[f"val_{key}"] for h in history]
+        if any(v is not None for v in val):
+            ax.plot(epochs, [v if v is not None else float("nan") for v in val], marker="o", label="val")
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

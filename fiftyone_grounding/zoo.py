@@ -1,0 +1,215 @@
+"""``GroundingModel``: the grounding network as a FiftyOne model.
+
+``dataset.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32)``
+batches for real (``SupportsGetItem`` + ``TorchModelMixin`` with a collate function:
+FiftyOne drops ``batch_size`` to 1 for ``ragged_batches=True`` models), reads each
+sample's OWN phrase inside the data loader item (so it cannot drift to another sample),
+and writes no prediction where the phrase is missing or empty.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
+
+from .checkpoint import load_checkpoint
+from .data import clean_phrase, load_rgb
+from .labels import make_detections
+from .model import Grounder, build_model, build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PROMPT_KEY = "prompt_field"
+
+
+def preprocess_image(image: np.ndarray, image_size: int, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, S, S) normalized float tensor (the training resize)."""
+    import albumentations as A
+
+    resized = A.Resize(image_size, image_size)(image=image)["image"]
+    pixels = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+class GroundingGetItem(fout.GetItem):
+    """Loads one sample for inference: its image and its own phrase, together."""
+
+    def __init__(self, image_size: int, mean, std, field_mapping=None):
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        super().__init__(field_mapping=field_mapping)
+
+    @property
+    def required_keys(self):
+        return ["filepath", PROMPT_KEY]
+
+    def __call__(self, d: dict) -> dict:
+        item = {"filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)), "error": None}
+        if item["phrase"] is None:
+            item["error"] = "missing or empty phrase"
+            return item
+        try:
+            item["pixel_values"] = preprocess_image(load_rgb(d["filepath"]), self.image_size, self.mean, self.std)
+        except ValueError as e:
+            item["error"] = str(e)
+        return item
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Stacks each distinct image once and maps every phrase to it."""
+    valid = [i for i, it in enumerate(items) if it.get("error") is None]
+    image_of: dict[str, int] = {}
+    pixels, index = [], []
+    for i in valid:
+        path = items[i]["filepath"]
+        if path not in image_of:
+            image_of[path] = len(pixels)
+            pixels.append(items[i]["pixel_values"])
+        index.append(image_of[path])
+    return {
+        "size": len(items),
+        "valid": valid,
+        "phrases": [items[i]["phrase"] for i in valid],
+        "errors": [(it["filepath"], it["error"]) for it in items if it.get("error") is not None],
+        "pixel_values": torch.stack(pixels) if pixels else None,  # (I, 3, S, S)
+        "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
+    }
+
+
+class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
+    """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
+
+    def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
+                 mixed_precision: str = "auto"):
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._using_gpu = self._device.type == "cuda"
+        self.model = model.to(self._device).eval()
+        self.config = model.config
+        self.tokenizer = build_tokenizer(model.config)
+        self._preprocess = True
+        if mixed_precision == "auto":
+            use_bf16 = self._using_gpu and torch.cuda.is_bf16_supported()
+        else:
+            use_bf16 = mixed_precision == "bf16"
+        self._autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.forward_calls = 0  # number of batched forward passes, for inspection
+        self.skipped: list[tuple[str, str]] = []  # (filepath, reason) of the last run
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, **kwargs) -> "GroundingModel":
+        """Load a checkpoint folder (``config.json`` + ``model.safetensors``)."""
+        return cls(load_checkpoint(path), device=device, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str, weights: bool = True, device=None, **overrides) -> "GroundingModel":
+        """An untrained model of a preset (for timing, or to fine-tune)."""
+        return cls(build_model(preset, weights=weights, **overrides), device=device)
+
+    # -- FiftyOne Model interface --------------------------------------------------------
+
+    @property
+    def media_type(self):
+        return "image"
+
+    @property
+    def has_logits(self):
+        return False
+
+    @property
+    def has_embeddings(self):
+        return False
+
+    @property
+    def ragged_batches(self):
+        return False  # every image is resized to the same square: batches stack
+
+    @property
+    def transforms(self):
+        return None
+
+    @property
+    def preprocess(self):
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value):
+        self._preprocess = value
+
+    @property
+    def has_collate_fn(self):
+        return True
+
+    @staticmethod
+    def collate_fn(batch):
+        return collate_items(batch)
+
+    def build_get_item(self, field_mapping=None):
+        return GroundingGetItem(self.config.image_size, self.config.image_mean, self.config.image_std,
+                                field_mapping=field_mapping)
+
+    def __enter__(self):
+        self.skipped = []
+        return self
+
+    def __exit__(self, *args):
+        if self.skipped:
+            reasons: dict[str, int] = {}
+            for _, why in self.skipped:
+                reasons[why] = reasons.get(why, 0) + 1
+            logger.warning("No prediction for %d samples: %s", len(self.skipped),
+                           ", ".join(f"{n} x {r}" for r, n in reasons.items()))
+        return False
+
+    def predict(self, arg, phrase: Optional[str] = None):
+        """One image (uint8 HWC array or PIL image) and its phrase -> ``Detections``."""
+        if isinstance(arg, dict):
+            return self.predict_all([arg])[0]
+        if phrase is None:
+            raise ValueError("GroundingModel.predict needs a phrase: predict(image, phrase)")
+        image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
+        item = {"filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
+        if item["phrase"] is None:
+            return None
+        item["pixel_values"] = preprocess_image(image, self.config.image_size, self.config.image_mean,
+                                                self.config.image_std)
+        return self._predict_batch(collate_items([item]))[0]
+
+    def predict_all(self, args, samples=None):
+        batch = args if isinstance(args, dict) else collate_items(list(args))
+        return self._predict_batch(batch)
+
+    @torch.inference_mode()
+    def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
+                      image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Normalized xyxy boxes (B, 4) for phrases over images (I, 3, S, S)."""
+        tokens = self.tokenizer(list(phrases), padding=True, truncation=True,
+                                max_length=self.config.max_text_len, return_tensors="pt")
+        pixel_values = pixel_values.to(self._device, non_blocking=True)
+        ids = tokens["input_ids"].to(self._device)
+        mask = tokens["attention_mask"].to(self._device)
+        if image_index is not None:
+            image_index = image_index.to(self._device)
+        with torch.autocast(self._device.type, dtype=self._autocast_dtype or torch.float32,
+                            enabled=self._autocast_dtype is not None):
+            boxes = self.model(pixel_values, ids, mask, image_index)
+        self.forward_calls += 1
+        return boxes.float().cpu()
+
+    def _predict_batch(self, batch: dict) -> list:
+        out: list = [None] * batch["size"]
+        self.skipped.extend(batch["errors"])
+        if not batch["valid"]:
+            return out
+        boxes = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"])
+        for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
+            out[i] = make_detections(box, phrase, confidence=1.0)
+        return out

@@ -1,0 +1,58 @@
+"""Shared pytest set-up: real FiftyOne (its embedded MongoDB) in a test database."""
+
+import os
+import uuid
+
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_tests")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def dataset_name():
+    """A unique dataset name; the dataset is deleted after the test."""
+    import fiftyone as fo
+
+    name = f"fog-test-{uuid.uuid4().hex[:10]}"
+    yield name
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def grounding_home(tmp_path_factory):
+    """Generated tiny encoders (real classes, random weights) live in a per-session folder."""
+    home = tmp_path_factory.mktemp("fog_home")
+    os.environ["FIFTYONE_GROUNDING_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """A small synthetic referring dataset (40 images, 80 expressions), shared read-only."""
+    import fiftyone as fo
+
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+
+    name = f"fog-session-{uuid.uuid4().hex[:8]}"
+    ds = make_synthetic_dataset(name, num_images=40, out_dir=str(tmp_path_factory.mktemp("syn")),
+                                seed=1, persistent=False, progress=False)
+    yield ds
+    if fo.dataset_exists(name):
+        fo.delete_dataset(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
+    """A 'tiny' model trained for one epoch on ``synthetic_dataset``: its ``best`` folder."""
+    from fiftyone_grounding.train import fit
+
+    out = tmp_path_factory.mktemp("tiny_run")
+    result = fit(synthetic_dataset, preset="tiny", out_dir=str(out), epochs=1, batch_size=16,
+                 progress=False, cpu=True)
+    return result.best_dir

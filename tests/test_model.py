@@ -1,0 +1,136 @@
+"""The model: exact seed size, every preset builds, frozen encoders, grouping, checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from fiftyone_grounding.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fiftyone_grounding.config import PRESETS, GrounderConfig, get_config
+from fiftyone_grounding.encoders import EncoderUnavailableError, load_encoder, load_tokenizer, tiny_encoder_dir
+from fiftyone_grounding.model import box_loss, build_model, build_tokenizer
+
+
+def tokens(model, phrases):
+    tok = build_tokenizer(model.config)
+    t = tok(phrases, padding=True, return_tensors="pt")
+    return t["input_ids"], t["attention_mask"]
+
+
+def test_seed_parameter_counts():
+    model = build_model("seed", weights=False)
+    assert model.num_parameters() == 144_968_836
+    assert model.num_parameters(trainable_only=True) == 25_948_420
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_and_runs(preset):
+    overrides = {} if preset == "tiny" else dict(image_encoder="tiny:dinov3", text_encoder="tiny:bert",
+                                                  image_size=64)
+    model = build_model(preset, weights=preset == "tiny", **overrides)
+    ids, mask = tokens(model, ["the red circle", "the small blue square on the left"])
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    boxes = model(pixels, ids, mask)
+    assert boxes.shape == (2, 4)
+    assert ((boxes >= 0) & (boxes <= 1)).all()
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+
+
+def test_grounder_preset_is_position_aware():
+    cfg = get_config("grounder")
+    assert (cfg.query, cfg.pos_embed, cfg.box_format) == ("reg", "sine", "cxcywh")
+    assert set(cfg.loss_weights) == {"l1", "giou"}
+    assert get_config("grounder", image_encoder="vitl16").image_encoder.endswith("vitl16-pretrain-lvd1689m")
+
+
+def test_frozen_encoders_get_no_gradient():
+    model = build_model("tiny")
+    ids, mask = tokens(model, ["the red circle", "the blue one"])
+    pixels = torch.randn(2, 3, 64, 64)
+    model.train()
+    assert not model.image_encoder.training and not model.text_encoder.training
+    loss = box_loss(model(pixels, ids, mask), torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
+    loss["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith(("image_encoder.", "text_encoder.")):
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+
+
+def test_grouped_images_equal_one_by_one():
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    phrases = ["the red circle", "the large blue square", "the small white triangle at the top"]
+    ids, mask = tokens(model, phrases)
+    images = torch.randn(2, 3, 64, 64)
+    image_index = torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        grouped = model(images, ids, mask, image_index)
+        single = torch.cat([model(images[j:j + 1], ids[i:i + 1, :int(mask[i].sum())],
+                                  mask[i:i + 1, :int(mask[i].sum())])
+                            for i, j in enumerate(image_index.tolist())])
+    assert torch.allclose(grouped, single, atol=1e-5)
+
+
+def test_tiny_encoders_load_through_from_pretrained(tmp_path):
+    from transformers import AutoModel
+
+    folder = tiny_encoder_dir("tiny:dinov3")
+    assert (folder / "config.json").exists()
+    direct = AutoModel.from_pretrained(folder)
+    ours = load_encoder(str(folder))
+    for (n1, p1), (n2, p2) in zip(direct.named_parameters(), ours.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    tok = load_tokenizer("tiny:bert")
+    assert tok.tokenize("the bright red circle on the left")[-1] == "left"
+
+
+def test_unreachable_encoder_says_what_to_do(tmp_path):
+    with pytest.raises(EncoderUnavailableError, match="gated.*log"):
+        load_encoder("facebook/dinov3-vitb16-pretrain-lvd1689m")
+    with pytest.raises(EncoderUnavailableError, match="local folder"):
+        load_tokenizer("BAAI/bge-small-en-v1.5")
+    with pytest.raises(EncoderUnavailableError, match="does not hold"):
+        load_encoder(str(tmp_path))
+
+
+def test_config_json_round_trip_and_validation(tmp_path):
+    cfg = get_config("grounder", image_size=448)
+    cfg.to_json(tmp_path / "c.json")
+    assert GrounderConfig.from_json(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="num_heads"):
+        get_config("seed", num_heads=7)
+    with pytest.raises(ValueError, match="Unknown GrounderConfig keys"):
+        GrounderConfig.from_dict({"preset": "x", "__class__": "os.system"})
+    with pytest.raises(ValueError, match="Unknown preset"):
+        get_config("nope")
+
+
+def test_checkpoint_round_trip_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("tiny").eval()
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    save_checkpoint(model, tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["image_encoder"] == "tiny:dinov3"
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
+    assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in keys)
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    ids, mask = tokens(model, ["the large green square", "the red one on the right"])
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(pixels, ids, mask), loaded(pixels, ids, mask))
+
+
+def test_pickle_checkpoint_refused(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        load_checkpoint(tmp_path / "missing")

@@ -1,0 +1,248 @@
+"""The synthetic referring dataset: phrases, drawing, and its FiftyOne form."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import fiftyone as fo
+
+from fiftyone_grounding import synthetic as syn
+from fiftyone_grounding.boxes import is_valid_xyxy
+from fiftyone_grounding.labels import first_box_xyxy, label_for
+
+KINDS = {
+    "color": set(syn.COLORS),
+    "shape": set(syn.SHAPES),
+    "size": set(syn.SIZES),
+    "spatial": set(syn.SPATIAL_PHRASES),
+}
+
+
+def _examples(n, seed=0, **kwargs):
+    for image_id in range(n):
+        yield syn.generate_example(syn.image_rng(seed, image_id), **kwargs)
+
+
+def _pixels(image):
+    return np.asarray(image, dtype=int)
+
+
+def _obj(shape, color, size, box):
+    return dict(shape=shape, color=color, size=size, box_xyxy=list(box))
+
+
+# ---------------------------------------------------------------- phrases
+
+
+def test_every_phrase_resolves_to_its_target_alone():
+    count = 0
+    for _, objects, expressions in _examples(600):
+        assert len({t for t, _ in expressions}) == len(expressions)  # distinct targets
+        for target, phrase in expressions:
+            assert syn.resolve(objects, phrase) == [target], (objects, phrase)
+            count += 1
+    assert count >= 1000
+
+
+def test_every_object_is_describable():
+    for i in range(300):
+        _, objects = syn.generate_scene(np.random.default_rng(i))
+        for target in range(len(objects)):
+            phrase = syn.describe(objects, target, np.random.default_rng(i))
+            assert syn.resolve(objects, phrase) == [target]
+
+
+def test_vocabulary_covers_every_word_and_grammar_is_fixed():
+    used = set()
+    for _, _, expressions in _examples(400):
+        for _, phrase in expressions:
+            words = phrase.split()
+            used.update(words)
+            assert words[0] == "the"
+            assert (syn.NOUN_WITHOUT_SHAPE in words) != any(w in syn.SHAPES for w in words)
+    assert used <= set(syn.VOCABULARY)
+    assert len(syn.VOCABULARY) == len(set(syn.VOCABULARY))
+    # Every vocabulary word is actually produced.
+    assert used == set(syn.VOCABULARY)
+
+
+def test_each_attribute_kind_is_common():
+    phrases = [p for _, _, ex in _examples(500) for _, p in ex]
+    for kind, words in KINDS.items():
+        share = np.mean([bool(words & set(p.split())) for p in phrases])
+        assert share >= 0.15, (kind, share)
+    for word in syn.SPATIAL_PHRASES:
+        assert any(word in p.split() for p in phrases)
+
+
+def test_lookalikes_need_a_spatial_word_on_their_best_separated_axis():
+    objects = [
+        _obj("circle", "red", "small", (0.10, 0.40, 0.25, 0.55)),
+        _obj("circle", "red", "small", (0.70, 0.45, 0.85, 0.60)),
+        _obj("square", "blue", "large", (0.35, 0.00, 0.65, 0.30)),
+    ]
+    rng = np.random.default_rng(0)
+    left = syn.describe(objects, 0, rng)
+    right = syn.describe(objects, 1, rng)
+    assert left.endswith("on the left") and right.endswith("on the right")
+    assert syn.resolve(objects, left) == [0] and syn.resolve(objects, right) == [1]
+    # Without the spatial word the phrase is ambiguous; a horizontal flip swaps the words.
+    assert syn.resolve(objects, "the red circle") == [0, 1]
+    assert syn.resolve(objects, "the small red object at the top") == [0, 1]  # a near-tie vertically
+    assert syn.describe(objects, 2, rng) in {
+        "the blue object", "the large object", "the square",
+        "the large blue object", "the blue square", "the large square",
+    }
+
+
+def test_resolve_rejects_unknown_words_and_conflicts():
+    objects = [_obj("circle", "red", "small", (0, 0, 0.1, 0.1))]
+    with pytest.raises(ValueError):
+        syn.resolve(objects, "the purple circle")
+    assert syn.resolve(objects, "the red blue circle") == []
+
+
+def test_describe_refuses_an_indistinguishable_target():
+    # Three look-alikes on a diagonal line: the middle one is extreme in no direction.
+    objects = [_obj("square", "green", "small", (0.1 + d, 0.1 + d, 0.2 + d, 0.2 + d)) for d in (0.0, 0.3, 0.6)]
+    with pytest.raises(ValueError):
+        syn.describe(objects, 1, np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def test_scenes_are_valid_and_boxes_match_the_pixels():
+    background = np.array(syn.BACKGROUND)
+    for i in range(150):
+        image, objects = syn.generate_scene(np.random.default_rng(i), image_size=64)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        assert 2 <= len(objects) <= 4
+        pix = _pixels(image)
+        drawn = np.abs(pix - background).sum(-1) > 0
+        covered = np.zeros_like(drawn)
+        for obj in objects:
+            box = obj["box_xyxy"]
+            assert is_valid_xyxy(box) and all(0.0 <= v <= 1.0 for v in box)
+            side = box[2] - box[0]
+            lo, hi = syn.SIZES[obj["size"]]
+            assert lo - 1 / 64 <= side <= hi + 1 / 64
+            x0, y0, x1, y1 = (int(round(v * 64)) for v in box)
+            covered[y0:y1, x0:x1] = True
+            # The target's colour is at the centre of its box.
+            centre = pix[(y0 + y1) // 2, (x0 + x1) // 2]
+            assert np.abs(centre - np.array(syn.COLORS[obj["color"]])).max() <= syn.COLOR_JITTER + 2
+            # The box is tight: something is drawn on each of its four edges.
+            inside = drawn[y0:y1, x0:x1]
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+        # Nothing is drawn outside the boxes.
+        assert not (drawn & ~covered).any()
+        for a, b in itertools.combinations(objects, 2):
+            ax0, ay0, ax1, ay1 = a["box_xyxy"]
+            bx0, by0, bx1, by1 = b["box_xyxy"]
+            assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0  # no overlap, with a gap
+
+
+def test_sizes_are_clearly_separated():
+    (s_lo, s_hi), (l_lo, l_hi) = syn.SIZES["small"], syn.SIZES["large"]
+    assert s_hi * 1.5 <= l_lo
+
+
+def test_lookalike_share_is_controlled():
+    scenes = [syn.generate_scene(np.random.default_rng(i))[1] for i in range(400)]
+    share = np.mean(
+        [len({(o["size"], o["color"], o["shape"]) for o in objs}) < len(objs) for objs in scenes]
+    )
+    assert 0.25 <= share <= 0.45
+
+
+def test_generation_is_deterministic_per_seed():
+    a = list(_examples(20, seed=3))
+    b = list(_examples(20, seed=3))
+    c = list(_examples(20, seed=4))
+    for (ia, oa, ea), (ib, ob, eb) in zip(a, b):
+        assert np.array_equal(_pixels(ia), _pixels(ib)) and oa == ob and ea == eb
+    assert [e for _, _, e in a] != [e for _, _, e in c]
+
+
+# ---------------------------------------------------------------- FiftyOne
+
+
+def _make(name, out_dir, **kwargs):
+    kwargs = dict(num_images=30, out_dir=str(out_dir), seed=7, persistent=False, progress=False, **kwargs)
+    return syn.make_synthetic_dataset(name, **kwargs)
+
+
+def test_dataset_fields_splits_and_regeneration(dataset_name, tmp_path):
+    ds = _make(dataset_name, tmp_path)
+    assert len(ds) == 60  # 2 expressions per image, every scene has >= 2 objects
+    assert not ds.persistent
+    assert ds.info["synthetic"]["seed"] == 7 and ds.info["synthetic"]["vocabulary"] == syn.VOCABULARY
+
+    rows = zip(*ds.values(
+        ["filepath", "expression", "ground_truth", "split", "tags", "image_id", "ref_id",
+         "ann_id", "sent_id", "category", "metadata"]
+    ))
+    split_of_image, files_of_image = {}, {}
+    ref_ids, ann_ids, sent_ids = [], [], []
+    for filepath, expression, gt, split, tags, image_id, ref_id, ann_id, sent_id, category, meta in rows:
+        assert os.path.dirname(filepath) == str(tmp_path) and filepath.endswith(".png")
+        assert tags == [split]
+        assert split_of_image.setdefault(image_id, split) == split  # splits are by image
+        assert files_of_image.setdefault(image_id, filepath) == filepath
+        assert isinstance(meta, fo.ImageMetadata) and (meta.width, meta.height) == (64, 64)
+        assert len(gt.detections) == 1 and gt.detections[0].label == label_for(expression)
+        ref_ids.append(ref_id), ann_ids.append(ann_id), sent_ids.append(sent_id)
+
+        # Regenerate the image's scene: same pixels, and the phrase denotes the stored box alone.
+        image, objects, expressions = syn.generate_example(syn.image_rng(7, image_id))
+        assert np.array_equal(_pixels(Image.open(filepath).convert("RGB")), _pixels(image))
+        assert expression in [p for _, p in expressions]
+        (target,) = syn.resolve(objects, expression)
+        assert np.allclose(first_box_xyxy(gt), objects[target]["box_xyxy"])
+        assert category == objects[target]["shape"]
+
+    assert len(set(ref_ids)) == len(set(sent_ids)) == len(set(ann_ids)) == len(ds)
+    assert sorted(split_of_image) == list(range(30))
+    assert sorted(set(split_of_image.values())) == ["test", "train", "val"]
+    assert ds.count_values("split") == {
+        s: 2 * list(split_of_image.values()).count(s) for s in ("train", "val", "test")
+    }
+
+
+def test_dataset_is_deterministic(dataset_name, tmp_path):
+    other = dataset_name + "-b"
+    try:
+        a = _make(dataset_name, tmp_path / "a")
+        b = _make(other, tmp_path / "b")
+        fields = ["expression", "split", "image_id", "ref_id", "ann_id", "category", "ground_truth.detections.bounding_box"]
+        for field in fields:
+            assert a.values(field) == b.values(field), field
+        for fa, fb in zip(a.values("filepath"), b.values("filepath")):
+            assert np.array_equal(_pixels(Image.open(fa)), _pixels(Image.open(fb)))
+    finally:
+        if fo.dataset_exists(other):
+            fo.delete_dataset(other)
+
+
+def test_overwrite_semantics(dataset_name, tmp_path):
+    ds = _make(dataset_name, tmp_path, expressions_per_image=1)
+    assert len(ds) == 30
+    ds.delete_samples(ds.limit(5))
+    # Exists and no overwrite: returned unchanged, even with other arguments.
+    again = _make(dataset_name, tmp_path, expressions_per_image=2)
+    assert len(again) == 25 and again.info["synthetic"]["expressions_per_image"] == 1
+    # Overwrite: deleted and regenerated.
+    fresh = _make(dataset_name, tmp_path, expressions_per_image=2, overwrite=True)
+    assert len(fresh) == 60 and fresh.info["synthetic"]["expressions_per_image"] == 2
+
+
+def test_default_out_dir_and_small_splits(dataset_name, tmp_path, monkeypatch):
+    monkeypatch.setattr(fo.config, "default_dataset_dir", str(tmp_path))
+    ds = syn.make_synthetic_dataset(dataset_name, num_images=4, persistent=False, progress=False)
+    assert all(os.path.dirname(f) == os.path.join(str(tmp_path), dataset_name) for f in ds.values("filepath"))
+    # Even 4 images put at least one image in every split.
+    assert set(ds.distinct("split")) == {"train", "val", "test"}
