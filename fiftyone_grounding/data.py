@@ -222,16 +222,21 @@ class GroupBatchSampler(Sampler[list[int]]):
     """Packs image groups into batches of at most ``batch_size`` phrases.
 
     Shuffled per epoch with ``(seed, epoch)``, so every process of a distributed run and
-    every resumed run sees the same order.
+    every resumed run sees the same order. With ``num_replicas > 1`` each process takes
+    every ``num_replicas``-th batch; when ``pad`` is set the batch list is first padded
+    (by repeating its start) so that all processes run the same number of steps, which
+    data-parallel training needs.
     """
 
     def __init__(self, group_sizes: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 num_replicas: int = 1, rank: int = 0, pad: bool = True):
         self.group_sizes = list(group_sizes)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.pad = pad
         self.epoch = 0
         self._batches = self._pack()
 
@@ -251,8 +256,13 @@ class GroupBatchSampler(Sampler[list[int]]):
                 current, count = [], 0
             current.append(g)
             count += size
-        if current and not (self.drop_last and count < self.batch_size and batches):
+        if current:
             batches.append(current)
+        if self.num_replicas > 1:
+            if self.pad and batches and len(batches) % self.num_replicas:
+                extra = self.num_replicas - len(batches) % self.num_replicas
+                batches += (batches * extra)[:extra]
+            batches = batches[self.rank::self.num_replicas]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -176,7 +176,11 @@ def fit(
     collate = Collator(tokenizer, config.max_text_len)
     train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
                                  augment=augment, seed=seed)
-    sampler = GroupBatchSampler(train_set.group_sizes(), batch_size, shuffle=True, seed=seed)
+    # Each process takes its own share of the batches (sharding is ours, not accelerate's:
+    # batches hold a varying number of phrases, which its batch-sampler shards assume not).
+    world, rank = accelerator.num_processes, accelerator.process_index
+    sampler = GroupBatchSampler(train_set.group_sizes(), batch_size, shuffle=True, seed=seed,
+                                num_replicas=world, rank=rank)
     loader_kwargs = dict(collate_fn=collate, num_workers=num_workers,
                          pin_memory=accelerator.device.type == "cuda",
                          persistent_workers=False)
@@ -184,7 +188,8 @@ def fit(
     val_loader = None
     if val_records is not None:
         val_set = GroundingDataset(val_records, config.image_size, config.image_mean, config.image_std)
-        val_sampler = GroupBatchSampler(val_set.group_sizes(), batch_size, shuffle=False)
+        val_sampler = GroupBatchSampler(val_set.group_sizes(), batch_size, shuffle=False,
+                                        num_replicas=world, rank=rank, pad=False)
         val_loader = DataLoader(val_set, batch_sampler=val_sampler, **loader_kwargs)
 
     model = build_model(config=config, weights=weights)
@@ -205,9 +210,7 @@ def fit(
         if is_main:
             print(f"Resuming from {last_dir} after epoch {state['epoch'] + 1}")
 
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     if is_main:
         n_total = accelerator.unwrap_model(model).num_parameters()
@@ -254,6 +257,10 @@ def fit(
     return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped)
 
 
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _forward_batch(model, batch: dict) -> torch.Tensor:
     return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
                  attention_mask=batch["attention_mask"], image_index=batch["image_index"])
@@ -273,7 +280,12 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
     for step, batch in enumerate(bar):
         skipped.extend(batch["skipped"])
         if "pixel_values" not in batch:
+            if accelerator.num_processes > 1:
+                # Every process must join each gradient all-reduce: step with a zero loss.
+                accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
+                optimizer.zero_grad(set_to_none=True)
             continue
+        batch = _to_device(batch, accelerator.device)
         with accelerator.autocast():
             pred = _forward_batch(model, batch)
         terms = box_loss(pred, batch["boxes"], config.loss_weights)
@@ -308,21 +320,25 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
 @torch.no_grad()
 def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     """Mean loss and IoU over a loader (all processes together)."""
-    model.eval()
-    losses, ious = [], []
+    # The bare module: no DDP collectives, so processes may hold different numbers of batches.
+    module = accelerator.unwrap_model(model)
+    module.eval()
+    loss_sum = iou_sum = count = 0.0
     for batch in loader:
         if "pixel_values" not in batch:
             continue
+        batch = _to_device(batch, accelerator.device)
         with accelerator.autocast():
-            pred = _forward_batch(model, batch)
-        terms = box_loss(pred, batch["boxes"], config.loss_weights)
-        n = torch.tensor([pred.shape[0]], device=pred.device, dtype=torch.float32)
-        losses.append(accelerator.gather_for_metrics(terms["loss"].detach().float().reshape(1) * n))
-        ious.append(accelerator.gather_for_metrics(box_iou(pred.float(), batch["boxes"].float())))
-    if not ious:
+            pred = _forward_batch(module, batch)
+        n = pred.shape[0]
+        loss_sum += box_loss(pred, batch["boxes"], config.loss_weights)["loss"].item() * n
+        iou_sum += box_iou(pred.float(), batch["boxes"].float()).sum().item()
+        count += n
+    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
+    loss_sum, iou_sum, count = totals.tolist()
+    if not count:
         return {}
-    iou = torch.cat(ious)
-    return {"loss": torch.cat(losses).sum().item() / iou.numel(), "iou": iou.mean().item()}
+    return {"loss": loss_sum / count, "iou": iou_sum / count}
 
 
 def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int, history: list,

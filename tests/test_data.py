@@ -1,0 +1,116 @@
+"""Data: phrase/box transforms move together, records are validated, batches group images."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fiftyone as fo
+
+from fiftyone_grounding.data import (Collator, GroundingDataset, GroupBatchSampler, hflip, load_rgb,
+                                     read_records, swap_left_right)
+from fiftyone_grounding.encoders import load_tokenizer
+from fiftyone_grounding.labels import make_detections
+
+
+def test_swap_left_right_whole_words_only():
+    assert swap_left_right("the man on the left") == "the man on the right"
+    assert swap_left_right("Right guy, LEFT arm, leftmost cup") == "Left guy, RIGHT arm, rightmost cup"
+    assert swap_left_right("the bright light, leftover rights") == "the bright light, leftover rights"
+    assert swap_left_right(swap_left_right("left of the right one")) == "left of the right one"
+
+
+def test_hflip_moves_box_and_phrase_together():
+    image = np.zeros((10, 20, 3), np.uint8)
+    image[2:4, 1:5] = 255  # object near the left edge
+    boxes = np.array([[1 / 20, 0.2, 5 / 20, 0.4]], np.float32)
+    flipped, fboxes, phrases = hflip(image, boxes, ["the white box on the left"])
+    assert phrases == ["the white box on the right"]
+    np.testing.assert_allclose(fboxes, [[15 / 20, 0.2, 19 / 20, 0.4]], atol=1e-6)
+    assert flipped[2:4, 15:19].min() == 255 and flipped[:, :15].max() == 0
+
+
+def _dataset_with_rows(name, tmp_path, rows):
+    path = tmp_path / "img.png"
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(path)
+    ds = fo.Dataset(name)
+    samples = []
+    for phrase, box in rows:
+        s = fo.Sample(filepath=str(path), expression=phrase, split="train")
+        if box is not None:
+            s["ground_truth"] = fo.Detections(detections=[fo.Detection(label="x", bounding_box=box)])
+        samples.append(s)
+    ds.add_samples(samples)
+    return ds
+
+
+def test_read_records_validates_rows(dataset_name, tmp_path):
+    ds = _dataset_with_rows(dataset_name, tmp_path, [
+        ("the red one", [0.1, 0.1, 0.2, 0.2]),
+        ("", [0.1, 0.1, 0.2, 0.2]),
+        ("   ", [0.1, 0.1, 0.2, 0.2]),
+        (None, [0.1, 0.1, 0.2, 0.2]),
+        ("zero area", [0.1, 0.1, 0.0, 0.2]),
+        ("negative", [0.5, 0.1, -0.2, 0.2]),
+        ("nan", [float("nan"), 0.1, 0.2, 0.2]),
+        ("no box", None),
+        ("partly outside", [0.9, 0.9, 0.3, 0.3]),
+    ])
+    rec = read_records(ds)
+    assert rec.phrases == ["the red one", "partly outside"]
+    assert rec.boxes[1] == pytest.approx([0.9, 0.9, 1.0, 1.0])
+    reasons = sorted(r for _, r in rec.skipped)
+    assert len(reasons) == 7
+    assert reasons.count("missing or empty phrase") == 3
+    assert "box has non-finite coordinates" in reasons and "box has zero or negative area" in reasons
+    with pytest.raises(ValueError, match="no field 'caption'"):
+        read_records(ds, phrase_field="caption")
+
+
+def test_dataset_groups_phrases_by_image_and_collates(synthetic_dataset):
+    rec = read_records(synthetic_dataset)
+    ds = GroundingDataset(rec, 64, (0.5,) * 3, (0.25,) * 3, augment="flip", seed=0)
+    assert len(ds) == len(set(rec.filepaths))
+    assert sum(ds.group_sizes()) == len(rec)
+    sampler = GroupBatchSampler(ds.group_sizes(), batch_size=8, seed=0)
+    batches = list(sampler)
+    assert sorted(g for b in batches for g in b) == list(range(len(ds)))
+    assert all(sum(ds.group_sizes()[g] for g in b) <= 8 for b in batches)
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch...
+    sampler.set_epoch(0)
+    assert list(sampler) == batches  # ...and reproducibly
+    collate = Collator(load_tokenizer("tiny:bert"), 16)
+    batch = collate([ds[g] for g in batches[0]])
+    n_img, n_phr = len(batches[0]), sum(ds.group_sizes()[g] for g in batches[0])
+    assert batch["pixel_values"].shape == (n_img, 3, 64, 64)
+    assert batch["boxes"].shape == (n_phr, 4) and batch["image_index"].max() == n_img - 1
+    assert batch["input_ids"].shape[0] == n_phr
+
+
+def test_augmentation_is_deterministic_per_epoch(synthetic_dataset):
+    ds = GroundingDataset(read_records(synthetic_dataset), 64, (0.5,) * 3, (0.25,) * 3, augment="crop-flip")
+    a = ds[3]
+    assert torch.equal(a["pixel_values"], ds[3]["pixel_values"]) and a["phrases"] == ds[3]["phrases"]
+    boxes = torch.cat([ds[i]["boxes"] for i in range(len(ds))])
+    assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] > boxes[:, 0]).all()
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
+def test_load_rgb_converts_modes(tmp_path, mode):
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    if mode == "I;16":
+        Image.fromarray(np.full((8, 8), 60000, np.uint16)).save(path)
+    else:
+        Image.new("RGB", (8, 8), (200, 100, 50)).convert(mode).save(path)
+    out = load_rgb(str(path))
+    assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+
+
+def test_load_rgb_reports_bad_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_rgb(str(tmp_path / "missing.jpg"))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ValueError, match="cannot decode"):
+        load_rgb(str(bad))

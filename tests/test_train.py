@@ -1,0 +1,85 @@
+"""Training: the loss goes down, outputs are written, resume repeats the run, 2 processes train one model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fiftyone_grounding.train import cosine_with_warmup, fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_schedule_warms_up_then_decays():
+    f = cosine_with_warmup(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(99) < 0.02
+
+
+def test_short_training_lowers_loss_and_writes_outputs(synthetic_dataset, tmp_path, capsys):
+    result = fit(synthetic_dataset, preset="tiny", out_dir=str(tmp_path), epochs=4, batch_size=8, lr=1e-3,
+                 progress=False, cpu=True)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0], losses
+    printed = capsys.readouterr().out
+    assert "train loss" in printed and "val IoU" in printed
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    for d in ("best", "last"):
+        assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / d))
+    assert not any(k.startswith("image_encoder") for k in load_file(str(tmp_path / "best" / "model.safetensors")))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_where_it_stopped(synthetic_dataset, tmp_path):
+    kwargs = dict(preset="tiny", epochs=3, batch_size=8, lr=1e-3, progress=False, cpu=True, seed=3)
+    straight = fit(synthetic_dataset, out_dir=str(tmp_path / "straight"), **kwargs)
+
+    def stop_in_epoch_3(fraction, message):
+        if fraction > 2.05 / 3:
+            raise Interrupt(message)
+
+    with pytest.raises(Interrupt):
+        fit(synthetic_dataset, out_dir=str(tmp_path / "resumed"), progress_callback=stop_in_epoch_3, **kwargs)
+    state = json.loads((tmp_path / "resumed" / "last" / "training_state.json").read_text())
+    assert state["epoch"] == 1  # epochs 1 and 2 were saved, epoch 3 was cut short
+    resumed = fit(synthetic_dataset, out_dir=str(tmp_path / "resumed"), **kwargs)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a = load_file(str(tmp_path / "straight" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bitwise equal on the CPU
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_two_processes_train_one_model(synthetic_dataset, tmp_path, dataset_name):
+    ds = synthetic_dataset.clone(dataset_name)
+    ds.persistent = True  # the two worker processes load it by name
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29531",
+         str(REPO / "tests" / "ddp_train_script.py"), dataset_name, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "rank0.txt").read_text().strip() == "2"
+    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    init = None
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+    history = json.loads((tmp_path / "metrics.json").read_text())["history"]
+    assert len(history) == 2 and all(h["val_iou"] is not None for h in history)
+    assert "x2" in proc.stdout
+    del init
