@@ -47,12 +47,17 @@ def swap_left_right(phrase: str) -> str:
     return _LEFT_RIGHT.sub(repl, phrase)
 
 
+def hflip_boxes(boxes_xyxy: np.ndarray) -> np.ndarray:
+    """Mirror normalized xyxy boxes (N, 4) left-right."""
+    boxes = boxes_xyxy.copy()
+    boxes[:, [0, 2]] = 1.0 - boxes_xyxy[:, [2, 0]]
+    return boxes
+
+
 def hflip(image: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str]):
     """Horizontal flip of an (H, W, C) image, its normalized xyxy boxes and phrases."""
     image = np.ascontiguousarray(image[:, ::-1])
-    boxes = boxes_xyxy.copy()
-    boxes[:, [0, 2]] = 1.0 - boxes_xyxy[:, [2, 0]]
-    return image, boxes, [swap_left_right(p) for p in phrases]
+    return image, hflip_boxes(boxes_xyxy), [swap_left_right(p) for p in phrases]
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -149,7 +154,9 @@ class GroundingDataset(Dataset):
     """One item per image (or per chunk of an image's phrases).
 
     Returns ``dict(pixel_values (3, S, S) float, boxes (k, 4), phrases [k], sample_ids [k])``,
-    or ``dict(skipped=[(sample_id, reason), ...])`` when the image cannot be read.
+    or ``dict(skipped=[(sample_id, reason), ...])`` when the image cannot be read. With a
+    ``feature_cache`` (see ``cache.py``) it returns cached ``image_features (T, D)`` of the
+    original or mirrored view instead of pixels.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class GroundingDataset(Dataset):
         augment: str = "none",  # "none" | "flip" | "crop-flip"
         max_phrases_per_image: int = 32,
         seed: int = 0,
+        feature_cache=None,
     ):
         if augment not in ("none", "flip", "crop-flip"):
             raise ValueError("augment must be 'none', 'flip' or 'crop-flip'")
@@ -172,6 +180,9 @@ class GroundingDataset(Dataset):
         self.transform = build_transform(image_size, crop=augment == "crop-flip")
         self.seed = seed
         self.epoch = 0
+        if feature_cache is not None and augment == "crop-flip":
+            raise ValueError("Cached features support augment='none' or 'flip' only")
+        self.feature_cache = feature_cache
         by_image: dict[str, list[int]] = {}
         for i, path in enumerate(records.filepaths):
             by_image.setdefault(path, []).append(i)
@@ -193,6 +204,8 @@ class GroundingDataset(Dataset):
         rows = self.groups[index]
         r = self.records
         ids = [r.sample_ids[i] for i in rows]
+        if self.feature_cache is not None:
+            return self._cached_item(index, rows, ids)
         try:
             image = load_rgb(r.filepaths[rows[0]])
         except ValueError as e:
@@ -213,6 +226,26 @@ class GroundingDataset(Dataset):
         return {
             "pixel_values": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),  # (3, S, S)
             "boxes": torch.from_numpy(boxes),  # (k, 4)
+            "phrases": phrases,
+            "sample_ids": ids,
+        }
+
+
+    def _cached_item(self, index: int, rows: list[int], ids: list[str]) -> dict:
+        r = self.records
+        path = r.filepaths[rows[0]]
+        error = self.feature_cache.error(path)
+        if error is not None or path not in self.feature_cache:
+            return {"skipped": [(sid, error or "image not in the feature cache") for sid in ids]}
+        boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
+        phrases = [r.phrases[i] for i in rows]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        view = int(self.augment != "none" and rng.random() < 0.5)
+        if view:  # the mirrored view was encoded from mirrored pixels
+            boxes, phrases = hflip_boxes(boxes), [swap_left_right(p) for p in phrases]
+        return {
+            "image_features": self.feature_cache.get(path, view),  # (T, D) float16
+            "boxes": torch.from_numpy(boxes),
             "phrases": phrases,
             "sample_ids": ids,
         }
@@ -281,15 +314,17 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = [s for it in items for s in it.get("skipped", [])]
-        items = [it for it in items if "pixel_values" in it]
+        items = [it for it in items if "skipped" not in it]
         batch = {"skipped": skipped, "sample_ids": [s for it in items for s in it["sample_ids"]]}
         if not items:
             return batch
         phrases = [p for it in items for p in it["phrases"]]
         tokens = self.tokenizer(phrases, padding=True, truncation=True, max_length=self.max_text_len,
                                 return_tensors="pt")
+        image_key = "image_features" if "image_features" in items[0] else "pixel_values"
         batch.update(
-            pixel_values=torch.stack([it["pixel_values"] for it in items]),  # (I, 3, S, S)
+            # (I, 3, S, S) pixels, or (I, T, D) cached features
+            **{image_key: torch.stack([it[image_key] for it in items])},
             image_index=torch.cat([torch.full((len(it["phrases"]),), i, dtype=torch.long)
                                    for i, it in enumerate(items)]),  # (B,)
             boxes=torch.cat([it["boxes"] for it in items]),  # (B, 4)

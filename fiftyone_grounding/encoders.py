@@ -8,8 +8,10 @@ the very same ``from_pretrained`` path; they serve the tests and the offline dem
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import os
+import shutil
 import string
 from pathlib import Path
 
@@ -51,7 +53,13 @@ def tiny_encoder_dir(name: str) -> Path:
         raise ValueError(f"Unknown tiny encoder {name!r}; known: {sorted(TINY_ENCODER_CONFIGS)}")
     path = home_dir() / "encoders" / name.replace(":", "-")
     if not (path / "config.json").exists():
-        _write_tiny_encoder(name, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One writer at a time: several processes (torchrun ranks, DataLoader workers) may
+        # ask for the same tiny encoder on first use.
+        with open(path.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (path / "config.json").exists():
+                _write_tiny_encoder(name, path)
     return path
 
 
@@ -68,7 +76,8 @@ def _write_tiny_encoder(name: str, path: Path) -> None:
     config = dict(TINY_ENCODER_CONFIGS[name])
     _quiet_transformers()
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     if config["model_type"] == "bert":
         from transformers import BertTokenizerFast
 
@@ -90,12 +99,7 @@ def _write_tiny_encoder(name: str, path: Path) -> None:
         torch.manual_seed(0)
         model = model_cls(_config_from_dict(config))
     model.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process generated it first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def resolve_encoder_path(name: str) -> str:

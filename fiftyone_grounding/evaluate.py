@@ -120,3 +120,36 @@ def constant_box_miou(train_view, test_view, gt_field: str = "ground_truth") -> 
     g = torch.tensor(gts, dtype=torch.float64)
     p = torch.tensor(box, dtype=torch.float64).expand_as(g)
     return box_iou(p, g, eps=0.0).mean().item()
+
+
+# Grounding metrics shown beside FiftyOne's own in the App's Model Evaluation panel.
+PANEL_METRICS = (("miou", "mIoU"), ("acc50", "Acc@0.5"), ("acc75", "Acc@0.75"))
+
+
+def evaluate_in_fiftyone(
+    view,
+    pred_field: str = "predictions",
+    gt_field: str = "ground_truth",
+    eval_key: str = "eval",
+    split_field: Optional[str] = "split",
+    iou_field: Optional[str] = None,
+) -> dict:
+    """FiftyOne's detection evaluation plus the grounding metrics, visible in the App.
+
+    Runs ``evaluate_detections`` (COCO-style matching at IoU 0.5, with mAP) under
+    ``eval_key``, so the App's Model Evaluation panel lists the run; stores mIoU,
+    Acc@0.5 and Acc@0.75 on it as custom metrics; writes each sample's IoU to
+    ``iou_field`` (default ``"<eval_key>_iou"``) to sort and filter by. Returns
+    :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``, ``fn`` and ``eval_key``.
+    """
+    results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, compute_mAP=True)
+    metrics = evaluate_grounding(view, pred_field, gt_field, split_field=split_field,
+                                 iou_field=iou_field or f"{eval_key}_iou", print_table=False)
+    results.custom_metrics = {
+        f"fiftyone-grounding/{key}": {"key": key, "value": metrics["overall"][key], "label": label,
+                                      "lower_is_better": False}
+        for key, label in PANEL_METRICS
+    }
+    results.save()
+    counts = {k: int(view.sum(f"{eval_key}_{k}")) for k in ("tp", "fp", "fn")}
+    return {**metrics, "mAP": results.mAP(), **counts, "eval_key": eval_key}

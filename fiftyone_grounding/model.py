@@ -112,7 +112,7 @@ class Grounder(nn.Module):
         image_index (B,) says which image each phrase refers to (default: phrase i -> image i),
         so an image shared by several phrases is encoded once. Returns (B, 4) xyxy in [0, 1].
         """
-        memory = self.image_proj(image_features)  # (I, N, d)
+        memory = self.image_proj(image_features.to(self.image_proj.weight.dtype))  # (I, N, d)
         if self.config.pos_embed == "sine":
             memory = memory + self._positions(memory.shape[1], memory.device, memory.dtype)
         if image_index is not None:
@@ -142,14 +142,28 @@ class Grounder(nn.Module):
 
     def forward(
         self,
-        pixel_values: Tensor,
-        input_ids: Tensor,
-        attention_mask: Tensor,
+        pixel_values: Optional[Tensor] = None,
+        input_ids: Optional[Tensor] = None,
+        attention_mask: Optional[Tensor] = None,
         image_index: Optional[Tensor] = None,
+        image_features: Optional[Tensor] = None,
     ) -> Tensor:
-        image_features = self.encode_images(pixel_values)
+        """Boxes (B, 4) for phrases over images given as pixels or as cached encoder features."""
+        if image_features is None:
+            image_features = self.encode_images(pixel_values)
         text_features = self.encode_text(input_ids, attention_mask)
         return self.decode(image_features, text_features, attention_mask, image_index)
+
+    @torch.no_grad()
+    def init_box_bias(self, mean_box_xyxy: Tensor) -> None:
+        """Start the head at the mean training box (its bias in logit space, DETR-style
+        prior) instead of a centered half-image box, which the loss takes hundreds of steps
+        to unlearn."""
+        box = mean_box_xyxy.float().clamp(0.0, 1.0)
+        if self.config.box_format == "cxcywh":
+            box = box_ops.box_xyxy_to_cxcywh(box)
+        last = self.head[-1]
+        last.bias.copy_(torch.logit(box.clamp(1e-3, 1 - 1e-3)).to(last.bias.dtype))
 
     # -- bookkeeping -----------------------------------------------------------------
 

@@ -45,6 +45,7 @@ class FitResult:
     last_dir: Path
     history: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    model: Optional[Grounder] = None  # the model as training left it (this process's copy)
 
     @property
     def best_val_iou(self) -> Optional[float]:
@@ -135,6 +136,8 @@ def fit(
     cpu: bool = False,
     weights: bool = True,
     config: Optional[GrounderConfig] = None,
+    cache_features: bool = True,
+    cache_dir: Optional[str] = None,
     progress: bool = True,
     progress_callback: Optional[Callable[[float, str], None]] = None,
     **overrides,
@@ -144,7 +147,10 @@ def fit(
     Samples of ``train_split`` (by ``split_field``) are trained on, ``val_split`` picks
     the best checkpoint; pass ``train_split=None`` to train on the whole view. ``overrides``
     change the preset's config (e.g. ``image_size=448``). With ``resume=True`` a run that
-    finds ``out_dir/last`` continues from it. Returns the paths and per-epoch history.
+    finds ``out_dir/last`` continues from it. With ``cache_features`` (default) the frozen
+    image features are computed once into an on-disk cache (``cache_dir``, default
+    ``$FIFTYONE_GROUNDING_HOME/features``) and reused every epoch; ``augment="crop-flip"``
+    needs pixels and trains without it. Returns the paths and per-epoch history.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -172,10 +178,18 @@ def fit(
         val_records = None
     skipped = list(train_records.skipped) + (list(val_records.skipped) if val_records else [])
 
+    model = build_model(config=config, weights=weights)
+    if not resuming:
+        model.init_box_bias(torch.tensor(train_records.boxes).mean(0))
+    feature_cache = None
+    if cache_features and augment != "crop-flip":
+        feature_cache = _build_feature_cache(model, config, accelerator, mp, cache_dir,
+                                             train_records.filepaths + (val_records.filepaths if val_records else []),
+                                             num_workers, progress and is_main)
     tokenizer = build_tokenizer(config)
     collate = Collator(tokenizer, config.max_text_len)
     train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
-                                 augment=augment, seed=seed)
+                                 augment=augment, seed=seed, feature_cache=feature_cache)
     # Each process takes its own share of the batches (sharding is ours, not accelerate's:
     # batches hold a varying number of phrases, which its batch-sampler shards assume not).
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -187,12 +201,12 @@ def fit(
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     val_loader = None
     if val_records is not None:
-        val_set = GroundingDataset(val_records, config.image_size, config.image_mean, config.image_std)
+        val_set = GroundingDataset(val_records, config.image_size, config.image_mean, config.image_std,
+                                   feature_cache=feature_cache)
         val_sampler = GroupBatchSampler(val_set.group_sizes(), batch_size, shuffle=False,
                                         num_replicas=world, rank=rank, pad=False)
         val_loader = DataLoader(val_set, batch_sampler=val_sampler, **loader_kwargs)
 
-    model = build_model(config=config, weights=weights)
     optimizer = configure_optimizer(model, lr, weight_decay)
     total_steps = epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -254,7 +268,26 @@ def fit(
                 reasons[why] = reasons.get(why, 0) + 1
             print(f"Skipped {len(skipped)} samples: " + ", ".join(f"{n} x {r}" for r, n in reasons.items()))
     accelerator.end_training()
-    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped)
+    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped,
+                     model=accelerator.unwrap_model(model).eval())
+
+
+def _build_feature_cache(model: Grounder, config: GrounderConfig, accelerator, mp: str, cache_dir,
+                         paths: list[str], num_workers: int, show_progress: bool):
+    """Encode every image once into the on-disk cache (main process first, others reuse it)."""
+    from .cache import open_feature_cache
+    from .encoders import home_dir
+
+    cache = open_feature_cache(cache_dir or home_dir() / "features", config, model.image_encoder)
+    with accelerator.main_process_first():
+        cache.reload()
+        encoder = model.image_encoder.to(accelerator.device)
+        added = cache.build(paths, encoder, config, accelerator.device, num_workers=num_workers,
+                            autocast_dtype=torch.bfloat16 if mp == "bf16" else None, progress=show_progress)
+    if accelerator.is_main_process and added:
+        print(f"Cached image features of {added} images in {cache.dir} "
+              f"({cache.nbytes_per_image() / 1024:.1f} KiB per image, both views)")
+    return cache
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -262,8 +295,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _forward_batch(model, batch: dict) -> torch.Tensor:
-    return model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                 attention_mask=batch["attention_mask"], image_index=batch["image_index"])
+    return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
+                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 image_index=batch["image_index"])
 
 
 def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig,
@@ -279,7 +313,7 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
                dynamic_ncols=True)
     for step, batch in enumerate(bar):
         skipped.extend(batch["skipped"])
-        if "pixel_values" not in batch:
+        if "input_ids" not in batch:
             if accelerator.num_processes > 1:
                 # Every process must join each gradient all-reduce: step with a zero loss.
                 accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
@@ -325,7 +359,7 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     module.eval()
     loss_sum = iou_sum = count = 0.0
     for batch in loader:
-        if "pixel_values" not in batch:
+        if "input_ids" not in batch:
             continue
         batch = _to_device(batch, accelerator.device)
         with accelerator.autocast():

@@ -213,3 +213,23 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
             out[i] = make_detections(box, phrase, confidence=1.0)
         return out
+
+
+def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "grounded",
+                  batch_size: int = 32) -> int:
+    """Find one typed ``phrase`` in every image of ``view``; writes a one-box ``Detections`` each.
+
+    Returns how many samples got a box (an unreadable image gets none).
+    """
+    text = clean_phrase(phrase)
+    if text is None:
+        raise ValueError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
+    get_item = model.build_get_item()
+    paths = view.values("filepath")
+    labels: list = []
+    with model:
+        for start in range(0, len(paths), batch_size):
+            items = [get_item({"filepath": path, PROMPT_KEY: text}) for path in paths[start:start + batch_size]]
+            labels.extend(model.predict_all(collate_items(items)))
+    view.set_values(label_field, labels)
+    return sum(label is not None for label in labels)

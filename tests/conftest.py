@@ -56,3 +56,25 @@ def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
     result = fit(synthetic_dataset, preset="tiny", out_dir=str(out), epochs=1, batch_size=16,
                  progress=False, cpu=True)
     return result.best_dir
+
+
+@pytest.fixture(scope="session")
+def grounding_plugin_dir(tmp_path_factory):
+    """A FiftyOne plugins folder holding this repository (as a link) and FiftyOne pointed at it.
+
+    Set in ``fo.config`` for this process and in the environment for App servers it starts.
+    """
+    from pathlib import Path
+
+    import fiftyone as fo
+
+    plugins = tmp_path_factory.mktemp("plugins")
+    (plugins / "fiftyone-grounding").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
+    previous = os.environ.get("FIFTYONE_PLUGINS_DIR"), fo.config.plugins_dir
+    os.environ["FIFTYONE_PLUGINS_DIR"] = fo.config.plugins_dir = str(plugins)
+    yield plugins
+    if previous[0] is None:
+        os.environ.pop("FIFTYONE_PLUGINS_DIR", None)
+    else:
+        os.environ["FIFTYONE_PLUGINS_DIR"] = previous[0]
+    fo.config.plugins_dir = previous[1]

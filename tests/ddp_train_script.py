@@ -3,7 +3,6 @@
 import os
 import sys
 
-import torch
 from safetensors.torch import save_file
 
 import fiftyone as fo
@@ -15,17 +14,12 @@ def main(dataset_name: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     result = fit(fo.load_dataset(dataset_name), preset="tiny", out_dir=out_dir, epochs=2, batch_size=8,
                  lr=1e-3, progress=False, cpu=True, resume=False, train_split="train", val_split="val")
-    # Every rank dumps what it ended with, to check both trained one model.
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    from fiftyone_grounding.checkpoint import load_checkpoint
-
-    state = load_checkpoint(result.last_dir).trainable_state_dict()
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    # Every rank dumps the weights it holds in memory, to check both trained one model.
+    world = int(os.environ["WORLD_SIZE"])
+    state = result.model.trainable_state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(f"{world}\n")
-    torch.distributed.destroy_process_group() if world > 1 else None
 
 
 if __name__ == "__main__":

@@ -22,11 +22,17 @@ def test_schedule_warms_up_then_decays():
     assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(99) < 0.02
 
 
-def test_short_training_lowers_loss_and_writes_outputs(synthetic_dataset, tmp_path, capsys):
-    result = fit(synthetic_dataset, preset="tiny", out_dir=str(tmp_path), epochs=4, batch_size=8, lr=1e-3,
-                 progress=False, cpu=True)
+def test_short_training_lowers_loss(synthetic_dataset, tmp_path):
+    few = synthetic_dataset.match({"split": "train"}).limit(8)
+    result = fit(few, preset="tiny", out_dir=str(tmp_path), epochs=30, batch_size=8, lr=3e-3,
+                 train_split=None, val_split=None, augment="none", progress=False, cpu=True)
     losses = [h["train_loss"] for h in result.history]
-    assert losses[-1] < losses[0], losses
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_training_writes_table_metrics_and_checkpoints(synthetic_dataset, tmp_path, capsys):
+    fit(synthetic_dataset, preset="tiny", out_dir=str(tmp_path), epochs=4, batch_size=8, lr=1e-3,
+        progress=False, cpu=True)
     printed = capsys.readouterr().out
     assert "train loss" in printed and "val IoU" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -76,10 +82,8 @@ def test_two_processes_train_one_model(synthetic_dataset, tmp_path, dataset_name
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "rank0.txt").read_text().strip() == "2"
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
-    init = None
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert len(history) == 2 and all(h["val_iou"] is not None for h in history)
     assert "x2" in proc.stdout
-    del init

@@ -1,0 +1,194 @@
+"""Frozen image-feature cache on disk: encode each image once, reuse it every epoch.
+
+The encoders are frozen, so their outputs are a pure function of (image, encoder,
+resolution). Features are stored as float16 in memory-mapped ``.npy`` shards under a
+folder keyed by encoder id + encoder config + resolution + normalization: change any of
+those and a new folder is used (the old one is never read). New images are appended as
+new shards, so one cache serves runs on different subsets of a dataset.
+
+Augmentation: a small fixed set of views is cached per image, the image itself (view 0)
+and its horizontal mirror (view 1), each encoded from real pixels (DINOv3's RoPE
+features are not mirror-symmetric, so mirroring features would be wrong). Training picks
+a view per image and epoch and mirrors boxes and swaps left/right in phrases with it.
+Random crops cannot be cached; ``augment="crop-flip"`` trains without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .data import load_rgb
+
+CACHE_VERSION = 1
+VIEWS = ("original", "hflip")
+
+
+def cache_key(config, image_encoder) -> str:
+    """Everything the cached features depend on, hashed."""
+    payload = {
+        "version": CACHE_VERSION,
+        "encoder": config.image_encoder,
+        "encoder_config": image_encoder.config.to_dict(),
+        "image_size": config.image_size,
+        "mean": list(config.image_mean),
+        "std": list(config.image_std),
+        "views": list(VIEWS),
+    }
+    payload["encoder_config"].pop("transformers_version", None)
+    payload["encoder_config"].pop("_name_or_path", None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _ImageViews(Dataset):
+    """Both cached views of each image, resized and normalized like training."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, mean, std):
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import albumentations as A
+
+        try:
+            image = load_rgb(self.paths[i])
+        except ValueError as e:
+            return i, None, str(e)
+        image = A.Resize(self.image_size, self.image_size)(image=image)["image"]
+        x = (image.astype(np.float32) / 255.0 - self.mean) / self.std
+        views = np.stack([x, x[:, ::-1]]).transpose(0, 3, 1, 2)  # (2, 3, S, S)
+        return i, torch.from_numpy(np.ascontiguousarray(views)), None
+
+
+def _collate(items):
+    ok = [it for it in items if it[1] is not None]
+    return ([it[0] for it in ok], torch.stack([it[1] for it in ok]) if ok else None,
+            [(it[0], it[2]) for it in items if it[1] is None])
+
+
+class FeatureCache:
+    """Memory-mapped frozen image features, one row per image, ``len(VIEWS)`` views per row."""
+
+    shard_bytes = 256 * 2**20
+
+    def __init__(self, root: os.PathLike, key: str):
+        self.dir = Path(root) / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, list] = {}
+        self._errors: dict[str, str] = {}
+        self._shards: dict[str, np.ndarray] = {}
+        self.reload()
+
+    # -- index ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the index (after another process added images)."""
+        path = self.dir / "index.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            self._index = data.get("rows", {})
+            self._errors = data.get("errors", {})
+
+    def _save_index(self) -> None:
+        tmp = self.dir / f"index.json.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps({"rows": self._index, "errors": self._errors}))
+        os.replace(tmp, self.dir / "index.json")
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._index
+
+    def error(self, path: str) -> Optional[str]:
+        return self._errors.get(path)
+
+    def nbytes_per_image(self) -> int:
+        for name in {s for s, _ in self._index.values()}:
+            shard = self._shard(name)
+            return int(shard[0].nbytes)
+        return 0
+
+    # -- read ----------------------------------------------------------------------------
+
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = np.load(self.dir / name, mmap_mode="r")
+        return self._shards[name]
+
+    def get(self, path: str, view: int) -> torch.Tensor:
+        """(T, D) float16 features of ``path`` in view ``view`` (0: original, 1: mirrored)."""
+        shard, row = self._index[path]
+        return torch.from_numpy(np.array(self._shard(shard)[row, view]))
+
+    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    # -- write ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def build(self, paths: Sequence[str], image_encoder, config, device, batch_size: int = 64,
+              num_workers: int = 0, autocast_dtype=None, progress: bool = True) -> int:
+        """Encode every image of ``paths`` not cached yet (both views); returns how many."""
+        from tqdm.auto import tqdm
+
+        todo = sorted({p for p in paths if p not in self._index and p not in self._errors})
+        if not todo:
+            return 0
+        loader = DataLoader(_ImageViews(todo, config.image_size, config.image_mean, config.image_std),
+                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                            pin_memory=torch.device(device).type == "cuda")
+        pending: list[np.ndarray] = []
+        pending_paths: list[str] = []
+        count = 0
+        image_encoder.eval()
+        for idx, views, errors in tqdm(loader, desc="caching image features", disable=not progress,
+                                       leave=False, dynamic_ncols=True):
+            for i, why in errors:
+                self._errors[todo[i]] = why
+            if views is None:
+                continue
+            n = views.shape[0]
+            pixels = views.flatten(0, 1).to(device, non_blocking=True)  # (2n, 3, S, S)
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                feats = image_encoder(pixel_values=pixels).last_hidden_state  # (2n, T, D)
+            feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
+            if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
+                raise ValueError("Image features overflow float16; the feature cache cannot store them")
+            pending.append(feats.astype(np.float16))
+            pending_paths.extend(todo[i] for i in idx)
+            # Bounded memory: flush a shard every few hundred MB whatever the dataset size.
+            if sum(a.nbytes for a in pending) >= self.shard_bytes:
+                count += self._flush(pending, pending_paths)
+                pending, pending_paths = [], []
+        count += self._flush(pending, pending_paths)
+        return count
+
+    def _flush(self, arrays: list[np.ndarray], paths: list[str]) -> int:
+        if arrays:
+            name = f"shard-{uuid.uuid4().hex[:12]}.npy"
+            tmp = self.dir / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(arrays))  # (N, V, T, D)
+            os.replace(tmp, self.dir / name)
+            for row, path in enumerate(paths):
+                self._index[path] = [name, row]
+        self._save_index()  # a kill keeps every shard already indexed
+        return len(paths)
+
+
+def open_feature_cache(root: os.PathLike, config, image_encoder) -> FeatureCache:
+    return FeatureCache(root, cache_key(config, image_encoder))

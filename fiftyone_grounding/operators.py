@@ -1,0 +1,472 @@
+"""FiftyOne App operators: thin forms over the library, one library call each.
+
+Registered by the repository's root ``__init__.py`` and listed in ``fiftyone.yml``
+(plugin ``@fiftyone-grounding/grounding``). ``resolve_input`` builds the form and checks
+it (fields exist with the right type, the checkpoint exists), so a bad value shows as a
+message in the form, not a traceback. Every operator also runs from Python::
+
+    import fiftyone.operators as foo
+
+    foo.execute_operator(
+        "@fiftyone-grounding/grounding/apply_grounding_model",
+        ctx={"view": view, "params": {"model": "runs/tiny/best", "label_field": "predictions"}},
+    )
+
+Parameters left out take the defaults that the form shows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import fiftyone as fo
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+PRESET_CHOICES = (
+    ("tiny", "tiny: small random-weight encoders, trains on a CPU (offline demo)"),
+    ("grounder", "grounder: DINOv3 + BGE with the position-aware decoder (GPU)"),
+    ("seed", "seed: the original notebook's model (GPU)"),
+)
+
+
+def _is_text(field) -> bool:
+    return isinstance(field, fo.StringField)
+
+
+def _is_detections(field) -> bool:
+    return isinstance(field, fo.EmbeddedDocumentField) and issubclass(field.document_type, fo.Detections)
+
+
+FIELD_KINDS = {"text": _is_text, "Detections": _is_detections}
+
+
+def _fields_of_kind(view, kind: str) -> list[str]:
+    return sorted(name for name, field in view.get_field_schema().items() if FIELD_KINDS[kind](field))
+
+
+def name_error(name, what: str) -> Optional[str]:
+    """Why ``name`` cannot be a field name or evaluation key (``what``), or None."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return f"{name!r} is not a valid {what}: use letters, digits and underscores, starting with a letter."
+    return None
+
+
+def field_error(view, name, kind: str, new_ok: bool = False) -> Optional[str]:
+    """Why ``name`` is not a ``kind`` field of ``view`` (or, with ``new_ok``, a name for a new one), or None."""
+    error = name_error(name, "field name")
+    if error:
+        return error
+    field = view.get_field_schema().get(name)
+    if field is None:
+        if new_ok:
+            return None
+        existing = ", ".join(_fields_of_kind(view, kind)) or "none"
+        return f"The dataset has no field {name!r}; its {kind} fields are: {existing}."
+    if not FIELD_KINDS[kind](field):
+        advice = "; choose another name" if new_ok else ""
+        return f"{name!r} is a {type(field).__name__}, not a {kind} field{advice}."
+    return None
+
+
+def _flag(prop, error: Optional[str]):
+    """Show ``error`` under the form field ``prop``; the form cannot run while it is set."""
+    if error:
+        prop.invalid = True
+        prop.error_message = error
+    return prop
+
+
+def _form(inputs, label: str):
+    return types.Property(inputs, view=types.View(label=label))
+
+
+class GroundingOperator(foo.Operator):
+    """Shared helpers: ``DEFAULTS`` fill parameters that a caller leaves out; the
+    ``model`` parameter defaults to the offline demo's checkpoint."""
+
+    DEFAULTS: dict = {}
+
+    def param(self, ctx, name: str):
+        from .zoo_source import demo_checkpoint_dir
+
+        value = ctx.params.get(name)
+        if value is not None:
+            return value
+        return str(demo_checkpoint_dir()) if name == "model" else self.DEFAULTS.get(name)
+
+    def field_input(self, ctx, inputs, view, name: str, label: str, kind: str, description: str,
+                    new_ok: bool = False):
+        choices = types.AutocompleteView()
+        for field in _fields_of_kind(view, kind):
+            choices.add_choice(field, label=field)
+        prop = inputs.str(name, label=label, description=description, default=self.DEFAULTS.get(name),
+                          view=choices)
+        value = self.param(ctx, name)
+        error = field_error(view, value, kind, new_ok=new_ok)
+        if new_ok and not error and view.has_field(value):
+            inputs.view(f"{name}_exists", types.Warning(label=f"{value!r} exists: its boxes on these samples are replaced"))
+        return _flag(prop, error)
+
+    def model_input(self, ctx, inputs):
+        from .zoo_source import demo_checkpoint_dir, model_error
+
+        prop = inputs.str(
+            "model", label="Model", default=str(demo_checkpoint_dir()),
+            description="A checkpoint folder (the best/ folder a training run wrote) or a zoo model name "
+                        "such as fiftyone-grounding/tiny-synthetic-demo")
+        return _flag(prop, model_error(self.param(ctx, "model")))
+
+    def needs_dataset(self, ctx, inputs) -> bool:
+        if ctx.dataset is not None:
+            return True
+        prop = inputs.view("no_dataset", types.Error(label="Open a dataset first"))
+        _flag(prop, "This operation works on a dataset: open one (or pass ctx={'dataset': ...}).")
+        return False
+
+
+class ImportGroundingDataset(GroundingOperator):
+    """Create a referring-expression dataset: the synthetic shapes set, or RefCOCO."""
+
+    DEFAULTS = {"source": "synthetic", "num_images": 200, "seed": 0, "variant": "refcoco",
+                "skip_missing": False}
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="import_grounding_dataset",
+            label="Grounding: import a referring-expression dataset",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        sources = types.RadioGroup()
+        sources.add_choice("synthetic", label="Synthetic shapes",
+                           description="drawn here, no download: phrases like 'the small red circle on the left'")
+        sources.add_choice("refcoco", label="RefCOCO / RefCOCO+ / RefCOCOg",
+                           description="annotations from the Hugging Face Hub (or a saved copy), COCO train2014 images")
+        inputs.enum("source", sources.values(), label="Source", default="synthetic", view=sources)
+        source = self.param(ctx, "source")
+        name_prop = inputs.str("dataset_name", label="Dataset name", default=self._dataset_name(ctx))
+        if source == "synthetic":
+            inputs.int("num_images", min=1, label="Images", default=self.DEFAULTS["num_images"],
+                       description="two expressions each; split 80/10/10 into train/val/test")
+            inputs.int("seed", label="Seed", default=self.DEFAULTS["seed"])
+            inputs.str("images_dir", label="Image folder",
+                       description="where the PNG files go; empty: FiftyOne's dataset folder")
+            if fo.dataset_exists(self._dataset_name(ctx)):
+                inputs.view("exists", types.Notice(label="This dataset exists: it is opened unchanged."))
+        else:
+            importer, error = _refcoco_importer()
+            if importer is None:
+                _flag(name_prop, f"The RefCOCO importer cannot be imported ({error}); install "
+                                 f"fiftyone-grounding with its dependencies.")
+            variants = types.Dropdown()
+            for variant in ("refcoco", "refcoco+", "refcocog"):
+                variants.add_choice(variant, label=variant)
+            inputs.enum("variant", variants.values(), label="Variant", default="refcoco", view=variants)
+            folder = inputs.str("annotations_dir", label="Annotations folder",
+                                description="written by datasets.load_dataset(ID).save_to_disk(DIR); "
+                                            "empty: download from the Hugging Face Hub")
+            _flag(folder, _missing_dir(ctx.params.get("annotations_dir")))
+            images = inputs.str("images_dir", label="COCO train2014 folder",
+                                description="empty: fetch the needed images with FiftyOne's coco-2014 zoo dataset")
+            _flag(images, _missing_dir(ctx.params.get("images_dir")))
+            inputs.int("max_samples", min=1, label="Max expressions", description="empty: all")
+            inputs.bool("skip_missing", label="Skip expressions whose image is missing", default=False)
+        return _form(inputs, "Import a grounding dataset")
+
+    def _dataset_name(self, ctx) -> str:
+        source = self.param(ctx, "source")
+        default = "grounding-synthetic" if source == "synthetic" else self.param(ctx, "variant")
+        return ctx.params.get("dataset_name") or default
+
+    def execute(self, ctx):
+        name = self._dataset_name(ctx)
+        if self.param(ctx, "source") == "synthetic":
+            from .synthetic import make_synthetic_dataset
+
+            dataset = make_synthetic_dataset(name, num_images=self.param(ctx, "num_images"),
+                                             out_dir=ctx.params.get("images_dir") or None,
+                                             seed=self.param(ctx, "seed"), progress=False)
+        else:
+            importer, error = _refcoco_importer()
+            if importer is None:
+                raise RuntimeError(f"The RefCOCO importer cannot be imported: {error}")
+            dataset = importer(self.param(ctx, "variant"), dataset_name=name,
+                               source=ctx.params.get("annotations_dir") or None,
+                               images_dir=ctx.params.get("images_dir") or None,
+                               max_samples=ctx.params.get("max_samples"),
+                               skip_missing=self.param(ctx, "skip_missing"), progress=False)
+        if not ctx.delegated:
+            ctx.ops.open_dataset(dataset.name)
+        return {"dataset": dataset.name, "num_samples": len(dataset)}
+
+
+def _refcoco_importer():
+    """``(import_refcoco, None)``, or ``(None, the ImportError)`` where it cannot be imported."""
+    try:
+        from .refcoco import import_refcoco
+    except ImportError as e:
+        return None, e
+    return import_refcoco, None
+
+
+def _missing_dir(path) -> Optional[str]:
+    if path and not os.path.isdir(os.path.expanduser(path)):
+        return f"There is no folder {path!r}; give an existing folder or leave it empty."
+    return None
+
+
+class TrainGroundingModel(GroundingOperator):
+    """Train a grounding model on the current dataset or view (delegated by default)."""
+
+    DEFAULTS = {"preset": "tiny", "epochs": 10, "batch_size": 32, "lr": 1e-4, "phrase_field": "expression",
+                "gt_field": "ground_truth", "split_field": "split", "train_split": "train", "val_split": "val",
+                "delegate": True}
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="train_grounding_model",
+            label="Grounding: train a model",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+            default_choice_to_delegated=True,
+        )
+
+    def resolve_delegation(self, ctx):
+        return bool(self.param(ctx, "delegate"))
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return _form(inputs, "Train a grounding model")
+        view = ctx.target_view()
+        presets = types.RadioGroup()
+        for value, label in PRESET_CHOICES:
+            presets.add_choice(value, label=label)
+        inputs.enum("preset", presets.values(), label="Preset", default="tiny", view=presets)
+        inputs.str("out_dir", label="Output folder", default=self._out_dir(ctx),
+                   description="checkpoints go to <folder>/best and <folder>/last; an unfinished run there resumes")
+        inputs.int("epochs", min=1, label="Epochs", default=self.DEFAULTS["epochs"])
+        inputs.int("batch_size", min=1, label="Batch size", default=self.DEFAULTS["batch_size"])
+        inputs.float("lr", min=0.0, label="Learning rate", default=self.DEFAULTS["lr"])
+        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text", "the referring expression")
+        self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "one true box per sample")
+        split_prop = inputs.str("split_field", label="Split field", default=self.DEFAULTS["split_field"])
+        inputs.str("train_split", label="Train split", default=self.DEFAULTS["train_split"],
+                   description="empty: train on the whole view")
+        inputs.str("val_split", label="Validation split", default=self.DEFAULTS["val_split"],
+                   description="picks the best checkpoint; empty: none")
+        _flag(split_prop, self._split_error(ctx, view))
+        inputs.bool("delegate", label="Run in the background (delegated)", default=True,
+                    description="needs `fiftyone delegated launch` running; a run inside the App stops after 600 s")
+        return _form(inputs, "Train a grounding model")
+
+    def _out_dir(self, ctx) -> str:
+        if ctx.params.get("out_dir"):
+            return ctx.params["out_dir"]
+        return os.path.join(fo.config.default_dataset_dir, "grounding-runs",
+                            f"{ctx.dataset.name}-{self.param(ctx, 'preset')}")
+
+    def _split_error(self, ctx, view) -> Optional[str]:
+        splits = [self.param(ctx, "train_split"), self.param(ctx, "val_split")]
+        if not any(splits):
+            return None
+        split_field = self.param(ctx, "split_field")
+        error = field_error(view, split_field, "text")
+        if error:
+            return f"{error} Clear the train and validation splits to train on the whole view."
+        counts = view.count_values(split_field)
+        train_split = splits[0]
+        if train_split and not counts.get(train_split):
+            return f"No samples have {split_field} == {train_split!r}; the splits here: {sorted(counts, key=str)}."
+        return None
+
+    def execute(self, ctx):
+        from .train import fit
+
+        result = fit(
+            ctx.target_view(),
+            preset=self.param(ctx, "preset"),
+            out_dir=self._out_dir(ctx),
+            epochs=self.param(ctx, "epochs"),
+            batch_size=self.param(ctx, "batch_size"),
+            lr=self.param(ctx, "lr"),
+            phrase_field=self.param(ctx, "phrase_field"),
+            gt_field=self.param(ctx, "gt_field"),
+            split_field=self.param(ctx, "split_field"),
+            train_split=self.param(ctx, "train_split") or None,
+            val_split=self.param(ctx, "val_split") or None,
+            progress=False,
+            progress_callback=lambda fraction, label: ctx.set_progress(progress=fraction, label=label),
+        )
+        return {"checkpoint": str(result.best_dir), "best_val_iou": result.best_val_iou,
+                "epochs": len(result.history)}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("checkpoint", label="Best checkpoint (give it to 'Grounding: apply a model')")
+        outputs.float("best_val_iou", label="Best validation IoU")
+        outputs.int("epochs", label="Epochs trained")
+        return _form(outputs, "Training finished")
+
+
+class ApplyGroundingModel(GroundingOperator):
+    """Predict one box per sample from its own phrase, on the current view or the selected samples."""
+
+    DEFAULTS = {"phrase_field": "expression", "label_field": "predictions", "batch_size": 32}
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="apply_grounding_model",
+            label="Grounding: apply a model",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return _form(inputs, "Apply a grounding model")
+        view = ctx.target_view()
+        self.model_input(ctx, inputs)
+        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text",
+                         "each sample's own referring expression")
+        self.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
+                         "new or existing Detections field to write the boxes to", new_ok=True)
+        inputs.int("batch_size", min=1, label="Batch size", default=self.DEFAULTS["batch_size"])
+        return _form(inputs, "Apply a grounding model")
+
+    def execute(self, ctx):
+        from .zoo_source import load_grounding_model
+
+        view = ctx.target_view()
+        label_field = self.param(ctx, "label_field")
+        model = load_grounding_model(self.param(ctx, "model"))
+        view.apply_model(model, label_field=label_field, prompt_field=self.param(ctx, "phrase_field"),
+                         batch_size=self.param(ctx, "batch_size"), num_workers=0)
+        ctx.ops.reload_dataset()
+        return {"label_field": label_field, "num_predictions": view.count(f"{label_field}.detections"),
+                "num_skipped": len(model.skipped)}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("label_field", label="Prediction field")
+        outputs.int("num_predictions", label="Samples with a box")
+        outputs.int("num_skipped", label="Samples skipped (missing phrase or unreadable image)")
+        return _form(outputs, "Predictions written")
+
+
+class EvaluateGroundingModel(GroundingOperator):
+    """FiftyOne's detection evaluation (Model Evaluation panel, mAP) plus mIoU, Acc@0.5, Acc@0.75."""
+
+    DEFAULTS = {"pred_field": "predictions", "gt_field": "ground_truth", "eval_key": "eval",
+                "split_field": "split"}
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_grounding_model",
+            label="Grounding: evaluate predictions",
+            dynamic=True,
+            allow_immediate_execution=True,
+            allow_delegated_execution=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return _form(inputs, "Evaluate grounding predictions")
+        view = ctx.target_view()
+        self.field_input(ctx, inputs, view, "pred_field", "Prediction field", "Detections", "the predicted boxes")
+        self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "the true boxes")
+        key = inputs.str("eval_key", label="Evaluation key", default=self.DEFAULTS["eval_key"],
+                         description="names the run in the Model Evaluation panel; the IoU goes to <key>_iou")
+        _flag(key, name_error(self.param(ctx, "eval_key"), "evaluation key"))
+        inputs.str("split_field", label="Split field", default=self.DEFAULTS["split_field"],
+                   description="metrics per split too; empty: overall only")
+        return _form(inputs, "Evaluate grounding predictions")
+
+    def execute(self, ctx):
+        from .evaluate import evaluate_in_fiftyone
+
+        metrics = evaluate_in_fiftyone(
+            ctx.target_view(), pred_field=self.param(ctx, "pred_field"), gt_field=self.param(ctx, "gt_field"),
+            eval_key=self.param(ctx, "eval_key"), split_field=self.param(ctx, "split_field") or None)
+        ctx.ops.reload_dataset()
+        overall = metrics["overall"]
+        return {"eval_key": metrics["eval_key"], "iou_field": metrics["iou_field"], "mAP": metrics["mAP"],
+                "miou": overall["miou"], "acc50": overall["acc50"], "acc75": overall["acc75"],
+                "count": overall["count"], "tp": metrics["tp"], "fp": metrics["fp"], "fn": metrics["fn"],
+                "splits": metrics["splits"]}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        for name, label in (("mAP", "mAP (COCO, IoU 0.50:0.95)"), ("miou", "mIoU"), ("acc50", "Acc@0.5"),
+                            ("acc75", "Acc@0.75")):
+            outputs.float(name, label=label)
+        for name, label in (("count", "Expressions"), ("tp", "True positives (IoU >= 0.5)"),
+                            ("fp", "False positives"), ("fn", "False negatives")):
+            outputs.int(name, label=label)
+        outputs.str("iou_field", label="Per-sample IoU field (sort the grid by it)")
+        outputs.str("eval_key", label="Evaluation key (open the Model Evaluation panel)")
+        return _form(outputs, "Grounding evaluation")
+
+
+class GroundPhrase(GroundingOperator):
+    """Find a typed phrase in the selected samples and show them with the box."""
+
+    DEFAULTS = {"label_field": "grounded", "batch_size": 32}
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="ground_phrase",
+            label="Grounding: find a phrase in the selected samples",
+            dynamic=True,
+        )
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return _form(inputs, "Find a phrase")
+        phrase = inputs.str("phrase", label="Phrase", required=True,
+                            description="what to find, e.g. 'the small red circle on the left'")
+        if ctx.params.get("phrase") is not None and not str(ctx.params["phrase"]).strip():
+            _flag(phrase, "The phrase is empty: type what to find.")
+        self.model_input(ctx, inputs)
+        self.field_input(ctx, inputs, ctx.dataset, "label_field", "Box field", "Detections",
+                         "where the found boxes are written", new_ok=True)
+        if ctx.selected:
+            inputs.view("selection", types.Notice(label=f"Searching {len(ctx.selected)} selected samples"))
+        else:
+            selection = inputs.view("selection", types.Error(label="No samples selected"))
+            _flag(selection, "Select the samples to search first (tick them in the grid).")
+        return _form(inputs, "Find a phrase in the selected samples")
+
+    def execute(self, ctx):
+        from .zoo import ground_phrase
+        from .zoo_source import load_grounding_model
+
+        selection = ctx.dataset.select(ctx.selected)
+        label_field = self.param(ctx, "label_field")
+        num_boxes = ground_phrase(selection, ctx.params["phrase"], load_grounding_model(self.param(ctx, "model")),
+                                  label_field=label_field, batch_size=self.param(ctx, "batch_size"))
+        ctx.ops.reload_dataset()
+        ctx.ops.set_view(selection)
+        return {"label_field": label_field, "num_boxes": num_boxes}
+
+
+OPERATORS = (ImportGroundingDataset, TrainGroundingModel, ApplyGroundingModel, EvaluateGroundingModel,
+             GroundPhrase)

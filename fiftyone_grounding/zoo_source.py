@@ -1,0 +1,229 @@
+"""This repository as a FiftyOne remote model-zoo source, and model lookup by path or zoo name.
+
+``manifest.json`` at the repository root lists the models; the root ``__init__.py``
+delegates FiftyOne's ``download_model`` / ``load_model`` calls to the functions here::
+
+    import fiftyone.zoo as foz
+
+    foz.register_zoo_model_source("https://github.com/<org>/fiftyone-grounding")
+    model = foz.load_zoo_model("fiftyone-grounding/tiny-synthetic-demo")
+    dataset.apply_model(model, label_field="predictions", prompt_field="expression")
+
+``foz.register_zoo_model_source`` only takes GitHub repositories and archive URLs;
+offline, :func:`register_local_source` registers a local clone the same way.
+
+Models (a trained checkpoint folder each: ``config.json`` + ``model.safetensors``):
+
+- ``fiftyone-grounding/seed-refcoco``: the ``seed`` preset (Hub encoders); its trained
+  weights come from the folder URL in ``$FIFTYONE_GROUNDING_SEED_URL``.
+- ``fiftyone-grounding/grounder-refcoco``: the improved ``grounder`` preset; weights from
+  ``$FIFTYONE_GROUNDING_GROUNDER_URL``.
+- ``fiftyone-grounding/tiny-synthetic-demo``: the checkpoint that ``fiftyone-grounding demo``
+  writes, copied from ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` (default ``outputs/demo/run/best``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_dir, load_config, resolve_checkpoint_dir
+
+SOURCE_NAME = "fiftyone-grounding"
+MANIFEST_NAME = "manifest.json"
+SEED_URL_ENV = "FIFTYONE_GROUNDING_SEED_URL"
+GROUNDER_URL_ENV = "FIFTYONE_GROUNDING_GROUNDER_URL"
+DEMO_CHECKPOINT_ENV = "FIFTYONE_GROUNDING_DEMO_CHECKPOINT"
+DEFAULT_DEMO_CHECKPOINT = os.path.join("outputs", "demo", "run", "best")
+DOWNLOAD_TIMEOUT_S = 60
+# What a source folder holds for FiftyOne: the manifest, the module it imports, the package.
+SOURCE_FILES = (MANIFEST_NAME, "__init__.py", "fiftyone_grounding")
+
+
+class ZooDownloadError(RuntimeError):
+    """A zoo model's checkpoint could not be fetched; the message says what to set or run."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """Where a zoo model's checkpoint comes from: the folder URL, or with ``local`` the local
+    folder, that the environment variable ``env`` names."""
+
+    env: str
+    local: bool = False
+
+
+MODELS: dict[str, ZooEntry] = {
+    f"{SOURCE_NAME}/seed-refcoco": ZooEntry(SEED_URL_ENV),
+    f"{SOURCE_NAME}/grounder-refcoco": ZooEntry(GROUNDER_URL_ENV),
+    f"{SOURCE_NAME}/tiny-synthetic-demo": ZooEntry(DEMO_CHECKPOINT_ENV, local=True),
+}
+
+
+def _entry(model_name: str) -> ZooEntry:
+    base_name = model_name.split("@", 1)[0]  # FiftyOne appends "@<version>" to versioned names
+    if base_name not in MODELS:
+        raise ValueError(f"Unknown fiftyone-grounding zoo model {model_name!r}; known: {sorted(MODELS)}")
+    return MODELS[base_name]
+
+
+def checkpoint_dir(model_path) -> Path:
+    """The checkpoint folder of a zoo model whose FiftyOne model path is ``model_path``.
+
+    FiftyOne counts a zoo model as downloaded when its path is a file or, for a path named
+    like an archive, when the folder of the same name exists. A checkpoint is a folder, so
+    ``manifest.json`` names each model ``<name>.tar.gz`` and the checkpoint lives in
+    ``<name>/`` (nothing is archived): then re-loading does not download again, and
+    ``foz.delete_zoo_model`` removes the folder.
+    """
+    import eta.core.utils as etau
+
+    return Path(etau.split_archive(str(model_path))[0])
+
+
+def demo_checkpoint_dir() -> Path:
+    """The offline demo's checkpoint: ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` or ``outputs/demo/run/best``."""
+    return Path(os.environ.get(DEMO_CHECKPOINT_ENV) or DEFAULT_DEMO_CHECKPOINT).expanduser().resolve()
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> None:
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        shutil.copy2(src / name, dst / name)
+
+
+def _download_checkpoint(url: str, dst: Path) -> None:
+    base = url.rstrip("/")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        with urllib.request.urlopen(f"{base}/{name}", timeout=DOWNLOAD_TIMEOUT_S) as response, \
+                open(dst / name, "wb") as f:
+            shutil.copyfileobj(response, f)
+
+
+def download_model(model_name: str, model_path: str) -> None:
+    """Fetch ``model_name``'s checkpoint into ``checkpoint_dir(model_path)`` (FiftyOne's remote-zoo hook)."""
+    entry = _entry(model_name)
+    target = checkpoint_dir(model_path)
+    if entry.local:
+        src = demo_checkpoint_dir()
+        try:
+            src = resolve_checkpoint_dir(src)
+        except CheckpointError as e:
+            raise ZooDownloadError(
+                f"No checkpoint to copy for {model_name} ({e}): run `fiftyone-grounding demo` first "
+                f"or set {entry.env} to a checkpoint folder."
+            ) from None
+        atomic_write_dir(target, lambda tmp: _copy_checkpoint(src, tmp))
+        return
+
+    url = os.environ.get(entry.env, "").strip()
+    if not url:
+        raise ZooDownloadError(
+            f"{model_name} has no download URL: set {entry.env} to the URL of a folder holding its "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME} (for example a Hugging Face '.../resolve/main' URL)."
+        )
+
+    def fetch(tmp: Path) -> None:
+        try:
+            _download_checkpoint(url, tmp)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise ZooDownloadError(
+                f"Could not download {model_name} from {url} ({reason}): check {entry.env} and your "
+                f"connection, or put {CONFIG_NAME} and {WEIGHTS_NAME} into {target} by hand."
+            ) from None
+        load_config(tmp)  # a config that does not parse fails here, not at load time
+
+    atomic_write_dir(target, fetch)
+
+
+def load_model(model_name: str, model_path: str, device=None, **kwargs):
+    """The ``GroundingModel`` of a downloaded zoo model (FiftyOne's remote-zoo hook).
+
+    ``kwargs`` (e.g. ``mixed_precision="bf16"``) go to ``GroundingModel``.
+    """
+    from .zoo import GroundingModel
+
+    _entry(model_name)
+    return GroundingModel.from_checkpoint(checkpoint_dir(model_path), device=device, **kwargs)
+
+
+def model_error(model: str) -> Optional[str]:
+    """Why ``model`` names neither a checkpoint folder nor a zoo model (one sentence), or None."""
+    import fiftyone.zoo as foz
+
+    model = (model or "").strip()
+    if not model:
+        return "Give a checkpoint folder (config.json + model.safetensors) or a zoo model name."
+    path = Path(model).expanduser()
+    if path.exists():
+        try:
+            resolve_checkpoint_dir(path)
+        except CheckpointError as e:
+            return str(e)
+        return None
+    try:
+        zoo_model = foz.get_zoo_model(model)
+    except ValueError:
+        return (f"{model!r} is neither a checkpoint folder nor a registered zoo model: give the folder "
+                f"that training wrote (e.g. <run>/best) or register this repository as a zoo source.")
+    if zoo_model.base_name not in MODELS:
+        return f"{model!r} is a zoo model but not a grounding one: choose one of {sorted(MODELS)}."
+    return None
+
+
+def load_grounding_model(model: str, device=None):
+    """A ``GroundingModel`` from a checkpoint folder or a zoo model name."""
+    import fiftyone.zoo as foz
+
+    from .zoo import GroundingModel
+
+    error = model_error(model)
+    if error:
+        raise ValueError(error)
+    model = model.strip()
+    if Path(model).expanduser().exists():
+        return GroundingModel.from_checkpoint(Path(model).expanduser(), device=device)
+    return foz.load_zoo_model(model, device=device)
+
+
+def register_local_source(source_dir: Optional[str] = None, overwrite: bool = False) -> str:
+    """Register a local clone of this repository as a model-zoo source (no network needed).
+
+    Copies what ``foz.register_zoo_model_source`` copies from GitHub (the manifest, the root
+    ``__init__.py`` and the package) into ``fo.config.model_zoo_dir``, records it under a
+    ``file://`` URL and returns that URL. ``source_dir`` defaults to the clone this package
+    was imported from.
+    """
+    import fiftyone as fo
+    import fiftyone.zoo as foz
+
+    src = Path(source_dir).expanduser().resolve() if source_dir else Path(__file__).resolve().parents[1]
+    manifest_path = src / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"No {MANIFEST_NAME} in {src}: pass the folder of a fiftyone-grounding clone as source_dir")
+    url = src.as_uri()
+    if url in foz.list_zoo_model_sources() and not overwrite:
+        return url
+    manifest = json.loads(manifest_path.read_text())
+    dst = Path(fo.config.model_zoo_dir).joinpath(*manifest["name"].split("/"))
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"A model source is already registered at {dst}: pass overwrite=True to replace it")
+
+    def write(tmp: Path) -> None:
+        for name in SOURCE_FILES:
+            if (src / name).is_dir():
+                shutil.copytree(src / name, tmp / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(src / name, tmp / name)
+        (tmp / MANIFEST_NAME).write_text(json.dumps({**manifest, "url": url}, indent=4))
+
+    atomic_write_dir(dst, write)
+    foz.register_zoo_model_source(url)  # already on disk: this only refreshes FiftyOne's view
+    return url

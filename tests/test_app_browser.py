@@ -1,0 +1,112 @@
+"""The real FiftyOne App in headless Chromium: find this plugin's operators and run one.
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; skipped without it). With
+``FOG_SAVE_SCREENSHOTS=1`` the screenshots are also copied into ``docs/`` for the README.
+"""
+
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import fiftyone as fo
+
+from fiftyone_grounding.zoo_source import DEMO_CHECKPOINT_ENV
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+OPERATOR_LABELS = (
+    "Grounding: import a referring-expression dataset",
+    "Grounding: train a model",
+    "Grounding: apply a model",
+    "Grounding: evaluate predictions",
+    "Grounding: find a phrase in the selected samples",
+)
+TIMEOUT_MS = 60_000
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app(synthetic_dataset, dataset_name, tiny_checkpoint, grounding_plugin_dir, monkeypatch):
+    """The App serving 20 synthetic samples on loopback, with this plugin and the tiny checkpoint
+    as the default model of the forms. Yields (dataset, URL of its page)."""
+    dataset = synthetic_dataset.limit(20).clone(dataset_name)
+    monkeypatch.setenv("FIFTYONE_DO_NOT_TRACK", "true")
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))  # read by the App's server process
+    port = _free_port()
+    session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port)
+    try:
+        yield dataset, f"http://127.0.0.1:{port}/datasets/{dataset_name}"
+    finally:
+        session.close()
+
+
+def _save(page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    page.screenshot(path=str(path))
+    if os.environ.get("FOG_SAVE_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        shutil.copy(path, DOCS / name)
+
+
+def _dismiss_promotions(page) -> None:
+    """Close the App's 'Explore Enterprise' card if it shows up, so it hides nothing."""
+    dismiss = page.get_by_text("Dismiss", exact=True)
+    try:
+        dismiss.wait_for(state="visible", timeout=3_000)
+        dismiss.click()
+    except Exception:  # noqa: BLE001 - the card is optional
+        pass
+
+
+def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    dataset, url = app
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url, timeout=TIMEOUT_MS)
+            expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
+            _dismiss_promotions(page)
+
+            page.keyboard.press("Backquote")  # the operator browser
+            page.get_by_placeholder("Search operations by name").fill("grounding")
+            for label in OPERATOR_LABELS:
+                expect(page.get_by_text(label, exact=True)).to_be_visible()
+            _save(page, tmp_path, "app_operators.png")
+
+            page.get_by_text("Grounding: apply a model", exact=True).click()
+            expect(page.get_by_text("Apply a grounding model", exact=True)).to_be_visible()
+            page.get_by_role("button", name="Execute").click()
+
+            expect(page.get_by_text("Predictions written", exact=True)).to_be_visible()
+            page.get_by_role("button", name="Close").click()
+            expect(page.locator('[data-cy="sidebar-field-predictions"]')).to_be_visible()
+            page.wait_for_timeout(3_000)  # only for the picture: let the grid redraw its images
+            _save(page, tmp_path, "app_apply_result.png")
+        finally:
+            browser.close()
+
+    deadline = time.time() + 30
+    while not dataset.has_field("predictions") and time.time() < deadline:
+        time.sleep(0.5)
+        dataset.reload()
+    assert dataset.count("predictions.detections") == len(dataset) == 20
+    labels = dataset.values("predictions.detections.label")
+    assert labels == dataset.values("ground_truth.detections.label")

@@ -1,0 +1,167 @@
+"""The plugin's operators, run through FiftyOne's own executor (``foo.execute_operator``)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fiftyone as fo
+import fiftyone.operators as foo
+from fiftyone import ViewField as F
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionContext, ExecutionError, ExecutionRunState
+from fiftyone.operators.registry import OperatorRegistry
+from fiftyone.plugins.context import build_plugin_contexts
+
+from fiftyone_grounding.labels import label_for, make_detections
+from fiftyone_grounding.zoo_source import DEMO_CHECKPOINT_ENV, register_local_source
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = "@fiftyone-grounding/grounding"
+
+
+def uri(name: str) -> str:
+    return f"{PLUGIN}/{name}"
+
+
+@pytest.fixture(autouse=True)
+def plugin(grounding_plugin_dir):
+    return grounding_plugin_dir
+
+
+@pytest.fixture
+def dataset(synthetic_dataset, dataset_name):
+    """A writable copy of the session's synthetic dataset (80 expressions)."""
+    return synthetic_dataset.clone(dataset_name)
+
+
+def test_plugin_registers_the_operators_that_fiftyone_yml_lists():
+    listed = yaml.safe_load((REPO_ROOT / "fiftyone.yml").read_text())["operators"]
+    contexts = [c for c in build_plugin_contexts() if c.name == PLUGIN]
+    assert len(contexts) == 1 and not contexts[0].errors, contexts[0].errors if contexts else "plugin not found"
+    registered = {op.name for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN}
+    assert registered == set(listed)
+
+
+def test_import_synthetic_dataset(dataset_name, tmp_path):
+    result = foo.execute_operator(uri("import_grounding_dataset"), ctx={"params": {
+        "source": "synthetic", "dataset_name": dataset_name, "num_images": 3, "images_dir": str(tmp_path)}})
+    assert result.result == {"dataset": dataset_name, "num_samples": 6}
+    dataset = fo.load_dataset(dataset_name)
+    assert dataset.persistent
+    assert {"expression", "ground_truth", "split"} <= set(dataset.get_field_schema())
+    assert [r["operator_uri"] for r in result.executor.to_json()["requests"]] == ["open_dataset"]
+
+
+def test_import_refcoco_form_checks_its_folders(tmp_path):
+    with pytest.raises(ExecutionError, match="There is no folder") as error:
+        foo.execute_operator(uri("import_grounding_dataset"), ctx={"params": {
+            "source": "refcoco", "annotations_dir": str(tmp_path / "missing")}})
+    assert "Traceback" not in str(error.value)
+
+
+def test_train_is_delegated_by_default_and_reports_progress(dataset, tmp_path):
+    out_dir = tmp_path / "run"
+    result = foo.execute_operator(uri("train_grounding_model"), ctx={"dataset": dataset, "params": {
+        "epochs": 1, "batch_size": 8, "out_dir": str(out_dir)}})
+    assert result.delegated
+    service = DelegatedOperationService()
+    operation = service.get(result.result["id"])
+    try:
+        assert operation.run_state == ExecutionRunState.QUEUED
+        service.execute_operation(operation)
+        done = service.get(operation.id)
+        assert done.run_state == ExecutionRunState.COMPLETED, done.result
+        assert done.result.result["checkpoint"] == str(out_dir / "best")
+        assert 0 < done.status.progress <= 1 and done.status.label.startswith("epoch 1/1")
+        assert (out_dir / "best" / "model.safetensors").is_file()
+    finally:
+        service.delete_operation(operation.id)
+
+
+def test_apply_to_a_view_or_the_selected_samples(dataset, tiny_checkpoint):
+    view = dataset.match(F("split") == "val")
+    result = foo.execute_operator(uri("apply_grounding_model"), ctx={"view": view, "params": {
+        "model": str(tiny_checkpoint), "label_field": "pred"}})
+    assert result.result == {"label_field": "pred", "num_predictions": len(view), "num_skipped": 0}
+    assert dataset.count("pred.detections") == len(view) < len(dataset)
+    assert view.values("pred.detections.label") == [[label_for(e)] for e in view.values("expression")]
+
+    selected = dataset.values("id")[:3]
+    foo.execute_operator(uri("apply_grounding_model"), ctx={
+        "dataset": dataset, "selected": selected, "params": {
+            "model": str(tiny_checkpoint), "label_field": "pred_selected", "view_target": "SELECTED_SAMPLES"}})
+    assert dataset.exists("pred_selected.detections").values("id") == selected
+
+
+def test_apply_a_zoo_model_by_name(dataset, tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(fo.config, "model_zoo_dir", str(tmp_path / "zoo"))
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))
+    register_local_source()  # this clone
+    view = dataset.limit(4)
+    foo.execute_operator(uri("apply_grounding_model"), ctx={"view": view, "params": {
+        "model": "fiftyone-grounding/tiny-synthetic-demo", "label_field": "pred"}})
+    assert view.count("pred.detections") == 4
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"model": "/no/such/checkpoint"}, "neither a checkpoint folder nor a registered zoo model"),
+    ({"model": "clip-vit-base32-torch"}, "is a zoo model but not a grounding one"),
+    ({"phrase_field": "phrase"}, "The dataset has no field 'phrase'; its text fields are: "),
+    ({"phrase_field": "ground_truth"}, "not a text field"),
+    ({"label_field": "expression"}, "not a Detections field; choose another name"),
+    ({"label_field": "my.field"}, "is not a valid field name"),
+])
+def test_bad_inputs_show_a_message_in_the_form(dataset, tiny_checkpoint, params, message):
+    params = {"model": str(tiny_checkpoint), **params}
+    # What the App renders: the form marks the field invalid and shows the message under it.
+    ctx = ExecutionContext(request_params={"dataset_name": dataset.name, "params": params})
+    operator = OperatorRegistry().get_operator(uri("apply_grounding_model"))
+    form = operator.resolve_input(ctx)
+    flagged = {name: p.error_message for name, p in form.type.properties.items() if p.invalid}
+    assert len(flagged) == 1 and message in next(iter(flagged.values()))
+    # What Python callers get: an ExecutionError that names the field and says why, no traceback.
+    with pytest.raises(ExecutionError) as error:
+        foo.execute_operator(uri("apply_grounding_model"), ctx={"dataset": dataset, "params": params})
+    assert message in str(error.value) and "Traceback" not in str(error.value)
+    assert not dataset.has_field("pred")
+
+
+def test_evaluate_shows_fiftyone_and_grounding_metrics(dataset):
+    dataset.set_values("predictions", [make_detections([x, y, x + w, y + h], e, confidence=1.0)
+                                       for (x, y, w, h), e in zip(
+                                           [b[0] for b in dataset.values("ground_truth.detections.bounding_box")],
+                                           dataset.values("expression"))])
+    result = foo.execute_operator(uri("evaluate_grounding_model"), ctx={"dataset": dataset, "params": {
+        "eval_key": "ground"}}).result
+    n = len(dataset)
+    assert result["mAP"] == pytest.approx(1.0)
+    assert (result["tp"], result["fp"], result["fn"], result["count"]) == (n, 0, 0, n)
+    assert result["miou"] == pytest.approx(1.0) and result["acc50"] == result["acc75"] == 1.0
+    assert set(result["splits"]) == {"train", "val", "test"}
+    assert "ground" in dataset.list_evaluations()
+    assert dataset.bounds("ground_iou")[0] == pytest.approx(1.0)
+    panel_metrics = dataset.load_evaluation_results("ground").custom_metrics
+    assert {m["label"]: m["value"] for m in panel_metrics.values()} == pytest.approx(
+        {"mIoU": 1.0, "Acc@0.5": 1.0, "Acc@0.75": 1.0})
+
+
+def test_ground_phrase_on_the_selected_samples(dataset, tiny_checkpoint):
+    selected = dataset.values("id")[5:8]
+    result = foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "selected": selected, "params": {
+        "phrase": "  the small red circle ", "model": str(tiny_checkpoint)}})
+    assert result.result == {"label_field": "grounded", "num_boxes": 3}
+    grounded = dataset.exists("grounded")
+    assert grounded.values("id") == selected
+    assert grounded.values("grounded.detections.label") == [["the small red circle"]] * 3
+    set_view = [r for r in result.executor.to_json()["requests"] if r["operator_uri"] == "set_view"]
+    assert len(set_view) == 1 and fo.DatasetView._build(dataset, set_view[0]["params"]["view"]).values("id") == selected
+
+
+def test_ground_phrase_needs_a_selection_and_a_phrase(dataset, tiny_checkpoint):
+    with pytest.raises(ExecutionError, match="Select the samples to search first"):
+        foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "params": {
+            "phrase": "the red circle", "model": str(tiny_checkpoint)}})
+    with pytest.raises(ExecutionError, match="The phrase is empty"):
+        foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "selected": dataset.values("id")[:1],
+                                                         "params": {"phrase": "  ", "model": str(tiny_checkpoint)}})

@@ -1,0 +1,219 @@
+"""``GroundingModel`` with FiftyOne's ``apply_model``, and this repository as a remote model-zoo source."""
+
+import functools
+import http.server
+import socket
+import tarfile
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fiftyone as fo
+import fiftyone.zoo as foz
+
+from fiftyone_grounding.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from fiftyone_grounding.data import load_rgb
+from fiftyone_grounding.labels import label_for
+from fiftyone_grounding.zoo import GroundingModel
+from fiftyone_grounding.zoo_source import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, ZooDownloadError,
+                                           register_local_source)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO = "fiftyone-grounding/tiny-synthetic-demo"
+SEED = "fiftyone-grounding/seed-refcoco"
+
+
+@pytest.fixture
+def dataset(synthetic_dataset, dataset_name):
+    """A writable copy of the session's synthetic dataset (80 expressions, 2 per image)."""
+    return synthetic_dataset.clone(dataset_name)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_32_samples_take_one_forward_pass(dataset, model):
+    view = dataset.limit(32)
+    before = model.forward_calls
+    view.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32)
+    assert model.forward_calls - before == 1
+    assert view.count("pred.detections") == 32
+
+
+def test_predictions_are_one_relative_box_labelled_like_the_ground_truth(dataset, model):
+    view = dataset.limit(32)
+    view.apply_model(model, label_field="pred", prompt_field="expression", batch_size=16, num_workers=0)
+    for sample in view.select_fields(["expression", "ground_truth", "pred"]):
+        assert isinstance(sample.pred, fo.Detections)
+        assert len(sample.pred.detections) == 1
+        det = sample.pred.detections[0]
+        x, y, w, h = det.bounding_box
+        assert 0 <= x <= 1 and 0 <= y <= 1 and w >= 0 and h >= 0
+        assert x + w <= 1 + 1e-6 and y + h <= 1 + 1e-6
+        assert isinstance(det.confidence, float) and 0 <= det.confidence <= 1
+        assert det.label == sample.ground_truth.detections[0].label == label_for(sample.expression)
+
+
+def _boxes_by_image_and_phrase(view, field):
+    paths, phrases, boxes = view.values(["filepath", "expression", f"{field}.detections.bounding_box"])
+    return {(p, e): np.asarray(b[0]) for p, e, b in zip(paths, phrases, boxes)}
+
+
+def test_boxes_follow_their_phrase_when_phrases_are_permuted(dataset, model):
+    view = dataset.limit(40)  # whole images: the expressions of an image are consecutive
+    view.apply_model(model, label_field="pred_a", prompt_field="expression", batch_size=32, num_workers=0)
+    before = _boxes_by_image_and_phrase(view, "pred_a")
+
+    # Rotate the phrases among the samples of each image: every phrase moves to another sample.
+    paths, phrases = view.values(["filepath", "expression"])
+    by_image = defaultdict(list)
+    for i, path in enumerate(paths):
+        by_image[path].append(i)
+    moved = list(phrases)
+    for indices in by_image.values():
+        for i, j in zip(indices, indices[1:] + indices[:1]):
+            moved[j] = phrases[i]
+    assert sum(a != b for a, b in zip(moved, phrases)) >= len(phrases) // 2
+    view.set_values("expression", moved)
+    # A different batch size also changes which phrases share a batch (and the padding).
+    view.apply_model(model, label_field="pred_b", prompt_field="expression", batch_size=7, num_workers=0)
+    after = _boxes_by_image_and_phrase(view, "pred_b")
+
+    assert after.keys() == before.keys()
+    for key, box in after.items():
+        np.testing.assert_allclose(box, before[key], atol=1e-4, err_msg=str(key))
+    assert view.values("pred_b.detections.label") == [[label_for(p)] for p in moved]
+    # The property is not vacuous: the two phrases of an image do get different boxes.
+    assert any(not np.allclose(before[(p, phrases[i])], before[(p, phrases[j])], atol=1e-4)
+               for p, (i, j, *_) in by_image.items() if phrases[i] != phrases[j])
+
+
+def test_missing_or_empty_phrase_gets_no_prediction_and_no_other_phrase(dataset, model):
+    ids = dataset.values("id")
+    blank = {ids[3]: None, ids[4]: "", ids[5]: "   ", ids[40]: None}
+    for sample_id, value in blank.items():
+        sample = dataset[sample_id]
+        sample["expression"] = value
+        sample.save()
+    dataset.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32, num_workers=0)
+    for sample_id, phrase, labels in zip(*dataset.values(["id", "expression", "pred.detections.label"])):
+        if sample_id in blank:
+            assert labels is None, sample_id
+        else:
+            assert labels == [label_for(phrase)]
+
+
+def test_batched_boxes_equal_one_by_one_predict(dataset, model):
+    view = dataset.limit(6)
+    view.apply_model(model, label_field="pred", prompt_field="expression", batch_size=6, num_workers=0)
+    for path, phrase, boxes in zip(*view.values(["filepath", "expression", "pred.detections.bounding_box"])):
+        single = model.predict(load_rgb(path), phrase)
+        np.testing.assert_allclose(single.detections[0].bounding_box, boxes[0], atol=1e-4)
+
+
+# -- the remote model-zoo source -------------------------------------------------------------
+
+
+@pytest.fixture
+def zoo_dir(tmp_path, monkeypatch):
+    """An empty FiftyOne model-zoo folder for this test."""
+    path = tmp_path / "zoo"
+    monkeypatch.setattr(fo.config, "model_zoo_dir", str(path))
+    return path
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """A folder served over HTTP on loopback; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_local_source_loads_the_demo_checkpoint(zoo_dir, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))
+    url = register_local_source(str(REPO_ROOT))
+    assert url in foz.list_zoo_model_sources()
+    assert DEMO in foz.list_zoo_models(source=url)
+
+    model = foz.load_zoo_model(DEMO, cache=False)
+    assert isinstance(model, GroundingModel)
+    copied = zoo_dir / "fiftyone-grounding" / "tiny-synthetic-demo"
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (copied / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
+
+    # FiftyOne sees the copy as downloaded: loading again does not copy again, deleting removes it.
+    assert foz.is_zoo_model_downloaded(DEMO)
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(zoo_dir / "gone"))
+    assert isinstance(foz.load_zoo_model(DEMO, cache=False), GroundingModel)
+    foz.delete_zoo_model(DEMO)
+    assert not copied.exists() and not foz.is_zoo_model_downloaded(DEMO)
+
+
+def test_github_style_archive_source_and_url_download(zoo_dir, tiny_checkpoint, http_root, monkeypatch):
+    root, base = http_root
+    # The repository as an archive with one top folder, like GitHub's, for foz.register_zoo_model_source.
+    with tarfile.open(root / "fiftyone-grounding.tar.gz", "w:gz") as tar:
+        for name in ("manifest.json", "__init__.py", "fiftyone_grounding"):
+            tar.add(REPO_ROOT / name, arcname=f"fiftyone-grounding-main/{name}",
+                    filter=lambda info: None if "__pycache__" in info.name else info)
+    # A checkpoint folder served by URL (a tiny one stands in for the seed's trained weights).
+    (root / "seed").mkdir()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        (root / "seed" / name).write_bytes((tiny_checkpoint / name).read_bytes())
+    monkeypatch.setenv(SEED_URL_ENV, f"{base}/seed/")
+
+    foz.register_zoo_model_source(f"{base}/fiftyone-grounding.tar.gz")
+    assert {SEED, DEMO, "fiftyone-grounding/grounder-refcoco"} <= set(foz.list_zoo_models())
+    model = foz.load_zoo_model(SEED, cache=False)
+    assert isinstance(model, GroundingModel)
+    assert foz.is_zoo_model_downloaded(SEED)
+
+
+def _one_sentence(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(".")
+    assert message.count(". ") == 0, message
+    return message
+
+
+def test_download_fails_with_one_clear_sentence(zoo_dir, tmp_path, monkeypatch):
+    register_local_source(str(REPO_ROOT))
+    target = zoo_dir / "fiftyone-grounding" / "seed-refcoco"  # the checkpoint folder
+
+    monkeypatch.delenv(SEED_URL_ENV, raising=False)
+    with pytest.raises(ZooDownloadError) as error:
+        foz.load_zoo_model(SEED, cache=False)
+    assert SEED_URL_ENV in _one_sentence(error)
+
+    monkeypatch.setenv(SEED_URL_ENV, f"http://127.0.0.1:{_free_port()}/nothing-here")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with pytest.raises(ZooDownloadError) as error:
+        foz.load_zoo_model(SEED, cache=False)
+    assert "Could not download" in _one_sentence(error)
+    assert not target.exists()
+
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tmp_path / "no-checkpoint"))
+    with pytest.raises(ZooDownloadError) as error:
+        foz.load_zoo_model(DEMO, cache=False)
+    assert "fiftyone-grounding demo" in str(error.value) and DEMO_CHECKPOINT_ENV in str(error.value)
