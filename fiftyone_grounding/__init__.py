@@ -27,6 +27,7 @@ _EXPORTS = {
     "evaluate_grounding": "evaluate",
     "evaluate_in_fiftyone": "evaluate",
     "ground_phrase": "zoo",
+    "apply_grounding_model": "zoo",
     "load_grounding_model": "zoo_source",
     "register_local_source": "zoo_source",
     "grounding_metrics": "evaluate",
@@ -34,6 +35,7 @@ _EXPORTS = {
     "import_refcoco": "refcoco",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
+    "convert_checkpoint": "checkpoint",
     "predict_and_crop": "predict",
     "run_demo": "demo",
 }

@@ -2,9 +2,10 @@
 
 The encoders are frozen, so their outputs are a pure function of (image, encoder,
 resolution). Features are stored as float16 in memory-mapped ``.npy`` shards under a
-folder keyed by encoder id + encoder config + resolution + normalization: change any of
-those and a new folder is used (the old one is never read). New images are appended as
-new shards, so one cache serves runs on different subsets of a dataset.
+folder keyed by encoder id + encoder config + encoder weights (SHA-256) + resolution +
+normalization: change any of those and a new folder is used (the old one is never read).
+New images are appended as new shards, so one cache serves runs on different subsets of a
+dataset.
 
 Augmentation: a small fixed set of views is cached per image, the image itself (view 0)
 and its horizontal mirror (view 1), each encoded from real pixels (DINOv3's RoPE
@@ -28,8 +29,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import load_rgb
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key covers the encoder's weights too
 VIEWS = ("original", "hflip")
+
+
+@torch.no_grad()
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of the module's weights (names, shapes, dtypes, raw bytes): the same id and
+    config with other weights (a random init, a fine-tuned copy in the same folder) gets
+    another digest. Exact bytes, so it does not depend on the device or thread count."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
 
 
 def cache_key(config, image_encoder) -> str:
@@ -38,6 +51,7 @@ def cache_key(config, image_encoder) -> str:
         "version": CACHE_VERSION,
         "encoder": config.image_encoder,
         "encoder_config": image_encoder.config.to_dict(),
+        "encoder_weights": weights_fingerprint(image_encoder),
         "image_size": config.image_size,
         "mean": list(config.image_mean),
         "std": list(config.image_std),
@@ -144,7 +158,8 @@ class FeatureCache:
         """Encode every image of ``paths`` not cached yet (both views); returns how many."""
         from tqdm.auto import tqdm
 
-        todo = sorted({p for p in paths if p not in self._index and p not in self._errors})
+        # Images that failed before are tried again: the file may have been fixed since.
+        todo = sorted({p for p in paths if p not in self._index})
         if not todo:
             return 0
         loader = DataLoader(_ImageViews(todo, config.image_size, config.image_mean, config.image_std),
@@ -186,6 +201,7 @@ class FeatureCache:
             os.replace(tmp, self.dir / name)
             for row, path in enumerate(paths):
                 self._index[path] = [name, row]
+                self._errors.pop(path, None)
         self._save_index()  # a kill keeps every shard already indexed
         return len(paths)
 

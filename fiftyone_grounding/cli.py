@@ -70,7 +70,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_apply(args) -> None:
-    from .zoo import GroundingModel
+    from .zoo import GroundingModel, apply_grounding_model
 
     view = _load_view(args)
     if args.split:
@@ -78,9 +78,11 @@ def cmd_apply(args) -> None:
 
         view = view.match(F(args.split_field) == args.split)
     model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
-    view.apply_model(model, label_field=args.label_field, prompt_field=args.phrase_field,
-                     batch_size=args.batch_size, num_workers=args.num_workers)
-    print(f"wrote {args.label_field!r} on {len(view)} samples")
+    run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
+                                batch_size=args.batch_size, num_workers=args.num_workers,
+                                skip_existing=args.skip_existing)
+    print(f"wrote {args.label_field!r} on {run['processed']} of {len(view)} samples"
+          + (f"; no box for {len(run['skipped'])} (first: {run['skipped'][:3]})" if run["skipped"] else ""))
     return view
 
 
@@ -107,6 +109,16 @@ def cmd_predict(args) -> None:
     print(f"crop: {out['crop_path']}\nannotated image: {out['annotated_path']}")
 
 
+def cmd_convert(args) -> None:
+    from .checkpoint import CheckpointError, convert_checkpoint
+
+    try:
+        out = convert_checkpoint(args.src, args.out_dir, args.preset)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out} (config.json + model.safetensors); load it with --checkpoint {out}")
+
+
 def cmd_import_refcoco(args) -> None:
     from .refcoco import run_from_args
 
@@ -126,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "'tiny' preset on the CPU, apply it to the test split and print mIoU/Acc.")
     p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here")
     p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name")
-    p.add_argument("--num-images", type=int, default=8000, help="synthetic images (2 expressions each)")
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--num-images", type=int, default=16000, help="synthetic images (2 expressions each)")
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate (cosine schedule, warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the test metrics and the constant-box baseline to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="regenerate the dataset and retrain from scratch")
@@ -177,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--num-workers", type=int, default=None)
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
+        p.add_argument("--skip-existing", action="store_true",
+                       help="only samples without a prediction in --label-field (finish an interrupted run)")
         if name == "evaluate":
             p.add_argument("--json", help="write the metrics to this JSON file")
         p.set_defaults(func=func)
@@ -190,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="outputs/predict")
     p.add_argument("--device")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="convert a PyTorch .pt/.pth state dict into a safetensors checkpoint",
+                       description="Read a state dict with torch.load(weights_only=True), which refuses files "
+                                   "that would run code, and write OUT_DIR/config.json + model.safetensors. "
+                                   "Only safetensors checkpoints are loaded elsewhere.")
+    p.add_argument("src", help="the .pt / .pth / .bin file")
+    p.add_argument("out_dir", help="checkpoint folder to write")
+    p.add_argument("--preset", required=True, help="the preset the weights were trained with: seed | grounder | tiny")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne",
                        description="Import a RefCOCO-family dataset (Hugging Face jxu124/*) into FiftyOne, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -111,34 +112,49 @@ class GrounderConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
+        if not isinstance(self.image_encoder, str) or not isinstance(self.text_encoder, str):
+            raise ValueError("Invalid GrounderConfig: image_encoder and text_encoder must be strings")
         self.image_encoder = IMAGE_ENCODERS.get(self.image_encoder, self.image_encoder)
         self.text_encoder = TEXT_ENCODERS.get(self.text_encoder, self.text_encoder)
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
-        self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+        try:
+            self.image_mean = tuple(float(v) for v in self.image_mean)
+            self.image_std = tuple(float(v) for v in self.image_std)
+            self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError("Invalid GrounderConfig: image_mean and image_std must be lists of 3 numbers, "
+                             f"loss_weights an object of numbers, e.g. {{\"l1\": 5.0}} ({e})") from None
         self.validate()
 
     def validate(self) -> None:
         """Type and range checks; configs come from files users hand us."""
         checks = [
+            (isinstance(self.preset, str), "preset must be a string"),
             (isinstance(self.image_encoder, str) and self.image_encoder, "image_encoder must be a non-empty string"),
             (isinstance(self.text_encoder, str) and self.text_encoder, "text_encoder must be a non-empty string"),
             (_int_in(self.image_size, 16, 4096), "image_size must be an integer in [16, 4096]"),
             (_int_in(self.max_text_len, 4, 512), "max_text_len must be an integer in [4, 512]"),
             (_int_in(self.d_model, 8, 8192), "d_model must be an integer in [8, 8192]"),
-            (_int_in(self.num_heads, 1, 128) and self.d_model % self.num_heads == 0,
+            (_int_in(self.num_heads, 1, 128) and _int_in(self.d_model, 8, 8192) and self.d_model % self.num_heads == 0,
              "num_heads must divide d_model"),
             (_int_in(self.num_layers, 1, 64), "num_layers must be an integer in [1, 64]"),
             (_int_in(self.dim_feedforward, 8, 65536), "dim_feedforward must be an integer in [8, 65536]"),
             (_int_in(self.head_hidden, 4, 65536), "head_hidden must be an integer in [4, 65536]"),
-            (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+            (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+             and 0.0 <= self.dropout < 1.0, "dropout must be a number in [0, 1)"),
+            (isinstance(self.norm_first, bool), "norm_first must be true or false"),
             (self.query in QUERY_MODES, f"query must be one of {QUERY_MODES}"),
             (self.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
+            (self.pos_embed != "sine" or (_int_in(self.d_model, 8, 8192) and self.d_model % 4 == 0),
+             "d_model must be divisible by 4 with pos_embed='sine'"),
             (self.box_format in BOX_FORMATS, f"box_format must be one of {BOX_FORMATS}"),
             (self.loss_weights and set(self.loss_weights) <= set(LOSS_TERMS),
              f"loss_weights keys must be among {LOSS_TERMS}"),
-            (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0,
-             "image_mean/image_std must have 3 values, std > 0"),
+            (all(math.isfinite(w) and w >= 0 for w in self.loss_weights.values())
+             and any(w > 0 for w in self.loss_weights.values()),
+             "loss_weights must be finite, >= 0, and not all 0"),
+            (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0
+             and all(math.isfinite(v) for v in self.image_mean + self.image_std),
+             "image_mean/image_std must have 3 finite values, std > 0"),
         ]
         for ok, message in checks:
             if not ok:

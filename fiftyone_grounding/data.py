@@ -63,27 +63,37 @@ def hflip(image: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str]):
 def load_rgb(path: str) -> np.ndarray:
     """Decode an image as (H, W, 3) uint8 RGB, honouring EXIF rotation.
 
-    Grayscale, palette, RGBA and 16-bit images are converted; failures raise
-    ``ValueError`` with the reason.
+    Grayscale, palette, RGBA and 16-bit images are converted; a missing, unreadable or
+    too large file raises ``ValueError`` with the reason (the callers skip the sample).
     """
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image too large ({im.width}x{im.height})")
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                im = Image.fromarray((arr / scale * 255.0).clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(background, im)
-            return np.asarray(im.convert("RGB"))
+            # Only the header is read so far: a decompression bomb is refused before decoding
+            # (PIL's own guard is a global that other libraries sometimes switch off).
+            width, height = im.size
+            if width * height <= MAX_IMAGE_PIXELS:
+                return _to_rgb(im)
     except FileNotFoundError:
         raise ValueError("image file not found") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image too large ({e})") from None
+    except Exception as e:  # untrusted files fail in many ways: OSError, SyntaxError, struct.error, ...
+        raise ValueError(f"cannot decode image ({type(e).__name__}: {e})") from None
+    raise ValueError(f"image too large ({width}x{height} pixels, the limit is {MAX_IMAGE_PIXELS:,})")
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    im = ImageOps.exif_transpose(im)  # pixels as the user sees them (phone photos)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32)
+        # "I;16*" is always 16-bit; "I" (32-bit ints) may hold 8-bit values.
+        scale = 255.0 if im.mode == "I" and arr.max() <= 255 else 65535.0
+        im = Image.fromarray((arr / scale * 255.0).round().clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"))
 
 
 @dataclass
@@ -305,12 +315,38 @@ class GroupBatchSampler(Sampler[list[int]]):
         return len(self._batches)
 
 
+class PhraseTokenizer:
+    """Phrases -> padded token ids of at most ``max_len`` tokens.
+
+    Longer phrases are cut to the encoder's limit; the first time that happens this
+    instance logs one warning (one per training run or ``apply_model`` call, not per batch).
+    """
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer = tokenizer
+        self.max_len = max_len
+        self.warned = False
+
+    def __call__(self, phrases: Sequence[str]):
+        tokens = self.tokenizer(list(phrases), padding=True, truncation=True, max_length=self.max_len,
+                                return_tensors="pt")
+        if not self.warned:
+            # Fast tokenizers keep what truncation removed; slow ones cannot tell.
+            cut = [p for p, enc in zip(phrases, tokens.encodings or []) if enc.overflowing]
+            if cut:
+                self.warned = True
+                logger.warning(
+                    "%d phrase(s) are longer than the text encoder's limit of %d tokens and were cut to "
+                    "it, e.g. %r. Shorten them to use all of the text (this warning is shown once per run).",
+                    len(cut), self.max_len, cut[0][:80] + ("..." if len(cut[0]) > 80 else ""))
+        return tokens
+
+
 class Collator:
     """Stacks images once, tokenizes phrases, and maps each phrase to its image."""
 
     def __init__(self, tokenizer, max_text_len: int):
-        self.tokenizer = tokenizer
-        self.max_text_len = max_text_len
+        self.tokenize = PhraseTokenizer(tokenizer, max_text_len)
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = [s for it in items for s in it.get("skipped", [])]
@@ -319,8 +355,7 @@ class Collator:
         if not items:
             return batch
         phrases = [p for it in items for p in it["phrases"]]
-        tokens = self.tokenizer(phrases, padding=True, truncation=True, max_length=self.max_text_len,
-                                return_tensors="pt")
+        tokens = self.tokenize(phrases)
         image_key = "image_features" if "image_features" in items[0] else "pixel_values"
         batch.update(
             # (I, 3, S, S) pixels, or (I, T, D) cached features

@@ -13,10 +13,10 @@ DEMO_DATASET = "grounding-synthetic-demo"
 def run_demo(
     out_dir: str = "outputs/demo",
     dataset_name: str = DEMO_DATASET,
-    num_images: int = 8000,
-    epochs: int = 20,
+    num_images: int = 16000,
+    epochs: int = 15,
     batch_size: int = 32,
-    lr: float = 5e-4,
+    lr: float = 7e-4,
     seed: int = 0,
     json_path: Optional[str] = None,
     overwrite: bool = False,

@@ -111,7 +111,7 @@ def resolve_encoder_path(name: str) -> str:
 
 def _unavailable(name: str, what: str, error: Exception) -> EncoderUnavailableError:
     if os.path.isdir(name):
-        hint = f"the folder {name!r} does not hold a complete {what} (config.json and weights)"
+        hint = f"the folder {name!r} does not hold a complete {what} (config.json and model.safetensors)"
     elif "dinov3" in name.lower():
         hint = (f"{name!r} could not be downloaded: DINOv3 is gated, so accept its licence on "
                 f"https://huggingface.co/{name} and run `hf auth login`, or, offline, download it "
@@ -148,7 +148,8 @@ def load_encoder(name: str, weights: bool = True, what: str = "encoder") -> nn.M
         if weights:
             from transformers import AutoModel
 
-            model = AutoModel.from_pretrained(path)
+            # safetensors only: a pickled pytorch_model.bin is never opened
+            model = AutoModel.from_pretrained(path, use_safetensors=True)
         else:
             if name in KNOWN_ENCODER_CONFIGS:
                 config = _config_from_dict(KNOWN_ENCODER_CONFIGS[name])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 
-from .boxes import box_iou, fiftyone_xywh_to_xyxy
+from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
 
 THRESHOLDS = (0.5, 0.75)
 
@@ -26,21 +25,20 @@ def grounding_metrics(ious) -> dict:
 
 
 def _first_boxes(values) -> list[Optional[list[float]]]:
-    """First relative xyxy box of each sample's Detections.bounding_box list, or None."""
+    """First relative xyxy box of each sample's Detections.bounding_box list, or None where
+    there is none or it is not a box (non-finite, zero or negative size)."""
     out = []
     for boxes in values:
         box = boxes[0] if boxes else None
-        if box is None or len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
-            out.append(None)
-        else:
-            out.append(fiftyone_xywh_to_xyxy(box))
+        box = fiftyone_xywh_to_xyxy(box) if box is not None and len(box) == 4 else None
+        out.append(box if box is not None and is_valid_xyxy(box) else None)
     return out
 
 
 def sample_ious(view, pred_field: str, gt_field: str) -> tuple[list[str], list[Optional[float]]]:
     """Per-sample IoU between the first predicted and first ground-truth box.
 
-    None where the sample has no ground truth; 0.0 where it has no prediction.
+    None where the sample has no valid ground-truth box; 0.0 where it has no prediction.
     """
     ids, preds, gts = view.values(
         ["id", f"{pred_field}.detections.bounding_box", f"{gt_field}.detections.bounding_box"])
@@ -69,7 +67,8 @@ def evaluate_grounding(
     """Score predictions against ground truth and store a per-sample IoU field.
 
     Returns ``{"overall": {miou, acc50, acc75, count}, "splits": {name: {...}},
-    "missing_predictions": n, "iou_field": name}``. The IoU goes to ``iou_field``
+    "missing_predictions": n, "unscored": n, "iou_field": name}``; ``unscored`` samples have no
+    valid ground-truth box (none, non-finite, zero or negative size). The IoU goes to ``iou_field``
     (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
     """
     for name in (pred_field, gt_field):
@@ -83,7 +82,7 @@ def evaluate_grounding(
 
     scored = [v for v in ious if v is not None]
     result = {"overall": grounding_metrics(scored), "splits": {}, "missing_predictions": missing,
-              "iou_field": iou_field}
+              "unscored": len(ious) - len(scored), "iou_field": iou_field}
     if split_field and view.has_field(split_field):
         splits = view.values(split_field)
         for name in sorted({s for s in splits if s is not None}, key=str):
@@ -102,6 +101,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}")
     if result.get("missing_predictions"):
         lines.append(f"({result['missing_predictions']} samples had no prediction and count as IoU 0)")
+    if result.get("unscored"):
+        lines.append(f"({result['unscored']} samples have no valid ground-truth box and are not scored)")
     return "\n".join(lines)
 
 
@@ -141,10 +142,13 @@ def evaluate_in_fiftyone(
     Acc@0.5 and Acc@0.75 on it as custom metrics; writes each sample's IoU to
     ``iou_field`` (default ``"<eval_key>_iou"``) to sort and filter by. Returns
     :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``, ``fn`` and ``eval_key``.
+    Samples without a valid ground-truth box are left out of both, as ``unscored``.
     """
-    results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, compute_mAP=True)
     metrics = evaluate_grounding(view, pred_field, gt_field, split_field=split_field,
                                  iou_field=iou_field or f"{eval_key}_iou", print_table=False)
+    # FiftyOne's matcher fails on boxes of negative size or NaN: evaluate the scored samples only.
+    scored = view.exists(metrics["iou_field"])
+    results = scored.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, compute_mAP=True)
     results.custom_metrics = {
         f"fiftyone-grounding/{key}": {"key": key, "value": metrics["overall"][key], "label": label,
                                       "lower_is_better": False}

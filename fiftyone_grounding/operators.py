@@ -323,7 +323,8 @@ class TrainGroundingModel(GroundingOperator):
 class ApplyGroundingModel(GroundingOperator):
     """Predict one box per sample from its own phrase, on the current view or the selected samples."""
 
-    DEFAULTS = {"phrase_field": "expression", "label_field": "predictions", "batch_size": 32}
+    DEFAULTS = {"phrase_field": "expression", "label_field": "predictions", "batch_size": 32,
+                "skip_existing": False}
 
     @property
     def config(self):
@@ -346,19 +347,23 @@ class ApplyGroundingModel(GroundingOperator):
         self.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
                          "new or existing Detections field to write the boxes to", new_ok=True)
         inputs.int("batch_size", min=1, label="Batch size", default=self.DEFAULTS["batch_size"])
+        inputs.bool("skip_existing", label="Only samples without a prediction in this field",
+                    default=False, description="finish an interrupted run instead of predicting everything again")
         return _form(inputs, "Apply a grounding model")
 
     def execute(self, ctx):
+        from .zoo import apply_grounding_model
         from .zoo_source import load_grounding_model
 
         view = ctx.target_view()
         label_field = self.param(ctx, "label_field")
-        model = load_grounding_model(self.param(ctx, "model"))
-        view.apply_model(model, label_field=label_field, prompt_field=self.param(ctx, "phrase_field"),
-                         batch_size=self.param(ctx, "batch_size"), num_workers=0)
+        run = apply_grounding_model(view, load_grounding_model(self.param(ctx, "model")), label_field=label_field,
+                                    prompt_field=self.param(ctx, "phrase_field"),
+                                    batch_size=self.param(ctx, "batch_size"), num_workers=0,
+                                    skip_existing=self.param(ctx, "skip_existing"))
         ctx.ops.reload_dataset()
         return {"label_field": label_field, "num_predictions": view.count(f"{label_field}.detections"),
-                "num_skipped": len(model.skipped)}
+                "num_skipped": len(run["skipped"])}
 
     def resolve_output(self, ctx):
         outputs = types.Object()

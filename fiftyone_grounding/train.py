@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .boxes import box_iou
-from .checkpoint import WEIGHTS_NAME, atomic_write_dir, load_trainable_weights, save_checkpoint
+from .checkpoint import (WEIGHTS_NAME, CheckpointError, atomic_write_dir, load_trainable_weights,
+                         resolve_checkpoint_dir, save_checkpoint)
 from .config import GrounderConfig, get_config
 from .data import Collator, GroundingDataset, GroupBatchSampler, read_records
 from .model import Grounder, box_loss, build_model, build_tokenizer
@@ -157,9 +158,10 @@ def fit(
 
     out = Path(out_dir)
     last_dir, best_dir = out / "last", out / "best"
-    resuming = resume and (last_dir / STATE_JSON).exists()
+    resume_dir = _resume_dir(last_dir) if resume else None
+    resuming = resume_dir is not None
     if resuming:
-        config = GrounderConfig.from_json(last_dir / "config.json")
+        config = GrounderConfig.from_json(resume_dir / "config.json")
     config = config or get_config(preset, **overrides)
 
     probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
@@ -188,6 +190,10 @@ def fit(
                                              num_workers, progress and is_main)
     tokenizer = build_tokenizer(config)
     collate = Collator(tokenizer, config.max_text_len)
+    # Phrases cut to the encoder's limit get one warning for the whole run, from here in the main
+    # process: the other processes and the DataLoader workers get a collator that has warned.
+    collate.tokenize.warned = not is_main
+    collate.tokenize(train_records.phrases + (val_records.phrases if val_records else []))
     train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
                                  augment=augment, seed=seed, feature_cache=feature_cache)
     # Each process takes its own share of the batches (sharding is ours, not accelerate's:
@@ -214,15 +220,15 @@ def fit(
 
     start_epoch, history, best_iou = 0, [], -1.0
     if resuming:
-        state = json.loads((last_dir / STATE_JSON).read_text())
-        load_trainable_weights(model, last_dir / WEIGHTS_NAME)
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(last_dir / OPTIMIZER_NAME)),
+        state = json.loads((resume_dir / STATE_JSON).read_text())
+        load_trainable_weights(model, resume_dir / WEIGHTS_NAME)
+        optimizer.load_state_dict(_optimizer_from_files(load_file(str(resume_dir / OPTIMIZER_NAME)),
                                                         state["optimizer"]))
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         best_iou = state["best_val_iou"]
         if is_main:
-            print(f"Resuming from {last_dir} after epoch {state['epoch'] + 1}")
+            print(f"Resuming from {resume_dir} after epoch {state['epoch'] + 1}")
 
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -246,6 +252,8 @@ def fit(
                                        grad_clip, epoch, epochs, progress and is_main, progress_callback)
         skipped.extend(train_stats.pop("skipped"))
         val_stats = evaluate_loss(model, val_loader, accelerator, config) if val_loader is not None else {}
+        skipped.extend(val_stats.pop("skipped", []))
+        skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
         row = {"epoch": epoch + 1, **train_stats,
                "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
                "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
@@ -270,6 +278,15 @@ def fit(
     accelerator.end_training()
     return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped,
                      model=accelerator.unwrap_model(model).eval())
+
+
+def _resume_dir(last_dir: Path) -> Optional[Path]:
+    """The ``last/`` checkpoint to resume from (or the copy that a kill mid-save left), or None."""
+    try:
+        folder = resolve_checkpoint_dir(last_dir)
+    except CheckpointError:
+        return None
+    return folder if (folder / STATE_JSON).exists() else None
 
 
 def _build_feature_cache(model: Grounder, config: GrounderConfig, accelerator, mp: str, cache_dir,
@@ -353,12 +370,14 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
 
 @torch.no_grad()
 def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
-    """Mean loss and IoU over a loader (all processes together)."""
+    """Mean loss and IoU over a loader (all processes together), and the samples it skipped."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
     module = accelerator.unwrap_model(model)
     module.eval()
     loss_sum = iou_sum = count = 0.0
+    skipped: list = []
     for batch in loader:
+        skipped.extend(batch["skipped"])
         if "input_ids" not in batch:
             continue
         batch = _to_device(batch, accelerator.device)
@@ -371,8 +390,8 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
     loss_sum, iou_sum, count = totals.tolist()
     if not count:
-        return {}
-    return {"loss": loss_sum / count, "iou": iou_sum / count}
+        return {"skipped": skipped}
+    return {"loss": loss_sum / count, "iou": iou_sum / count, "skipped": skipped}
 
 
 def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int, history: list,

@@ -4,7 +4,9 @@
 batches for real (``SupportsGetItem`` + ``TorchModelMixin`` with a collate function:
 FiftyOne drops ``batch_size`` to 1 for ``ragged_batches=True`` models), reads each
 sample's OWN phrase inside the data loader item (so it cannot drift to another sample),
-and writes no prediction where the phrase is missing or empty.
+and writes no prediction where the phrase is missing or empty or the image unreadable.
+:func:`apply_grounding_model` runs it on the samples that have no prediction yet, which
+resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
-from .data import clean_phrase, load_rgb
+from .data import PhraseTokenizer, clean_phrase, load_rgb
 from .labels import make_detections
 from .model import Grounder, build_model, build_tokenizer
 
@@ -44,21 +46,31 @@ class GroundingGetItem(fout.GetItem):
         self.image_size = image_size
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
         super().__init__(field_mapping=field_mapping)
 
     @property
     def required_keys(self):
-        return ["filepath", PROMPT_KEY]
+        return ["id", "filepath", PROMPT_KEY]
 
     def __call__(self, d: dict) -> dict:
-        item = {"filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)), "error": None}
+        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)),
+                "error": None}
         if item["phrase"] is None:
             item["error"] = "missing or empty phrase"
             return item
-        try:
-            item["pixel_values"] = preprocess_image(load_rgb(d["filepath"]), self.image_size, self.mean, self.std)
-        except ValueError as e:
-            item["error"] = str(e)
+        # The expressions of an image are consecutive samples: decode the image once for
+        # all of them (decoding costs more than the model on small models).
+        if self._last is None or self._last[0] != d["filepath"]:
+            try:
+                self._last = (d["filepath"], preprocess_image(load_rgb(d["filepath"]), self.image_size,
+                                                              self.mean, self.std), None)
+            except ValueError as e:
+                self._last = (d["filepath"], None, str(e))
+        if self._last[2] is not None:
+            item["error"] = self._last[2]
+        else:
+            item["pixel_values"] = self._last[1]
         return item
 
 
@@ -77,7 +89,7 @@ def collate_items(items: list[dict]) -> dict:
         "size": len(items),
         "valid": valid,
         "phrases": [items[i]["phrase"] for i in valid],
-        "errors": [(it["filepath"], it["error"]) for it in items if it.get("error") is not None],
+        "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
         "pixel_values": torch.stack(pixels) if pixels else None,  # (I, 3, S, S)
         "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
     }
@@ -92,7 +104,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self._using_gpu = self._device.type == "cuda"
         self.model = model.to(self._device).eval()
         self.config = model.config
-        self.tokenizer = build_tokenizer(model.config)
+        self.tokenize = PhraseTokenizer(build_tokenizer(model.config), model.config.max_text_len)
         self._preprocess = True
         if mixed_precision == "auto":
             use_bf16 = self._using_gpu and torch.cuda.is_bf16_supported()
@@ -100,7 +112,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             use_bf16 = mixed_precision == "bf16"
         self._autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.forward_calls = 0  # number of batched forward passes, for inspection
-        self.skipped: list[tuple[str, str]] = []  # (filepath, reason) of the last run
+        self.skipped: list[tuple[str, str]] = []  # (sample id, reason) of the last run
 
     # -- construction ------------------------------------------------------------------
 
@@ -158,6 +170,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
     def __enter__(self):
         self.skipped = []
+        self.tokenize.warned = False  # one warning about cut phrases per run
         return self
 
     def __exit__(self, *args):
@@ -176,7 +189,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         if phrase is None:
             raise ValueError("GroundingModel.predict needs a phrase: predict(image, phrase)")
         image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
-        item = {"filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
+        item = {"id": None, "filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
         if item["phrase"] is None:
             return None
         item["pixel_values"] = preprocess_image(image, self.config.image_size, self.config.image_mean,
@@ -191,8 +204,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
                       image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalized xyxy boxes (B, 4) for phrases over images (I, 3, S, S)."""
-        tokens = self.tokenizer(list(phrases), padding=True, truncation=True,
-                                max_length=self.config.max_text_len, return_tensors="pt")
+        tokens = self.tokenize(phrases)
         pixel_values = pixel_values.to(self._device, non_blocking=True)
         ids = tokens["input_ids"].to(self._device)
         mask = tokens["attention_mask"].to(self._device)
@@ -225,11 +237,45 @@ def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "
     if text is None:
         raise ValueError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
     get_item = model.build_get_item()
-    paths = view.values("filepath")
+    ids, paths = view.values(["id", "filepath"])
     labels: list = []
     with model:
         for start in range(0, len(paths), batch_size):
-            items = [get_item({"filepath": path, PROMPT_KEY: text}) for path in paths[start:start + batch_size]]
+            items = [get_item({"id": sid, "filepath": path, PROMPT_KEY: text})
+                     for sid, path in zip(ids[start:start + batch_size], paths[start:start + batch_size])]
             labels.extend(model.predict_all(collate_items(items)))
     view.set_values(label_field, labels)
     return sum(label is not None for label in labels)
+
+
+def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
+                          prompt_field: str = "expression", batch_size: int = 32, num_workers=None,
+                          skip_existing: bool = False) -> dict:
+    """``view.apply_model(model, ...)``; with ``skip_existing`` only on the samples that have no
+    prediction in ``label_field`` yet, so that a second run finishes an interrupted one.
+
+    Predictions are saved batch by batch, so an interrupted run keeps what it wrote. Returns
+    ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
+    """
+    todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
+    processed = len(todo)
+    if not processed:
+        return {"processed": 0, "skipped": []}
+    todo.apply_model(model, label_field=label_field, prompt_field=prompt_field, batch_size=batch_size,
+                     num_workers=num_workers)
+    _redeclare_if_dropped(view, label_field)
+    return {"processed": processed, "skipped": list(model.skipped)}
+
+
+def _redeclare_if_dropped(view, label_field: str) -> None:
+    """Declare ``label_field`` again if a concurrent run dropped it from the dataset's schema.
+
+    FiftyOne saves a dataset's list of fields as a whole, so two processes that add fields
+    at the same moment can drop one of them: its values stay in the samples, unseen.
+    """
+    import fiftyone as fo
+
+    dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
+    dataset.reload()
+    if not dataset.has_field(label_field):
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -44,6 +45,8 @@ DEFAULT_DEMO_CHECKPOINT = os.path.join("outputs", "demo", "run", "best")
 DOWNLOAD_TIMEOUT_S = 60
 # What a source folder holds for FiftyOne: the manifest, the module it imports, the package.
 SOURCE_FILES = (MANIFEST_NAME, "__init__.py", "fiftyone_grounding")
+# Path segments a manifest may use: no "..", no leading dot, no separators.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 class ZooDownloadError(RuntimeError):
@@ -87,6 +90,53 @@ def checkpoint_dir(model_path) -> Path:
     return Path(etau.split_archive(str(model_path))[0])
 
 
+def _zoo_checkpoint_dir(model_path) -> Path:
+    """``checkpoint_dir(model_path)``, refused unless it lies inside FiftyOne's model zoo folder
+    (a manifest's ``base_filename`` such as ``../../x.tar.gz`` must not point elsewhere: the
+    download replaces that folder)."""
+    import fiftyone as fo
+
+    target = checkpoint_dir(model_path)
+    root = Path(fo.config.model_zoo_dir).expanduser().resolve()
+    if root not in target.expanduser().resolve().parents:
+        raise ValueError(f"Refusing zoo model path {model_path}: it lies outside FiftyOne's model zoo folder "
+                         f"{root}. The manifest's base_filename must be a plain file name such as 'name.tar.gz'.")
+    return target
+
+
+def validate_manifest(manifest) -> None:
+    """Check a ``manifest.json`` (types, known model names, file names that stay in their folder)."""
+    problems = []
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{MANIFEST_NAME} must hold a JSON object")
+    name = manifest.get("name")
+    if not isinstance(name, str) or not all(SAFE_NAME.fullmatch(part) for part in name.split("/")):
+        problems.append(f"name {name!r} must be 'owner/name' made of letters, digits, '_', '.', '-'")
+    if not isinstance(manifest.get("url"), (str, type(None))):
+        problems.append("url must be a string or null")
+    models = manifest.get("models")
+    if not isinstance(models, list) or not models:
+        problems.append("models must be a non-empty list")
+        models = []
+    for i, entry in enumerate(models):
+        if not isinstance(entry, dict):
+            problems.append(f"models[{i}] must be an object")
+            continue
+        if entry.get("base_name") not in MODELS:
+            problems.append(f"models[{i}].base_name {entry.get('base_name')!r} is not one of {sorted(MODELS)}")
+        filename = entry.get("base_filename")
+        if not (isinstance(filename, str) and SAFE_NAME.fullmatch(filename) and filename.endswith(".tar.gz")):
+            problems.append(f"models[{i}].base_filename {filename!r} must be a plain file name ending in .tar.gz")
+        for key in ("version", "description", "source", "author", "license"):
+            if not isinstance(entry.get(key), (str, type(None))):
+                problems.append(f"models[{i}].{key} must be a string or null")
+        tags = entry.get("tags", [])
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            problems.append(f"models[{i}].tags must be a list of strings")
+    if problems:
+        raise ValueError(f"Invalid {MANIFEST_NAME}: " + "; ".join(problems))
+
+
 def demo_checkpoint_dir() -> Path:
     """The offline demo's checkpoint: ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` or ``outputs/demo/run/best``."""
     return Path(os.environ.get(DEMO_CHECKPOINT_ENV) or DEFAULT_DEMO_CHECKPOINT).expanduser().resolve()
@@ -108,7 +158,7 @@ def _download_checkpoint(url: str, dst: Path) -> None:
 def download_model(model_name: str, model_path: str) -> None:
     """Fetch ``model_name``'s checkpoint into ``checkpoint_dir(model_path)`` (FiftyOne's remote-zoo hook)."""
     entry = _entry(model_name)
-    target = checkpoint_dir(model_path)
+    target = _zoo_checkpoint_dir(model_path)
     if entry.local:
         src = demo_checkpoint_dir()
         try:
@@ -150,7 +200,7 @@ def load_model(model_name: str, model_path: str, device=None, **kwargs):
     from .zoo import GroundingModel
 
     _entry(model_name)
-    return GroundingModel.from_checkpoint(checkpoint_dir(model_path), device=device, **kwargs)
+    return GroundingModel.from_checkpoint(_zoo_checkpoint_dir(model_path), device=device, **kwargs)
 
 
 def model_error(model: str) -> Optional[str]:
@@ -212,6 +262,7 @@ def register_local_source(source_dir: Optional[str] = None, overwrite: bool = Fa
     if url in foz.list_zoo_model_sources() and not overwrite:
         return url
     manifest = json.loads(manifest_path.read_text())
+    validate_manifest(manifest)
     dst = Path(fo.config.model_zoo_dir).joinpath(*manifest["name"].split("/"))
     if dst.exists() and not overwrite:
         raise FileExistsError(f"A model source is already registered at {dst}: pass overwrite=True to replace it")

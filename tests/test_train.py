@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,15 +76,21 @@ def test_two_processes_train_one_model(synthetic_dataset, tmp_path, dataset_name
     ds.persistent = True  # the two worker processes load it by name
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", "29531",
          str(REPO / "tests" / "ddp_train_script.py"), dataset_name, str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only torchrun
+        stdout, stderr = proc.communicate()
+        pytest.fail("2-process training did not finish in 300 s:\n" + stdout[-3000:] + stderr[-3000:])
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert (tmp_path / "rank0.txt").read_text().strip() == "2"
     r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     assert len(history) == 2 and all(h["val_iou"] is not None for h in history)
-    assert "x2" in proc.stdout
+    assert "x2" in stdout

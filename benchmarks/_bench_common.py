@@ -1,0 +1,200 @@
+"""Shared helpers of the benchmarks: generated images, token ids, device facts, JSON output.
+
+Nothing here downloads anything: images are drawn with PIL/numpy, token ids are random
+ids inside the text encoder's vocabulary (or the tiny tokenizer's ids), and encoders are
+built from their known configs with random weights (``build_model(preset, weights=False)``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python benchmarks/x.py` without PYTHONPATH=. also works
+    sys.path.insert(0, str(REPO))
+
+WORDS = {
+    "size": ["small", "large"],
+    "color": ["red", "green", "blue", "yellow", "white"],
+    "shape": ["circle", "square", "triangle", "object"],
+    "where": ["on the left", "on the right", "at the top", "at the bottom"],
+}
+
+
+def ensure_albumentations() -> Optional[str]:
+    """``cache.py`` resizes with ``albumentations.Resize``. Where albumentations is not
+    installed (the GPU machines' image), register a stand-in doing the same resize
+    (OpenCV bilinear, else PIL bilinear) so the real ``FeatureCache.build`` runs; returns
+    a note saying so, or None when the real package is there."""
+    try:
+        import albumentations  # noqa: F401
+
+        return None
+    except ImportError:
+        pass
+    import types
+
+    try:
+        import cv2
+
+        def resize(image, h, w):
+            return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+        how = "OpenCV INTER_LINEAR"
+    except ImportError:
+        from PIL import Image
+
+        def resize(image, h, w):
+            return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+        how = "PIL bilinear"
+
+    class Resize:
+        def __init__(self, height, width, **_):
+            self.height, self.width = height, width
+
+        def __call__(self, image, **_):
+            return {"image": resize(image, self.height, self.width)}
+
+    module = types.ModuleType("albumentations")
+    module.Resize = Resize
+    sys.modules["albumentations"] = module
+    return f"albumentations is not installed: the feature cache resized images with a stand-in ({how})"
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+                             f"torch threads {torch.get_num_threads()})"),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock timer with ``torch.cuda.synchronize()`` at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = 0.0
+
+    def __enter__(self):
+        sync(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+
+def random_phrase(rng: np.random.Generator) -> str:
+    parts = ["the"]
+    if rng.random() < 0.5:
+        parts.append(str(rng.choice(WORDS["size"])))
+    parts.append(str(rng.choice(WORDS["color"])))
+    parts.append(str(rng.choice(WORDS["shape"])))
+    if rng.random() < 0.7:
+        parts.append(str(rng.choice(WORDS["where"])))
+    return " ".join(parts)
+
+
+def draw_image(rng: np.random.Generator, width: int = 640, height: int = 480):
+    """A photo-like (textured, JPEG-unfriendly) RGB image with a few shapes; returns
+    (PIL image, normalized xyxy boxes of the shapes)."""
+    from PIL import Image, ImageDraw
+
+    low = rng.integers(0, 256, (height // 32 + 1, width // 32 + 1, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    base = base + rng.integers(-20, 21, (height, width, 3), dtype=np.int16)
+    image = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    boxes = []
+    for _ in range(int(rng.integers(3, 8))):
+        w, h = rng.integers(width // 12, width // 3), rng.integers(height // 12, height // 3)
+        x0, y0 = rng.integers(0, width - w), rng.integers(0, height - h)
+        box = (int(x0), int(y0), int(x0 + w), int(y0 + h))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+        boxes.append([box[0] / width, box[1] / height, box[2] / width, box[3] / height])
+    return image, boxes
+
+
+def write_images(folder: Path, count: int, seed: int = 0, width: int = 640, height: int = 480):
+    """``count`` generated JPEGs (quality 90) in ``folder``; returns [(path, boxes)]."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        image, boxes = draw_image(rng, width, height)
+        path = folder / f"img_{i:05d}.jpg"
+        image.save(path, quality=90)
+        out.append((str(path), boxes))
+    return out
+
+
+def random_token_batch(rng: np.random.Generator, batch: int, vocab_size: int, max_len: int,
+                       mean_len: int = 10, spread: int = 4):
+    """Random ids in [1, vocab_size) with lengths uniform in mean_len +- spread (CLS/SEP
+    included, clipped to [3, max_len]), padded with 0 to the longest, like the Collator."""
+    lengths = np.clip(rng.integers(mean_len - spread, mean_len + spread + 1, batch), 3, max_len)
+    width = int(lengths.max())
+    ids = np.zeros((batch, width), dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rng.integers(1, vocab_size, n)
+        mask[i, :n] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def tokenizer_batch(tokenizer, rng: np.random.Generator, batch: int, max_len: int):
+    tokens = tokenizer([random_phrase(rng) for _ in range(batch)], padding=True, truncation=True,
+                       max_length=max_len, return_tensors="pt")
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+def write_json(path: Optional[str], payload: dict) -> None:
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"wrote {path}")
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"

@@ -1,0 +1,302 @@
+"""Inference throughput: ``dataset.apply_model(GroundingModel)`` against a per-sample loop.
+
+On a generated FiftyOne dataset (``--images`` JPEGs of 640x480, ``--phrases-per-image``
+samples each: one sample per referring expression, as the project stores RefCOCO), on one
+device, both end to end (JPEG decode + model + writes to FiftyOne's database):
+
+  loop          for each sample: load its image, ``model.predict(image, phrase)``,
+                ``sample.save()``, one at a time
+  apply_<B>     ``dataset.apply_model(model, prompt_field="expression", batch_size=B,
+                num_workers=W)``: DataLoader workers decode, each distinct image of a
+                batch is encoded once, labels are written in bulk
+
+Each is warmed up once on a few samples first (not timed). Full-size configs with random
+weights on CUDA (``--preset seed``), the tiny preset on the CPU. The full-size text
+encoder's tokenizer cannot be downloaded: a BERT tokenizer over a generated vocabulary of
+the same size (30522) stands in for it (``--preset seed``/``grounder`` only).
+
+Where FiftyOne is not installed (or with ``--model-only``) it measures the model alone
+instead: one expression at a time against batches of ``--batch-sizes`` expressions (grouped
+by image, and ungrouped), bf16 autocast on CUDA, on preprocessed pixels.
+
+    PYTHONPATH=. python3 benchmarks/apply_throughput.py --threads 1        # CPU, tiny
+    PYTHONPATH=. python3 benchmarks/apply_throughput.py --preset seed --device cuda \\
+        --batch-sizes 256 --json out/apply.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _bench_common import (Timer, device_info, fmt_rate, random_phrase, random_token_batch, resolve_device,
+                           write_images, write_json)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="seed | grounder | tiny (default: seed on CUDA, tiny on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--images", type=int, default=None, help="generated images (default: 300 CUDA, 40 CPU)")
+    p.add_argument("--phrases-per-image", type=int, default=7)
+    p.add_argument("--batch-sizes", default="64,256", help="apply_model batch sizes, comma-separated")
+    p.add_argument("--workers", type=int, default=None,
+                   help="apply_model DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+    p.add_argument("--loop-samples", type=int, default=None,
+                   help="samples the per-sample loop runs on (default: all)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each (median reported)")
+    p.add_argument("--model-only", action="store_true", help="skip FiftyOne: time the model alone")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared CPU)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def offline_text_encoder(folder: Path, name: str) -> str:
+    """A local folder with the architecture config of the full-size text encoder ``name`` and a
+    BERT tokenizer over a generated vocabulary of its size (the real one needs the Hub)."""
+    from transformers import BertConfig, BertTokenizerFast
+
+    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS
+    from fiftyone_grounding.encoders import tiny_vocabulary
+
+    values = dict(KNOWN_ENCODER_CONFIGS[name])
+    values.pop("model_type")
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig(**values).save_pretrained(folder)
+    vocab = tiny_vocabulary()
+    vocab += [f"[unused{i}]" for i in range(values["vocab_size"] - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    import inspect
+
+    params = inspect.signature(BertTokenizerFast.__init__).parameters
+    arg = {"vocab_file" if "vocab_file" in params else "vocab": str(folder / "vocab.txt")}
+    BertTokenizerFast(**arg, do_lower_case=True, model_max_length=values["max_position_embeddings"]).save_pretrained(folder)
+    return str(folder)
+
+
+def build(preset: str, tmp: Path):
+    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS, get_config
+    from fiftyone_grounding.model import build_model
+
+    config = get_config(preset)
+    note = None
+    if config.text_encoder in KNOWN_ENCODER_CONFIGS:
+        folder = offline_text_encoder(tmp / "text_encoder", config.text_encoder)
+        note = (f"text encoder {config.text_encoder}: its config with random weights; tokenizer: BERT "
+                f"WordPiece over a generated {KNOWN_ENCODER_CONFIGS[config.text_encoder]['vocab_size']}-entry vocabulary")
+        config = get_config(preset, text_encoder=folder)
+    return build_model(config=config, weights=False), note
+
+
+# -- FiftyOne end to end ----------------------------------------------------------------------
+
+
+def run_fiftyone(args, device, preset, tmp: Path) -> dict:
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
+    import fiftyone as fo
+
+    from fiftyone_grounding.data import load_rgb
+    from fiftyone_grounding.labels import make_detections
+    from fiftyone_grounding.zoo import GroundingModel
+
+    n_images = args.images or (300 if device.type == "cuda" else 40)
+    ppi = args.phrases_per_image
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    rng = np.random.default_rng(args.seed)
+
+    with Timer(torch.device("cpu")) as t_gen:
+        images = write_images(tmp / "images", n_images, seed=args.seed)
+    name = f"fog-bench-{uuid.uuid4().hex[:8]}"
+    dataset = fo.Dataset(name)
+    try:
+        samples = []
+        for path, boxes in images:
+            for j in range(ppi):
+                phrase = random_phrase(rng)
+                samples.append(fo.Sample(filepath=path, expression=phrase,
+                                         ground_truth=make_detections(boxes[j % len(boxes)], phrase)))
+        dataset.add_samples(samples, progress=False)
+        n = len(dataset)
+        print(f"dataset {name!r}: {n_images} generated JPEGs (640x480, {t_gen.seconds:.1f} s) x {ppi} "
+              f"expressions = {n} samples, FiftyOne {fo.__version__}")
+
+        grounder, note = build(preset, tmp)
+        model = GroundingModel(grounder, device=device)
+        cfg = model.config
+        print(f"model: preset {preset!r}, {cfg.image_encoder} + text encoder ({note or cfg.text_encoder}), "
+              f"{cfg.image_size} px, {grounder.num_parameters():,} params, random weights; "
+              f"autocast {'bf16' if model._autocast_dtype is not None else 'none (fp32)'}")
+
+        def loop(view, field):
+            for sample in view.iter_samples(progress=False):
+                image = load_rgb(sample.filepath)
+                sample[field] = model.predict(image, sample["expression"])
+                sample.save()
+
+        def apply(view, field, bs):
+            view.apply_model(model, label_field=field, prompt_field="expression", batch_size=bs,
+                             num_workers=workers, progress=False)
+
+        # Warm-ups (not timed): first calls pay one-off costs (field creation, lazy imports).
+        loop(dataset.limit(3), "warm_loop")
+        apply(dataset.limit(max(batch_sizes)), "warm_apply", max(batch_sizes))
+
+        results = {}
+        loop_view = dataset.limit(args.loop_samples) if args.loop_samples else dataset
+        n_loop = len(loop_view)
+        times: dict[str, list] = {"loop": []}
+        calls: dict[str, int] = {}
+        for rep in range(args.repeats):  # interleaved, so that a busy spell hits every mode alike
+            with Timer(device) as t:
+                loop(loop_view, "pred_loop")
+            times["loop"].append(t.seconds)
+            for bs in batch_sizes:
+                before = model.forward_calls
+                with Timer(device) as t:
+                    apply(dataset, f"pred_apply_{bs}", bs)
+                times.setdefault(f"apply_{bs}", []).append(t.seconds)
+                calls[f"apply_{bs}"] = model.forward_calls - before
+        for key, secs in times.items():
+            count = n_loop if key == "loop" else n
+            med = float(np.median(secs))
+            results[key] = {"expressions": count, "seconds_median": med, "seconds_all": secs,
+                            "expressions_per_s": count / med}
+            extra = ""
+            if key != "loop":
+                bs = int(key.split("_")[1])
+                results[key].update(batch_size=bs, workers=workers, forward_calls=calls[key])
+                extra = f", {calls[key]} batched forwards, {workers} workers"
+            print(f"  {key:<10} {fmt_rate(count / med):>9} expressions/s  ({count} samples, median "
+                  f"{med:.2f} s of {len(secs)}{extra})")
+
+        # Same predictions either way (sanity check, not timed).
+        agree = {}
+        loop_ids = set(loop_view.values("id"))
+        for bs in batch_sizes:
+            a, b, ids = dataset.values(["pred_loop.detections.bounding_box",
+                                        f"pred_apply_{bs}.detections.bounding_box", "id"])
+            diffs = [np.abs(np.subtract(x[0], y[0])).max() for x, y, i in zip(a, b, ids) if i in loop_ids]
+            agree[f"apply_{bs}"] = float(max(diffs))
+            missing = dataset.count(f"pred_apply_{bs}.detections")
+            if missing != n:
+                raise RuntimeError(f"apply_model wrote {missing} of {n} predictions")
+        print("  max |box difference| loop vs apply: " + ", ".join(f"{k} {v:.2e}" for k, v in agree.items()))
+    finally:
+        dataset.delete()
+
+    base = results["loop"]["expressions_per_s"]
+    ratios = {k: v["expressions_per_s"] / base for k, v in results.items() if k != "loop"}
+    print("speed-up of apply_model over the per-sample loop: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+    return {"mode": "fiftyone", "fiftyone": fo.__version__, "preset": preset, "images": n_images, "repeats": args.repeats,
+            "phrases_per_image": ppi, "samples": n, "workers": workers, "text_encoder_note": note,
+            "results": results, "ratio_vs_loop": ratios, "max_box_difference": agree}
+
+
+# -- the model alone -------------------------------------------------------------------------
+
+
+def run_model_only(args, device, preset, tmp: Path, reason: str) -> dict:
+    from fiftyone_grounding.model import build_model
+
+    cuda = device.type == "cuda"
+    model = build_model(preset, weights=False).to(device).eval()
+    cfg = model.config
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    ppi = args.phrases_per_image
+    vocab = int(model.text_encoder.config.vocab_size)
+    rng = np.random.default_rng(args.seed)
+    singles = args.loop_samples or (256 if cuda else 32)
+    reps, warm = (10, 3) if cuda else (2, 1)
+    print(f"model only ({reason}): preset {preset!r}, {cfg.image_encoder} + {cfg.text_encoder}, {cfg.image_size} px, "
+          f"{model.num_parameters():,} params, random weights, random token ids (~10 per phrase), "
+          f"autocast {'bf16' if dtype else 'none (fp32)'}")
+
+    def run(pixels, ids, mask, index):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            return model(pixels.to(device, non_blocking=True), ids.to(device), mask.to(device),
+                         None if index is None else index.to(device))
+
+    results = {}
+    pool = torch.randn(64, 3, cfg.image_size, cfg.image_size)
+    if cuda:
+        pool = pool.pin_memory()
+    # One expression at a time (what a per-sample loop runs).
+    ids, mask = random_token_batch(rng, singles + warm, vocab, cfg.max_text_len)
+    for i in range(warm):
+        run(pool[i:i + 1], ids[i:i + 1], mask[i:i + 1], None)
+    with Timer(device) as t:
+        for i in range(warm, warm + singles):
+            j = i % len(pool)
+            run(pool[j:j + 1], ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())], None)
+    results["single"] = {"expressions_per_s": singles / t.seconds, "ms_per_expression": 1000 * t.seconds / singles}
+    print(f"  {'single':<20} {fmt_rate(singles / t.seconds):>9} expressions/s")
+    for bs in batch_sizes:
+        n_img = math.ceil(bs / ppi)
+        for grouped in (True, False):
+            ids, mask = random_token_batch(rng, bs, vocab, cfg.max_text_len)
+            if grouped:
+                pixels, index = torch.cat([pool] * math.ceil(n_img / len(pool)))[:n_img], torch.arange(bs) // ppi
+            else:
+                pixels, index = torch.cat([pool] * math.ceil(bs / len(pool)))[:bs], None
+            if cuda:
+                pixels = pixels.pin_memory()
+            for _ in range(warm):
+                run(pixels, ids, mask, index)
+            with Timer(device) as t:
+                for _ in range(reps):
+                    run(pixels, ids, mask, index)
+            key = f"batch_{bs}_{'grouped' if grouped else 'ungrouped'}"
+            results[key] = {"expressions_per_s": bs * reps / t.seconds, "images_per_batch": n_img if grouped else bs}
+            print(f"  {key:<20} {fmt_rate(bs * reps / t.seconds):>9} expressions/s")
+    base = results["single"]["expressions_per_s"]
+    ratios = {k: v["expressions_per_s"] / base for k, v in results.items() if k != "single"}
+    print("speed-up over one expression at a time: " + ", ".join(f"{k} x{v:.1f}" for k, v in ratios.items()))
+    return {"mode": "model_only", "reason": reason, "preset": preset, "phrases_per_image": ppi,
+            "autocast": "bf16" if dtype else "fp32", "results": results, "ratio_vs_single": ratios}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
+    torch.manual_seed(args.seed)
+    info = device_info(device)
+    print(f"device: {info['device_name']} ({device}), {info['date']}, torch {info['torch']}")
+    reason = "--model-only" if args.model_only else None
+    if reason is None:
+        try:
+            os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+            os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
+            os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")  # MongoDB 6.0 notice
+            import fiftyone as fo
+
+            fo.list_datasets()  # starts (or connects to) its database
+        except Exception as e:  # not installed, or its database cannot start
+            reason = f"FiftyOne is not available here ({type(e).__name__}: {e}); apply_model part skipped"
+            print(f"SKIPPED the apply_model benchmark: {reason}")
+    with tempfile.TemporaryDirectory(prefix="fog-apply-bench-") as tmp:
+        if reason is None:
+            out = run_fiftyone(args, device, preset, Path(tmp))
+        else:
+            out = run_model_only(args, device, preset, Path(tmp), reason)
+    payload = {"benchmark": "apply_throughput", **info, **out}
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

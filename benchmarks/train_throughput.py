@@ -1,0 +1,286 @@
+"""Training throughput: the seed's step against the project's training path, on one device.
+
+Modes, all on the same model (same weights) and the same device, each timed after its own
+warm-up steps with ``torch.cuda.synchronize()`` around the timed loop:
+
+  seed          the seed's step: fp32, both encoders every step, one image per phrase
+                (the image tensor repeated for each of its phrases)
+  grouped_fp32  phrases grouped by image (``--phrases-per-image``, RefCOCO has ~7), each image
+                encoded once per step, fp32 (CUDA only: isolates grouping from bf16)
+  grouped       the project's pixel path: grouped + bf16 autocast on CUDA (fp32 on the CPU,
+                as ``fit`` does there)
+  cached        the project's default path: decoder (+ text encoder) only, on frozen image
+                features read every step from a real ``FeatureCache`` built on disk from
+                generated JPEGs (bf16 autocast on CUDA)
+
+Every step is the one ``fit`` runs: forward, ``box_loss``, backward, grad clipping, AdamW,
+``loss.item()``. Host batches are prepared before timing (pinned on CUDA), as DataLoader
+workers would; the timed loop copies them to the device. JPEG decoding is therefore not
+timed for the pixel modes; the cached mode's memory-mapped reads are. Full-size encoder
+configs with random weights, no download. Token ids are random ids within the text
+encoder's vocabulary with lengths ~10 (``--tokens tiny`` uses the tiny tokenizer instead).
+
+    PYTHONPATH=. python3 benchmarks/train_throughput.py --preset seed --device cuda \\
+        --batch-size 64 --steps 30 --json out/train.json
+    PYTHONPATH=. python3 benchmarks/train_throughput.py          # CPU: tiny preset, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from _bench_common import (Timer, device_info, ensure_albumentations, fmt_rate, random_token_batch,
+                           resolve_device, tokenizer_batch, write_images, write_json)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="seed | grounder | tiny (default: seed on CUDA, tiny on CPU)")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=64, help="phrases (expressions) per step")
+    p.add_argument("--phrases-per-image", type=int, default=7, help="RefCOCO: ~7 expressions per image")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode (default: 30 CUDA, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default: 5 CUDA, 2 CPU)")
+    p.add_argument("--image-size", type=int, default=None, help="default: the preset's (seed: 224)")
+    p.add_argument("--tokens", choices=("random", "tiny"), default="random",
+                   help="random ids in the text vocabulary (default) or the tiny tokenizer's ids")
+    p.add_argument("--text-len", type=int, default=10, help="mean phrase length in tokens (random ids)")
+    p.add_argument("--distinct-batches", type=int, default=8, help="distinct host batches cycled through")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the cache build")
+    p.add_argument("--modes", default="seed,grouped_fp32,grouped,cached")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved timed runs per mode, median reported (default: 1 CUDA, 3 CPU)")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a shared CPU")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def train_step_fn(model, optimizer, device, autocast_dtype, loss_weights, grad_clip=1.0):
+    from fiftyone_grounding.model import box_loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(inputs: dict, boxes: torch.Tensor) -> float:
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            pred = model(**inputs)
+        loss = box_loss(pred, boxes, loss_weights)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        return loss.item()  # fit() reads the loss every step too
+
+    return step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    preset = args.preset or ("seed" if cuda else "tiny")
+    steps = args.steps or (30 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
+    modes = list(dict.fromkeys(m for m in args.modes.split(",") if m))
+    repeats = args.repeats or (1 if cuda else 3)
+    if not cuda and "grouped_fp32" in modes:
+        modes.remove("grouped_fp32")  # identical to "grouped" off CUDA (no autocast there)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+
+    from fiftyone_grounding.cache import open_feature_cache
+    from fiftyone_grounding.data import load_rgb
+    from fiftyone_grounding.model import build_model
+    try:
+        from fiftyone_grounding.train import configure_optimizer, default_mixed_precision
+    except ImportError as e:  # train.py grew a dependency this machine lacks: same recipe, inline
+        print(f"note: fiftyone_grounding.train not importable ({e}); using AdamW(decay on >=2-D weights)")
+
+        def configure_optimizer(model, lr, weight_decay):
+            decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "reg_token" not in n]
+            rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "reg_token" not in n)]
+            return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                      {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+        def default_mixed_precision(device):
+            return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+
+    model = build_model(preset, weights=False, image_size=args.image_size)
+    config = model.config
+    model.to(device).train()
+    bf16 = torch.bfloat16 if default_mixed_precision(device) == "bf16" else None
+    vocab = int(model.text_encoder.config.vocab_size)
+
+    B, ppi = args.batch_size, args.phrases_per_image
+    images_per_step = math.ceil(B / ppi)
+    image_index = torch.arange(B) // ppi  # phrase -> image of its step
+    n_batches = max(1, min(args.distinct_batches, warmup + steps))
+    n_images = images_per_step * n_batches
+
+    info = device_info(device)
+    print(f"device: {info['device_name']} ({device}), {info['date']}, torch {info['torch']}")
+    print(f"preset {preset!r}: {config.image_encoder} + {config.text_encoder}, {config.image_size} px, "
+          f"d_model {config.d_model}, {model.num_parameters():,} params "
+          f"({model.num_parameters(trainable_only=True):,} trainable), random weights")
+    print(f"batch {B} expressions = {images_per_step} images x <= {ppi} phrases; {warmup} warm-up + "
+          f"{steps} timed steps per mode; mixed precision of the project path: {'bf16' if bf16 else 'none (fp32)'}")
+
+    with tempfile.TemporaryDirectory(prefix="fog-train-bench-") as tmp:
+        tmp = Path(tmp)
+        with Timer(torch.device("cpu")) as t_gen:
+            images = write_images(tmp / "images", n_images, seed=args.seed)
+        paths = [p for p, _ in images]
+        print(f"generated {n_images} JPEGs (640x480) in {t_gen.seconds:.1f} s")
+
+        # Pixels as training feeds them: decoded, resized, normalized (3, S, S) float32.
+        mean = torch.tensor(config.image_mean).view(3, 1, 1)
+        std = torch.tensor(config.image_std).view(3, 1, 1)
+
+        def pixels_of(path: str) -> torch.Tensor:
+            from PIL import Image
+
+            im = Image.fromarray(load_rgb(path)).resize((config.image_size,) * 2, Image.BILINEAR)
+            x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255.0
+            return (x - mean) / std
+
+        pool = torch.stack([pixels_of(p) for p in paths])  # (N, 3, S, S)
+
+        tokenizer = None
+        token_note = (f"random token ids in [1, {vocab}) (the text encoder's vocabulary), "
+                      f"lengths {args.text_len}+-4 incl. CLS/SEP")
+        if args.tokens == "tiny":
+            from fiftyone_grounding.encoders import load_tokenizer
+
+            tokenizer = load_tokenizer("tiny:bert")
+            token_note = "ids of the tiny tokenizer ('tiny:bert') on generated phrases"
+
+        batches = []
+        for k in range(n_batches):
+            idx = list(range(k * images_per_step, (k + 1) * images_per_step))
+            if tokenizer is not None:
+                ids, mask = tokenizer_batch(tokenizer, rng, B, config.max_text_len)
+            else:
+                ids, mask = random_token_batch(rng, B, vocab, config.max_text_len, args.text_len)
+            boxes = torch.tensor([images[idx[int(i)]][1][j % len(images[idx[int(i)]][1])]
+                                  for j, i in enumerate(image_index)], dtype=torch.float32)
+            grouped = pool[idx]
+            repeated = grouped[image_index]  # the seed: one image tensor per phrase
+            if cuda:
+                grouped, repeated = grouped.pin_memory(), repeated.pin_memory()
+            batches.append(dict(idx=idx, ids=ids, mask=mask, boxes=boxes, grouped=grouped, repeated=repeated,
+                                views=rng.integers(0, 2, len(idx)).tolist()))
+
+        # The real feature cache, built on disk from the JPEGs (both views per image).
+        shim = ensure_albumentations()
+        if shim:
+            print(f"note: {shim}")
+            if workers and torch.multiprocessing.get_start_method() != "fork":
+                workers = 0  # spawned workers would not see the stand-in module
+        cache = open_feature_cache(tmp / "features", config, model.image_encoder)
+        with Timer(device) as t_cache:
+            added = cache.build(paths, model.image_encoder, config, device, batch_size=64, num_workers=workers,
+                                autocast_dtype=bf16, progress=False)
+        assert added == n_images, (added, n_images)
+        per_image = cache.nbytes_per_image()
+        print(f"feature cache: {added} images x 2 views encoded in {t_cache.seconds:.2f} s "
+              f"({added / t_cache.seconds:.1f} images/s incl. JPEG decode, {workers} workers), "
+              f"{per_image / 1024:.1f} KiB per image on disk, {cache.dir}")
+
+        def inputs_for(mode: str, b: dict) -> dict:
+            nb = dict(non_blocking=True)
+            common = dict(input_ids=b["ids"].to(device, **nb), attention_mask=b["mask"].to(device, **nb))
+            if mode == "seed":
+                return dict(pixel_values=b["repeated"].to(device, **nb), image_index=None, **common)
+            index = image_index.to(device, **nb)
+            if mode == "cached":
+                feats = torch.stack([cache.get(paths[i], v) for i, v in zip(b["idx"], b["views"])])
+                if cuda:
+                    feats = feats.pin_memory()
+                return dict(image_features=feats.to(device, **nb), image_index=index, **common)
+            return dict(pixel_values=b["grouped"].to(device, **nb), image_index=index, **common)
+
+        def timed_run(mode: str) -> float:
+            dtype = None if mode in ("seed", "grouped_fp32") else bf16
+            optimizer = configure_optimizer(model, 1e-4, 1e-4)
+            step = train_step_fn(model, optimizer, device, dtype, config.loss_weights)
+            losses = []
+            for s in range(warmup):
+                b = batches[s % n_batches]
+                losses.append(step(inputs_for(mode, b), b["boxes"].to(device)))
+            with Timer(device) as t:
+                for s in range(warmup, warmup + steps):
+                    b = batches[s % n_batches]
+                    losses.append(step(inputs_for(mode, b), b["boxes"].to(device)))
+            if not all(math.isfinite(x) for x in losses):
+                raise RuntimeError(f"{mode}: non-finite loss {losses}")
+            return t.seconds
+
+        times: dict[str, list] = {m: [] for m in modes}
+        peak: dict[str, float] = {}
+        for rep in range(repeats):  # interleaved, so that a busy spell hits every mode alike
+            for mode in modes:
+                if cuda:
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(device)
+                times[mode].append(timed_run(mode))
+                if cuda:
+                    peak[mode] = torch.cuda.max_memory_allocated(device) / 2**30
+
+        results = {}
+        for mode in modes:
+            sec = float(np.median(times[mode]))
+            results[mode] = {
+                "expressions_per_s": B * steps / sec,
+                "ms_per_step": 1000 * sec / steps,
+                "seconds_all": times[mode],
+                "images_encoded_per_step": 0 if mode == "cached" else (B if mode == "seed" else images_per_step),
+                "autocast": "fp32" if mode in ("seed", "grouped_fp32") or bf16 is None else "bf16",
+                "peak_gpu_mem_gib": peak.get(mode),
+            }
+            mem = f", peak GPU memory {peak[mode]:.1f} GiB" if cuda else ""
+            print(f"  {mode:<13} {fmt_rate(B * steps / sec):>10} expressions/s  {1000 * sec / steps:8.1f} ms/step  "
+                  f"({results[mode]['autocast']}{mem}; median of {len(times[mode])})")
+
+    base = results.get("seed", {}).get("expressions_per_s")
+    ratios = {m: r["expressions_per_s"] / base for m, r in results.items()} if base else {}
+    if ratios:
+        print("speed-up over the seed step: " + ", ".join(f"{m} x{v:.2f}" for m, v in ratios.items() if m != "seed"))
+    print(f"tokens: {token_note}")
+    payload = {
+        "benchmark": "train_throughput",
+        **info,
+        "preset": preset,
+        "image_encoder": config.image_encoder,
+        "text_encoder": config.text_encoder,
+        "image_size": config.image_size,
+        "weights": "random (full-size configs, no download)" if preset != "tiny" else "random (tiny configs)",
+        "batch_size": B,
+        "phrases_per_image": ppi,
+        "images_per_step": images_per_step,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "repeats": repeats,
+        "tokens": token_note,
+        "cache": {"images": n_images, "seconds": t_cache.seconds, "images_per_s": n_images / t_cache.seconds,
+                  "bytes_per_image": per_image, "workers": workers, "resize": shim or "albumentations"},
+        "results": results,
+        "ratio_vs_seed": ratios,
+    }
+    write_json(args.json, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

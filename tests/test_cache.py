@@ -1,0 +1,336 @@
+"""The frozen-feature cache: same losses as pixels, right invalidation, real mirrored views,
+shards that survive reopening, bounded memory. Correctness only: nothing here is timed."""
+
+import io
+import json
+import tracemalloc
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from fiftyone_grounding.cache import VIEWS, cache_key, open_feature_cache
+from fiftyone_grounding.config import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
+from fiftyone_grounding.data import (Collator, GroundingDataset, GroundingRecords, GroupBatchSampler, hflip_boxes,
+                                     swap_left_right)
+from fiftyone_grounding.model import box_loss, build_model, build_tokenizer
+
+# Features are stored as float16: ~3 significant digits.
+FP16_RTOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model("tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Six small drawn JPEG/PNG images with objects near the left or right edge."""
+    folder = tmp_path_factory.mktemp("cache_images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(6):
+        w, h = 96 + 8 * i, 72
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        draw = ImageDraw.Draw(im)
+        x0 = 4 if i % 2 else w - 30
+        draw.ellipse((x0, 20, x0 + 24, 44), fill=(230, 40, 40))
+        path = folder / f"img{i}.{'jpg' if i % 2 else 'png'}"
+        im.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _records(paths, per_image=3):
+    r = GroundingRecords()
+    words = ["the red circle on the left", "the thing at the right", "the top one", "the bright spot"]
+    for i, path in enumerate(paths):
+        for j in range(per_image):
+            x0 = 0.05 + 0.1 * j
+            r.sample_ids.append(f"s{i}-{j}")
+            r.filepaths.append(path)
+            r.phrases.append(words[(i + j) % len(words)])
+            r.boxes.append([x0, 0.2, x0 + 0.3 + 0.05 * i, 0.7])
+    return r
+
+
+def _built_cache(tmp_path, model, paths, **kwargs):
+    cache = open_feature_cache(tmp_path / "features", model.config, model.image_encoder)
+    cache.build(paths, model.image_encoder, model.config, "cpu", progress=False, **kwargs)
+    return cache
+
+
+def _pixels(model, path, flip=False):
+    """(1, 3, S, S): the training resize + normalization, mirrored when asked."""
+    cfg = model.config
+    ds = GroundingDataset(_records([path], 1), cfg.image_size, cfg.image_mean, cfg.image_std)
+    x = ds[0]["pixel_values"]
+    return (x.flip(-1) if flip else x)[None]
+
+
+def _forward(model, batch):
+    return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
+                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 image_index=batch["image_index"])
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    pred = _forward(model, batch)
+    loss = box_loss(pred, batch["boxes"], model.config.loss_weights)["loss"]
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    model.zero_grad(set_to_none=True)
+    return pred.detach(), loss.item(), grads
+
+
+def test_cached_training_step_matches_pixels(tmp_path, model, images):
+    cfg = model.config
+    cache = _built_cache(tmp_path, model, images)
+    records = _records(images)
+    collate = Collator(build_tokenizer(cfg), cfg.max_text_len)
+    pix = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, augment="none")
+    cached = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, augment="none",
+                              feature_cache=cache)
+    b_pix = collate([pix[i] for i in range(len(pix))])
+    b_cache = collate([cached[i] for i in range(len(cached))])
+    assert b_cache["image_features"].dtype == torch.float16 and "pixel_values" not in b_cache
+    assert torch.equal(b_pix["input_ids"], b_cache["input_ids"]) and torch.equal(b_pix["boxes"], b_cache["boxes"])
+
+    model.train()
+    try:
+        pred_p, loss_p, grad_p = _loss_and_grads(model, b_pix)
+        pred_c, loss_c, grad_c = _loss_and_grads(model, b_cache)
+    finally:
+        model.eval()
+    assert loss_c == pytest.approx(loss_p, rel=FP16_RTOL)
+    torch.testing.assert_close(pred_c, pred_p, atol=2e-3, rtol=0)
+    assert torch.nn.functional.cosine_similarity(grad_p, grad_c, dim=0) > 0.999
+
+
+def test_cached_flip_view_matches_flipped_pixels(tmp_path, model, images):
+    """An item served from the mirrored view trains like the mirrored image with mirrored
+    boxes and left/right-swapped phrases."""
+    cfg = model.config
+    cache = _built_cache(tmp_path, model, images)
+    records = _records(images)
+    cached = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, augment="flip",
+                              feature_cache=cache)
+    plain = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, augment="none")
+    collate = Collator(build_tokenizer(cfg), cfg.max_text_len)
+    seen = set()
+    for epoch in range(6):
+        cached.set_epoch(epoch)
+        for index in range(len(cached)):
+            item = cached[index]
+            original = np.asarray([records.boxes[i] for i in cached.groups[index]], np.float32)
+            flipped = not np.allclose(item["boxes"].numpy(), original)
+            if flipped in seen:
+                continue
+            seen.add(flipped)
+            base = plain[index]
+            if flipped:
+                np.testing.assert_allclose(item["boxes"].numpy(), hflip_boxes(original), atol=1e-6)
+                assert item["phrases"] == [swap_left_right(p) for p in base["phrases"]]
+                image = base["pixel_values"].flip(-1)  # the same as flipping before normalizing
+            else:
+                assert item["phrases"] == base["phrases"]
+                image = base["pixel_values"]
+            ref = collate([dict(base, pixel_values=image, boxes=item["boxes"], phrases=item["phrases"])])
+            got = collate([item])
+            with torch.no_grad():
+                p_ref, p_got = _forward(model, ref), _forward(model, got)
+            torch.testing.assert_close(p_got, p_ref, atol=2e-3, rtol=0)
+    assert seen == {True, False}  # both views were served
+
+
+def test_mirrored_view_is_the_encoded_mirrored_image(tmp_path, model, images):
+    cache = _built_cache(tmp_path, model, images[:2])
+    assert len(VIEWS) == 2
+    for path in images[:2]:
+        with torch.no_grad():
+            original = model.encode_images(_pixels(model, path))[0]
+            mirrored = model.encode_images(_pixels(model, path, flip=True))[0]
+        v0, v1 = cache.get(path, 0).float(), cache.get(path, 1).float()
+        scale = original.abs().max()
+        torch.testing.assert_close(v0, original, atol=FP16_RTOL * scale, rtol=FP16_RTOL)
+        torch.testing.assert_close(v1, mirrored, atol=FP16_RTOL * scale, rtol=FP16_RTOL)
+        # Not a free by-product of view 0: the features of a mirrored image differ.
+        assert not torch.allclose(v1, v0, atol=0.05 * scale)
+
+
+def test_grouped_cached_batches_equal_one_phrase_at_a_time(tmp_path, images):
+    """Through the training pipeline (sampler + collator), for the seed's mean-pooled text
+    queries and for the [REG] query."""
+    for overrides in (dict(query="text", pos_embed="none", box_format="xyxy", loss_weights={"diou": 1.0}), {}):
+        torch.manual_seed(0)
+        model = build_model("tiny", **overrides).eval()
+        cfg = model.config
+        cache = _built_cache(tmp_path / cfg.query, model, images)
+        records = _records(images)
+        ds = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, feature_cache=cache)
+        collate = Collator(build_tokenizer(cfg), cfg.max_text_len)
+        sampler = GroupBatchSampler(ds.group_sizes(), batch_size=8, shuffle=False)
+        grouped, single = {}, {}
+        with torch.no_grad():
+            for batch_groups in sampler:
+                batch = collate([ds[g] for g in batch_groups])
+                assert batch["image_features"].shape[0] < len(batch["sample_ids"])  # images shared
+                for sid, box in zip(batch["sample_ids"], _forward(model, batch)):
+                    grouped[sid] = box
+            for g in range(len(ds)):
+                item = ds[g]
+                for k, sid in enumerate(item["sample_ids"]):
+                    one = dict(item, phrases=[item["phrases"][k]], boxes=item["boxes"][k:k + 1], sample_ids=[sid])
+                    single[sid] = _forward(model, collate([one]))[0]
+        assert grouped.keys() == single.keys() and len(grouped) == len(records)
+        for sid in grouped:
+            torch.testing.assert_close(grouped[sid], single[sid], atol=1e-5, rtol=0)
+
+
+def test_key_changes_with_encoder_resolution_and_normalization(model):
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    cfg = model.config
+    key = cache_key(cfg, model.image_encoder)
+    assert cache_key(cfg, build_model("tiny").image_encoder) == key  # nothing changed
+    assert cache_key(type(cfg).from_dict({**cfg.to_dict(), "image_size": 32}), model.image_encoder) != key
+    assert cache_key(type(cfg).from_dict({**cfg.to_dict(), "image_mean": (0.5, 0.5, 0.5)}),
+                     model.image_encoder) != key
+    values = {k: v for k, v in TINY_ENCODER_CONFIGS[TINY_IMAGE_ENCODER].items() if k != "model_type"}
+    deeper = DINOv3ViTModel(DINOv3ViTConfig(**dict(values, num_hidden_layers=3)))
+    assert cache_key(cfg, deeper) != key
+    assert cache_key(type(cfg).from_dict({**cfg.to_dict(), "image_encoder": "/elsewhere/dinov3"}),
+                     model.image_encoder) != key
+
+
+def test_key_changes_with_encoder_weights(model):
+    """Same id and architecture, other weights (random init vs the loaded ones, or a
+    fine-tuned copy in the same folder): the old features must not be served."""
+    cfg = model.config
+    torch.manual_seed(123)
+    random_weights = build_model("tiny", weights=False).image_encoder
+    assert random_weights.config.to_dict() == model.image_encoder.config.to_dict()
+    assert cache_key(cfg, random_weights) != cache_key(cfg, model.image_encoder)
+
+
+class _MustNotEncode(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the cache re-encoded an image it already holds")
+
+
+def test_unchanged_cache_is_reused_without_encoding(tmp_path, model, images):
+    cfg = model.config
+    first = _built_cache(tmp_path, model, images)
+    reopened = open_feature_cache(tmp_path / "features", cfg, build_model("tiny").image_encoder)
+    assert reopened.dir == first.dir
+    assert reopened.build(images, _MustNotEncode(), cfg, "cpu", progress=False) == 0
+    changed = type(cfg).from_dict({**cfg.to_dict(), "image_size": 32})
+    other = open_feature_cache(tmp_path / "features", changed, model.image_encoder)
+    assert other.dir != first.dir and not any(p in other for p in images)
+
+
+def test_fit_encodes_once_then_reuses_the_cache(synthetic_dataset, tmp_path):
+    from fiftyone_grounding.train import fit
+
+    view = synthetic_dataset.match({"split": "train"}).limit(12)
+    kwargs = dict(preset="tiny", epochs=1, batch_size=8, train_split=None, val_split=None, progress=False,
+                  cpu=True, cache_dir=str(tmp_path / "features"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        fit(view, out_dir=str(tmp_path / "a"), **kwargs)
+    assert "Cached image features of" in out.getvalue()
+    (folder,) = (tmp_path / "features").iterdir()
+    shards = sorted(p.name for p in folder.glob("shard-*.npy"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        fit(view, out_dir=str(tmp_path / "b"), **kwargs)
+    assert "Cached image features of" not in out.getvalue()
+    assert sorted(p.name for p in folder.glob("shard-*.npy")) == shards
+
+
+def test_index_survives_reopen_and_new_images_go_to_new_shards(tmp_path, model, images):
+    cfg = model.config
+    cache = _built_cache(tmp_path, model, images[:3])
+    shard_of = {p: cache._index[p][0] for p in images[:3]}
+    assert len(set(shard_of.values())) == 1
+    before = {p: cache.get(p, 1) for p in images[:3]}
+
+    reopened = open_feature_cache(tmp_path / "features", cfg, model.image_encoder)
+    assert all(p in reopened for p in images[:3]) and not any(p in reopened for p in images[3:])
+    for p in images[:3]:
+        assert torch.equal(reopened.get(p, 1), before[p])
+    assert reopened.build(images, model.image_encoder, cfg, "cpu", progress=False) == 3
+
+    again = open_feature_cache(tmp_path / "features", cfg, model.image_encoder)
+    assert all(p in again for p in images)
+    assert {p: again._index[p][0] for p in images[:3]} == shard_of  # old rows untouched
+    new_shards = {again._index[p][0] for p in images[3:]}
+    assert len(new_shards) == 1 and not new_shards & set(shard_of.values())
+    assert len(list(again.dir.glob("shard-*.npy"))) == 2
+    assert not list(again.dir.glob("*.tmp*"))
+    for p in images[:3]:
+        assert torch.equal(again.get(p, 1), before[p])
+    index = json.loads((again.dir / "index.json").read_text())
+    assert set(index["rows"]) == set(images)
+
+
+def test_unreadable_image_is_recorded_not_cached(tmp_path, model, images):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    cache = _built_cache(tmp_path, model, images[:1] + [str(bad)])
+    assert images[0] in cache and str(bad) not in cache
+    assert "cannot decode" in cache.error(str(bad))
+    reopened = open_feature_cache(tmp_path / "features", model.config, model.image_encoder)
+    assert reopened.error(str(bad))
+    # Still broken: tried again, nothing reaches the encoder, the reason stays.
+    assert reopened.build([str(bad)], _MustNotEncode(), model.config, "cpu", progress=False) == 0
+    assert "cannot decode" in reopened.error(str(bad))
+    # Fixed on disk: the next build caches it and forgets the error.
+    Image.new("RGB", (40, 30), (0, 128, 255)).save(bad, format="JPEG")
+    assert reopened.build([str(bad)], model.image_encoder, model.config, "cpu", progress=False) == 1
+    assert str(bad) in reopened and reopened.error(str(bad)) is None
+
+
+def _peak_build_bytes(root, model, paths, shard_bytes):
+    cache = open_feature_cache(root, model.config, model.image_encoder)
+    cache.shard_bytes = shard_bytes
+    tracemalloc.start()  # numpy's buffers are traced; torch's are not (they are per batch anyway)
+    try:
+        cache.build(paths, model.image_encoder, model.config, "cpu", batch_size=2, progress=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return cache, peak
+
+
+def test_memory_is_bounded_by_shard_size(tmp_path, model, images):
+    per_image = len(VIEWS) * (1 + 4 + (64 // 8) ** 2) * 64 * 2  # views x tokens x hidden x fp16
+    shard_bytes = 2 * per_image  # flush every two images
+    many = images * 4  # 24 paths: copies under other names
+    paths = []
+    for i, p in enumerate(many):
+        dst = tmp_path / "many" / f"{i}_{p.rsplit('/', 1)[-1]}"
+        dst.parent.mkdir(exist_ok=True)
+        dst.write_bytes(open(p, "rb").read())
+        paths.append(str(dst))
+
+    _peak_build_bytes(tmp_path / "warm", model, paths[:2], shard_bytes)  # one-off imports (peak discarded)
+    cache, peak_many = _peak_build_bytes(tmp_path / "a", model, paths, shard_bytes)
+    _, peak_few = _peak_build_bytes(tmp_path / "b", model, paths[:4], shard_bytes)
+    _, peak_unbounded = _peak_build_bytes(tmp_path / "c", model, paths, 2**40)  # one shard at the end
+    # Six times the images, about the same peak (the index grows a little); holding every
+    # feature until the end (the control) grows with the dataset.
+    assert peak_many < peak_few + 8 * per_image
+    assert peak_many - peak_few < (peak_unbounded - peak_few) / 3
+    assert cache.nbytes_per_image() == per_image
+    shards = list(cache.dir.glob("shard-*.npy"))
+    assert len(shards) == len(paths) // 2
+    for shard in shards:
+        assert np.load(shard, mmap_mode="r").shape[0] == 2
+    for p in paths:
+        assert cache.get(p, 0).shape == (1 + 4 + 64, 64)

@@ -1,0 +1,71 @@
+"""The command line: --help everywhere, summary, predict, and the demo end to end (small)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, ImageDraw
+
+from fiftyone_grounding.cli import build_parser, main
+
+COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert"]
+
+
+@pytest.mark.parametrize("command", [None] + COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(([command] if command else []) + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fiftyone-grounding" in out and len(out) > 200
+
+
+def test_console_script_is_declared():
+    import tomllib
+    from pathlib import Path
+
+    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert data["project"]["scripts"]["fiftyone-grounding"] == "fiftyone_grounding.cli:main"
+
+
+def test_summary_prints_seed_counts(capsys):
+    main(["summary", "--preset", "seed"])
+    out = capsys.readouterr().out
+    assert "total params:     144,968,836" in out and "trainable params: 25,948,420" in out
+
+
+def test_predict_writes_crop_and_boxed_image(tiny_checkpoint, tmp_path, capsys):
+    image = Image.new("RGB", (128, 96), (24, 24, 24))
+    ImageDraw.Draw(image).ellipse((10, 20, 40, 50), fill=(220, 30, 30))
+    path = tmp_path / "scene.png"
+    image.save(path)
+    main(["predict", str(path), "the red circle", "--checkpoint", str(tiny_checkpoint),
+          "--out-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    x0, y0, x1, y1 = (float(v) for v in out.split("xyxy): ")[1].split()[:4])
+    assert 0 <= x0 <= x1 <= 128 and 0 <= y0 <= y1 <= 96
+    assert Image.open(tmp_path / "out" / "scene_box.png").size == (128, 96)
+    crop = Image.open(tmp_path / "out" / "scene_crop.png")
+    assert crop.size == (max(1, round(x1) - round(x0)), max(1, round(y1) - round(y0)))
+
+
+def test_demo_end_to_end_small(tmp_path, dataset_name):
+    out = tmp_path / "metrics.json"
+    main(["demo", "--out-dir", str(tmp_path / "demo"), "--dataset-name", dataset_name, "--num-images", "60",
+          "--epochs", "2", "--json", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    assert set(result["test"]) >= {"miou", "acc50", "acc75"}
+    assert 0 <= result["test"]["miou"] <= 1 and 0 < result["constant_box_miou"] < 1
+    import fiftyone as fo
+
+    ds = fo.load_dataset(dataset_name)
+    test = ds.match_tags("test")
+    assert test.count("predictions") == len(test) > 0
+    assert ds.has_field("predictions_iou")
+
+
+def test_cli_runs_as_a_module():
+    proc = subprocess.run([sys.executable, "-m", "fiftyone_grounding.cli", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "demo" in proc.stdout
