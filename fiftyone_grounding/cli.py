@@ -17,6 +17,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-field", default="split", help="sample field naming each sample's split")
 
 
+def _split_view(view, args):
+    """The samples of ``--split`` (one or more split names), or all of them."""
+    if not args.split:
+        return view
+    from fiftyone import ViewField as F
+
+    return view.match(F(args.split_field).is_in(args.split))
+
+
 def _load_view(args):
     import fiftyone as fo
 
@@ -72,11 +81,7 @@ def cmd_train(args) -> None:
 def cmd_apply(args) -> None:
     from .zoo import GroundingModel, apply_grounding_model
 
-    view = _load_view(args)
-    if args.split:
-        from fiftyone import ViewField as F
-
-        view = view.match(F(args.split_field) == args.split)
+    view = _split_view(_load_view(args), args)
     model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
@@ -89,11 +94,7 @@ def cmd_apply(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_grounding
 
-    view = cmd_apply(args) if args.checkpoint else _load_view(args)
-    if not args.checkpoint and args.split:
-        from fiftyone import ViewField as F
-
-        view = view.match(F(args.split_field) == args.split)
+    view = cmd_apply(args) if args.checkpoint else _split_view(_load_view(args), args)
     result = evaluate_grounding(view, args.label_field, args.gt_field, split_field=args.split_field)
     if args.json:
         with open(args.json, "w") as f:
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--checkpoint", required=name == "apply",
                        help="checkpoint folder; with evaluate, predictions are made first")
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions")
-        p.add_argument("--split", help="only samples of this split (e.g. testA)")
+        p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=64)
         p.add_argument("--num-workers", type=int, default=None)
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")

@@ -80,6 +80,12 @@ def _flag(prop, error: Optional[str]):
     return prop
 
 
+def _config(name: str, label: str, **extra) -> foo.OperatorConfig:
+    """A dynamic operator that can run immediately or be delegated."""
+    return foo.OperatorConfig(name=name, label=label, dynamic=True, allow_immediate_execution=True,
+                              allow_delegated_execution=True, **extra)
+
+
 def _form(inputs, label: str):
     return types.Property(inputs, view=types.View(label=label))
 
@@ -136,13 +142,7 @@ class ImportGroundingDataset(GroundingOperator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="import_grounding_dataset",
-            label="Grounding: import a referring-expression dataset",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+        return _config("import_grounding_dataset", "Grounding: import a referring-expression dataset")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -233,14 +233,7 @@ class TrainGroundingModel(GroundingOperator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="train_grounding_model",
-            label="Grounding: train a model",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-            default_choice_to_delegated=True,
-        )
+        return _config("train_grounding_model", "Grounding: train a model", default_choice_to_delegated=True)
 
     def resolve_delegation(self, ctx):
         return bool(self.param(ctx, "delegate"))
@@ -328,13 +321,7 @@ class ApplyGroundingModel(GroundingOperator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="apply_grounding_model",
-            label="Grounding: apply a model",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+        return _config("apply_grounding_model", "Grounding: apply a model")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -381,13 +368,7 @@ class EvaluateGroundingModel(GroundingOperator):
 
     @property
     def config(self):
-        return foo.OperatorConfig(
-            name="evaluate_grounding_model",
-            label="Grounding: evaluate predictions",
-            dynamic=True,
-            allow_immediate_execution=True,
-            allow_delegated_execution=True,
-        )
+        return _config("evaluate_grounding_model", "Grounding: evaluate predictions")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

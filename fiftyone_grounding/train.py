@@ -359,7 +359,7 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
         iou_sum += iou * n
         count += n
         if show_progress:
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}")
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}", refresh=False)
         if progress_callback is not None and step % 10 == 0:
             progress_callback((epoch + (step + 1) / max(1, len(loader))) / epochs,
                               f"epoch {epoch + 1}/{epochs}, step {step + 1}/{len(loader)}")
