@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 # Architecture-only configs of the encoders the presets name, so that a model can be
 # built (and counted) without downloading anything. The weights come from the Hub.

@@ -27,7 +27,6 @@ def run_demo(
     The dataset is persistent (images under ``out_dir/images``), so it can be opened in
     the App afterwards: ``fo.launch_app(fo.load_dataset(dataset_name))``.
     """
-    import fiftyone as fo
     from fiftyone import ViewField as F
 
     from .evaluate import constant_box_miou, evaluate_grounding, format_table

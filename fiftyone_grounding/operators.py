@@ -96,6 +96,17 @@ class GroundingOperator(foo.Operator):
 
     DEFAULTS: dict = {}
 
+    def __call__(self, sample_collection=None, **params):
+        """Run from Python through FiftyOne's executor (the same validation as in the App)::
+
+            apply = foo.get_operator("@fiftyone-grounding/grounding/apply_grounding_model")
+            apply(dataset.match_tags("test"), model="runs/seed/best", label_field="predictions")
+        """
+        ctx = {"params": params}
+        if sample_collection is not None:
+            ctx["view"] = sample_collection.view()
+        return foo.execute_operator(self.uri, ctx=ctx)
+
     def param(self, ctx, name: str):
         from .zoo_source import demo_checkpoint_dir
 

@@ -12,7 +12,6 @@ resumes an interrupted run.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np

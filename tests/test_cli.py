@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image, ImageDraw
 
-from fiftyone_grounding.cli import build_parser, main
+from fiftyone_grounding.cli import main
 
 COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert"]
 

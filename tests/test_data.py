@@ -10,7 +10,6 @@ import fiftyone as fo
 from fiftyone_grounding.data import (Collator, GroundingDataset, GroupBatchSampler, hflip, load_rgb,
                                      read_records, swap_left_right)
 from fiftyone_grounding.encoders import load_tokenizer
-from fiftyone_grounding.labels import make_detections
 
 
 def test_swap_left_right_whole_words_only():

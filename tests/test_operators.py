@@ -94,6 +94,15 @@ def test_apply_to_a_view_or_the_selected_samples(dataset, tiny_checkpoint):
     assert dataset.exists("pred_selected.detections").values("id") == selected
 
 
+def test_operators_can_be_called_from_python(dataset, tiny_checkpoint):
+    apply = foo.get_operator(uri("apply_grounding_model"))
+    view = dataset.match(F("split") == "test")
+    result = apply(view, model=str(tiny_checkpoint), label_field="pred_called")
+    assert result.result["num_predictions"] == len(view) == dataset.count("pred_called.detections")
+    with pytest.raises(ExecutionError, match="not a text field"):
+        apply(view, model=str(tiny_checkpoint), phrase_field="ground_truth")
+
+
 def test_apply_a_zoo_model_by_name(dataset, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(fo.config, "model_zoo_dir", str(tmp_path / "zoo"))
     monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))

@@ -147,7 +147,7 @@ def test_scenes_are_valid_and_boxes_match_the_pixels():
 
 
 def test_sizes_are_clearly_separated():
-    (s_lo, s_hi), (l_lo, l_hi) = syn.SIZES["small"], syn.SIZES["large"]
+    s_hi, l_lo = syn.SIZES["small"][1], syn.SIZES["large"][0]
     assert s_hi * 1.5 <= l_lo
 
 
