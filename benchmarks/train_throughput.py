@@ -9,9 +9,10 @@ warm-up steps with ``torch.cuda.synchronize()`` around the timed loop:
                 encoded once per step, fp32 (CUDA only: isolates grouping from bf16)
   grouped       the project's pixel path: grouped + bf16 autocast on CUDA (fp32 on the CPU,
                 as ``fit`` does there)
-  cached        the project's default path: decoder (+ text encoder) only, on frozen image
-                features read every step from a real ``FeatureCache`` built on disk from
-                generated JPEGs (bf16 autocast on CUDA)
+  cached        decoder (+ text encoder) only, on frozen image features read every step
+                from a real ``FeatureCache`` built on disk from generated JPEGs (bf16 on CUDA)
+  cached_text   the project's default path: decoder only, on cached image features and
+                cached text features (a real ``TextFeatureCache`` on disk)
 
 Every step is the one ``fit`` runs: forward, ``box_loss``, backward, grad clipping, AdamW,
 ``loss.item()``. Host batches are prepared before timing (pinned on CUDA), as DataLoader
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--text-len", type=int, default=10, help="mean phrase length in tokens (random ids)")
     p.add_argument("--distinct-batches", type=int, default=8, help="distinct host batches cycled through")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers of the cache build")
-    p.add_argument("--modes", default="seed,grouped_fp32,grouped,cached")
+    p.add_argument("--modes", default="seed,grouped_fp32,grouped,cached,cached_text")
     p.add_argument("--repeats", type=int, default=None,
                    help="interleaved timed runs per mode, median reported (default: 1 CUDA, 3 CPU)")
     p.add_argument("--json", default=None, help="write the results here")
@@ -179,7 +180,7 @@ def main(argv=None):
             repeated = grouped[image_index]  # the seed: one image tensor per phrase
             if cuda:
                 grouped, repeated = grouped.pin_memory(), repeated.pin_memory()
-            batches.append(dict(idx=idx, ids=ids, mask=mask, boxes=boxes, grouped=grouped, repeated=repeated,
+            batches.append(dict(k=k, idx=idx, ids=ids, mask=mask, boxes=boxes, grouped=grouped, repeated=repeated,
                                 views=rng.integers(0, 2, len(idx)).tolist()))
 
         # The real feature cache, built on disk from the JPEGs (both views per image).
@@ -198,17 +199,47 @@ def main(argv=None):
               f"({added / t_cache.seconds:.1f} images/s incl. JPEG decode, {workers} workers), "
               f"{per_image / 1024:.1f} KiB per image on disk, {cache.dir}")
 
+        # The real text cache: every phrase of every batch encoded once (keys name the phrases).
+        text_cache = None
+        if "cached_text" in modes:
+            from fiftyone_grounding.cache import TextFeatureCache
+
+            text_cache = TextFeatureCache(tmp / "features", "benchmark")
+            with Timer(device) as t_text:
+                for b in batches:
+                    keys = [f"b{b['k']}-p{j:05d}" for j in range(B)]
+                    row = {key: j for j, key in enumerate(keys)}
+
+                    def tokenize(chunk, b=b, row=row):
+                        rows = [row[c] for c in chunk]
+                        return {"input_ids": b["ids"][rows], "attention_mask": b["mask"][rows]}
+
+                    text_cache.build(keys, model, tokenize, device, batch_size=B, autocast_dtype=bf16,
+                                     progress=False)
+            print(f"text cache: {n_batches * B} phrases encoded in {t_text.seconds:.2f} s")
+
+        def text_inputs(b: dict) -> dict:
+            feats = [text_cache.get(f"b{b['k']}-p{j:05d}") for j in range(B)]
+            padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)  # (B, L, D)
+            mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(f), dtype=torch.long) for f in feats],
+                                                   batch_first=True)
+            if cuda:
+                padded, mask = padded.pin_memory(), mask.pin_memory()
+            return dict(text_features=padded.to(device, non_blocking=True),
+                        attention_mask=mask.to(device, non_blocking=True))
+
         def inputs_for(mode: str, b: dict) -> dict:
             nb = dict(non_blocking=True)
             common = dict(input_ids=b["ids"].to(device, **nb), attention_mask=b["mask"].to(device, **nb))
             if mode == "seed":
                 return dict(pixel_values=b["repeated"].to(device, **nb), image_index=None, **common)
             index = image_index.to(device, **nb)
-            if mode == "cached":
+            if mode in ("cached", "cached_text"):
                 feats = torch.stack([cache.get(paths[i], v) for i, v in zip(b["idx"], b["views"])])
                 if cuda:
                     feats = feats.pin_memory()
-                return dict(image_features=feats.to(device, **nb), image_index=index, **common)
+                text = text_inputs(b) if mode == "cached_text" else common
+                return dict(image_features=feats.to(device, **nb), image_index=index, **text)
             return dict(pixel_values=b["grouped"].to(device, **nb), image_index=index, **common)
 
         def timed_run(mode: str) -> float:
@@ -245,7 +276,7 @@ def main(argv=None):
                 "expressions_per_s": B * steps / sec,
                 "ms_per_step": 1000 * sec / steps,
                 "seconds_all": times[mode],
-                "images_encoded_per_step": 0 if mode == "cached" else (B if mode == "seed" else images_per_step),
+                "images_encoded_per_step": 0 if mode.startswith("cached") else (B if mode == "seed" else images_per_step),
                 "autocast": "fp32" if mode in ("seed", "grouped_fp32") or bf16 is None else "bf16",
                 "peak_gpu_mem_gib": peak.get(mode),
             }

@@ -208,3 +208,111 @@ class FeatureCache:
 
 def open_feature_cache(root: os.PathLike, config, image_encoder) -> FeatureCache:
     return FeatureCache(root, cache_key(config, image_encoder))
+
+
+# -- text features ---------------------------------------------------------------------------
+
+
+def _vocab_digest(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def text_cache_key(config, text_encoder, tokenizer) -> str:
+    """Everything cached phrase features depend on, hashed."""
+    payload = {
+        "version": CACHE_VERSION,
+        "encoder": config.text_encoder,
+        "encoder_config": text_encoder.config.to_dict(),
+        "encoder_weights": weights_fingerprint(text_encoder),
+        "vocab": _vocab_digest(tokenizer),
+        "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
+        "max_text_len": config.max_text_len,
+    }
+    payload["encoder_config"].pop("transformers_version", None)
+    payload["encoder_config"].pop("_name_or_path", None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class TextFeatureCache:
+    """Memory-mapped frozen text features, one variable-length (L, D) block per phrase.
+
+    A shard holds the token rows of many phrases back to back (float16, ``(sum L, D)``);
+    the index maps each phrase to (shard, first row, length). The phrases of a training
+    set, and their left/right-swapped forms when flips are on, are encoded once.
+    """
+
+    shard_bytes = 256 * 2**20
+
+    def __init__(self, root: os.PathLike, key: str):
+        self.dir = Path(root) / "text" / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._index: dict[str, list] = {}
+        self._shards: dict[str, np.ndarray] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        path = self.dir / "index.json"
+        if path.exists():
+            self._index = json.loads(path.read_text())
+
+    def __contains__(self, phrase: str) -> bool:
+        return phrase in self._index
+
+    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+    def get(self, phrase: str) -> torch.Tensor:
+        """(L, D) float16 features of ``phrase`` (tokens as the tokenizer cut them)."""
+        name, start, length = self._index[phrase]
+        if name not in self._shards:
+            self._shards[name] = np.load(self.dir / name, mmap_mode="r")
+        return torch.from_numpy(np.array(self._shards[name][start:start + length]))
+
+    @torch.no_grad()
+    def build(self, phrases: Sequence[str], model, tokenize, device, batch_size: int = 256,
+              autocast_dtype=None, progress: bool = True) -> int:
+        """Encode every phrase not cached yet with ``model.encode_text``; returns how many."""
+        from tqdm.auto import tqdm
+
+        todo = sorted({p for p in phrases if p not in self._index})
+        pending: list[np.ndarray] = []
+        entries: list[tuple[str, int, int]] = []
+        rows = 0
+        for start in tqdm(range(0, len(todo), batch_size), desc="caching text features", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+            chunk = todo[start:start + batch_size]
+            tokens = tokenize(chunk)
+            mask = tokens["attention_mask"]
+            with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                feats = model.encode_text(tokens["input_ids"].to(device), mask.to(device))  # (B, L, D)
+            feats = feats.float().cpu().numpy()
+            for phrase, f, n in zip(chunk, feats, mask.sum(1).tolist()):
+                pending.append(f[:n].astype(np.float16))
+                entries.append((phrase, rows, n))
+                rows += n
+            if sum(a.nbytes for a in pending) >= self.shard_bytes:
+                self._flush(pending, entries)
+                pending, entries, rows = [], [], 0
+        self._flush(pending, entries)
+        return len(todo)
+
+    def _flush(self, arrays: list[np.ndarray], entries: list[tuple[str, int, int]]) -> None:
+        if arrays:
+            name = f"shard-{uuid.uuid4().hex[:12]}.npy"
+            tmp = self.dir / (name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.save(f, np.concatenate(arrays))  # (sum L, D)
+            os.replace(tmp, self.dir / name)
+            for phrase, start, length in entries:
+                self._index[phrase] = [name, start, length]
+        tmp = self.dir / f"index.json.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(self._index))
+        os.replace(tmp, self.dir / "index.json")
+
+
+def open_text_cache(root: os.PathLike, config, text_encoder, tokenizer) -> TextFeatureCache:
+    return TextFeatureCache(root, text_cache_key(config, text_encoder, tokenizer))

@@ -343,10 +343,12 @@ class PhraseTokenizer:
 
 
 class Collator:
-    """Stacks images once, tokenizes phrases, and maps each phrase to its image."""
+    """Stacks images once, tokenizes phrases (or reads their cached text features), and maps
+    each phrase to its image."""
 
-    def __init__(self, tokenizer, max_text_len: int):
+    def __init__(self, tokenizer, max_text_len: int, text_cache=None):
         self.tokenize = PhraseTokenizer(tokenizer, max_text_len)
+        self.text_cache = text_cache
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = [s for it in items for s in it.get("skipped", [])]
@@ -355,7 +357,14 @@ class Collator:
         if not items:
             return batch
         phrases = [p for it in items for p in it["phrases"]]
-        tokens = self.tokenize(phrases)
+        if self.text_cache is not None:
+            feats = [self.text_cache.get(p) for p in phrases]  # (L_i, D) each
+            text = {"text_features": torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),  # (B, L, D)
+                    "attention_mask": torch.nn.utils.rnn.pad_sequence(
+                        [torch.ones(len(f), dtype=torch.long) for f in feats], batch_first=True)}
+        else:
+            tokens = self.tokenize(phrases)
+            text = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
         image_key = "image_features" if "image_features" in items[0] else "pixel_values"
         batch.update(
             # (I, 3, S, S) pixels, or (I, T, D) cached features
@@ -363,8 +372,7 @@ class Collator:
             image_index=torch.cat([torch.full((len(it["phrases"]),), i, dtype=torch.long)
                                    for i, it in enumerate(items)]),  # (B,)
             boxes=torch.cat([it["boxes"] for it in items]),  # (B, 4)
-            input_ids=tokens["input_ids"],
-            attention_mask=tokens["attention_mask"],
             phrases=phrases,
+            **text,
         )
         return batch

@@ -117,7 +117,7 @@ class Grounder(nn.Module):
             memory = memory + self._positions(memory.shape[1], memory.device, memory.dtype)
         if image_index is not None:
             memory = memory[image_index]  # (B, N, d)
-        queries = self.text_proj(text_features)  # (B, T, d)
+        queries = self.text_proj(text_features.to(self.text_proj.weight.dtype))  # (B, T, d)
         padding = ~attention_mask.bool()  # (B, T) True where padded
         if self.reg_token is not None:
             reg = self.reg_token.to(queries.dtype).expand(queries.shape[0], -1, -1)
@@ -147,11 +147,14 @@ class Grounder(nn.Module):
         attention_mask: Optional[Tensor] = None,
         image_index: Optional[Tensor] = None,
         image_features: Optional[Tensor] = None,
+        text_features: Optional[Tensor] = None,
     ) -> Tensor:
-        """Boxes (B, 4) for phrases over images given as pixels or as cached encoder features."""
+        """Boxes (B, 4) for phrases over images, each given as model inputs (pixels, token ids)
+        or as cached frozen-encoder features."""
         if image_features is None:
             image_features = self.encode_images(pixel_values)
-        text_features = self.encode_text(input_ids, attention_mask)
+        if text_features is None:
+            text_features = self.encode_text(input_ids, attention_mask)
         return self.decode(image_features, text_features, attention_mask, image_index)
 
     @torch.no_grad()

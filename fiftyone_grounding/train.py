@@ -194,6 +194,11 @@ def fit(
     # process: the other processes and the DataLoader workers get a collator that has warned.
     collate.tokenize.warned = not is_main
     collate.tokenize(train_records.phrases + (val_records.phrases if val_records else []))
+    if feature_cache is not None:
+        collate.text_cache = _build_text_cache(
+            model, config, tokenizer, collate.tokenize, accelerator, mp, cache_dir,
+            _phrases_seen(train_records.phrases, augment) + (val_records.phrases if val_records else []),
+            progress and is_main)
     train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
                                  augment=augment, seed=seed, feature_cache=feature_cache)
     # Each process takes its own share of the batches (sharding is ours, not accelerate's:
@@ -307,13 +312,38 @@ def _build_feature_cache(model: Grounder, config: GrounderConfig, accelerator, m
     return cache
 
 
+def _phrases_seen(phrases: list[str], augment: str) -> list[str]:
+    """Every phrase training can feed the text encoder: flips swap left/right in them."""
+    from .data import swap_left_right
+
+    return phrases + ([swap_left_right(p) for p in phrases] if augment != "none" else [])
+
+
+def _build_text_cache(model: Grounder, config: GrounderConfig, tokenizer, tokenize, accelerator, mp: str,
+                      cache_dir, phrases: list[str], show_progress: bool):
+    """Encode every phrase once into the on-disk text cache (main process first)."""
+    from .cache import open_text_cache
+    from .encoders import home_dir
+
+    cache = open_text_cache(cache_dir or home_dir() / "features", config, model.text_encoder, tokenizer)
+    with accelerator.main_process_first():
+        cache.reload()
+        model.text_encoder.to(accelerator.device)
+        added = cache.build(phrases, model, tokenize, accelerator.device,
+                            autocast_dtype=torch.bfloat16 if mp == "bf16" else None, progress=show_progress)
+    if accelerator.is_main_process and added:
+        print(f"Cached text features of {added} phrases in {cache.dir}")
+    return cache
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _forward_batch(model, batch: dict) -> torch.Tensor:
     return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
-                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 input_ids=batch.get("input_ids"), text_features=batch.get("text_features"),
+                 attention_mask=batch["attention_mask"],
                  image_index=batch["image_index"])
 
 
@@ -330,7 +360,7 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
                dynamic_ncols=True)
     for step, batch in enumerate(bar):
         skipped.extend(batch["skipped"])
-        if "input_ids" not in batch:
+        if "boxes" not in batch:
             if accelerator.num_processes > 1:
                 # Every process must join each gradient all-reduce: step with a zero loss.
                 accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
@@ -378,7 +408,7 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     skipped: list = []
     for batch in loader:
         skipped.extend(batch["skipped"])
-        if "input_ids" not in batch:
+        if "boxes" not in batch:
             continue
         batch = _to_device(batch, accelerator.device)
         with accelerator.autocast():

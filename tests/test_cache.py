@@ -243,14 +243,53 @@ def test_fit_encodes_once_then_reuses_the_cache(synthetic_dataset, tmp_path):
     out = io.StringIO()
     with redirect_stdout(out):
         fit(view, out_dir=str(tmp_path / "a"), **kwargs)
-    assert "Cached image features of" in out.getvalue()
-    (folder,) = (tmp_path / "features").iterdir()
+    assert "Cached image features of" in out.getvalue() and "Cached text features of" in out.getvalue()
+    (folder,) = [p for p in (tmp_path / "features").iterdir() if p.name != "text"]
+    (text_folder,) = (tmp_path / "features" / "text").iterdir()
     shards = sorted(p.name for p in folder.glob("shard-*.npy"))
+    text_shards = sorted(p.name for p in text_folder.glob("shard-*.npy"))
     out = io.StringIO()
     with redirect_stdout(out):
         fit(view, out_dir=str(tmp_path / "b"), **kwargs)
-    assert "Cached image features of" not in out.getvalue()
+    assert "Cached image features of" not in out.getvalue() and "Cached text features" not in out.getvalue()
     assert sorted(p.name for p in folder.glob("shard-*.npy")) == shards
+    assert sorted(p.name for p in text_folder.glob("shard-*.npy")) == text_shards
+
+
+def test_cached_text_features_match_the_text_encoder(tmp_path, model):
+    from fiftyone_grounding.cache import open_text_cache
+    from fiftyone_grounding.data import Collator
+    from fiftyone_grounding.model import build_tokenizer
+
+    tokenizer = build_tokenizer(model.config)
+    collate = Collator(tokenizer, model.config.max_text_len)
+    phrases = ["the red circle", "the small blue square on the left", "the large white triangle at the top",
+               "the " + "very " * 40 + "long one"]  # cut to max_text_len
+    cache = open_text_cache(tmp_path / "features", model.config, model.text_encoder, tokenizer)
+    assert cache.build(phrases, model, collate.tokenize, "cpu", batch_size=3, progress=False) == 4
+    reopened = open_text_cache(tmp_path / "features", model.config, model.text_encoder, tokenizer)
+    assert reopened.dir == cache.dir and all(p in reopened for p in phrases)
+    tokens = collate.tokenize(phrases)
+    with torch.no_grad():
+        direct = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    for i, p in enumerate(phrases):
+        n = int(tokens["attention_mask"][i].sum())
+        assert reopened.get(p).shape == (n, direct.shape[-1])
+        assert torch.allclose(reopened.get(p).float(), direct[i, :n], atol=2e-2, rtol=1e-2)
+    # The same batch through the model: cached text gives the boxes that tokens give.
+    cached = Collator(tokenizer, model.config.max_text_len, text_cache=reopened)
+    item = {"image_features": torch.randn(69, 64).half(), "boxes": torch.rand(4, 4), "phrases": phrases,
+            "sample_ids": list("abcd")}
+    a, b = collate([item]), cached([item])
+    with torch.no_grad():
+        boxes_a = model(image_features=a["image_features"], input_ids=a["input_ids"],
+                        attention_mask=a["attention_mask"], image_index=a["image_index"])
+        boxes_b = model(image_features=b["image_features"], text_features=b["text_features"],
+                        attention_mask=b["attention_mask"], image_index=b["image_index"])
+    assert torch.allclose(boxes_a, boxes_b, atol=5e-3)
+    # Another max_text_len is another cache.
+    changed = type(model.config).from_dict({**model.config.to_dict(), "max_text_len": 8})
+    assert open_text_cache(tmp_path / "features", changed, model.text_encoder, tokenizer).dir != cache.dir
 
 
 def test_index_survives_reopen_and_new_images_go_to_new_shards(tmp_path, model, images):
