@@ -362,9 +362,10 @@ def test_memory_is_bounded_by_shard_size(tmp_path, model, images):
     cache, peak_many = _peak_build_bytes(tmp_path / "a", model, paths, shard_bytes)
     _, peak_few = _peak_build_bytes(tmp_path / "b", model, paths[:4], shard_bytes)
     _, peak_unbounded = _peak_build_bytes(tmp_path / "c", model, paths, 2**40)  # one shard at the end
-    # Six times the images, about the same peak (the index grows a little); holding every
-    # feature until the end (the control) grows with the dataset.
-    assert peak_many < peak_few + 8 * per_image
+    # Six times the images, about the same peak (the index and path strings grow a little, and
+    # one-off allocations differ from run to run by a few images' worth); holding every feature
+    # until the end (the control) grows with the dataset.
+    assert peak_many < peak_few + 16 * per_image
     assert peak_many - peak_few < (peak_unbounded - peak_few) / 3
     assert cache.nbytes_per_image() == per_image
     shards = list(cache.dir.glob("shard-*.npy"))
