@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import load_rgb
+from .data import load_rgb, preprocess_image
 
 CACHE_VERSION = 2  # 2: the key covers the encoder's weights too
 VIEWS = ("original", "hflip")
@@ -45,21 +45,25 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(config, image_encoder) -> str:
-    """Everything the cached features depend on, hashed."""
-    payload = {
-        "version": CACHE_VERSION,
-        "encoder": config.image_encoder,
-        "encoder_config": image_encoder.config.to_dict(),
-        "encoder_weights": weights_fingerprint(image_encoder),
-        "image_size": config.image_size,
-        "mean": list(config.image_mean),
-        "std": list(config.image_std),
-        "views": list(VIEWS),
-    }
-    payload["encoder_config"].pop("transformers_version", None)
-    payload["encoder_config"].pop("_name_or_path", None)
+def _key(encoder_name: str, encoder: torch.nn.Module, **more) -> str:
+    """Digest of an encoder (id, config without volatile fields, weights) and ``more``."""
+    encoder_config = encoder.config.to_dict()
+    encoder_config.pop("transformers_version", None)
+    encoder_config.pop("_name_or_path", None)
+    payload = {"version": CACHE_VERSION, "encoder": encoder_name, "encoder_config": encoder_config,
+               "encoder_weights": weights_fingerprint(encoder), **more}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cache_key(config, image_encoder) -> str:
+    """Everything the cached image features depend on, hashed."""
+    return _key(
+        config.image_encoder, image_encoder,
+        image_size=config.image_size,
+        mean=list(config.image_mean),
+        std=list(config.image_std),
+        views=list(VIEWS),
+    )
 
 
 class _ImageViews(Dataset):
@@ -68,23 +72,19 @@ class _ImageViews(Dataset):
     def __init__(self, paths: Sequence[str], image_size: int, mean, std):
         self.paths = list(paths)
         self.image_size = image_size
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
+        self.mean = mean
+        self.std = std
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import albumentations as A
-
         try:
             image = load_rgb(self.paths[i])
         except ValueError as e:
             return i, None, str(e)
-        image = A.Resize(self.image_size, self.image_size)(image=image)["image"]
-        x = (image.astype(np.float32) / 255.0 - self.mean) / self.std
-        views = np.stack([x, x[:, ::-1]]).transpose(0, 3, 1, 2)  # (2, 3, S, S)
-        return i, torch.from_numpy(np.ascontiguousarray(views)), None
+        x = preprocess_image(image, self.image_size, self.mean, self.std)  # (3, S, S)
+        return i, torch.stack([x, x.flip(-1)]), None  # (2, 3, S, S): original, mirrored
 
 
 def _collate(items):
@@ -93,36 +93,72 @@ def _collate(items):
             [(it[0], it[2]) for it in items if it[1] is None])
 
 
-class FeatureCache:
-    """Memory-mapped frozen image features, one row per image, ``len(VIEWS)`` views per row."""
+class _ShardedStore:
+    """A folder of memory-mapped float16 ``.npy`` shards plus a JSON index, both replaced
+    atomically, so a kill keeps every shard already indexed. Subclasses say what the index
+    maps keys to and how rows are read."""
 
-    shard_bytes = 256 * 2**20
+    shard_bytes = 256 * 2**20  # flush a shard at this size: memory bounded whatever the data
 
-    def __init__(self, root: os.PathLike, key: str):
-        self.dir = Path(root) / key
+    def __init__(self, folder: Path):
+        self.dir = folder
         self.dir.mkdir(parents=True, exist_ok=True)
         self._index: dict[str, list] = {}
-        self._errors: dict[str, str] = {}
         self._shards: dict[str, np.ndarray] = {}
         self.reload()
 
-    # -- index ---------------------------------------------------------------------------
-
     def reload(self) -> None:
-        """Re-read the index (after another process added images)."""
+        """Re-read the index (after another process added entries)."""
         path = self.dir / "index.json"
         if path.exists():
-            data = json.loads(path.read_text())
-            self._index = data.get("rows", {})
-            self._errors = data.get("errors", {})
+            self._load_index(json.loads(path.read_text()))
+
+    def _load_index(self, data) -> None:
+        self._index = data
+
+    def _index_data(self):
+        return self._index
 
     def _save_index(self) -> None:
         tmp = self.dir / f"index.json.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps({"rows": self._index, "errors": self._errors}))
+        tmp.write_text(json.dumps(self._index_data()))
         os.replace(tmp, self.dir / "index.json")
 
-    def __contains__(self, path: str) -> bool:
-        return path in self._index
+    def _write_shard(self, arrays: list[np.ndarray]) -> str:
+        name = f"shard-{uuid.uuid4().hex[:12]}.npy"
+        tmp = self.dir / (name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, np.concatenate(arrays))
+        os.replace(tmp, self.dir / name)
+        return name
+
+    def _shard(self, name: str) -> np.ndarray:
+        if name not in self._shards:
+            self._shards[name] = np.load(self.dir / name, mmap_mode="r")
+        return self._shards[name]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._index
+
+    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
+
+class FeatureCache(_ShardedStore):
+    """Memory-mapped frozen image features, one row per image, ``len(VIEWS)`` views per row."""
+
+    def __init__(self, root: os.PathLike, key: str):
+        self._errors: dict[str, str] = {}
+        super().__init__(Path(root) / key)
+
+    def _load_index(self, data) -> None:
+        self._index = data.get("rows", {})
+        self._errors = data.get("errors", {})
+
+    def _index_data(self):
+        return {"rows": self._index, "errors": self._errors}
 
     def error(self, path: str) -> Optional[str]:
         return self._errors.get(path)
@@ -133,22 +169,10 @@ class FeatureCache:
             return int(shard[0].nbytes)
         return 0
 
-    # -- read ----------------------------------------------------------------------------
-
-    def _shard(self, name: str) -> np.ndarray:
-        if name not in self._shards:
-            self._shards[name] = np.load(self.dir / name, mmap_mode="r")
-        return self._shards[name]
-
     def get(self, path: str, view: int) -> torch.Tensor:
         """(T, D) float16 features of ``path`` in view ``view`` (0: original, 1: mirrored)."""
         shard, row = self._index[path]
         return torch.from_numpy(np.array(self._shard(shard)[row, view]))
-
-    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
-        state = self.__dict__.copy()
-        state["_shards"] = {}
-        return state
 
     # -- write ---------------------------------------------------------------------------
 
@@ -194,11 +218,7 @@ class FeatureCache:
 
     def _flush(self, arrays: list[np.ndarray], paths: list[str]) -> int:
         if arrays:
-            name = f"shard-{uuid.uuid4().hex[:12]}.npy"
-            tmp = self.dir / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(arrays))  # (N, V, T, D)
-            os.replace(tmp, self.dir / name)
+            name = self._write_shard(arrays)  # (N, V, T, D)
             for row, path in enumerate(paths):
                 self._index[path] = [name, row]
                 self._errors.pop(path, None)
@@ -220,21 +240,15 @@ def _vocab_digest(tokenizer) -> str:
 
 def text_cache_key(config, text_encoder, tokenizer) -> str:
     """Everything cached phrase features depend on, hashed."""
-    payload = {
-        "version": CACHE_VERSION,
-        "encoder": config.text_encoder,
-        "encoder_config": text_encoder.config.to_dict(),
-        "encoder_weights": weights_fingerprint(text_encoder),
-        "vocab": _vocab_digest(tokenizer),
-        "lowercase": bool(getattr(tokenizer, "do_lower_case", False)),
-        "max_text_len": config.max_text_len,
-    }
-    payload["encoder_config"].pop("transformers_version", None)
-    payload["encoder_config"].pop("_name_or_path", None)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _key(
+        config.text_encoder, text_encoder,
+        vocab=_vocab_digest(tokenizer),
+        lowercase=bool(getattr(tokenizer, "do_lower_case", False)),
+        max_text_len=config.max_text_len,
+    )
 
 
-class TextFeatureCache:
+class TextFeatureCache(_ShardedStore):
     """Memory-mapped frozen text features, one variable-length (L, D) block per phrase.
 
     A shard holds the token rows of many phrases back to back (float16, ``(sum L, D)``);
@@ -242,34 +256,13 @@ class TextFeatureCache:
     set, and their left/right-swapped forms when flips are on, are encoded once.
     """
 
-    shard_bytes = 256 * 2**20
-
     def __init__(self, root: os.PathLike, key: str):
-        self.dir = Path(root) / "text" / key
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._index: dict[str, list] = {}
-        self._shards: dict[str, np.ndarray] = {}
-        self.reload()
-
-    def reload(self) -> None:
-        path = self.dir / "index.json"
-        if path.exists():
-            self._index = json.loads(path.read_text())
-
-    def __contains__(self, phrase: str) -> bool:
-        return phrase in self._index
-
-    def __getstate__(self):  # DataLoader workers reopen the memory maps themselves
-        state = self.__dict__.copy()
-        state["_shards"] = {}
-        return state
+        super().__init__(Path(root) / "text" / key)
 
     def get(self, phrase: str) -> torch.Tensor:
         """(L, D) float16 features of ``phrase`` (tokens as the tokenizer cut them)."""
         name, start, length = self._index[phrase]
-        if name not in self._shards:
-            self._shards[name] = np.load(self.dir / name, mmap_mode="r")
-        return torch.from_numpy(np.array(self._shards[name][start:start + length]))
+        return torch.from_numpy(np.array(self._shard(name)[start:start + length]))
 
     @torch.no_grad()
     def build(self, phrases: Sequence[str], model, tokenize, device, batch_size: int = 256,
@@ -302,16 +295,10 @@ class TextFeatureCache:
 
     def _flush(self, arrays: list[np.ndarray], entries: list[tuple[str, int, int]]) -> None:
         if arrays:
-            name = f"shard-{uuid.uuid4().hex[:12]}.npy"
-            tmp = self.dir / (name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.concatenate(arrays))  # (sum L, D)
-            os.replace(tmp, self.dir / name)
+            name = self._write_shard(arrays)  # (sum L, D)
             for phrase, start, length in entries:
                 self._index[phrase] = [name, start, length]
-        tmp = self.dir / f"index.json.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(self._index))
-        os.replace(tmp, self.dir / "index.json")
+        self._save_index()
 
 
 def open_text_cache(root: os.PathLike, config, text_encoder, tokenizer) -> TextFeatureCache:

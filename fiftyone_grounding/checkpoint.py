@@ -75,8 +75,10 @@ def resolve_checkpoint_dir(path: PathLike) -> Path:
     return path
 
 
-def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None) -> Path:
-    """Save a ``Grounder``'s config and trainable weights (plus optional JSON metadata)."""
+def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None,
+                    write_more: Optional[Callable[[Path], None]] = None) -> Path:
+    """Save a ``Grounder``'s config and trainable weights (plus optional JSON metadata, and
+    whatever ``write_more(folder)`` adds, e.g. the optimizer state of a resumable run)."""
     weights = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
 
     def write(tmp: Path) -> None:
@@ -84,6 +86,8 @@ def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None) -> Path
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if extra is not None:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))
+        if write_more is not None:
+            write_more(tmp)
 
     return atomic_write_dir(path, write)
 

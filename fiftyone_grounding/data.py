@@ -96,6 +96,19 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"))
 
 
+def normalize_pixels(image: np.ndarray, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 tensor normalized with ``mean``/``std``."""
+    x = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+def preprocess_image(image: np.ndarray, image_size: int, mean, std) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (3, S, S) model input: the resize and normalization of training."""
+    import albumentations as A
+
+    return normalize_pixels(A.Resize(image_size, image_size)(image=image)["image"], mean, std)
+
+
 @dataclass
 class GroundingRecords:
     """The rows of a view that can be trained on, and why the others were skipped."""
@@ -232,9 +245,8 @@ class GroundingDataset(Dataset):
             return {"skipped": [(sid, "box lost in augmentation") for sid in ids]}
         if self.augment != "none" and rng.random() < 0.5:
             image, boxes, phrases = hflip(image, boxes, phrases)
-        pixels = (image.astype(np.float32) / 255.0 - self.mean) / self.std
         return {
-            "pixel_values": torch.from_numpy(pixels.transpose(2, 0, 1).copy()),  # (3, S, S)
+            "pixel_values": normalize_pixels(image, self.mean, self.std),  # (3, S, S)
             "boxes": torch.from_numpy(boxes),  # (k, 4)
             "phrases": phrases,
             "sample_ids": ids,

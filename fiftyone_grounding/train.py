@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .boxes import box_iou
-from .checkpoint import (WEIGHTS_NAME, CheckpointError, atomic_write_dir, load_trainable_weights,
+from .checkpoint import (WEIGHTS_NAME, CheckpointError, load_trainable_weights,
                          resolve_checkpoint_dir, save_checkpoint)
 from .config import GrounderConfig, get_config
 from .data import Collator, GroundingDataset, GroupBatchSampler, read_records
@@ -429,15 +429,12 @@ def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int
     tensors, meta = _optimizer_to_files(optimizer)
     state = {"epoch": epoch, "history": history, "best_val_iou": best_iou, "optimizer": meta,
              "scheduler": scheduler.state_dict()}
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state_dict().items()}
 
-    def write(tmp: Path) -> None:
-        model.config.to_json(tmp / "config.json")
-        save_file(weights, str(tmp / WEIGHTS_NAME))
+    def write_state(tmp: Path) -> None:
         save_file(tensors, str(tmp / OPTIMIZER_NAME))
         (tmp / STATE_JSON).write_text(json.dumps(state, indent=2, default=float))
 
-    atomic_write_dir(last_dir, write)
+    save_checkpoint(model, last_dir, write_more=write_state)
 
 
 def _table_header() -> str:

@@ -20,22 +20,13 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
-from .data import PhraseTokenizer, clean_phrase, load_rgb
+from .data import PhraseTokenizer, clean_phrase, load_rgb, preprocess_image
 from .labels import make_detections
 from .model import Grounder, build_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 PROMPT_KEY = "prompt_field"
-
-
-def preprocess_image(image: np.ndarray, image_size: int, mean, std) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (3, S, S) normalized float tensor (the training resize)."""
-    import albumentations as A
-
-    resized = A.Resize(image_size, image_size)(image=image)["image"]
-    pixels = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
 class GroundingGetItem(fout.GetItem):
