@@ -73,6 +73,37 @@ def test_grouped_images_equal_one_by_one():
     assert torch.allclose(grouped, single, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm_first,query", [(False, "text"), (True, "reg")])
+def test_decoder_with_shared_keys_equals_torch_decoder(norm_first, query):
+    """``run_decoder`` projects each image's keys/values once; ``nn.TransformerDecoder`` on the
+    memory repeated per phrase must give the same outputs and the same gradients."""
+    torch.manual_seed(0)
+    model = build_model("tiny", norm_first=norm_first, query=query, dropout=0.0).train()
+    d = model.config.d_model
+    memory = torch.randn(3, 17, d)
+    queries = torch.randn(7, 5, d)
+    padding = torch.zeros(7, 5, dtype=torch.bool)
+    padding[1, 3:] = padding[4, 1:] = True
+    image_index = torch.tensor([0, 2, 2, 1, 0, 0, 2])
+    outs, grads = [], []
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:
+            out = model.run_decoder(queries, memory, padding, image_index)
+        else:
+            out = model.decoder(queries, memory[image_index], tgt_key_padding_mask=padding)
+        (out[~padding] ** 2).sum().backward()
+        outs.append(out[~padding].detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        fused = model.run_decoder(queries, memory, padding, image_index)[~padding]
+        torch_path = model.decoder(queries, memory[image_index], tgt_key_padding_mask=padding)[~padding]
+    assert torch.allclose(fused, torch_path, atol=1e-5)
+
+
 def test_tiny_encoders_load_through_from_pretrained(tmp_path):
     from transformers import AutoModel
 
