@@ -1,4 +1,4 @@
-"""Inference throughput: ``dataset.apply_model(GroundingModel)`` against a per-sample loop.
+"""Inference throughput end to end: ``apply_grounding_model`` and ``dataset.apply_model`` vs a per-sample loop.
 
 On a generated FiftyOne dataset (``--images`` JPEGs of 640x480, ``--phrases-per-image``
 samples each: one sample per referring expression, as the project stores RefCOCO), on one
@@ -6,9 +6,13 @@ device, both end to end (JPEG decode + model + writes to FiftyOne's database):
 
   loop          for each sample: load its image, ``model.predict(image, phrase)``,
                 ``sample.save()``, one at a time
-  apply_<B>     ``dataset.apply_model(model, prompt_field="expression", batch_size=B,
-                num_workers=W)``: DataLoader workers decode, each distinct image of a
-                batch is encoded once, labels are written in bulk
+  apply_<B>     ``fiftyone_grounding.apply_grounding_model(dataset, model, batch_size=B,
+                num_workers=W)``, the project's path (CLI, operators): one query reads
+                ids, paths and phrases, samples are grouped by image (one decode and one
+                encode per image), DataLoader workers decode, labels are written in bulk by id
+  fo_apply_<B>  FiftyOne's own ``dataset.apply_model(model, prompt_field="expression",
+                batch_size=B, num_workers=W)`` with the same model (FiftyOne iterates the
+                samples and saves them in batches)
 
 Each is warmed up once on a few samples first (not timed). Full-size configs with random
 weights on CUDA (``--preset seed``), the tiny preset on the CPU. The full-size text
@@ -53,6 +57,7 @@ def parse_args(argv=None):
                    help="samples the per-sample loop runs on (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each (median reported)")
     p.add_argument("--model-only", action="store_true", help="skip FiftyOne: time the model alone")
+    p.add_argument("--no-fo-apply", action="store_true", help="do not time FiftyOne's own dataset.apply_model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared CPU)")
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -106,12 +111,12 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
 
     from fiftyone_grounding.data import load_rgb
     from fiftyone_grounding.labels import make_detections
-    from fiftyone_grounding.zoo import GroundingModel
+    from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model, default_num_workers
 
     n_images = args.images or (300 if device.type == "cuda" else 40)
     ppi = args.phrases_per_image
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    workers = args.workers if args.workers is not None else default_num_workers(device)
     rng = np.random.default_rng(args.seed)
 
     with Timer(torch.device("cpu")) as t_gen:
@@ -126,6 +131,9 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 samples.append(fo.Sample(filepath=path, expression=phrase,
                                          ground_truth=make_detections(boxes[j % len(boxes)], phrase)))
         dataset.add_samples(samples, progress=False)
+        # Free the in-memory samples: FiftyOne reloads every live Sample object of a dataset
+        # after each bulk write and each dataset.reload(), which would tax every mode.
+        del samples
         n = len(dataset)
         print(f"dataset {name!r}: {n_images} generated JPEGs (640x480, {t_gen.seconds:.1f} s) x {ppi} "
               f"expressions = {n} samples, FiftyOne {fo.__version__}")
@@ -144,12 +152,18 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 sample.save()
 
         def apply(view, field, bs):
+            apply_grounding_model(view, model, label_field=field, prompt_field="expression", batch_size=bs,
+                                  num_workers=workers, progress=False)
+
+        def fo_apply(view, field, bs):
             view.apply_model(model, label_field=field, prompt_field="expression", batch_size=bs,
                              num_workers=workers, progress=False)
 
         # Warm-ups (not timed): first calls pay one-off costs (field creation, lazy imports).
         loop(dataset.limit(3), "warm_loop")
         apply(dataset.limit(max(batch_sizes)), "warm_apply", max(batch_sizes))
+        if not args.no_fo_apply:
+            fo_apply(dataset.limit(max(batch_sizes)), "warm_fo_apply", max(batch_sizes))
 
         results = {}
         loop_view = dataset.limit(args.loop_samples) if args.loop_samples else dataset
@@ -161,11 +175,14 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 loop(loop_view, "pred_loop")
             times["loop"].append(t.seconds)
             for bs in batch_sizes:
-                before = model.forward_calls
-                with Timer(device) as t:
-                    apply(dataset, f"pred_apply_{bs}", bs)
-                times.setdefault(f"apply_{bs}", []).append(t.seconds)
-                calls[f"apply_{bs}"] = model.forward_calls - before
+                for kind, run in (("apply", apply), ("fo_apply", fo_apply)):
+                    if kind == "fo_apply" and args.no_fo_apply:
+                        continue
+                    before = model.forward_calls
+                    with Timer(device) as t:
+                        run(dataset, f"pred_{kind}_{bs}", bs)
+                    times.setdefault(f"{kind}_{bs}", []).append(t.seconds)
+                    calls[f"{kind}_{bs}"] = model.forward_calls - before
         for key, secs in times.items():
             count = n_loop if key == "loop" else n
             med = float(np.median(secs))
@@ -173,7 +190,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                             "expressions_per_s": count / med}
             extra = ""
             if key != "loop":
-                bs = int(key.split("_")[1])
+                bs = int(key.rsplit("_", 1)[1])
                 results[key].update(batch_size=bs, workers=workers, forward_calls=calls[key])
                 extra = f", {calls[key]} batched forwards, {workers} workers"
             print(f"  {key:<10} {fmt_rate(count / med):>9} expressions/s  ({count} samples, median "
@@ -182,21 +199,23 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
         # Same predictions either way (sanity check, not timed).
         agree = {}
         loop_ids = set(loop_view.values("id"))
-        for bs in batch_sizes:
+        for key in times:
+            if key == "loop":
+                continue
             a, b, ids = dataset.values(["pred_loop.detections.bounding_box",
-                                        f"pred_apply_{bs}.detections.bounding_box", "id"])
+                                        f"pred_{key}.detections.bounding_box", "id"])
             diffs = [np.abs(np.subtract(x[0], y[0])).max() for x, y, i in zip(a, b, ids) if i in loop_ids]
-            agree[f"apply_{bs}"] = float(max(diffs))
-            missing = dataset.count(f"pred_apply_{bs}.detections")
-            if missing != n:
-                raise RuntimeError(f"apply_model wrote {missing} of {n} predictions")
-        print("  max |box difference| loop vs apply: " + ", ".join(f"{k} {v:.2e}" for k, v in agree.items()))
+            agree[key] = float(max(diffs))
+            written = dataset.count(f"pred_{key}.detections")
+            if written != n:
+                raise RuntimeError(f"{key} wrote {written} of {n} predictions")
+        print("  max |box difference| vs the loop: " + ", ".join(f"{k} {v:.2e}" for k, v in agree.items()))
     finally:
         dataset.delete()
 
     base = results["loop"]["expressions_per_s"]
     ratios = {k: v["expressions_per_s"] / base for k, v in results.items() if k != "loop"}
-    print("speed-up of apply_model over the per-sample loop: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+    print("speed-up over the per-sample loop: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
     return {"mode": "fiftyone", "fiftyone": fo.__version__, "preset": preset, "images": n_images, "repeats": args.repeats,
             "phrases_per_image": ppi, "samples": n, "workers": workers, "text_encoder_note": note,
             "results": results, "ratio_vs_loop": ratios, "max_box_difference": agree}

@@ -358,7 +358,9 @@ class ApplyGroundingModel(GroundingOperator):
         run = apply_grounding_model(view, load_grounding_model(self.param(ctx, "model")), label_field=label_field,
                                     prompt_field=self.param(ctx, "phrase_field"),
                                     batch_size=self.param(ctx, "batch_size"), num_workers=0,
-                                    skip_existing=self.param(ctx, "skip_existing"))
+                                    skip_existing=self.param(ctx, "skip_existing"), progress=False,
+                                    progress_callback=lambda fraction, label: ctx.set_progress(progress=fraction,
+                                                                                               label=label))
         ctx.ops.reload_dataset()
         return {"label_field": label_field, "num_predictions": view.count(f"{label_field}.detections"),
                 "num_skipped": len(run["skipped"])}

@@ -17,7 +17,7 @@ import fiftyone.zoo as foz
 from fiftyone_grounding.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from fiftyone_grounding.data import load_rgb
 from fiftyone_grounding.labels import label_for
-from fiftyone_grounding.zoo import GroundingModel
+from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
 from fiftyone_grounding.zoo_source import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, ZooDownloadError,
                                            register_local_source)
 
@@ -114,6 +114,43 @@ def test_batched_boxes_equal_one_by_one_predict(dataset, model):
     for path, phrase, boxes in zip(*view.values(["filepath", "expression", "pred.detections.bounding_box"])):
         single = model.predict(load_rgb(path), phrase)
         np.testing.assert_allclose(single.detections[0].bounding_box, boxes[0], atol=1e-4)
+
+
+def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, model):
+    """``apply_grounding_model`` (bulk read, images grouped wherever their samples are, bulk
+    writes by id) writes what FiftyOne's ``apply_model`` writes, sample by sample."""
+    view = dataset.shuffle(seed=3)  # the expressions of an image are no longer consecutive
+    ids = dataset.values("id")
+    blank = {ids[5]: "  ", ids[17]: None}
+    dataset.set_values("expression", blank, key_field="id")
+    view.apply_model(model, label_field="reference", prompt_field="expression", batch_size=16, num_workers=0)
+    calls, fractions = model.forward_calls, []
+    run = apply_grounding_model(view, model, label_field="fast", batch_size=16,
+                                progress_callback=lambda f, label: fractions.append(f))
+    # 78 phrases on 40 images, packed image by image into batches of <= 16 phrases.
+    assert model.forward_calls - calls <= 6
+    assert run["processed"] == 80 and sorted(run["skipped"]) == sorted((i, "missing or empty phrase") for i in blank)
+    assert fractions[-1] == 1.0 and fractions == sorted(fractions)
+    for sid, ref, fast, ref_label, fast_label in zip(*dataset.values(
+            ["id", "reference.detections.bounding_box", "fast.detections.bounding_box",
+             "reference.detections.label", "fast.detections.label"])):
+        if sid in blank:
+            assert ref is None and fast is None
+        else:
+            np.testing.assert_allclose(fast[0], ref[0], atol=1e-5)
+            assert fast_label == ref_label
+    assert dataset.get_field("fast").document_type is fo.Detections
+
+
+def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model):
+    """DataLoader worker processes and several bulk writes give the same boxes."""
+    view = dataset.limit(30)
+    apply_grounding_model(view, model, label_field="a", batch_size=8, num_workers=0)
+    apply_grounding_model(view, model, label_field="b", batch_size=5, num_workers=2, write_every=7)
+    a, b = view.values(["a.detections.bounding_box", "b.detections.bounding_box"])
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    with pytest.raises(ValueError, match="no field 'caption'"):
+        apply_grounding_model(view, model, label_field="c", prompt_field="caption")
 
 
 # -- the remote model-zoo source -------------------------------------------------------------
