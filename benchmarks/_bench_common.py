@@ -187,6 +187,52 @@ def tokenizer_batch(tokenizer, rng: np.random.Generator, batch: int, max_len: in
     return tokens["input_ids"], tokens["attention_mask"]
 
 
+def offline_text_encoder(folder: Path, name: str) -> str:
+    """A local folder with the architecture config of the full-size text encoder ``name`` and a
+    BERT tokenizer over a generated vocabulary of its size (the real one needs the Hub)."""
+    from transformers import BertConfig, BertTokenizerFast
+
+    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS
+    from fiftyone_grounding.encoders import tiny_vocabulary
+
+    values = dict(KNOWN_ENCODER_CONFIGS[name])
+    values.pop("model_type")
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig(**values).save_pretrained(folder)
+    vocab = tiny_vocabulary()
+    vocab += [f"[unused{i}]" for i in range(values["vocab_size"] - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    import inspect
+
+    params = inspect.signature(BertTokenizerFast.__init__).parameters
+    arg = {"vocab_file" if "vocab_file" in params else "vocab": str(folder / "vocab.txt")}
+    BertTokenizerFast(**arg, do_lower_case=True, model_max_length=values["max_position_embeddings"]).save_pretrained(folder)
+    return str(folder)
+
+
+def offline_config(preset: str, tmp: Path, **overrides):
+    """The config of a preset whose text encoder is a local folder (``offline_text_encoder``)
+    where it would be downloaded; returns (config, note saying what stands in)."""
+    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS, get_config
+
+    config = get_config(preset, **overrides)
+    note = None
+    if config.text_encoder in KNOWN_ENCODER_CONFIGS:
+        folder = offline_text_encoder(tmp / "text_encoder", config.text_encoder)
+        note = (f"text encoder {config.text_encoder}: its config with random weights; tokenizer: BERT "
+                f"WordPiece over a generated {KNOWN_ENCODER_CONFIGS[config.text_encoder]['vocab_size']}-entry vocabulary")
+        config = get_config(preset, **{**overrides, "text_encoder": folder})
+    return config, note
+
+
+def build_offline(preset: str, tmp: Path):
+    """``build_model`` of a preset with random weights, no download; returns (model, note)."""
+    from fiftyone_grounding.model import build_model
+
+    config, note = offline_config(preset, tmp)
+    return build_model(config=config, weights=False), note
+
+
 def write_json(path: Optional[str], payload: dict) -> None:
     if not path:
         return

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (Timer, device_info, fmt_rate, random_phrase, random_token_batch, resolve_device,
-                           write_images, write_json)
+from _bench_common import (Timer, build_offline, device_info, fmt_rate, random_phrase, random_token_batch,
+                           resolve_device, write_images, write_json)
 
 
 def parse_args(argv=None):
@@ -62,43 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def offline_text_encoder(folder: Path, name: str) -> str:
-    """A local folder with the architecture config of the full-size text encoder ``name`` and a
-    BERT tokenizer over a generated vocabulary of its size (the real one needs the Hub)."""
-    from transformers import BertConfig, BertTokenizerFast
-
-    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS
-    from fiftyone_grounding.encoders import tiny_vocabulary
-
-    values = dict(KNOWN_ENCODER_CONFIGS[name])
-    values.pop("model_type")
-    folder.mkdir(parents=True, exist_ok=True)
-    BertConfig(**values).save_pretrained(folder)
-    vocab = tiny_vocabulary()
-    vocab += [f"[unused{i}]" for i in range(values["vocab_size"] - len(vocab))]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    import inspect
-
-    params = inspect.signature(BertTokenizerFast.__init__).parameters
-    arg = {"vocab_file" if "vocab_file" in params else "vocab": str(folder / "vocab.txt")}
-    BertTokenizerFast(**arg, do_lower_case=True, model_max_length=values["max_position_embeddings"]).save_pretrained(folder)
-    return str(folder)
-
-
-def build(preset: str, tmp: Path):
-    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS, get_config
-    from fiftyone_grounding.model import build_model
-
-    config = get_config(preset)
-    note = None
-    if config.text_encoder in KNOWN_ENCODER_CONFIGS:
-        folder = offline_text_encoder(tmp / "text_encoder", config.text_encoder)
-        note = (f"text encoder {config.text_encoder}: its config with random weights; tokenizer: BERT "
-                f"WordPiece over a generated {KNOWN_ENCODER_CONFIGS[config.text_encoder]['vocab_size']}-entry vocabulary")
-        config = get_config(preset, text_encoder=folder)
-    return build_model(config=config, weights=False), note
 
 
 # -- FiftyOne end to end ----------------------------------------------------------------------
@@ -138,7 +101,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
         print(f"dataset {name!r}: {n_images} generated JPEGs (640x480, {t_gen.seconds:.1f} s) x {ppi} "
               f"expressions = {n} samples, FiftyOne {fo.__version__}")
 
-        grounder, note = build(preset, tmp)
+        grounder, note = build_offline(preset, tmp)
         model = GroundingModel(grounder, device=device)
         cfg = model.config
         print(f"model: preset {preset!r}, {cfg.image_encoder} + text encoder ({note or cfg.text_encoder}), "

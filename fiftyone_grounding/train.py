@@ -261,7 +261,7 @@ def fit(
         skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
         row = {"epoch": epoch + 1, **train_stats,
                "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 2)}
+               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
         history.append(row)
         score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
         if is_main:

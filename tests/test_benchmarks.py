@@ -1,0 +1,51 @@
+"""The benchmark scripts run (tiny preset, CPU, a few steps) and report consistent figures.
+
+No timing is asserted: these check that every mode runs, that the paths agree where they
+must (same boxes from the loop, ``apply_grounding_model`` and FiftyOne's ``apply_model``),
+and that the JSON holds the figures the README quotes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(script, tmp_path, *args):
+    out = tmp_path / f"{script}.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--device", "cpu",
+                           "--threads", "1", "--json", str(out), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_train_throughput_runs_every_mode(tmp_path):
+    result, stdout = run_benchmark("train_throughput", tmp_path, "--preset", "tiny", "--batch-size", "14",
+                                   "--steps", "1", "--warmup", "1", "--repeats", "1",
+                                   "--modes", "seed,grouped,cached,cached_text")
+    rates = {mode: r["expressions_per_s"] for mode, r in result["results"].items()}
+    assert set(rates) == {"seed", "grouped", "cached", "cached_text"}
+    assert all(rate > 0 for rate in rates.values())
+    assert "cached_text" in stdout
+
+
+def test_apply_throughput_paths_write_the_same_boxes(tmp_path):
+    result, _ = run_benchmark("apply_throughput", tmp_path, "--images", "4", "--phrases-per-image", "3",
+                              "--batch-sizes", "8", "--repeats", "1")
+    assert result["mode"] == "fiftyone" and result["samples"] == 12
+    assert set(result["results"]) == {"loop", "apply_8", "fo_apply_8"}
+    assert all(diff < 1e-4 for diff in result["max_box_difference"].values())
+    assert set(result["ratio_vs_loop"]) == {"apply_8", "fo_apply_8"}
+
+
+def test_fit_throughput_trains_through_fit(tmp_path):
+    result, stdout = run_benchmark("fit_throughput", tmp_path, "--images", "6", "--epochs", "2",
+                                   "--batch-size", "8")
+    assert result["expressions"] == 42 and len(result["epochs"]) == 2
+    assert all(e["seconds"] > 0 and e["expressions_per_s"] > 0 for e in result["epochs"])
+    assert "Cached image features of 6 images" in stdout
