@@ -154,17 +154,25 @@ def draw_image(rng: np.random.Generator, width: int = 640, height: int = 480):
     return image, boxes
 
 
+def _write_image(job) -> tuple[str, list]:
+    path, seed, width, height = job
+    image, boxes = draw_image(np.random.default_rng(seed), width, height)
+    image.save(path, quality=90)
+    return path, boxes
+
+
 def write_images(folder: Path, count: int, seed: int = 0, width: int = 640, height: int = 480):
-    """``count`` generated JPEGs (quality 90) in ``folder``; returns [(path, boxes)]."""
+    """``count`` generated JPEGs (quality 90) in ``folder``, drawn by all cores for large counts;
+    image i is drawn from the seed ``(seed, i)``. Returns [(path, boxes)]."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(count):
-        image, boxes = draw_image(rng, width, height)
-        path = folder / f"img_{i:05d}.jpg"
-        image.save(path, quality=90)
-        out.append((str(path), boxes))
-    return out
+    jobs = [(str(folder / f"img_{i:05d}.jpg"), [seed, i], width, height) for i in range(count)]
+    procs = min(os.cpu_count() or 1, 16)
+    if count < 200 or procs < 2:
+        return [_write_image(job) for job in jobs]
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(procs) as pool:
+        return pool.map(_write_image, jobs, chunksize=16)
 
 
 def random_token_batch(rng: np.random.Generator, batch: int, vocab_size: int, max_len: int,

@@ -1,32 +1,46 @@
 #!/usr/bin/env bash
-# The prepared GPU run of issue 5 (speed): one command, < 6 minutes on one H100, no network.
+# The prepared GPU run of the speed benchmarks: one command, about 6 minutes on one H100/H200,
+# no network. Full-size configs with random weights, generated JPEGs.
 #
 #   bash benchmarks/run_gpu.sh            # JSONs + logs into "$OUT" if set, else benchmarks/results/
 #
 # Uses the repository's code (PYTHONPATH=.) and the machine's python3 (PYTHON=... to change).
-# 1. train_throughput.py: seed preset (DINOv3 ViT-B/16 + BGE-small configs, random weights),
-#    224 px, batch 64, 30 timed steps per mode: seed step vs grouped vs grouped+bf16 vs cached.
-# 2. apply_throughput.py: apply_model vs a per-sample loop (batch 64 and 256) when FiftyOne is
-#    installed; otherwise (the GPU image has no FiftyOne) the model alone, bf16, batch 64/256
-#    vs one expression at a time, with the reason printed.
-# DEVICE, PRESET, STEPS override the defaults (e.g. a dry run: DEVICE=cpu PRESET=tiny STEPS=2).
+# FiftyOne: used if importable. A machine without it (and without network) can get it from an
+# offline bundle (`.fobundle/setup.sh`: wheels, a mongod binary and its libraries; not in git):
+# it is sourced when present, which installs FiftyOne into /tmp and starts a local mongod.
+#
+# 1. train_throughput.py: the training step, seed-style vs grouped vs cached vs cached text,
+#    seed preset, 224 px, batch 256, in one run.
+# 2. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
+#    expressions, cache build, DataLoader workers, 3 epochs). Needs FiftyOne.
+# 3. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
+#    per-sample loop (FiftyOne); without FiftyOne, the model alone.
+# DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
+# (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
 DEVICE="${DEVICE:-cuda}"
 PRESET="${PRESET:-seed}"
-STEPS="${STEPS:-30}"
+STEPS="${STEPS:-15}"
+FIT_IMAGES="${FIT_IMAGES:-4000}"
+APPLY_IMAGES="${APPLY_IMAGES:-300}"
+WORKERS="${WORKERS:-12}"
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export FIFTYONE_DO_NOT_TRACK=true FIFTYONE_DATABASE_VALIDATION=false
+export FIFTYONE_DO_NOT_TRACK=true FIFTYONE_DATABASE_VALIDATION=false PYTHONUNBUFFERED=1
 export FIFTYONE_GROUNDING_HOME="${FIFTYONE_GROUNDING_HOME:-$(mktemp -d)}"
 
 echo "== machine ($(date -u '+%Y-%m-%d %H:%M UTC'))"
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi: not available"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+if ! "$PY" -c "import fiftyone" 2>/dev/null && [ -f .fobundle/setup.sh ]; then
+    echo "== FiftyOne from the offline bundle"
+    FOBUNDLE_PYTHON="$PY" source .fobundle/setup.sh || echo "(the FiftyOne bundle failed: FiftyOne parts will be skipped)"
+fi
 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt"
 import importlib, platform, sys
 print("python", platform.python_version(), sys.executable)
@@ -44,20 +58,34 @@ if torch.cuda.is_available():
 else:
     print("torch sees no CUDA device")
 EOF
+HAVE_FO=0
+"$PY" -c "import fiftyone as fo; fo.list_datasets()" >/dev/null 2>&1 && HAVE_FO=1
 
 status=0
 echo
-echo "== 1/2 training throughput ($PRESET, 224 px, batch 64, $STEPS timed steps per mode)"
-timeout 200 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 64 \
-    --image-size 224 --phrases-per-image 7 --steps "$STEPS" --warmup 5 \
-    --json "$OUT_DIR/train_${PRESET}_224_b64.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
+echo "== 1/3 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode)"
+timeout 170 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 256 \
+    --phrases-per-image 7 --steps "$STEPS" --warmup 5 --modes seed,grouped,cached,cached_text \
+    --json "$OUT_DIR/train_${PRESET}_b256.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
 
 echo
-echo "== 2/2 inference throughput ($PRESET, batch 64 and 256)"
-timeout 150 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 64,256 \
+echo "== 2/3 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 3 epochs, $WORKERS workers)"
+if [ "$HAVE_FO" = 1 ]; then
+    timeout 200 "$PY" benchmarks/fit_throughput.py --preset "$PRESET" --device "$DEVICE" --images "$FIT_IMAGES" \
+        --batch-size 256 --epochs 3 --workers "$WORKERS" \
+        --json "$OUT_DIR/fit_${PRESET}.json" 2>&1 | tee "$OUT_DIR/fit.log" || status=1
+else
+    echo "SKIPPED: FiftyOne is not available here"
+fi
+
+echo
+echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, $WORKERS workers)"
+timeout 150 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 210 --workers "$WORKERS" \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
 
 echo
 echo "== done (status $status); results in $OUT_DIR"
 ls -l "$OUT_DIR"
+[ -f .fobundle/setup.sh ] && [ "$HAVE_FO" = 1 ] && source .fobundle/setup.sh stop >/dev/null 2>&1
 exit $status
