@@ -74,7 +74,8 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
 
     from fiftyone_grounding.data import load_rgb
     from fiftyone_grounding.labels import make_detections
-    from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model, default_num_workers
+    from fiftyone_grounding.data import default_num_workers
+    from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
 
     n_images = args.images or (300 if device.type == "cuda" else 40)
     ppi = args.phrases_per_image

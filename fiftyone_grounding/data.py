@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
@@ -271,6 +272,13 @@ class GroundingDataset(Dataset):
             "phrases": phrases,
             "sample_ids": ids,
         }
+
+
+def default_num_workers(device: torch.device) -> int:
+    """DataLoader workers when the caller gives none: on a GPU, up to 8 processes decode (or
+    read cached features) beside it; on the CPU the model already uses every core, so items
+    are loaded in the main process."""
+    return min(8, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
 
 
 class GroupBatchSampler(Sampler[list[int]]):

@@ -13,7 +13,6 @@ bulk writes by id, and ``skip_existing`` to finish an interrupted run.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -22,7 +21,8 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
-from .data import GroupBatchSampler, PhraseTokenizer, clean_phrase, load_rgb, preprocess_image
+from .data import (GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers, load_rgb,
+                   preprocess_image)
 from .labels import make_detections
 from .model import Grounder, build_model, build_tokenizer
 
@@ -263,12 +263,6 @@ class _ImageGroups(torch.utils.data.Dataset):
 def _collate_groups(groups: list[list[dict]]) -> dict:
     items = [item for group in groups for item in group]
     return {**collate_items(items), "ids": [item["id"] for item in items]}
-
-
-def default_num_workers(device: torch.device) -> int:
-    """DataLoader workers for inference: decoding runs beside the GPU; on the CPU the model
-    uses every core, so images are decoded in the main process."""
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
