@@ -224,12 +224,19 @@ class GroundingDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index) -> dict:
+        """``index``: an item number, or ``(epoch, item number)`` from a sampler that tags its
+        batches with the epoch (``GroupBatchSampler(tag_epoch=True)``): persistent DataLoader
+        workers hold a copy of this dataset made before ``set_epoch``, so the epoch must
+        travel with the index."""
+        epoch = self.epoch
+        if isinstance(index, tuple):
+            epoch, index = index
         rows = self.groups[index]
         r = self.records
         ids = [r.sample_ids[i] for i in rows]
         if self.feature_cache is not None:
-            return self._cached_item(index, rows, ids)
+            return self._cached_item(index, rows, ids, epoch)
         try:
             image = load_rgb(r.filepaths[rows[0]])
         except ValueError as e:
@@ -238,7 +245,7 @@ class GroundingDataset(Dataset):
         phrases = [r.phrases[i] for i in rows]
         # Per-item randomness from (seed, epoch, index): the same augmentation whatever
         # the number of workers or processes, so a resumed run repeats itself exactly.
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         self.transform.set_random_seed(int(rng.integers(2**31)))
         out = self.transform(image=image, bboxes=boxes, indices=list(range(len(rows))))
         image, boxes = out["image"], np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
@@ -254,7 +261,7 @@ class GroundingDataset(Dataset):
         }
 
 
-    def _cached_item(self, index: int, rows: list[int], ids: list[str]) -> dict:
+    def _cached_item(self, index: int, rows: list[int], ids: list[str], epoch: int) -> dict:
         r = self.records
         path = r.filepaths[rows[0]]
         error = self.feature_cache.error(path)
@@ -262,7 +269,7 @@ class GroundingDataset(Dataset):
             return {"skipped": [(sid, error or "image not in the feature cache") for sid in ids]}
         boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
         phrases = [r.phrases[i] for i in rows]
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, epoch, index])
         view = int(self.augment != "none" and rng.random() < 0.5)
         if view:  # the mirrored view was encoded from mirrored pixels
             boxes, phrases = hflip_boxes(boxes), [swap_left_right(p) for p in phrases]
@@ -292,7 +299,7 @@ class GroupBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, group_sizes: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0,
-                 num_replicas: int = 1, rank: int = 0, pad: bool = True):
+                 num_replicas: int = 1, rank: int = 0, pad: bool = True, tag_epoch: bool = False):
         self.group_sizes = list(group_sizes)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -300,6 +307,7 @@ class GroupBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.pad = pad
+        self.tag_epoch = tag_epoch  # yield (epoch, group) pairs, for persistent workers
         self.epoch = 0
         self._batches = self._pack()
 
@@ -328,7 +336,9 @@ class GroupBatchSampler(Sampler[list[int]]):
             batches = batches[self.rank::self.num_replicas]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
+        if self.tag_epoch:
+            return iter([[(self.epoch, g) for g in batch] for batch in self._batches])
         return iter(self._batches)
 
     def __len__(self) -> int:

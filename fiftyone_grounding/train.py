@@ -207,11 +207,13 @@ def fit(
     # Each process takes its own share of the batches (sharding is ours, not accelerate's:
     # batches hold a varying number of phrases, which its batch-sampler shards assume not).
     world, rank = accelerator.num_processes, accelerator.process_index
+    # Batches carry their epoch, so that the workers can live through all epochs (no start-up
+    # cost per epoch) and still pick each epoch's augmentation.
     sampler = GroupBatchSampler(train_set.group_sizes(), batch_size, shuffle=True, seed=seed,
-                                num_replicas=world, rank=rank)
+                                num_replicas=world, rank=rank, tag_epoch=True)
     loader_kwargs = dict(collate_fn=collate, num_workers=num_workers,
                          pin_memory=accelerator.device.type == "cuda",
-                         persistent_workers=False)
+                         persistent_workers=num_workers > 0)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     val_loader = None
     if val_records is not None:

@@ -95,6 +95,27 @@ def test_augmentation_is_deterministic_per_epoch(synthetic_dataset):
     assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] > boxes[:, 0]).all()
 
 
+def test_persistent_workers_follow_the_epoch(synthetic_dataset):
+    """Workers that live through all epochs (a copy of the dataset made at epoch 0) serve each
+    epoch's augmentation, because the sampler tags every index with its epoch."""
+    ds = GroundingDataset(read_records(synthetic_dataset.limit(24)), 64, (0.5,) * 3, (0.25,) * 3,
+                          augment="crop-flip", seed=0)
+    sampler = GroupBatchSampler(ds.group_sizes(), batch_size=8, seed=0, tag_epoch=True)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, persistent_workers=True,
+                                         collate_fn=lambda items: items)
+    seen = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        got = [item for batch in loader for item in batch]
+        ds.set_epoch(epoch)  # the main process's own copy, for the expected items
+        want = [ds[g] for batch in sampler for _, g in batch]
+        assert [w["sample_ids"] for w in want] == [g["sample_ids"] for g in got]
+        for g, w in zip(got, want):
+            assert torch.equal(g["pixel_values"], w["pixel_values"]) and torch.equal(g["boxes"], w["boxes"])
+        seen.append(torch.stack([g["pixel_values"] for g in sorted(got, key=lambda i: i["sample_ids"])]))
+    assert not torch.equal(seen[0], seen[1])  # the epochs did differ
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
 def test_load_rgb_converts_modes(tmp_path, mode):
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
