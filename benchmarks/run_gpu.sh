@@ -10,9 +10,10 @@
 # it is sourced when present, which installs FiftyOne into /tmp and starts a local mongod.
 #
 # 1. train_throughput.py: the training step, seed-style vs grouped vs cached vs cached text,
-#    seed preset, 224 px, batch 256, in one run.
+#    seed preset, 224 px, batch 256, in one run (2 interleaved repeats, medians), then a
+#    torch.profiler table of the cached_text step.
 # 2. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
-#    expressions, cache build, DataLoader workers, 3 epochs). Needs FiftyOne.
+#    expressions, cache build, DataLoader workers, 4 epochs). Needs FiftyOne.
 # 3. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
 #    per-sample loop (FiftyOne); without FiftyOne, the model alone.
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
@@ -25,7 +26,8 @@ DEVICE="${DEVICE:-cuda}"
 PRESET="${PRESET:-seed}"
 STEPS="${STEPS:-15}"
 FIT_IMAGES="${FIT_IMAGES:-4000}"
-APPLY_IMAGES="${APPLY_IMAGES:-300}"
+APPLY_IMAGES="${APPLY_IMAGES:-1000}"
+REPEATS="${REPEATS:-2}"
 WORKERS="${WORKERS:-12}"
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
@@ -63,25 +65,25 @@ HAVE_FO=0
 
 status=0
 echo
-echo "== 1/3 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode)"
-timeout 170 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 256 \
+echo "== 1/3 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode, $REPEATS interleaved repeats)"
+timeout 200 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 256 \
     --phrases-per-image 7 --steps "$STEPS" --warmup 5 --modes seed,grouped,cached,cached_text \
-    --json "$OUT_DIR/train_${PRESET}_b256.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
+    --repeats "$REPEATS" --profile cached_text --json "$OUT_DIR/train_${PRESET}_b256.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
 
 echo
-echo "== 2/3 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 3 epochs, $WORKERS workers)"
+echo "== 2/3 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 4 epochs, $WORKERS workers)"
 if [ "$HAVE_FO" = 1 ]; then
     timeout 200 "$PY" benchmarks/fit_throughput.py --preset "$PRESET" --device "$DEVICE" --images "$FIT_IMAGES" \
-        --batch-size 256 --epochs 3 --workers "$WORKERS" \
+        --batch-size 256 --epochs 4 --workers "$WORKERS" \
         --json "$OUT_DIR/fit_${PRESET}.json" 2>&1 | tee "$OUT_DIR/fit.log" || status=1
 else
     echo "SKIPPED: FiftyOne is not available here"
 fi
 
 echo
-echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, $WORKERS workers)"
-timeout 150 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 210 --workers "$WORKERS" \
+echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers)"
+timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 210 \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
 
 echo

@@ -15,7 +15,7 @@ warm-up steps with ``torch.cuda.synchronize()`` around the timed loop:
                 cached text features (a real ``TextFeatureCache`` on disk)
 
 Every step is the one ``fit`` runs: forward, ``box_loss``, backward, grad clipping, AdamW,
-``loss.item()``. Host batches are prepared before timing (pinned on CUDA), as DataLoader
+the loss read on the host every 25 steps. Host batches are prepared before timing (pinned on CUDA), as DataLoader
 workers would; the timed loop copies them to the device. JPEG decoding is therefore not
 timed for the pixel modes; the cached mode's memory-mapped reads are. Full-size encoder
 configs with random weights, no download. Token ids are random ids within the text
@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is steadier on a shared CPU")
+    p.add_argument("--profile", default=None, metavar="MODE",
+                   help="after timing, profile one more run of MODE (torch.profiler tables)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -70,7 +72,7 @@ def train_step_fn(model, optimizer, device, autocast_dtype, loss_weights, grad_c
 
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def step(inputs: dict, boxes: torch.Tensor) -> float:
+    def step(inputs: dict, boxes: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             pred = model(**inputs)
@@ -79,9 +81,24 @@ def train_step_fn(model, optimizer, device, autocast_dtype, loss_weights, grad_c
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        return loss.item()  # fit() reads the loss every step too
+        return loss.detach()  # read on the host every SYNC_EVERY steps, as fit() does
 
     return step
+
+
+def profile_mode(mode: str, timed_run, device: torch.device, rows: int = 18) -> None:
+    """One more timed run of ``mode`` under ``torch.profiler``: the top operators by host
+    time and by device time, to see whether a step waits on Python/launches or on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        timed_run(mode)
+    table = prof.key_averages()
+    print(f"\nprofile of {mode!r} (all its warm-up and timed steps):")
+    print(table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
+    if device.type == "cuda":
+        print(table.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=48))
 
 
 def main(argv=None):
@@ -105,7 +122,7 @@ def main(argv=None):
     from fiftyone_grounding.data import load_rgb
     from fiftyone_grounding.model import build_model
     try:
-        from fiftyone_grounding.train import configure_optimizer, default_mixed_precision
+        from fiftyone_grounding.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
     except ImportError as e:  # train.py grew a dependency this machine lacks: same recipe, inline
         print(f"note: fiftyone_grounding.train not importable ({e}); using AdamW(decay on >=2-D weights)")
 
@@ -114,6 +131,8 @@ def main(argv=None):
             rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "reg_token" not in n)]
             return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                       {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+        SYNC_EVERY = 25
 
         def default_mixed_precision(device):
             return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
@@ -246,14 +265,21 @@ def main(argv=None):
             dtype = None if mode in ("seed", "grouped_fp32") else bf16
             optimizer = configure_optimizer(model, 1e-4, 1e-4)
             step = train_step_fn(model, optimizer, device, dtype, config.loss_weights)
-            losses = []
-            for s in range(warmup):
+            losses, pending = [], []
+
+            def run_step(s: int) -> None:
                 b = batches[s % n_batches]
-                losses.append(step(inputs_for(mode, b), b["boxes"].to(device)))
+                pending.append(step(inputs_for(mode, b), b["boxes"].to(device)))
+                if len(pending) >= SYNC_EVERY:
+                    losses.extend(torch.stack(pending).tolist())
+                    pending.clear()
+
+            for s in range(warmup):
+                run_step(s)
             with Timer(device) as t:
                 for s in range(warmup, warmup + steps):
-                    b = batches[s % n_batches]
-                    losses.append(step(inputs_for(mode, b), b["boxes"].to(device)))
+                    run_step(s)
+                losses.extend(torch.stack(pending).tolist() if pending else [])
             if not all(math.isfinite(x) for x in losses):
                 raise RuntimeError(f"{mode}: non-finite loss {losses}")
             return t.seconds
@@ -268,6 +294,9 @@ def main(argv=None):
                 times[mode].append(timed_run(mode))
                 if cuda:
                     peak[mode] = torch.cuda.max_memory_allocated(device) / 2**30
+
+        if args.profile:
+            profile_mode(args.profile, timed_run, device)
 
         results = {}
         for mode in modes:

@@ -24,6 +24,10 @@ from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
 
 logger = logging.getLogger(__name__)
 
+# albumentations looks for a newer version of itself over the network when imported; this
+# package works offline, and each DataLoader worker would ask again.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 # Whole words only: "bright" and "leftover" stay as they are (TransVG's str.replace
 # turned "bright" into "bleft").
 _LEFT_RIGHT = re.compile(r"\b(left|right)(most)?\b", re.IGNORECASE)

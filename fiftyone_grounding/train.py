@@ -67,14 +67,16 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0
 
 
 def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only; no decay on biases, norms and the [REG] token."""
+    """AdamW over trainable parameters only; no decay on biases, norms and the [REG] token.
+    Fused (one kernel for all parameters) when they are on a GPU."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "reg_token" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
+    fused = all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -223,6 +225,7 @@ def fit(
                                         num_replicas=world, rank=rank, pad=False)
         val_loader = DataLoader(val_set, batch_sampler=val_sampler, **loader_kwargs)
 
+    model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
     optimizer = configure_optimizer(model, lr, weight_decay)
     total_steps = epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -352,15 +355,35 @@ def _forward_batch(model, batch: dict) -> torch.Tensor:
                  image_index=batch["image_index"])
 
 
+SYNC_EVERY = 25  # steps between reads of the loss on the host (each read waits for the GPU)
+
+
 def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig,
                      grad_clip: float, epoch: int, epochs: int, show_progress: bool,
                      progress_callback) -> dict:
+    """One epoch. The loss and IoU stay on the device and are read every ``SYNC_EVERY`` steps
+    (and at the end), so the host queues the next steps while the GPU works. A non-finite
+    loss is then reported with its exact step and batch."""
     from tqdm.auto import tqdm
 
     model.train()
-    loss_sum = iou_sum = 0.0
-    count = 0
+    device = accelerator.device
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, iou * n, n
+    pending: list[tuple[int, torch.Tensor, list]] = []  # (step, loss, sample ids) not yet checked
     skipped: list = []
+
+    def check() -> None:
+        if not pending:
+            return
+        losses = torch.stack([loss for _, loss, _ in pending]).tolist()
+        for (step, _, ids), value in zip(pending, losses):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"Non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; batch samples: "
+                    f"{ids[:8]}. The last good checkpoint is kept; lower the learning rate "
+                    "or check these samples.")
+        pending.clear()
+
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False,
                dynamic_ncols=True)
     for step, batch in enumerate(bar):
@@ -371,39 +394,36 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
                 accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
                 optimizer.zero_grad(set_to_none=True)
             continue
-        batch = _to_device(batch, accelerator.device)
+        batch = _to_device(batch, device)
         with accelerator.autocast():
             pred = _forward_batch(model, batch)
-        terms = box_loss(pred, batch["boxes"], config.loss_weights)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingError(
-                f"Non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step + 1}; batch samples: "
-                f"{batch['sample_ids'][:8]}. The last good checkpoint is kept; lower the learning rate "
-                "or check these samples.")
+        loss = box_loss(pred, batch["boxes"], config.loss_weights)["loss"]
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         scheduler.step()
-        n = pred.shape[0]
         with torch.no_grad():
-            iou = box_iou(pred.detach().float(), batch["boxes"].float()).mean().item()
-        loss_sum += loss.item() * n
-        iou_sum += iou * n
-        count += n
-        if show_progress:
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}", refresh=False)
+            n = pred.shape[0]
+            iou = box_iou(pred.detach().float(), batch["boxes"].float()).mean()
+            sums[0] += loss.detach().double() * n  # Python numbers go in as kernel arguments:
+            sums[1] += iou.double() * n  # no host-to-device copy, no wait
+            sums[2] += n
+        pending.append((step, loss.detach(), batch["sample_ids"]))
+        if len(pending) >= SYNC_EVERY:
+            check()
+            if show_progress:
+                loss_sum, iou_sum, count = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}", refresh=False)
         if progress_callback is not None and step % 10 == 0:
             progress_callback((epoch + (step + 1) / max(1, len(loader))) / epochs,
                               f"epoch {epoch + 1}/{epochs}, step {step + 1}/{len(loader)}")
-    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
-    loss_sum, iou_sum, count = totals.tolist()
+    check()
+    loss_sum, iou_sum, count = accelerator.reduce(sums, "sum").tolist()
     return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(count, 1), "skipped": skipped}
 
 
-@torch.no_grad()
 def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     """Mean loss and IoU over a loader (all processes together), and the samples it skipped."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
