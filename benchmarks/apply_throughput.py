@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each (median reported)")
     p.add_argument("--model-only", action="store_true", help="skip FiftyOne: time the model alone")
     p.add_argument("--no-fo-apply", action="store_true", help="do not time FiftyOne's own dataset.apply_model")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, run apply_grounding_model once more under cProfile and print the top entries")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a shared CPU)")
     p.add_argument("--json", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -159,6 +161,19 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 extra = f", {calls[key]} batched forwards, {workers} workers"
             print(f"  {key:<10} {fmt_rate(count / med):>9} expressions/s  ({count} samples, median "
                   f"{med:.2f} s of {len(secs)}{extra})")
+
+        if args.profile:
+            # One more run of the project's path under cProfile: where the main process spends
+            # the call (waiting for DataLoader workers, the model incl. the GPU, labels, writes).
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            bs = max(batch_sizes)
+            with Timer(device) as t:
+                profiler.runcall(apply, dataset, "pred_profiled", bs)
+            print(f"\nprofile of apply_{bs} ({t.seconds:.2f} s under cProfile), by cumulative time:")
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(28)
 
         # Same predictions either way (sanity check, not timed).
         agree = {}

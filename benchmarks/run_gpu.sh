@@ -83,7 +83,7 @@ fi
 echo
 echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers)"
 timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 210 \
+    --images "$APPLY_IMAGES" --loop-samples 210 --profile \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
 
 echo
