@@ -424,6 +424,7 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
     return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(count, 1), "skipped": skipped}
 
 
+@torch.no_grad()
 def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
     """Mean loss and IoU over a loader (all processes together), and the samples it skipped."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
