@@ -86,6 +86,11 @@ def _config(name: str, label: str, **extra) -> foo.OperatorConfig:
                               allow_delegated_execution=True, **extra)
 
 
+def _progress_callback(ctx):
+    """``progress_callback(fraction, label)`` for the library: the operator's progress bar."""
+    return lambda fraction, label: ctx.set_progress(progress=fraction, label=label)
+
+
 def _form(inputs, label: str):
     return types.Property(inputs, view=types.View(label=label))
 
@@ -311,7 +316,7 @@ class TrainGroundingModel(GroundingOperator):
             train_split=self.param(ctx, "train_split") or None,
             val_split=self.param(ctx, "val_split") or None,
             progress=False,
-            progress_callback=lambda fraction, label: ctx.set_progress(progress=fraction, label=label),
+            progress_callback=_progress_callback(ctx),
         )
         return {"checkpoint": str(result.best_dir), "best_val_iou": result.best_val_iou,
                 "epochs": len(result.history)}
@@ -359,8 +364,7 @@ class ApplyGroundingModel(GroundingOperator):
                                     prompt_field=self.param(ctx, "phrase_field"),
                                     batch_size=self.param(ctx, "batch_size"), num_workers=0,
                                     skip_existing=self.param(ctx, "skip_existing"), progress=False,
-                                    progress_callback=lambda fraction, label: ctx.set_progress(progress=fraction,
-                                                                                               label=label))
+                                    progress_callback=_progress_callback(ctx))
         ctx.ops.reload_dataset()
         return {"label_field": label_field, "num_predictions": view.count(f"{label_field}.detections"),
                 "num_skipped": len(run["skipped"])}

@@ -31,6 +31,14 @@ logger = logging.getLogger(__name__)
 PROMPT_KEY = "prompt_field"
 
 
+def _pixels(path: str, image_size: int, mean, std) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(model input, None) for an image file, or (None, why it cannot be read)."""
+    try:
+        return preprocess_image(load_rgb(path), image_size, mean, std), None
+    except ValueError as e:
+        return None, str(e)
+
+
 class GroundingGetItem(fout.GetItem):
     """Loads one sample for inference: its image and its own phrase, together."""
 
@@ -54,11 +62,7 @@ class GroundingGetItem(fout.GetItem):
         # The expressions of an image are consecutive samples: decode the image once for
         # all of them (decoding costs more than the model on small models).
         if self._last is None or self._last[0] != d["filepath"]:
-            try:
-                self._last = (d["filepath"], preprocess_image(load_rgb(d["filepath"]), self.image_size,
-                                                              self.mean, self.std), None)
-            except ValueError as e:
-                self._last = (d["filepath"], None, str(e))
+            self._last = (d["filepath"], *_pixels(d["filepath"], self.image_size, self.mean, self.std))
         if self._last[2] is not None:
             item["error"] = self._last[2]
         else:
@@ -252,10 +256,7 @@ class _ImageGroups(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> list[dict]:
         path, members = self.groups[index]
-        try:
-            pixels, error = preprocess_image(load_rgb(path), self.image_size, self.mean, self.std), None
-        except ValueError as e:
-            pixels, error = None, str(e)
+        pixels, error = _pixels(path, self.image_size, self.mean, self.std)
         return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, "pixel_values": pixels}
                 for sid, phrase in members]
 
@@ -286,7 +287,6 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
     Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
     """
-    import fiftyone as fo
     import fiftyone.core.utils as fou
 
     if batch_size < 1:
@@ -306,8 +306,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
         else:
             groups.setdefault(path, []).append((sid, text))
     dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
-    if not dataset.has_field(label_field):
-        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    _declare_field(dataset, label_field)
 
     cfg = model.config
     items = _ImageGroups(list(groups.items()), cfg.image_size, cfg.image_mean, cfg.image_std)
@@ -342,24 +341,29 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
         finally:  # also on Ctrl-C or an error: keep every prediction made so far
             flush()
         skipped = list(model.skipped)
-    _redeclare_if_dropped(view, label_field)
+    _redeclare_if_dropped(dataset, label_field)
     return {"processed": total, "skipped": skipped}
 
 
-def _redeclare_if_dropped(view, label_field: str) -> None:
+def _declare_field(dataset, label_field: str) -> None:
+    """Declare ``label_field`` as a ``Detections`` field unless the dataset has it."""
+    import fiftyone as fo
+
+    if not dataset.has_field(label_field):
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+
+
+def _redeclare_if_dropped(dataset, label_field: str) -> None:
     """Declare ``label_field`` again if a concurrent run dropped it from the dataset's schema.
 
     FiftyOne saves a dataset's list of fields as a whole, so two processes that add fields
     at the same moment can drop one of them: its values stay in the samples, unseen.
     """
-    import fiftyone as fo
     from fiftyone.core.odm import get_db_conn
 
-    dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
     # Ask the database (not dataset.reload(), which also reloads every Sample held in memory).
     stored = get_db_conn().datasets.find_one({"name": dataset.name}, {"sample_fields.name": 1}) or {}
     if label_field in {f.get("name") for f in stored.get("sample_fields", [])}:
         return
     dataset.reload()
-    if not dataset.has_field(label_field):
-        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+    _declare_field(dataset, label_field)
