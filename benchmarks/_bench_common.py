@@ -175,6 +175,25 @@ def write_images(folder: Path, count: int, seed: int = 0, width: int = 640, heig
         return pool.map(_write_image, jobs, chunksize=16)
 
 
+def add_grounding_samples(dataset, images, phrases_per_image: int, rng: np.random.Generator) -> int:
+    """One sample per referring expression (as the project stores RefCOCO): each generated
+    image ``(path, boxes)`` gets ``phrases_per_image`` random phrases with a ground-truth box.
+    Returns the dataset's size. The ``Sample`` objects are freed on return: FiftyOne reloads
+    every live Sample of a dataset after each bulk write, which would tax what is timed."""
+    import fiftyone as fo
+
+    from fiftyone_grounding.labels import make_detections
+
+    samples = []
+    for path, boxes in images:
+        for j in range(phrases_per_image):
+            phrase = random_phrase(rng)
+            samples.append(fo.Sample(filepath=path, expression=phrase,
+                                     ground_truth=make_detections(boxes[j % len(boxes)], phrase)))
+    dataset.add_samples(samples, progress=False)
+    return len(dataset)
+
+
 def random_token_batch(rng: np.random.Generator, batch: int, vocab_size: int, max_len: int,
                        mean_len: int = 10, spread: int = 4):
     """Random ids in [1, vocab_size) with lengths uniform in mean_len +- spread (CLS/SEP

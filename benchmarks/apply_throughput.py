@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (Timer, build_offline, device_info, fmt_rate, random_phrase, random_token_batch,
+from _bench_common import (Timer, add_grounding_samples, build_offline, device_info, fmt_rate, random_token_batch,
                            resolve_device, write_images, write_json)
 
 
@@ -74,9 +74,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo
 
-    from fiftyone_grounding.data import load_rgb
-    from fiftyone_grounding.labels import make_detections
-    from fiftyone_grounding.data import default_num_workers
+    from fiftyone_grounding.data import default_num_workers, load_rgb
     from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
 
     n_images = args.images or (300 if device.type == "cuda" else 40)
@@ -90,17 +88,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     name = f"fog-bench-{uuid.uuid4().hex[:8]}"
     dataset = fo.Dataset(name)
     try:
-        samples = []
-        for path, boxes in images:
-            for j in range(ppi):
-                phrase = random_phrase(rng)
-                samples.append(fo.Sample(filepath=path, expression=phrase,
-                                         ground_truth=make_detections(boxes[j % len(boxes)], phrase)))
-        dataset.add_samples(samples, progress=False)
-        # Free the in-memory samples: FiftyOne reloads every live Sample object of a dataset
-        # after each bulk write and each dataset.reload(), which would tax every mode.
-        del samples
-        n = len(dataset)
+        n = add_grounding_samples(dataset, images, ppi, rng)
         print(f"dataset {name!r}: {n_images} generated JPEGs (640x480, {t_gen.seconds:.1f} s) x {ppi} "
               f"expressions = {n} samples, FiftyOne {fo.__version__}")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (device_info, ensure_albumentations, fmt_rate, offline_config, random_phrase,
+from _bench_common import (add_grounding_samples, device_info, ensure_albumentations, fmt_rate, offline_config,
                            resolve_device, write_images, write_json)
 
 
@@ -64,7 +64,6 @@ def main(argv=None):
     resize_note = ensure_albumentations()
     import fiftyone as fo
 
-    from fiftyone_grounding.labels import make_detections
     from fiftyone_grounding.train import fit
 
     info = device_info(device)
@@ -78,15 +77,7 @@ def main(argv=None):
         images = write_images(tmp / "images", n_images, seed=args.seed)
         dataset = fo.Dataset(f"fog-fit-bench-{uuid.uuid4().hex[:8]}")
         try:
-            samples = []
-            for path, boxes in images:
-                for j in range(args.phrases_per_image):
-                    phrase = random_phrase(rng)
-                    samples.append(fo.Sample(filepath=path, expression=phrase,
-                                             ground_truth=make_detections(boxes[j % len(boxes)], phrase)))
-            dataset.add_samples(samples, progress=False)
-            del samples  # FiftyOne reloads every Sample held in memory after bulk writes
-            n = len(dataset)
+            n = add_grounding_samples(dataset, images, args.phrases_per_image, rng)
             print(f"data: {n_images} generated JPEGs (640x480) x {args.phrases_per_image} = {n} expressions "
                   f"({time.perf_counter() - t0:.1f} s to write)")
 
