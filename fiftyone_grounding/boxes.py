@@ -77,10 +77,6 @@ def fiftyone_xywh_to_pixel_xyxy(bounding_box: Sequence[float], width: float, hei
     return [x * width, y * height, (x + w) * width, (y + h) * height]
 
 
-def clip_xyxy(boxes: Tensor, max_value: float = 1.0) -> Tensor:
-    return boxes.clamp(0.0, max_value)
-
-
 def is_valid_xyxy(box: Sequence[float]) -> bool:
     """True for a finite box with positive width and height."""
     if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
