@@ -373,11 +373,17 @@ def make_synthetic_dataset(
 
     Image ``i`` depends only on ``(seed, i)``, so the same seed gives the same
     phrases, boxes and pixels. An existing dataset ``name`` is returned unchanged
-    unless ``overwrite=True``, which deletes and regenerates it.
+    unless ``overwrite=True``, which deletes and regenerates it, or unless its image files
+    are gone, which regenerates it too.
     """
     if fo.dataset_exists(name):
         if not overwrite:
-            return fo.load_dataset(name)
+            existing = fo.load_dataset(name)
+            missing = next((f for f in existing.values("filepath") if not os.path.exists(f)), None)
+            if missing is None:
+                return existing
+            # e.g. made in a clone that was deleted since: unusable, so it is made again
+            print(f"Regenerating the dataset {name!r}: its images are gone (e.g. {missing})")
         fo.delete_dataset(name)
     if out_dir is None:
         out_dir = os.path.join(fo.config.default_dataset_dir, name)

@@ -240,6 +240,15 @@ def test_overwrite_semantics(dataset_name, tmp_path):
     assert len(fresh) == 60 and fresh.info["synthetic"]["expressions_per_image"] == 2
 
 
+def test_a_dataset_whose_images_are_gone_is_made_again(dataset_name, tmp_path, capsys):
+    ds = _make(dataset_name, tmp_path / "old")
+    path = ds.first().filepath
+    os.remove(path)  # e.g. the clone that held the images was deleted
+    again = _make(dataset_name, tmp_path / "new")
+    assert len(again) == 60 and all(os.path.exists(f) for f in again.values("filepath"))
+    assert f"its images are gone (e.g. {path})" in capsys.readouterr().out
+
+
 def test_default_out_dir_and_small_splits(dataset_name, tmp_path, monkeypatch):
     monkeypatch.setattr(fo.config, "default_dataset_dir", str(tmp_path))
     ds = syn.make_synthetic_dataset(dataset_name, num_images=4, persistent=False, progress=False)
