@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import fiftyone as fo
+from bson import ObjectId
 
 from .boxes import fiftyone_xywh_to_xyxy, xyxy_to_fiftyone_xywh
 
@@ -30,14 +31,28 @@ def make_detections(
     **attributes,
 ) -> fo.Detections:
     """A ``Detections`` holding one box (relative xyxy in, FiftyOne xywh stored)."""
-    box = [min(max(float(v), 0.0), 1.0) for v in box_xyxy]
-    det = fo.Detection(
-        label=label_for(expression),
-        bounding_box=xyxy_to_fiftyone_xywh(box),
-        confidence=confidence,
-        **attributes,
-    )
+    det = fo.Detection(**_detection_fields(box_xyxy, expression), confidence=confidence, **attributes)
     return fo.Detections(detections=[det])
+
+
+def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optional[float] = None) -> dict:
+    """``make_detections(box_xyxy, expression, confidence).to_mongo()``, built directly.
+
+    For bulk writes (``set_values(..., validate=False)`` of a declared ``Detections``
+    field): about 20x cheaper than building and serializing the FiftyOne objects, which
+    took more host time than the model when applying to a whole dataset on a GPU.
+    ``tests/test_labels.py`` checks that it equals the FiftyOne form and reads back as it.
+    """
+    det = {"_id": ObjectId(), "_cls": "Detection", "attributes": {}, "tags": [],
+           **_detection_fields(box_xyxy, expression)}
+    if confidence is not None:
+        det["confidence"] = float(confidence)
+    return {"_cls": "Detections", "detections": [det]}
+
+
+def _detection_fields(box_xyxy: Sequence[float], expression: str) -> dict:
+    box = [min(max(float(v), 0.0), 1.0) for v in box_xyxy]
+    return {"label": label_for(expression), "bounding_box": xyxy_to_fiftyone_xywh(box)}
 
 
 def first_box_xyxy(label) -> Optional[list[float]]:

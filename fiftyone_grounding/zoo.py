@@ -23,7 +23,7 @@ import fiftyone.utils.torch as fout
 from .checkpoint import load_checkpoint
 from .data import (GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers, load_rgb,
                    preprocess_image)
-from .labels import make_detections
+from .labels import detections_doc, make_detections
 from .model import Grounder, build_model, build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -212,14 +212,16 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self.forward_calls += 1
         return boxes.float().cpu()
 
-    def _predict_batch(self, batch: dict) -> list:
+    def _predict_batch(self, batch: dict, make_label=make_detections) -> list:
+        """A label per item of a collated batch (None where it was skipped), made by
+        ``make_label(box_xyxy, phrase, confidence=1.0)``."""
         out: list = [None] * batch["size"]
         self.skipped.extend(batch["errors"])
         if not batch["valid"]:
             return out
         boxes = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"])
         for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
-            out[i] = make_detections(box, phrase, confidence=1.0)
+            out[i] = make_label(box, phrase, confidence=1.0)
         return out
 
 
@@ -320,7 +322,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
     def flush() -> None:
         if pending:
-            dataset.set_values(label_field, pending, key_field="id", validate=False)  # labels built here
+            dataset.set_values(label_field, pending, key_field="id", validate=False)
             pending.clear()
 
     done, total = len(skipped), len(ids)
@@ -329,7 +331,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
         bar.update(len(skipped))
         try:
             for batch in loader:
-                for sid, label in zip(batch["ids"], model.predict_all(batch)):
+                # database-form labels: building FiftyOne objects cost more than the model
+                for sid, label in zip(batch["ids"], model._predict_batch(batch, make_label=detections_doc)):
                     if label is not None:
                         pending[sid] = label
                 done += batch["size"]

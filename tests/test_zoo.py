@@ -131,14 +131,15 @@ def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, mode
     assert model.forward_calls - calls <= 6
     assert run["processed"] == 80 and sorted(run["skipped"]) == sorted((i, "missing or empty phrase") for i in blank)
     assert fractions[-1] == 1.0 and fractions == sorted(fractions)
-    for sid, ref, fast, ref_label, fast_label in zip(*dataset.values(
+    for sid, ref, fast, ref_label, fast_label, ref_conf, fast_conf in zip(*dataset.values(
             ["id", "reference.detections.bounding_box", "fast.detections.bounding_box",
-             "reference.detections.label", "fast.detections.label"])):
+             "reference.detections.label", "fast.detections.label",
+             "reference.detections.confidence", "fast.detections.confidence"])):
         if sid in blank:
             assert ref is None and fast is None
         else:
             np.testing.assert_allclose(fast[0], ref[0], atol=1e-5)
-            assert fast_label == ref_label
+            assert fast_label == ref_label and fast_conf == ref_conf == [1.0]
     assert dataset.get_field("fast").document_type is fo.Detections
 
 
