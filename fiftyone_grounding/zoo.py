@@ -22,7 +22,7 @@ import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
 from .data import (GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers, load_rgb,
-                   preprocess_image)
+                   normalize_pixels_batch, resize_rgb, rgb_tensor)
 from .labels import detections_doc, make_detections
 from .model import Grounder, build_model, build_tokenizer
 
@@ -31,10 +31,14 @@ logger = logging.getLogger(__name__)
 PROMPT_KEY = "prompt_field"
 
 
-def _pixels(path: str, image_size: int, mean, std) -> tuple[Optional[torch.Tensor], Optional[str]]:
-    """(model input, None) for an image file, or (None, why it cannot be read)."""
+def _pixels(path: str, image_size: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(resized uint8 (S, S, 3) image, None) for an image file, or (None, why it cannot be read).
+
+    Items carry uint8 pixels (a quarter of the bytes of float32 between DataLoader workers,
+    pinned memory and the GPU); ``predict_boxes`` normalizes them on the model's device.
+    """
     try:
-        return preprocess_image(load_rgb(path), image_size, mean, std), None
+        return rgb_tensor(resize_rgb(load_rgb(path), image_size)), None
     except ValueError as e:
         return None, str(e)
 
@@ -42,10 +46,8 @@ def _pixels(path: str, image_size: int, mean, std) -> tuple[Optional[torch.Tenso
 class GroundingGetItem(fout.GetItem):
     """Loads one sample for inference: its image and its own phrase, together."""
 
-    def __init__(self, image_size: int, mean, std, field_mapping=None):
+    def __init__(self, image_size: int, field_mapping=None):
         self.image_size = image_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
         self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
         super().__init__(field_mapping=field_mapping)
 
@@ -62,7 +64,7 @@ class GroundingGetItem(fout.GetItem):
         # The expressions of an image are consecutive samples: decode the image once for
         # all of them (decoding costs more than the model on small models).
         if self._last is None or self._last[0] != d["filepath"]:
-            self._last = (d["filepath"], *_pixels(d["filepath"], self.image_size, self.mean, self.std))
+            self._last = (d["filepath"], *_pixels(d["filepath"], self.image_size))
         if self._last[2] is not None:
             item["error"] = self._last[2]
         else:
@@ -86,7 +88,7 @@ def collate_items(items: list[dict]) -> dict:
         "valid": valid,
         "phrases": [items[i]["phrase"] for i in valid],
         "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
-        "pixel_values": torch.stack(pixels) if pixels else None,  # (I, 3, S, S)
+        "pixel_values": torch.stack(pixels) if pixels else None,  # (I, S, S, 3) uint8
         "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
     }
 
@@ -161,8 +163,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         return collate_items(batch)
 
     def build_get_item(self, field_mapping=None):
-        return GroundingGetItem(self.config.image_size, self.config.image_mean, self.config.image_std,
-                                field_mapping=field_mapping)
+        return GroundingGetItem(self.config.image_size, field_mapping=field_mapping)
 
     def __enter__(self):
         self.skipped = []
@@ -188,8 +189,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         item = {"id": None, "filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
         if item["phrase"] is None:
             return None
-        item["pixel_values"] = preprocess_image(image, self.config.image_size, self.config.image_mean,
-                                                self.config.image_std)
+        item["pixel_values"] = rgb_tensor(resize_rgb(image, self.config.image_size))
         return self._predict_batch(collate_items([item]))[0]
 
     def predict_all(self, args, samples=None):
@@ -199,9 +199,12 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     @torch.inference_mode()
     def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
                       image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Normalized xyxy boxes (B, 4) for phrases over images (I, 3, S, S)."""
+        """Normalized xyxy boxes (B, 4) for phrases over images: resized uint8 (I, S, S, 3),
+        or model input (I, 3, S, S) already normalized."""
         tokens = self.tokenize(phrases)
         pixel_values = pixel_values.to(self._device, non_blocking=True)
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
         ids = tokens["input_ids"].to(self._device)
         mask = tokens["attention_mask"].to(self._device)
         if image_index is not None:
@@ -249,16 +252,16 @@ def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "
 class _ImageGroups(torch.utils.data.Dataset):
     """Inference items are images: each decoded and resized once, with its samples' phrases."""
 
-    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int, mean, std):
+    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int):
         self.groups = groups  # [(filepath, [(sample id, phrase), ...]), ...]
-        self.image_size, self.mean, self.std = image_size, tuple(mean), tuple(std)
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, index: int) -> list[dict]:
         path, members = self.groups[index]
-        pixels, error = _pixels(path, self.image_size, self.mean, self.std)
+        pixels, error = _pixels(path, self.image_size)
         return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, "pixel_values": pixels}
                 for sid, phrase in members]
 
@@ -310,8 +313,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
     _declare_field(dataset, label_field)
 
-    cfg = model.config
-    items = _ImageGroups(list(groups.items()), cfg.image_size, cfg.image_mean, cfg.image_std)
+    items = _ImageGroups(list(groups.items()), model.config.image_size)
     workers = default_num_workers(model._device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False),

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fiftyone as fo
 import fiftyone.zoo as foz
 
 from fiftyone_grounding.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from fiftyone_grounding.data import load_rgb
+from fiftyone_grounding.data import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
 from fiftyone_grounding.labels import label_for
 from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
 from fiftyone_grounding.zoo_source import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, ZooDownloadError,
@@ -35,6 +36,19 @@ def dataset(synthetic_dataset, dataset_name):
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     return GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_uint8_pixels_normalized_on_the_device_give_the_model_input_of_training(synthetic_dataset, model):
+    """Inference moves resized uint8 images and normalizes them where the model runs: the
+    same numbers as training's preprocessing, so the same boxes."""
+    cfg = model.config
+    paths, phrases = synthetic_dataset.limit(6).values(["filepath", "expression"])
+    images = [load_rgb(p) for p in paths]
+    reference = torch.stack([preprocess_image(im, cfg.image_size, cfg.image_mean, cfg.image_std) for im in images])
+    uint8 = torch.stack([rgb_tensor(resize_rgb(im, cfg.image_size)) for im in images])
+    assert uint8.dtype == torch.uint8 and uint8.shape == (6, cfg.image_size, cfg.image_size, 3)
+    assert torch.equal(normalize_pixels_batch(uint8, cfg.image_mean, cfg.image_std), reference)
+    assert torch.equal(model.predict_boxes(uint8, phrases), model.predict_boxes(reference, phrases))
 
 
 def test_32_samples_take_one_forward_pass(dataset, model):
