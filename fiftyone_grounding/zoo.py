@@ -314,9 +314,11 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     _declare_field(dataset, label_field)
 
     items = _ImageGroups(list(groups.items()), model.config.image_size)
+    batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
     workers = default_num_workers(model._device) if num_workers is None else num_workers
+    workers = min(workers, len(batches))  # a few selected samples start no idle workers
     loader = torch.utils.data.DataLoader(
-        items, batch_sampler=GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False),
+        items, batch_sampler=batches,
         num_workers=workers, collate_fn=_collate_groups, pin_memory=model._using_gpu,
         prefetch_factor=4 if workers else None,
     )

@@ -162,10 +162,13 @@ def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model):
     view = dataset.limit(30)
     apply_grounding_model(view, model, label_field="a", batch_size=8, num_workers=0)
     apply_grounding_model(view, model, label_field="b", batch_size=5, num_workers=2, write_every=7)
-    a, b = view.values(["a.detections.bounding_box", "b.detections.bounding_box"])
+    apply_grounding_model(view.limit(3), model, label_field="c", batch_size=64, num_workers=4)  # 1 batch
+    a, b, c = view.values(["a.detections.bounding_box", "b.detections.bounding_box", "c.detections.bounding_box"])
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c[:3]), np.asarray(a[:3]), atol=1e-5)
+    assert c[3:] == [None] * 27
     with pytest.raises(ValueError, match="no field 'caption'"):
-        apply_grounding_model(view, model, label_field="c", prompt_field="caption")
+        apply_grounding_model(view, model, label_field="d", prompt_field="caption")
 
 
 # -- the remote model-zoo source -------------------------------------------------------------
