@@ -34,6 +34,7 @@ import argparse
 import math
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -106,8 +107,12 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 sample.save()
 
         def apply(view, field, bs):
+            """Runs it; returns (seconds since the call, fraction done) after each batch."""
+            marks, start = [], time.perf_counter()
             apply_grounding_model(view, model, label_field=field, prompt_field="expression", batch_size=bs,
-                                  num_workers=workers, progress=False)
+                                  num_workers=workers, progress=False,
+                                  progress_callback=lambda f, _: marks.append((time.perf_counter() - start, f)))
+            return marks
 
         def fo_apply(view, field, bs):
             view.apply_model(model, label_field=field, prompt_field="expression", batch_size=bs,
@@ -124,6 +129,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
         n_loop = len(loop_view)
         times: dict[str, list] = {"loop": []}
         calls: dict[str, int] = {}
+        phases: dict[str, list] = {}  # apply_<B>: [(seconds to the first batch, expr/s after it), ...]
         for rep in range(args.repeats):  # interleaved, so that a busy spell hits every mode alike
             with Timer(device) as t:
                 loop(loop_view, "pred_loop")
@@ -134,9 +140,12 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                         continue
                     before = model.forward_calls
                     with Timer(device) as t:
-                        run(dataset, f"pred_{kind}_{bs}", bs)
+                        marks = run(dataset, f"pred_{kind}_{bs}", bs)
                     times.setdefault(f"{kind}_{bs}", []).append(t.seconds)
                     calls[f"{kind}_{bs}"] = model.forward_calls - before
+                    if marks and len(marks) > 1:  # start-up (query, workers, first batch) vs the rest
+                        (t0, f0), (t1, f1) = marks[0], marks[-1]
+                        phases.setdefault(f"{kind}_{bs}", []).append((t0, n * (f1 - f0) / max(t1 - t0, 1e-9)))
         for key, secs in times.items():
             count = n_loop if key == "loop" else n
             med = float(np.median(secs))
@@ -147,6 +156,11 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 bs = int(key.rsplit("_", 1)[1])
                 results[key].update(batch_size=bs, workers=workers, forward_calls=calls[key])
                 extra = f", {calls[key]} batched forwards, {workers} workers"
+                if key in phases:
+                    first = float(np.median([p[0] for p in phases[key]]))
+                    after = float(np.median([p[1] for p in phases[key]]))
+                    results[key].update(seconds_to_first_batch=first, expressions_per_s_after_first_batch=after)
+                    extra += f"; first batch done after {first:.2f} s, then {fmt_rate(after)} expr/s"
             print(f"  {key:<10} {fmt_rate(count / med):>9} expressions/s  ({count} samples, median "
                   f"{med:.2f} s of {len(secs)}{extra})")
 

@@ -41,6 +41,9 @@ def test_apply_throughput_paths_write_the_same_boxes(tmp_path):
     assert set(result["results"]) == {"loop", "apply_8", "fo_apply_8"}
     assert all(diff < 1e-4 for diff in result["max_box_difference"].values())
     assert set(result["ratio_vs_loop"]) == {"apply_8", "fo_apply_8"}
+    apply = result["results"]["apply_8"]  # 4 images x 3 phrases: 2 batches, so a start-up and a rest
+    assert 0 < apply["seconds_to_first_batch"] < apply["seconds_median"]
+    assert apply["expressions_per_s_after_first_batch"] > 0
 
 
 def test_fit_throughput_trains_through_fit(tmp_path):
