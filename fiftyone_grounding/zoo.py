@@ -237,6 +237,7 @@ def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "
     text = clean_phrase(phrase)
     if text is None:
         raise ValueError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
+    _declare_field(view._root_dataset, label_field)
     get_item = model.build_get_item()
     ids, paths = view.values(["id", "filepath"])
     labels: list = []
@@ -353,11 +354,19 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
 
 def _declare_field(dataset, label_field: str) -> None:
-    """Declare ``label_field`` as a ``Detections`` field unless the dataset has it."""
+    """Declare ``label_field`` as a ``Detections`` field unless the dataset has it; refuse a
+    field of another type (bulk writes skip validation: they would leave unreadable samples)."""
     import fiftyone as fo
 
     if not dataset.has_field(label_field):
         dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+        return
+    field = dataset.get_field(label_field)
+    if getattr(field, "document_type", None) is not fo.Detections:
+        kind = getattr(getattr(field, "document_type", None), "__name__", None) or type(field).__name__
+        raise ValueError(
+            f"The field {label_field!r} already holds {kind}, not Detections: choose another label field, "
+            f"or delete it first with dataset.delete_sample_field({label_field!r})")
 
 
 def _redeclare_if_dropped(dataset, label_field: str) -> None:

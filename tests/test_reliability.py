@@ -411,6 +411,7 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
     ({"skip_existing": "yes"}, "Invalid value type"),
     ({"label_field": "../pred"}, "is not a valid field name"),
     ({"model": str(REPO / "manifest.json")}, "No checkpoint at"),
+    ({"label_field": "expression"}, "is a StringField, not a Detections field"),
 ])
 def test_the_apply_operator_checks_its_inputs_before_it_starts(synthetic_dataset, dataset_name, tiny_checkpoint,
                                                                grounding_plugin_dir, params, message):

@@ -18,7 +18,7 @@ import fiftyone.zoo as foz
 from fiftyone_grounding.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from fiftyone_grounding.data import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
 from fiftyone_grounding.labels import label_for
-from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
+from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model, ground_phrase
 from fiftyone_grounding.zoo_source import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, ZooDownloadError,
                                            register_local_source)
 
@@ -169,6 +169,19 @@ def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model):
     assert c[3:] == [None] * 27
     with pytest.raises(ValueError, match="no field 'caption'"):
         apply_grounding_model(view, model, label_field="d", prompt_field="caption")
+
+
+def test_a_field_of_another_label_type_is_refused_before_anything_is_written(dataset, model):
+    """Bulk writes skip FiftyOne's validation: a Detections written into, say, a
+    Classification field would leave samples that no longer load. Refused up front."""
+    dataset.set_values("pred", [fo.Classification(label="cat")] * len(dataset))
+    for run in (lambda: apply_grounding_model(dataset, model, label_field="pred"),
+                lambda: ground_phrase(dataset, "the red circle", model, label_field="pred")):
+        with pytest.raises(ValueError, match=r"'pred' already holds Classification, not Detections: choose another"):
+            run()
+    assert dataset.distinct("pred.label") == ["cat"] and isinstance(dataset.first().pred, fo.Classification)
+    assert apply_grounding_model(dataset.limit(4), model, label_field="pred2")["processed"] == 4
+    assert apply_grounding_model(dataset.limit(4), model, label_field="pred2")["processed"] == 4  # its own: fine
 
 
 # -- the remote model-zoo source -------------------------------------------------------------
