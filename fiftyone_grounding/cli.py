@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except ValueError as e:  # what the library says of bad input: one line, not a traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,12 @@ def test_cli_runs_as_a_module():
     proc = subprocess.run([sys.executable, "-m", "fiftyone_grounding.cli", "--help"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def test_bad_input_ends_with_one_error_line_not_a_traceback(synthetic_dataset, dataset_name, tiny_checkpoint):
+    synthetic_dataset.limit(4).clone(dataset_name)
+    with pytest.raises(SystemExit, match=r"^error: The field 'expression' already holds StringField, not Detections"):
+        main(["apply", "--dataset", dataset_name, "--checkpoint", str(tiny_checkpoint), "--label-field", "expression",
+              "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"^error: no FiftyOne dataset named 'no-such-dataset'"):
+        main(["apply", "--dataset", "no-such-dataset", "--checkpoint", str(tiny_checkpoint)])
