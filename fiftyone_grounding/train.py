@@ -68,15 +68,14 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0
 
 def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over trainable parameters only; no decay on biases, norms and the [REG] token.
-    Fused (one kernel for all parameters) on a GPU and on the CPU: on the CPU that is a
-    quarter of the time of the per-tensor loop (0.57 ms against 2.2 ms a step for ``tiny``)."""
+    Fused (one kernel for all parameters) when they are on a GPU."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and "reg_token" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cuda", "cpu") for p in decay + no_decay)
+    fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
 
 
