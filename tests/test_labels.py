@@ -47,3 +47,7 @@ def test_database_form_labels_written_in_bulk_read_back_as_fiftyone_labels(datas
     assert ds.count("pred.detections") == len(CASES)
     assert len(ds.filter_labels("pred", fo.ViewField("confidence") > 0.7)) == 1
     assert ds.get_field_schema()["pred"].document_type is fo.Detections
+    # FiftyOne's evaluation matches them box by box and writes its results onto each label
+    results = ds.evaluate_detections("pred", gt_field="ref", eval_key="e", iou=0.99)
+    assert (results.metrics()["precision"], results.metrics()["recall"]) == (1.0, 1.0)
+    assert ds.count_values("pred.detections.e") == {"tp": len(CASES)}
