@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the speed benchmarks: one command, about 6 minutes on one H100/H200,
+# The prepared GPU run of the speed benchmarks: one command, about 6-7 minutes on one H100/H200,
 # no network. Full-size configs with random weights, generated JPEGs.
 #
 #   bash benchmarks/run_gpu.sh            # JSONs + logs into "$OUT" if set, else benchmarks/results/
@@ -15,7 +15,8 @@
 # 2. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
 #    expressions, cache build, DataLoader workers, 4 epochs). Needs FiftyOne.
 # 3. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
-#    per-sample loop (FiftyOne); without FiftyOne, the model alone.
+#    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
+#    once more with 16 DataLoader workers instead of 8, to see whether decoding bounds it.
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
 # (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
@@ -85,6 +86,12 @@ echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, def
 timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
     --images "$APPLY_IMAGES" --loop-samples 210 --profile \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
+
+echo
+echo "== 3b apply with 16 workers: is the default (8) bound by JPEG decoding?"
+timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 16 \
+    --json "$OUT_DIR/apply_${PRESET}_w16.json" 2>&1 | tee "$OUT_DIR/apply_w16.log" || status=1
 
 echo
 echo "== done (status $status); results in $OUT_DIR"
