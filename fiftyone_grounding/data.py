@@ -146,6 +146,9 @@ class GroundingRecords:
         return len(self.sample_ids)
 
 
+NO_PHRASE = "missing or empty phrase"  # why a sample without a usable phrase is skipped
+
+
 def clean_phrase(phrase) -> Optional[str]:
     """Whitespace-normalized phrase, or None when missing or empty."""
     if not isinstance(phrase, str):
@@ -166,7 +169,7 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
     for sid, path, phrase, boxes in zip(ids, paths, phrases, bbs):
         text = clean_phrase(phrase)
         if text is None:
-            records.skipped.append((sid, "missing or empty phrase"))
+            records.skipped.append((sid, NO_PHRASE))
             continue
         if not boxes:
             records.skipped.append((sid, f"no box in {gt_field!r}"))

@@ -21,8 +21,8 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
-from .data import (GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers, load_rgb,
-                   normalize_pixels_batch, resize_rgb, rgb_tensor)
+from .data import (NO_PHRASE, GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers,
+                   load_rgb, normalize_pixels_batch, resize_rgb, rgb_tensor)
 from .labels import detections_doc, make_detections
 from .model import Grounder, build_model, build_tokenizer
 
@@ -59,7 +59,7 @@ class GroundingGetItem(fout.GetItem):
         item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)),
                 "error": None}
         if item["phrase"] is None:
-            item["error"] = "missing or empty phrase"
+            item["error"] = NO_PHRASE
             return item
         # The expressions of an image are consecutive samples: decode the image once for
         # all of them (decoding costs more than the model on small models).
@@ -308,7 +308,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     for sid, path, phrase in zip(ids, paths, phrases):
         text = clean_phrase(phrase)
         if text is None:
-            skipped.append((sid, "missing or empty phrase"))
+            skipped.append((sid, NO_PHRASE))
         else:
             groups.setdefault(path, []).append((sid, text))
     dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
@@ -362,8 +362,9 @@ def _declare_field(dataset, label_field: str) -> None:
         dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
         return
     field = dataset.get_field(label_field)
-    if getattr(field, "document_type", None) is not fo.Detections:
-        kind = getattr(getattr(field, "document_type", None), "__name__", None) or type(field).__name__
+    doc_type = getattr(field, "document_type", None)
+    if doc_type is not fo.Detections:
+        kind = doc_type.__name__ if doc_type is not None else type(field).__name__
         raise ValueError(
             f"The field {label_field!r} already holds {kind}, not Detections: choose another label field, "
             f"or delete it first with dataset.delete_sample_field({label_field!r})")
