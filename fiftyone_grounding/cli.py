@@ -111,12 +111,9 @@ def cmd_predict(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import CheckpointError, convert_checkpoint
+    from .checkpoint import convert_checkpoint
 
-    try:
-        out = convert_checkpoint(args.src, args.out_dir, args.preset)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
+    out = convert_checkpoint(args.src, args.out_dir, args.preset)  # a CheckpointError ends in main
     print(f"wrote {out} (config.json + model.safetensors); load it with --checkpoint {out}")
 
 
@@ -232,7 +229,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:  # what the library says of bad input: one line, not a traceback
+    except ValueError as e:  # what the library says of bad input (CheckpointError too): one line
         sys.exit(f"error: {e}")
 
 
