@@ -283,10 +283,12 @@ class TextFeatureCache(_ShardedStore):
                                 enabled=autocast_dtype is not None):
                 feats = model.encode_text(tokens["input_ids"].to(device), mask.to(device))  # (B, L, D)
             feats = feats.float().cpu().numpy()
+            blocks = []
             for phrase, f, n in zip(chunk, feats, mask.sum(1).tolist()):
-                pending.append(f[:n].astype(np.float16))
+                blocks.append(f[:n].astype(np.float16))
                 entries.append((phrase, rows, n))
                 rows += n
+            pending.append(np.concatenate(blocks))  # one array per chunk: the size check below stays cheap
             if sum(a.nbytes for a in pending) >= self.shard_bytes:
                 self._flush(pending, entries)
                 pending, entries, rows = [], [], 0
