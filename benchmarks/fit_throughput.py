@@ -57,14 +57,16 @@ def main(argv=None):
     preset = args.preset or ("seed" if cuda else "tiny")
     n_images = args.images or (4000 if cuda else 60)
     batch_size = args.batch_size or (256 if cuda else 64)
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     resize_note = ensure_albumentations()
     import fiftyone as fo
 
+    from fiftyone_grounding.data import default_num_workers
     from fiftyone_grounding.train import fit
+
+    workers = args.workers if args.workers is not None else default_num_workers(device)
 
     info = device_info(device)
     print(f"device: {info['device_name']} ({device}), {info['date']}, torch {info['torch']}, FiftyOne {fo.__version__}")
