@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from pathlib import Path
 
@@ -108,7 +107,6 @@ def main(argv=None):
     preset = args.preset or ("seed" if cuda else "tiny")
     steps = args.steps or (30 if cuda else 5)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    workers = args.workers if args.workers is not None else (min(8, os.cpu_count() or 1) if cuda else 0)
     modes = list(dict.fromkeys(m for m in args.modes.split(",") if m))
     repeats = args.repeats or (1 if cuda else 3)
     if not cuda and "grouped_fp32" in modes:
@@ -119,8 +117,10 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
 
     from fiftyone_grounding.cache import open_feature_cache
-    from fiftyone_grounding.data import load_rgb
+    from fiftyone_grounding.data import default_num_workers, load_rgb
     from fiftyone_grounding.model import build_model
+
+    workers = args.workers if args.workers is not None else default_num_workers(device)
     try:
         from fiftyone_grounding.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
     except ImportError as e:  # train.py grew a dependency this machine lacks: same recipe, inline
