@@ -31,9 +31,6 @@ else
 fi
 
 RUN="runs/refcoco-${PRESET}"
-for SPLIT in testA testB; do
-  fiftyone-grounding apply --dataset "$DATASET" --split "$SPLIT" --checkpoint "$RUN/best" \
-    --label-field "pred_${PRESET}"
-done
-fiftyone-grounding evaluate --dataset "$DATASET" --split testA testB --label-field "pred_${PRESET}" \
-  --json "$RUN/test_metrics.json"
+# evaluate --checkpoint applies the checkpoint first (one model load for both splits)
+fiftyone-grounding evaluate --dataset "$DATASET" --split testA testB --checkpoint "$RUN/best" \
+  --label-field "pred_${PRESET}" --json "$RUN/test_metrics.json"
