@@ -8,7 +8,7 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_grounding.data import (Collator, GroundingDataset, GroupBatchSampler, hflip, load_rgb,
-                                     read_records, swap_left_right)
+                                     read_records, resize_rgb, swap_left_right)
 from fiftyone_grounding.encoders import load_tokenizer
 
 
@@ -134,3 +134,14 @@ def test_load_rgb_reports_bad_files(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     with pytest.raises(ValueError, match="cannot decode"):
         load_rgb(str(bad))
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (37, 53), (64, 64), (1000, 300)])
+def test_resize_rgb_is_the_resize_of_albumentations(shape):
+    """resize_rgb calls the function A.Resize applies (no transform built per image): the
+    same pixels, down- and upscaling, so cached features and inference match training."""
+    import albumentations as A
+
+    image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    for size in (64, 224):
+        assert np.array_equal(resize_rgb(image, size), A.Resize(size, size)(image=image)["image"])
