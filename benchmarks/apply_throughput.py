@@ -7,9 +7,10 @@ device, both end to end (JPEG decode + model + writes to FiftyOne's database):
   loop          for each sample: load its image, ``model.predict(image, phrase)``,
                 ``sample.save()``, one at a time
   apply_<B>     ``fiftyone_grounding.apply_grounding_model(dataset, model, batch_size=B,
-                num_workers=W)``, the project's path (CLI, operators): one query reads
-                ids, paths and phrases, samples are grouped by image (one decode and one
-                encode per image), DataLoader workers decode, labels are written in bulk by id
+                num_workers=W, worker_type=T)``, the project's path (CLI, operators): one
+                query reads ids, paths and phrases, samples are grouped by image (one decode
+                and one encode per image), W threads (or DataLoader processes) decode, labels
+                are written in bulk by id
   fo_apply_<B>  FiftyOne's own ``dataset.apply_model(model, prompt_field="expression",
                 batch_size=B, num_workers=W)`` with the same model (FiftyOne iterates the
                 samples and saves them in batches)
@@ -53,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--phrases-per-image", type=int, default=7)
     p.add_argument("--batch-sizes", default="64,256", help="apply_model batch sizes, comma-separated")
     p.add_argument("--workers", type=int, default=None,
-                   help="apply_model DataLoader workers (default: 8 on CUDA, 0 on CPU)")
+                   help="workers that decode images (default: 8 on CUDA, 0 on CPU)")
+    p.add_argument("--worker-type", choices=["thread", "process"], default="thread",
+                   help="apply_grounding_model's workers: threads (default) or DataLoader processes; "
+                        "FiftyOne's apply_model always uses processes")
     p.add_argument("--loop-samples", type=int, default=None,
                    help="samples the per-sample loop runs on (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each (median reported)")
@@ -110,7 +114,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
             """Runs it; returns (seconds since the call, fraction done) after each batch."""
             marks, start = [], time.perf_counter()
             apply_grounding_model(view, model, label_field=field, prompt_field="expression", batch_size=bs,
-                                  num_workers=workers, progress=False,
+                                  num_workers=workers, worker_type=args.worker_type, progress=False,
                                   progress_callback=lambda f, _: marks.append((time.perf_counter() - start, f)))
             return marks
 
@@ -154,8 +158,9 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
             extra = ""
             if key != "loop":
                 bs = int(key.rsplit("_", 1)[1])
-                results[key].update(batch_size=bs, workers=workers, forward_calls=calls[key])
-                extra = f", {calls[key]} batched forwards, {workers} workers"
+                kind = args.worker_type if key.startswith("apply") else "process"
+                results[key].update(batch_size=bs, workers=workers, worker_type=kind, forward_calls=calls[key])
+                extra = f", {calls[key]} batched forwards, {workers} {kind} workers"
                 if key in phases:
                     first = float(np.median([p[0] for p in phases[key]]))
                     after = float(np.median([p[1] for p in phases[key]]))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the speed benchmarks: one command, about 6-7 minutes on one H100/H200,
+# The prepared GPU run of the speed benchmarks: one command, about 7-8 minutes on one H100/H200,
 # no network. Full-size configs with random weights, generated JPEGs.
 #
 #   bash benchmarks/run_gpu.sh            # JSONs + logs into "$OUT" if set, else benchmarks/results/
@@ -16,7 +16,8 @@
 #    expressions, cache build, DataLoader workers, 4 epochs). Needs FiftyOne.
 # 3. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
 #    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
-#    once more with 16 DataLoader workers instead of 8, to see whether decoding bounds it.
+#    once more with 16 decoding threads instead of 8 (does decoding bound it?) and once with 8
+#    DataLoader processes instead of threads (which kind of worker is faster here?).
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
 # (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
@@ -82,16 +83,22 @@ else
 fi
 
 echo
-echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers)"
+echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
 timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
     --images "$APPLY_IMAGES" --loop-samples 210 --profile \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
 
 echo
-echo "== 3b apply with 16 workers: is the default (8) bound by JPEG decoding?"
+echo "== 3b apply with 16 decoding threads: is the default (8) bound by JPEG decoding?"
 timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
     --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 16 \
     --json "$OUT_DIR/apply_${PRESET}_w16.json" 2>&1 | tee "$OUT_DIR/apply_w16.log" || status=1
+
+echo
+echo "== 3c apply with 8 DataLoader processes instead of threads"
+timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 8 --worker-type process \
+    --json "$OUT_DIR/apply_${PRESET}_p8.json" 2>&1 | tee "$OUT_DIR/apply_p8.log" || status=1
 
 echo
 echo "== done (status $status); results in $OUT_DIR"

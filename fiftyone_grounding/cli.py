@@ -85,7 +85,7 @@ def cmd_apply(args) -> None:
     model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                skip_existing=args.skip_existing)
+                                worker_type=args.worker_type, skip_existing=args.skip_existing)
     print(f"wrote {args.label_field!r} on {run['processed']} of {len(view)} samples"
           + (f"; no box for {len(run['skipped'])} (first: {run['skipped'][:3]})" if run["skipped"] else ""))
     return view
@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions")
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--num-workers", type=int, default=None)
+        p.add_argument("--num-workers", type=int, default=None,
+                       help="workers that decode images ahead of the model (default: 8 on a GPU, 0 on the CPU)")
+        p.add_argument("--worker-type", choices=["thread", "process"], default="thread",
+                       help="decode in threads (default: nothing to start) or in DataLoader processes")
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
         p.add_argument("--skip-existing", action="store_true",
                        help="only samples without a prediction in --label-field (finish an interrupted run)")

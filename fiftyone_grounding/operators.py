@@ -360,12 +360,10 @@ class ApplyGroundingModel(GroundingOperator):
 
         view = ctx.target_view()
         label_field = self.param(ctx, "label_field")
-        # Delegated: its own process, DataLoader workers as by default (8 on a GPU). Inside the
-        # App's server: decode in the server's process, never fork it.
+        # Decoding threads as by default (8 on a GPU): nothing forked, so also inside the App's server.
         run = apply_grounding_model(view, load_grounding_model(self.param(ctx, "model")), label_field=label_field,
                                     prompt_field=self.param(ctx, "phrase_field"),
                                     batch_size=self.param(ctx, "batch_size"),
-                                    num_workers=None if ctx.delegated else 0,
                                     skip_existing=self.param(ctx, "skip_existing"), progress=False,
                                     progress_callback=_progress_callback(ctx))
         ctx.ops.reload_dataset()

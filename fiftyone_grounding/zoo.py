@@ -12,7 +12,10 @@ bulk writes by id, and ``skip_existing`` to finish an interrupted run.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -272,20 +275,53 @@ def _collate_groups(groups: list[list[dict]]) -> dict:
     return {**collate_items(items), "ids": [item["id"] for item in items]}
 
 
+WORKER_TYPES = ("thread", "process")
+
+
+def _thread_loader(items: _ImageGroups, batches, threads: int, prefetch: int = 4):
+    """Collated batches of ``items`` in order, their images decoded by a pool of ``threads``
+    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread).
+
+    PIL decodes and OpenCV resizes without the GIL, so threads decode in parallel like
+    DataLoader processes, but nothing is started or forked: no start-up cost, no copy of a
+    process that holds the model and a CUDA context, and it may run inside the App's server.
+    """
+    if threads == 0:
+        for indices in batches:
+            yield _collate_groups([items[i] for i in indices])
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fiftyone-grounding-decode")
+    try:
+        order = iter(batches)
+        pending = collections.deque()
+        for indices in itertools.islice(order, prefetch):
+            pending.append([pool.submit(items.__getitem__, i) for i in indices])
+        while pending:
+            futures = pending.popleft()
+            for indices in itertools.islice(order, 1):
+                pending.append([pool.submit(items.__getitem__, i) for i in indices])
+            yield _collate_groups([f.result() for f in futures])
+    finally:  # also when the caller stops early (an error, Ctrl-C): drop the queued images
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
                           prompt_field: str = "expression", batch_size: int = 64,
-                          num_workers: Optional[int] = None, skip_existing: bool = False,
-                          progress: Optional[bool] = None, progress_callback=None,
-                          write_every: int = 4096) -> dict:
+                          num_workers: Optional[int] = None, worker_type: str = "thread",
+                          skip_existing: bool = False, progress: Optional[bool] = None,
+                          progress_callback=None, write_every: int = 4096) -> dict:
     """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
     write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
     operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
 
     - Reads ids, file paths and phrases in one query, groups the samples by image (each image
       decoded and encoded once per batch, wherever its samples are in the view), runs
-      batches of about ``batch_size`` phrases through a DataLoader (``num_workers``
-      processes decode; default: 8 on CUDA, 0 on the CPU), and writes the labels in bulk by
-      sample id every ``write_every`` samples, so an interrupted run keeps what it wrote.
+      batches of about ``batch_size`` phrases, and writes the labels in bulk by sample id
+      every ``write_every`` samples, so an interrupted run keeps what it wrote.
+    - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
+      CPU, where the model already uses every core): threads (``worker_type="thread"``, the
+      default: nothing to start, safe inside the App's server) or DataLoader processes
+      (``"process"``).
     - ``skip_existing``: only the samples with no prediction in ``label_field`` yet (finish an
       interrupted run).
     - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
@@ -297,6 +333,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if worker_type not in WORKER_TYPES:
+        raise ValueError(f"worker_type must be one of {', '.join(WORKER_TYPES)}, got {worker_type!r}")
     todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
     if not todo.has_field(prompt_field):
         raise ValueError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
@@ -317,12 +355,15 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     items = _ImageGroups(list(groups.items()), model.config.image_size)
     batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
     workers = default_num_workers(model._device) if num_workers is None else num_workers
-    workers = min(workers, len(batches))  # a few selected samples start no idle workers
-    loader = torch.utils.data.DataLoader(
-        items, batch_sampler=batches,
-        num_workers=workers, collate_fn=_collate_groups, pin_memory=model._using_gpu,
-        prefetch_factor=4 if workers else None,
-    )
+    if worker_type == "thread":
+        loader = _thread_loader(items, batches, workers)
+    else:
+        workers = min(workers, len(batches))  # a few selected samples start no idle processes
+        loader = iter(torch.utils.data.DataLoader(
+            items, batch_sampler=batches,
+            num_workers=workers, collate_fn=_collate_groups, pin_memory=model._using_gpu,
+            prefetch_factor=4 if workers else None,
+        ))
     pending: dict = {}
 
     def flush() -> None:
@@ -346,8 +387,10 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
                     progress_callback(done / total, f"{done:,} of {total:,} samples")
                 if len(pending) >= write_every:
                     flush()
-        finally:  # also on Ctrl-C or an error: keep every prediction made so far
+        finally:  # also on Ctrl-C or an error: keep every prediction made so far, stop the workers
             flush()
+            if worker_type == "thread":
+                loader.close()
         skipped = list(model.skipped)
     _redeclare_if_dropped(dataset, label_field)
     return {"processed": total, "skipped": skipped}

@@ -36,7 +36,7 @@ def test_train_throughput_runs_every_mode(tmp_path):
 
 def test_apply_throughput_paths_write_the_same_boxes(tmp_path):
     result, _ = run_benchmark("apply_throughput", tmp_path, "--images", "4", "--phrases-per-image", "3",
-                              "--batch-sizes", "8", "--repeats", "1")
+                              "--batch-sizes", "8", "--repeats", "1", "--workers", "2")
     assert result["mode"] == "fiftyone" and result["samples"] == 12
     assert set(result["results"]) == {"loop", "apply_8", "fo_apply_8"}
     assert all(diff < 1e-4 for diff in result["max_box_difference"].values())
@@ -44,6 +44,8 @@ def test_apply_throughput_paths_write_the_same_boxes(tmp_path):
     apply = result["results"]["apply_8"]  # 4 images x 3 phrases: 2 batches, so a start-up and a rest
     assert 0 < apply["seconds_to_first_batch"] < apply["seconds_median"]
     assert apply["expressions_per_s_after_first_batch"] > 0
+    assert (apply["workers"], apply["worker_type"]) == (2, "thread")  # FiftyOne's apply_model: processes
+    assert result["results"]["fo_apply_8"]["worker_type"] == "process"
 
 
 def test_fit_throughput_trains_through_fit(tmp_path):

@@ -157,18 +157,45 @@ def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, mode
     assert dataset.get_field("fast").document_type is fo.Detections
 
 
-def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model):
-    """DataLoader worker processes and several bulk writes give the same boxes."""
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model, worker_type):
+    """Decoding threads or DataLoader processes and several bulk writes give the same boxes."""
     view = dataset.limit(30)
     apply_grounding_model(view, model, label_field="a", batch_size=8, num_workers=0)
-    apply_grounding_model(view, model, label_field="b", batch_size=5, num_workers=2, write_every=7)
-    apply_grounding_model(view.limit(3), model, label_field="c", batch_size=64, num_workers=4)  # 1 batch
+    apply_grounding_model(view, model, label_field="b", batch_size=5, num_workers=2, worker_type=worker_type,
+                          write_every=7)
+    apply_grounding_model(view.limit(3), model, label_field="c", batch_size=64, num_workers=4,
+                          worker_type=worker_type)  # 1 batch
     a, b, c = view.values(["a.detections.bounding_box", "b.detections.bounding_box", "c.detections.bounding_box"])
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(c[:3]), np.asarray(a[:3]), atol=1e-5)
     assert c[3:] == [None] * 27
     with pytest.raises(ValueError, match="no field 'caption'"):
         apply_grounding_model(view, model, label_field="d", prompt_field="caption")
+    with pytest.raises(ValueError, match="worker_type must be one of thread, process, got 'fork'"):
+        apply_grounding_model(view, model, label_field="d", worker_type="fork")
+
+
+def test_decoding_threads_stop_when_a_run_is_interrupted(dataset, model):
+    """Ctrl-C in the middle: the batches done are written, and no decoding thread is left
+    running (the queued images are dropped)."""
+    view = dataset.limit(40)
+    apply_grounding_model(view, model, label_field="reference", batch_size=4)
+    calls = []
+
+    def interrupted_at_batch_3(fraction, message):
+        calls.append(message)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        apply_grounding_model(view, model, label_field="pred", batch_size=4, num_workers=3,
+                              progress_callback=interrupted_at_batch_3)
+    # stopped by the run itself, not when the traceback (kept here, as a notebook keeps it) goes
+    assert interrupted.traceback and not [t for t in threading.enumerate()
+                                          if t.name.startswith("fiftyone-grounding-decode")]
+    written, reference = view.values(["pred.detections.bounding_box", "reference.detections.bounding_box"])
+    assert written[:12] == reference[:12] and written[12:] == [None] * 28
 
 
 def test_a_field_of_another_label_type_is_refused_before_anything_is_written(dataset, model):
