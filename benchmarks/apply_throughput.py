@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import tempfile
 import time
 import uuid
@@ -44,6 +45,9 @@ import torch
 
 from _bench_common import (Timer, add_grounding_samples, build_offline, device_info, fmt_rate, random_token_batch,
                            resolve_device, write_images, write_json)
+
+
+BOX_TOLERANCE = 0.05  # normalized coordinates
 
 
 def parse_args(argv=None):
@@ -196,6 +200,10 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
             if written != n:
                 raise RuntimeError(f"{key} wrote {written} of {n} predictions")
         print("  max |box difference| vs the loop: " + ", ".join(f"{k} {v:.2e}" for k, v in agree.items()))
+        # bf16 batches of other shapes differ by ~1e-3; a box read before the GPU wrote it, far more
+        wrong = {k: v for k, v in agree.items() if v > BOX_TOLERANCE}
+        if wrong:
+            print(f"  MISMATCH: boxes differ from the per-sample loop by more than {BOX_TOLERANCE}: {wrong}")
     finally:
         dataset.delete()
 
@@ -204,7 +212,8 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     print("speed-up over the per-sample loop: " + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
     return {"mode": "fiftyone", "fiftyone": fo.__version__, "preset": preset, "images": n_images, "repeats": args.repeats,
             "phrases_per_image": ppi, "samples": n, "workers": workers, "text_encoder_note": note,
-            "results": results, "ratio_vs_loop": ratios, "max_box_difference": agree}
+            "results": results, "ratio_vs_loop": ratios, "max_box_difference": agree,
+            "boxes_match": not wrong}
 
 
 # -- the model alone -------------------------------------------------------------------------
@@ -304,4 +313,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main().get("boxes_match", True) else 1)  # figures and JSON first, then the verdict

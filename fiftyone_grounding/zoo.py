@@ -16,7 +16,7 @@ import collections
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -199,36 +199,71 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         batch = args if isinstance(args, dict) else collate_items(list(args))
         return self._predict_batch(batch)
 
-    @torch.inference_mode()
     def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
                       image_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalized xyxy boxes (B, 4) for phrases over images: resized uint8 (I, S, S, 3),
         or model input (I, 3, S, S) already normalized."""
+        return self.predict_boxes_async(pixel_values, phrases, image_index)()
+
+    @torch.inference_mode()
+    def predict_boxes_async(self, pixel_values: torch.Tensor, phrases: Sequence[str],
+                            image_index: Optional[torch.Tensor] = None) -> Callable[[], torch.Tensor]:
+        """Like :meth:`predict_boxes`, but returns as soon as the work is queued on a GPU:
+        call the result to wait for the (B, 4) boxes on the CPU. The caller can prepare the
+        next batch or write the previous one's labels while the GPU runs."""
+        cuda = self._device.type == "cuda"
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            # from pinned memory a copy to the GPU does not wait for the batch still running there
+            return (t.pin_memory() if cuda and not t.is_pinned() else t).to(self._device, non_blocking=True)
+
         tokens = self.tokenize(phrases)
-        pixel_values = pixel_values.to(self._device, non_blocking=True)
+        pixel_values = to_device(pixel_values)
         if pixel_values.dtype == torch.uint8:
             pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
-        ids = tokens["input_ids"].to(self._device)
-        mask = tokens["attention_mask"].to(self._device)
+        ids, mask = to_device(tokens["input_ids"]), to_device(tokens["attention_mask"])
         if image_index is not None:
-            image_index = image_index.to(self._device)
+            image_index = to_device(image_index)
         with torch.autocast(self._device.type, dtype=self._autocast_dtype or torch.float32,
                             enabled=self._autocast_dtype is not None):
-            boxes = self.model(pixel_values, ids, mask, image_index)
+            boxes = self.model(pixel_values, ids, mask, image_index).float()
         self.forward_calls += 1
-        return boxes.float().cpu()
+        if not cuda:
+            boxes = boxes.cpu()
+            return lambda: boxes
+        # Copy into pinned memory behind the model on the same stream; the event marks its end
+        # (a plain .cpu() later would also wait for every batch queued after this one).
+        host = torch.empty(boxes.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(boxes, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> torch.Tensor:
+            copied.synchronize()
+            return host
+
+        return wait
 
     def _predict_batch(self, batch: dict, make_label=make_detections) -> list:
         """A label per item of a collated batch (None where it was skipped), made by
         ``make_label(box_xyxy, phrase, confidence=1.0)``."""
-        out: list = [None] * batch["size"]
+        return self._predict_batch_async(batch, make_label)()
+
+    def _predict_batch_async(self, batch: dict, make_label=make_detections) -> Callable[[], list]:
+        """Queues the model on a collated batch; returns a function that waits for it and
+        gives the labels of :meth:`_predict_batch`."""
         self.skipped.extend(batch["errors"])
-        if not batch["valid"]:
+        wait = (self.predict_boxes_async(batch["pixel_values"], batch["phrases"], batch["image_index"])
+                if batch["valid"] else None)
+
+        def labels() -> list:
+            out: list = [None] * batch["size"]
+            if wait is not None:
+                for i, phrase, box in zip(batch["valid"], batch["phrases"], wait().tolist()):
+                    out[i] = make_label(box, phrase, confidence=1.0)
             return out
-        boxes = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"])
-        for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
-            out[i] = make_label(box, phrase, confidence=1.0)
-        return out
+
+        return labels
 
 
 def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "grounded",
@@ -278,17 +313,24 @@ def _collate_groups(groups: list[list[dict]]) -> dict:
 WORKER_TYPES = ("thread", "process")
 
 
-def _thread_loader(items: _ImageGroups, batches, threads: int, prefetch: int = 4):
+def _thread_loader(items: _ImageGroups, batches, threads: int, pin_memory: bool = False, prefetch: int = 4):
     """Collated batches of ``items`` in order, their images decoded by a pool of ``threads``
-    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread).
+    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread), the pixels
+    in pinned memory with ``pin_memory`` (copied to the GPU without waiting for it).
 
     PIL decodes and OpenCV resizes without the GIL, so threads decode in parallel like
     DataLoader processes, but nothing is started or forked: no start-up cost, no copy of a
     process that holds the model and a CUDA context, and it may run inside the App's server.
     """
+    def collate(groups: list[list[dict]]) -> dict:
+        batch = _collate_groups(groups)
+        if pin_memory and batch["pixel_values"] is not None:
+            batch["pixel_values"] = batch["pixel_values"].pin_memory()
+        return batch
+
     if threads == 0:
         for indices in batches:
-            yield _collate_groups([items[i] for i in indices])
+            yield collate([items[i] for i in indices])
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="fiftyone-grounding-decode")
     try:
@@ -300,7 +342,7 @@ def _thread_loader(items: _ImageGroups, batches, threads: int, prefetch: int = 4
             futures = pending.popleft()
             for indices in itertools.islice(order, 1):
                 pending.append([pool.submit(items.__getitem__, i) for i in indices])
-            yield _collate_groups([f.result() for f in futures])
+            yield collate([f.result() for f in futures])
     finally:  # also when the caller stops early (an error, Ctrl-C): drop the queued images
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -321,7 +363,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
       CPU, where the model already uses every core): threads (``worker_type="thread"``, the
       default: nothing to start, safe inside the App's server) or DataLoader processes
-      (``"process"``).
+      (``"process"``). One batch is in flight on a GPU: the host queues the next batch and
+      writes the previous one's labels while the GPU runs.
     - ``skip_existing``: only the samples with no prediction in ``label_field`` yet (finish an
       interrupted run).
     - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
@@ -356,7 +399,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
     workers = default_num_workers(model._device) if num_workers is None else num_workers
     if worker_type == "thread":
-        loader = _thread_loader(items, batches, workers)
+        loader = _thread_loader(items, batches, workers, pin_memory=model._using_gpu)
     else:
         workers = min(workers, len(batches))  # a few selected samples start no idle processes
         loader = iter(torch.utils.data.DataLoader(
@@ -366,31 +409,45 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
         ))
     pending: dict = {}
 
+    def keep(batch: dict, labels: Callable[[], list]) -> None:
+        for sid, label in zip(batch["ids"], labels()):
+            if label is not None:
+                pending[sid] = label
+
     def flush() -> None:
         if pending:
             dataset.set_values(label_field, pending, key_field="id", validate=False)
             pending.clear()
 
     done, total = len(skipped), len(ids)
+    in_flight = None  # (batch, its labels): queued on the device, not kept yet
     with model, fou.ProgressBar(total=total, progress=progress) as bar:
         model.skipped.extend(skipped)
         bar.update(len(skipped))
         try:
-            for batch in loader:
-                # database-form labels: building FiftyOne objects cost more than the model
-                for sid, label in zip(batch["ids"], model._predict_batch(batch, make_label=detections_doc)):
-                    if label is not None:
-                        pending[sid] = label
-                done += batch["size"]
-                bar.update(batch["size"])
-                if progress_callback is not None:
-                    progress_callback(done / total, f"{done:,} of {total:,} samples")
-                if len(pending) >= write_every:
-                    flush()
+            # One batch in flight: while the GPU runs batch k, the host queues batch k + 1 and
+            # keeps (and writes) the labels of batch k - 1. Labels in database form: building
+            # FiftyOne objects costs more than the model.
+            for batch in itertools.chain(loader, [None]):
+                queued = None if batch is None else (batch, model._predict_batch_async(batch, detections_doc))
+                if in_flight is not None:
+                    (previous, labels), in_flight = in_flight, None
+                    keep(previous, labels)
+                    done += previous["size"]
+                    bar.update(previous["size"])
+                    if progress_callback is not None:
+                        progress_callback(done / total, f"{done:,} of {total:,} samples")
+                    if len(pending) >= write_every:
+                        flush()
+                in_flight = queued
         finally:  # also on Ctrl-C or an error: keep every prediction made so far, stop the workers
-            flush()
-            if worker_type == "thread":
-                loader.close()
+            try:
+                if in_flight is not None:
+                    keep(*in_flight)
+            finally:
+                flush()
+                if worker_type == "thread":
+                    loader.close()
         skipped = list(model.skipped)
     _redeclare_if_dropped(dataset, label_field)
     return {"processed": total, "skipped": skipped}

@@ -377,20 +377,21 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
     reference = ds.values("reference.detections.bounding_box")
 
     batches = []
-    predict_boxes = model.predict_boxes
+    predict_boxes_async = model.predict_boxes_async
 
     def interrupted_at_batch_3(*args, **kwargs):
         batches.append(len(batches))
         if len(batches) == 3:
             raise KeyboardInterrupt  # Ctrl-C (FiftyOne skips failed batches, but not this)
-        return predict_boxes(*args, **kwargs)
+        return predict_boxes_async(*args, **kwargs)
 
-    model.predict_boxes = interrupted_at_batch_3
+    model.predict_boxes_async = interrupted_at_batch_3
     with pytest.raises(KeyboardInterrupt):
         apply_grounding_model(ds, model, label_field="pred", batch_size=4)
-    del model.predict_boxes
+    del model.predict_boxes_async
     written = fo.load_dataset(dataset_name).values("pred.detections.bounding_box")
-    assert written[:8] == reference[:8] and written[8:] == [None] * 16  # batches 1-2 saved, intact
+    # batches 1-2 saved, intact (batch 2 was still in flight when batch 3 was interrupted)
+    assert written[:8] == reference[:8] and written[8:] == [None] * 16
 
     before = model.forward_calls
     run = apply_grounding_model(ds, model, label_field="pred", batch_size=4, skip_existing=True)
