@@ -351,7 +351,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
                           prompt_field: str = "expression", batch_size: int = 64,
                           num_workers: Optional[int] = None, worker_type: str = "thread",
                           skip_existing: bool = False, progress: Optional[bool] = None,
-                          progress_callback=None, write_every: int = 4096) -> dict:
+                          progress_callback=None, write_every: int = 4096,
+                          overlap: Optional[bool] = None) -> dict:
     """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
     write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
     operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
@@ -363,8 +364,10 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
       CPU, where the model already uses every core): threads (``worker_type="thread"``, the
       default: nothing to start, safe inside the App's server) or DataLoader processes
-      (``"process"``). One batch is in flight on a GPU: the host queues the next batch and
-      writes the previous one's labels while the GPU runs.
+      (``"process"``).
+    - ``overlap`` (default: on CUDA): keep one batch in flight, so the host queues the next
+      batch and writes the previous one's labels while the GPU runs. Elsewhere the model
+      has run when its call returns, and the progress is then exact to the batch.
     - ``skip_existing``: only the samples with no prediction in ``label_field`` yet (finish an
       interrupted run).
     - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
@@ -421,25 +424,36 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
     done, total = len(skipped), len(ids)
     in_flight = None  # (batch, its labels): queued on the device, not kept yet
+    if overlap is None:
+        overlap = model._device.type == "cuda"
+
+    def settle() -> None:
+        nonlocal in_flight, done
+        (batch, labels), in_flight = in_flight, None
+        keep(batch, labels)
+        done += batch["size"]
+        bar.update(batch["size"])
+        if progress_callback is not None:
+            progress_callback(done / total, f"{done:,} of {total:,} samples")
+        if len(pending) >= write_every:
+            flush()
+
     with model, fou.ProgressBar(total=total, progress=progress) as bar:
         model.skipped.extend(skipped)
         bar.update(len(skipped))
         try:
-            # One batch in flight: while the GPU runs batch k, the host queues batch k + 1 and
-            # keeps (and writes) the labels of batch k - 1. Labels in database form: building
-            # FiftyOne objects costs more than the model.
-            for batch in itertools.chain(loader, [None]):
-                queued = None if batch is None else (batch, model._predict_batch_async(batch, detections_doc))
+            # One batch in flight on a GPU: while it runs batch k, the host queues batch k + 1
+            # and keeps (and writes) the labels of batch k - 1. Labels in database form:
+            # building FiftyOne objects costs more than the model.
+            for batch in loader:
+                queued = (batch, model._predict_batch_async(batch, detections_doc))
                 if in_flight is not None:
-                    (previous, labels), in_flight = in_flight, None
-                    keep(previous, labels)
-                    done += previous["size"]
-                    bar.update(previous["size"])
-                    if progress_callback is not None:
-                        progress_callback(done / total, f"{done:,} of {total:,} samples")
-                    if len(pending) >= write_every:
-                        flush()
+                    settle()
                 in_flight = queued
+                if not overlap:
+                    settle()
+            if in_flight is not None:
+                settle()
         finally:  # also on Ctrl-C or an error: keep every prediction made so far, stop the workers
             try:
                 if in_flight is not None:

@@ -386,8 +386,8 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
         return predict_boxes_async(*args, **kwargs)
 
     model.predict_boxes_async = interrupted_at_batch_3
-    with pytest.raises(KeyboardInterrupt):
-        apply_grounding_model(ds, model, label_field="pred", batch_size=4)
+    with pytest.raises(KeyboardInterrupt):  # with a batch in flight, as on a GPU
+        apply_grounding_model(ds, model, label_field="pred", batch_size=4, overlap=True)
     del model.predict_boxes_async
     written = fo.load_dataset(dataset_name).values("pred.detections.bounding_box")
     # batches 1-2 saved, intact (batch 2 was still in flight when batch 3 was interrupted)

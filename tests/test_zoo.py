@@ -163,7 +163,7 @@ def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model, worker_
     view = dataset.limit(30)
     apply_grounding_model(view, model, label_field="a", batch_size=8, num_workers=0)
     apply_grounding_model(view, model, label_field="b", batch_size=5, num_workers=2, worker_type=worker_type,
-                          write_every=7)
+                          write_every=7, overlap=True)  # one batch in flight, as on a GPU
     apply_grounding_model(view.limit(3), model, label_field="c", batch_size=64, num_workers=4,
                           worker_type=worker_type)  # 1 batch
     a, b, c = view.values(["a.detections.bounding_box", "b.detections.bounding_box", "c.detections.bounding_box"])
@@ -190,7 +190,7 @@ def test_decoding_threads_stop_when_a_run_is_interrupted(dataset, model):
 
     with pytest.raises(KeyboardInterrupt) as interrupted:
         apply_grounding_model(view, model, label_field="pred", batch_size=4, num_workers=3,
-                              progress_callback=interrupted_at_batch_3)
+                              progress_callback=interrupted_at_batch_3, overlap=True)
     # stopped by the run itself, not when the traceback (kept here, as a notebook keeps it) goes
     assert interrupted.traceback and not [t for t in threading.enumerate()
                                           if t.name.startswith("fiftyone-grounding-decode")]
