@@ -215,7 +215,8 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
         def to_device(t: torch.Tensor) -> torch.Tensor:
             # from pinned memory a copy to the GPU does not wait for the batch still running there
-            return (t.pin_memory() if cuda and not t.is_pinned() else t).to(self._device, non_blocking=True)
+            pin = cuda and t.device.type == "cpu" and not t.is_pinned()
+            return (t.pin_memory() if pin else t).to(self._device, non_blocking=True)
 
         tokens = self.tokenize(phrases)
         pixel_values = to_device(pixel_values)
@@ -236,7 +237,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         host = torch.empty(boxes.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(boxes, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(boxes.device))  # the model's GPU, not the current one
 
         def wait() -> torch.Tensor:
             copied.synchronize()
