@@ -18,6 +18,8 @@
 #    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
 #    once more with 16 decoding threads instead of 8 (does decoding bound it?) and once with 8
 #    DataLoader processes instead of threads (which kind of worker is faster here?).
+# 4. tests/test_cuda.py: batches in flight on the GPU give the CPU's boxes (last, so that a
+#    run cut short still has the figures).
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
 # (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
@@ -99,6 +101,14 @@ echo "== 3c apply with 8 DataLoader processes instead of threads"
 timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
     --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 8 --worker-type process \
     --json "$OUT_DIR/apply_${PRESET}_p8.json" 2>&1 | tee "$OUT_DIR/apply_p8.log" || status=1
+
+echo
+echo "== 4 tests/test_cuda.py: what only a GPU runs, against the CPU"
+if "$PY" -c "import pytest, fiftyone" 2>/dev/null; then
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT_DIR/test_cuda.log" || status=1
+else
+    echo "SKIPPED: pytest or FiftyOne is not available here"
+fi
 
 echo
 echo "== done (status $status); results in $OUT_DIR"

@@ -39,6 +39,7 @@ PURE=(
   beautifulsoup4 soupsieve ftfy jsonpatch jsonpointer universal-analytics-python3
   albumentations albucore
   datasets
+  pytest pluggy iniconfig pygments
 )
 # Compiled (or python-version specific) distributions -> cp$PYVER wheels.
 # Versions are taken from the venv.

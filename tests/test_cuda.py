@@ -1,0 +1,48 @@
+"""What only a CUDA GPU can run: batches in flight (``predict_boxes_async``) and
+``apply_grounding_model`` with one batch in flight, checked against the CPU.
+
+Skipped without a GPU (CI has none); ``benchmarks/run_gpu.sh`` runs this file first.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PHRASES = ["the red circle", "the small blue square on the left", "the large triangle", "the top one"]
+
+
+def _batches(size: int, count: int = 4):
+    rng = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8, generator=rng), PHRASES,
+             torch.tensor([0, 1, 2, 2])) for _ in range(count)]
+
+
+def test_batches_in_flight_give_the_boxes_of_the_cpu(tiny_checkpoint):
+    cpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    gpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cuda", mixed_precision="no")
+    batches = _batches(cpu.config.image_size)
+    waits = [gpu.predict_boxes_async(*batch) for batch in batches]  # all queued before any is read
+    for batch, wait in zip(batches, waits):
+        torch.testing.assert_close(wait(), cpu.predict_boxes(*batch), atol=1e-4, rtol=0)
+    # pixels and indices already on the GPU are used as they are (not pinned)
+    pixels, phrases, index = batches[0]
+    torch.testing.assert_close(gpu.predict_boxes(pixels.cuda(), phrases, index.cuda()),
+                               cpu.predict_boxes(pixels, phrases, index), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_apply_on_the_gpu_writes_the_boxes_of_the_cpu(synthetic_dataset, tiny_checkpoint, dataset_name,
+                                                      worker_type):
+    view = synthetic_dataset.limit(40).clone(dataset_name)
+    cpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    gpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cuda", mixed_precision="no")
+    apply_grounding_model(view, cpu, label_field="cuda_ref", batch_size=8, num_workers=0)
+    run = apply_grounding_model(view, gpu, label_field=f"cuda_{worker_type}", batch_size=8, num_workers=2,
+                                worker_type=worker_type, write_every=12)  # overlap: on, by default on CUDA
+    assert run == {"processed": 40, "skipped": []}
+    ref, got = view.values(["cuda_ref.detections.bounding_box", f"cuda_{worker_type}.detections.bounding_box"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
