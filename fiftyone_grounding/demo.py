@@ -10,6 +10,22 @@ from typing import Optional
 DEMO_DATASET = "grounding-synthetic-demo"
 
 
+VERSIONED = ("torch", "transformers", "numpy", "pillow", "opencv-python-headless", "albumentations", "fiftyone")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the libraries the demo's figures depend on (absent: ``None``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def run_demo(
     out_dir: str = "outputs/demo",
     dataset_name: str = DEMO_DATASET,
@@ -64,6 +80,9 @@ def run_demo(
         "dataset": dataset_name,
         "checkpoint": str(result.best_dir),
         "seconds": round(time.time() - t0, 1),
+        # the figures are exact for one set of these (the same code gave other figures on
+        # another day's install); compare them before comparing the metrics
+        "versions": library_versions(),
     }
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

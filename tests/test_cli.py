@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from fiftyone_grounding.cli import main
@@ -57,6 +58,8 @@ def test_demo_end_to_end_small(tmp_path, dataset_name):
     result = json.loads(out.read_text())
     assert set(result["test"]) >= {"miou", "acc50", "acc75"}
     assert 0 <= result["test"]["miou"] <= 1 and 0 < result["constant_box_miou"] < 1
+    assert result["versions"]["torch"] == torch.__version__.split("+")[0]  # metadata has no local tag
+    assert result["versions"]["fiftyone"] and result["versions"]["transformers"]
     import fiftyone as fo
 
     ds = fo.load_dataset(dataset_name)
