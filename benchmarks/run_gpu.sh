@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the speed benchmarks: one command, about 7-8 minutes on one H100/H200,
+# The prepared GPU run of the speed benchmarks: one command, about 8-9 minutes on one H100/H200,
 # no network. Full-size configs with random weights, generated JPEGs.
 #
 #   bash benchmarks/run_gpu.sh            # JSONs + logs into "$OUT" if set, else benchmarks/results/
