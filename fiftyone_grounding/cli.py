@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from .config import WORKER_TYPES
+
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
@@ -188,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="phrases per forward pass (default: 64; 256 keeps a large GPU busier)")
         p.add_argument("--num-workers", type=int, default=None,
                        help="workers that decode images ahead of the model (default: 8 on a GPU, 0 on the CPU)")
-        p.add_argument("--worker-type", choices=["thread", "process"], default="thread",
+        p.add_argument("--worker-type", choices=WORKER_TYPES, default=WORKER_TYPES[0],
                        help="decode in threads (default: nothing to start) or in DataLoader processes")
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
         p.add_argument("--skip-existing", action="store_true",

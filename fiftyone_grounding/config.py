@@ -82,6 +82,7 @@ BOX_FORMATS = ("xyxy", "cxcywh")
 QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 LOSS_TERMS = ("l1", "giou", "diou")
+WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
 
 
 @dataclass

@@ -24,6 +24,7 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
+from .config import WORKER_TYPES
 from .data import (NO_PHRASE, GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers,
                    load_rgb, normalize_pixels_batch, resize_rgb, rgb_tensor)
 from .labels import detections_doc, make_detections
@@ -311,27 +312,18 @@ def _collate_groups(groups: list[list[dict]]) -> dict:
     return {**collate_items(items), "ids": [item["id"] for item in items]}
 
 
-WORKER_TYPES = ("thread", "process")
 
-
-def _thread_loader(items: _ImageGroups, batches, threads: int, pin_memory: bool = False, prefetch: int = 4):
+def _thread_loader(items: _ImageGroups, batches, threads: int, prefetch: int = 4):
     """Collated batches of ``items`` in order, their images decoded by a pool of ``threads``
-    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread), the pixels
-    in pinned memory with ``pin_memory`` (copied to the GPU without waiting for it).
+    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread).
 
     PIL decodes and OpenCV resizes without the GIL, so threads decode in parallel like
     DataLoader processes, but nothing is started or forked: no start-up cost, no copy of a
     process that holds the model and a CUDA context, and it may run inside the App's server.
     """
-    def collate(groups: list[list[dict]]) -> dict:
-        batch = _collate_groups(groups)
-        if pin_memory and batch["pixel_values"] is not None:
-            batch["pixel_values"] = batch["pixel_values"].pin_memory()
-        return batch
-
     if threads == 0:
         for indices in batches:
-            yield collate([items[i] for i in indices])
+            yield _collate_groups([items[i] for i in indices])
         return
     pool = ThreadPoolExecutor(threads, thread_name_prefix="fiftyone-grounding-decode")
     try:
@@ -343,7 +335,7 @@ def _thread_loader(items: _ImageGroups, batches, threads: int, pin_memory: bool 
             futures = pending.popleft()
             for indices in itertools.islice(order, 1):
                 pending.append([pool.submit(items.__getitem__, i) for i in indices])
-            yield collate([f.result() for f in futures])
+            yield _collate_groups([f.result() for f in futures])
     finally:  # also when the caller stops early (an error, Ctrl-C): drop the queued images
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -403,7 +395,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
     workers = default_num_workers(model._device) if num_workers is None else num_workers
     if worker_type == "thread":
-        loader = _thread_loader(items, batches, workers, pin_memory=model._using_gpu)
+        loader = _thread_loader(items, batches, workers)  # predict_boxes_async pins the pixels
     else:
         workers = min(workers, len(batches))  # a few selected samples start no idle processes
         loader = iter(torch.utils.data.DataLoader(
