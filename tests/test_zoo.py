@@ -177,8 +177,9 @@ def test_fast_apply_with_workers_and_a_small_write_chunk(dataset, model, worker_
 
 
 def test_decoding_threads_stop_when_a_run_is_interrupted(dataset, model):
-    """Ctrl-C in the middle: the batches done are written, and no decoding thread is left
-    running (the queued images are dropped)."""
+    """Ctrl-C in the middle: the batches done are written (also the chunks handed to the
+    background writer), and no decoding or writing thread is left running (the queued
+    images are dropped)."""
     view = dataset.limit(40)
     apply_grounding_model(view, model, label_field="reference", batch_size=4)
     calls = []
@@ -190,12 +191,31 @@ def test_decoding_threads_stop_when_a_run_is_interrupted(dataset, model):
 
     with pytest.raises(KeyboardInterrupt) as interrupted:
         apply_grounding_model(view, model, label_field="pred", batch_size=4, num_workers=3,
-                              progress_callback=interrupted_at_batch_3, overlap=True)
+                              progress_callback=interrupted_at_batch_3, overlap=True, write_every=3)
     # stopped by the run itself, not when the traceback (kept here, as a notebook keeps it) goes
     assert interrupted.traceback and not [t for t in threading.enumerate()
-                                          if t.name.startswith("fiftyone-grounding-decode")]
+                                          if t.name.startswith(("fiftyone-grounding-decode",
+                                                                "fiftyone-grounding-write"))]
     written, reference = view.values(["pred.detections.bounding_box", "reference.detections.bounding_box"])
     assert written[:12] == reference[:12] and written[12:] == [None] * 28
+
+
+def test_a_failed_background_write_is_raised_not_lost(dataset, model):
+    """The labels are written in a background thread: when a write fails (here the dataset
+    is deleted in the middle of the run), the run raises that error instead of going on
+    as if its predictions were saved."""
+    name, batches = dataset.name, []
+
+    def delete_the_dataset_at_batch_2(fraction, message):
+        batches.append(message)
+        if len(batches) == 2:
+            fo.delete_dataset(name)
+
+    with pytest.raises(ValueError, match="deleted"):
+        apply_grounding_model(dataset, model, label_field="pred", batch_size=4, write_every=4,
+                              progress_callback=delete_the_dataset_at_batch_2)
+    assert 2 <= len(batches) < 20  # stopped at the first write after the deletion, not at the end
+    assert not [t for t in threading.enumerate() if t.name.startswith("fiftyone-grounding-write")]
 
 
 def test_a_field_of_another_label_type_is_refused_before_anything_is_written(dataset, model):
