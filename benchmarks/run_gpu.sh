@@ -9,17 +9,18 @@
 # offline bundle (`.fobundle/setup.sh`: wheels, a mongod binary and its libraries; not in git):
 # it is sourced when present, which installs FiftyOne into /tmp and starts a local mongod.
 #
-# 1. train_throughput.py: the training step, seed-style vs grouped vs cached vs cached text,
+# In the order of what is still to be measured, so that a run cut short (a device session's
+# time runs out) still has it; every step writes its log and JSON into $OUT as it ends:
+# 1. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
+#    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
+#    once more with 8 DataLoader processes instead of 8 threads (which kind of worker is
+#    faster here?) and once with 16 decoding threads (does decoding bound it?).
+# 2. tests/test_cuda.py: batches in flight on the GPU give the CPU's boxes.
+# 3. train_throughput.py: the training step, seed-style vs grouped vs cached vs cached text,
 #    seed preset, 224 px, batch 256, in one run (2 interleaved repeats, medians), then a
 #    torch.profiler table of the cached_text step.
-# 2. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
+# 4. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
 #    expressions, cache build, DataLoader workers, 4 epochs). Needs FiftyOne.
-# 3. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
-#    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
-#    once more with 16 decoding threads instead of 8 (does decoding bound it?) and once with 8
-#    DataLoader processes instead of threads (which kind of worker is faster here?).
-# 4. tests/test_cuda.py: batches in flight on the GPU give the CPU's boxes (last, so that a
-#    run cut short still has the figures).
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
 # (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
@@ -69,45 +70,45 @@ HAVE_FO=0
 
 status=0
 echo
-echo "== 1/3 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode, $REPEATS interleaved repeats)"
+echo "== 1/4 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
+timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 210 --profile \
+    --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
+
+echo
+echo "== 1b apply with 8 DataLoader processes instead of threads"
+timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 8 --worker-type process \
+    --json "$OUT_DIR/apply_${PRESET}_p8.json" 2>&1 | tee "$OUT_DIR/apply_p8.log" || status=1
+
+echo
+echo "== 1c apply with 16 decoding threads: is the default (8) bound by JPEG decoding?"
+timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 16 \
+    --json "$OUT_DIR/apply_${PRESET}_w16.json" 2>&1 | tee "$OUT_DIR/apply_w16.log" || status=1
+
+echo
+echo "== 2/4 tests/test_cuda.py: what only a GPU runs, against the CPU"
+if "$PY" -c "import pytest, fiftyone" 2>/dev/null; then
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT_DIR/test_cuda.log" || status=1
+else
+    echo "SKIPPED: pytest or FiftyOne is not available here"
+fi
+
+echo
+echo "== 3/4 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode, $REPEATS interleaved repeats)"
 timeout 200 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 256 \
     --phrases-per-image 7 --steps "$STEPS" --warmup 5 --modes seed,grouped,cached,cached_text \
     --repeats "$REPEATS" --profile cached_text --json "$OUT_DIR/train_${PRESET}_b256.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
 
 echo
-echo "== 2/3 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 4 epochs, $WORKERS workers)"
+echo "== 4/4 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 4 epochs, $WORKERS workers)"
 if [ "$HAVE_FO" = 1 ]; then
     timeout 200 "$PY" benchmarks/fit_throughput.py --preset "$PRESET" --device "$DEVICE" --images "$FIT_IMAGES" \
         --batch-size 256 --epochs 4 --workers "$WORKERS" \
         --json "$OUT_DIR/fit_${PRESET}.json" 2>&1 | tee "$OUT_DIR/fit.log" || status=1
 else
     echo "SKIPPED: FiftyOne is not available here"
-fi
-
-echo
-echo "== 3/3 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
-timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 210 --profile \
-    --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
-
-echo
-echo "== 3b apply with 16 decoding threads: is the default (8) bound by JPEG decoding?"
-timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 16 \
-    --json "$OUT_DIR/apply_${PRESET}_w16.json" 2>&1 | tee "$OUT_DIR/apply_w16.log" || status=1
-
-echo
-echo "== 3c apply with 8 DataLoader processes instead of threads"
-timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 8 --worker-type process \
-    --json "$OUT_DIR/apply_${PRESET}_p8.json" 2>&1 | tee "$OUT_DIR/apply_p8.log" || status=1
-
-echo
-echo "== 4 tests/test_cuda.py: what only a GPU runs, against the CPU"
-if "$PY" -c "import pytest, fiftyone" 2>/dev/null; then
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT_DIR/test_cuda.log" || status=1
-else
-    echo "SKIPPED: pytest or FiftyOne is not available here"
 fi
 
 echo

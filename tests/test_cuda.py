@@ -1,7 +1,7 @@
 """What only a CUDA GPU can run: batches in flight (``predict_boxes_async``) and
 ``apply_grounding_model`` with one batch in flight, checked against the CPU.
 
-Skipped without a GPU (CI has none); ``benchmarks/run_gpu.sh`` runs this file last.
+Skipped without a GPU (CI has none); ``benchmarks/run_gpu.sh`` runs this file after the apply benchmark.
 """
 
 import numpy as np
