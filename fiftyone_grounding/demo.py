@@ -26,6 +26,24 @@ def library_versions() -> dict[str, str]:
     return found
 
 
+def machine_info() -> dict:
+    """The CPU the demo trained on: its model, torch's kernel level for it (e.g. AVX2,
+    AVX512) and torch's thread count. CPU kernels of another level (or another thread
+    count) sum in another order, so the same seed trains to slightly other weights."""
+    import platform
+
+    import torch
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def run_demo(
     out_dir: str = "outputs/demo",
     dataset_name: str = DEMO_DATASET,
@@ -80,9 +98,10 @@ def run_demo(
         "dataset": dataset_name,
         "checkpoint": str(result.best_dir),
         "seconds": round(time.time() - t0, 1),
-        # the figures are exact for one set of these (the same code gave other figures on
-        # another day's install); compare them before comparing the metrics
+        # the figures are exact for one set of these and one kind of CPU (the same code gave
+        # other figures on other days); compare them before comparing the metrics
         "versions": library_versions(),
+        "machine": machine_info(),
     }
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

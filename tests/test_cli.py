@@ -60,6 +60,8 @@ def test_demo_end_to_end_small(tmp_path, dataset_name):
     assert 0 <= result["test"]["miou"] <= 1 and 0 < result["constant_box_miou"] < 1
     assert result["versions"]["torch"] == torch.__version__.split("+")[0]  # metadata has no local tag
     assert result["versions"]["fiftyone"] and result["versions"]["transformers"]
+    assert result["machine"]["cpu"] and result["machine"]["torch_threads"] == torch.get_num_threads()
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     import fiftyone as fo
 
     ds = fo.load_dataset(dataset_name)
