@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint folder; with evaluate, predictions are made first")
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions")
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
-        p.add_argument("--batch-size", type=int, default=64,
-                       help="phrases per forward pass (default: 64; 256 keeps a large GPU busier)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="phrases per forward pass (default: 256 on a GPU, 64 on the CPU)")
         p.add_argument("--num-workers", type=int, default=None,
                        help="workers that decode images ahead of the model (default: 8 on a GPU, 0 on the CPU)")
         p.add_argument("--worker-type", choices=WORKER_TYPES, default=WORKER_TYPES[0],

@@ -318,6 +318,13 @@ class GroundingDataset(Dataset):
         }
 
 
+def default_apply_batch_size(device: torch.device) -> int:
+    """Phrases per forward pass when applying a model and the caller gives none: 256 on a
+    GPU (the host's cost per batch is then small against the GPU's work; the speed figures
+    are measured at 256), 64 on the CPU (larger batches gain nothing there)."""
+    return 256 if torch.device(device).type == "cuda" else 64
+
+
 def default_num_workers(device: torch.device) -> int:
     """DataLoader workers when the caller gives none: on a GPU, up to 8 processes decode (or
     read cached features) beside it; on the CPU the model already uses every core, so items

@@ -25,8 +25,8 @@ import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
 from .config import WORKER_TYPES
-from .data import (NO_PHRASE, GroupBatchSampler, PhraseTokenizer, clean_phrase, default_num_workers,
-                   load_rgb, normalize_pixels_batch, resize_rgb, rgb_tensor)
+from .data import (NO_PHRASE, GroupBatchSampler, PhraseTokenizer, clean_phrase, default_apply_batch_size,
+                   default_num_workers, load_rgb, normalize_pixels_batch, resize_rgb, rgb_tensor)
 from .labels import detections_doc, make_detections
 from .model import Grounder, build_model, build_tokenizer
 
@@ -341,7 +341,7 @@ def _thread_loader(items: _ImageGroups, batches, threads: int, prefetch: int = 4
 
 
 def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
-                          prompt_field: str = "expression", batch_size: int = 64,
+                          prompt_field: str = "expression", batch_size: Optional[int] = None,
                           num_workers: Optional[int] = None, worker_type: str = "thread",
                           skip_existing: bool = False, progress: Optional[bool] = None,
                           progress_callback=None, write_every: int = 1024,
@@ -352,7 +352,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
 
     - Reads ids, file paths and phrases in one query, groups the samples by image (each image
       decoded and encoded once per batch, wherever its samples are in the view), runs
-      batches of about ``batch_size`` phrases, and writes the labels in bulk by sample id
+      batches of about ``batch_size`` phrases (default: 256 on a GPU, 64 on the CPU), and
+      writes the labels in bulk by sample id
       every ``write_every`` samples, so an interrupted run keeps what it wrote. The writes
       run in one background thread, a chunk at a time (as FiftyOne's ``apply_model`` does
       with ``async_writes``), so the loop that feeds a GPU does not wait for the database
@@ -373,6 +374,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     """
     import fiftyone.core.utils as fou
 
+    if batch_size is None:
+        batch_size = default_apply_batch_size(model._device)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if worker_type not in WORKER_TYPES:
