@@ -76,6 +76,9 @@ def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     dataset, url = app
+    # expect() has its own timeout (5 s), apart from the page's: the App server's first operator
+    # run imports torch and transformers (compiling them on a fresh install) and loads the model
+    expect.set_options(timeout=TIMEOUT_MS)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
