@@ -79,11 +79,14 @@ def resolve_device(name: Optional[str]) -> torch.device:
 
 
 def device_info(device: torch.device) -> dict:
+    from fiftyone_grounding.demo import machine_info
+
+    cpu = machine_info()
     info = {
         "device": str(device),
         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-                             f"torch threads {torch.get_num_threads()})"),
+                        else f"CPU ({cpu['cpu']}, {cpu['cpu_capability']}, {os.cpu_count()} cores visible, "
+                             f"torch threads {cpu['torch_threads']})"),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -353,11 +353,11 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     - Reads ids, file paths and phrases in one query, groups the samples by image (each image
       decoded and encoded once per batch, wherever its samples are in the view), runs
       batches of about ``batch_size`` phrases (default: 256 on a GPU, 64 on the CPU), and
-      writes the labels in bulk by sample id
-      every ``write_every`` samples, so an interrupted run keeps what it wrote. The writes
-      run in one background thread, a chunk at a time (as FiftyOne's ``apply_model`` does
-      with ``async_writes``), so the loop that feeds a GPU does not wait for the database
-      (60-110 us per sample). Every chunk is written before the call returns or raises.
+      writes the labels in bulk by sample id every ``write_every`` samples, so an
+      interrupted run keeps what it wrote. The writes run in one background thread, a chunk
+      at a time (as FiftyOne's ``apply_model`` does with ``async_writes``), so the loop that
+      feeds a GPU does not wait for the database (60-110 us per sample). Every chunk is
+      written before the call returns or raises.
     - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
       CPU, where the model already uses every core): threads (``worker_type="thread"``, the
       default: nothing to start, safe inside the App's server) or DataLoader processes
