@@ -14,9 +14,9 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
-    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase")
-    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box")
-    p.add_argument("--split-field", default="split", help="sample field naming each sample's split")
+    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase (default: %(default)s)")
+    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box (default: %(default)s)")
+    p.add_argument("--split-field", default="split", help="sample field naming each sample's split (default: %(default)s)")
 
 
 def _split_view(view, args):
@@ -136,21 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline main job: synthetic data, train tiny on CPU, apply, evaluate",
                        description="Generate a synthetic referring-expression dataset into FiftyOne, train the "
                                    "'tiny' preset on the CPU, apply it to the test split and print mIoU/Acc.")
-    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here")
-    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name")
-    p.add_argument("--num-images", type=int, default=16000, help="synthetic images (2 expressions each)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate (cosine schedule, warm-up)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here (default: %(default)s)")
+    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name (default: %(default)s)")
+    p.add_argument("--num-images", type=int, default=16000, help="synthetic images, 2 expressions each (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="phrases per step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate, cosine schedule with warm-up (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order (default: %(default)s)")
     p.add_argument("--json", help="write the test metrics and the constant-box baseline to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="regenerate the dataset and retrain from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("summary", help="print total and trainable parameters of a preset (no download)")
-    p.add_argument("--preset", default="seed", help="seed | grounder | tiny")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--preset", default="seed", help="seed | grounder | tiny (default: %(default)s)")
+    p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
     p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder")
     p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder")
     p.set_defaults(func=cmd_summary)
@@ -162,20 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="JSON file of fit() options (see training/); flags override it")
     p.add_argument("--preset", help="seed | grounder | tiny (default: seed)")
     p.add_argument("--out-dir", help="checkpoints, metrics.json and curves.png (default: runs/PRESET)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--augment", choices=["none", "flip", "crop-flip"])
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--image-encoder")
-    p.add_argument("--text-encoder")
-    p.add_argument("--train-split")
-    p.add_argument("--val-split")
+    # the defaults named here are fit()'s (tests/test_cli.py checks that they agree)
+    p.add_argument("--epochs", type=int, help="passes over the train split (default: 10)")
+    p.add_argument("--batch-size", type=int, help="phrases per step, grouped by image (default: 32)")
+    p.add_argument("--lr", type=float, help="peak learning rate of AdamW, cosine schedule with warm-up "
+                                             "(default: 0.0001)")
+    p.add_argument("--num-workers", type=int,
+                   help="DataLoader workers (default: 8 on a GPU, 0 on the CPU)")
+    p.add_argument("--seed", type=int, help="seeds the weights, the batch order and the augmentation (default: 0)")
+    p.add_argument("--augment", choices=["none", "flip", "crop-flip"],
+                   help="flip: mirrored images with left/right swapped in the phrase, from the feature cache; "
+                        "crop-flip: also random crops, from pixels (no cache) (default: flip)")
+    p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
+    p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder "
+                                           "(default: the preset's)")
+    p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder (default: the preset's)")
+    p.add_argument("--train-split", help="value of --split-field to train on (default: train)")
+    p.add_argument("--val-split", help="value of --split-field to validate on and pick best/ by (default: val)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
     p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last and start over")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("apply", cmd_apply, "write predictions of a checkpoint to a dataset"),
@@ -184,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_args(p)
         p.add_argument("--checkpoint", required=name == "apply",
                        help="checkpoint folder; with evaluate, predictions are made first")
-        p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions")
+        p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions (default: %(default)s)")
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=None,
                        help="phrases per forward pass (default: 256 on a GPU, 64 on the CPU)")
@@ -205,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("phrase", help='referring phrase, e.g. "the small red circle on the left"')
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--out-dir", default="outputs/predict")
-    p.add_argument("--device")
+    p.add_argument("--out-dir", default="outputs/predict", help="where the crop and the boxed image go "
+                                                                "(default: %(default)s)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("convert", help="convert a PyTorch .pt/.pth state dict into a safetensors checkpoint",

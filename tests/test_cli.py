@@ -22,6 +22,45 @@ def test_help(command, capsys):
     assert "usage: fiftyone-grounding" in out and len(out) > 200
 
 
+
+def _subparsers():
+    import argparse
+
+    from fiftyone_grounding.cli import build_parser
+
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_option_says_what_it_does():
+    for name, parser in _subparsers().items():
+        bare = [a.option_strings or [a.dest] for a in parser._actions if not a.help]
+        assert not bare, f"{name}: options without help text: {bare}"
+
+
+def test_train_help_names_the_defaults_of_fit():
+    """`train` leaves unset flags to fit(), so its help text states fit()'s defaults: they must agree."""
+    import inspect
+    import re
+
+    from fiftyone_grounding.train import fit
+
+    defaults = {k: v.default for k, v in inspect.signature(fit).parameters.items()}
+    checked = 0
+    own = {"preset", "out_dir"}  # the command's own defaults: seed, runs/PRESET
+    for action in _subparsers()["train"]._actions:
+        if action.dest in own:
+            continue
+        stated = re.search(r"\(default: ([^)]*)\)$", action.help or "")
+        if action.dest in defaults and stated and action.default is None:
+            value = defaults[action.dest]
+            if value is None:  # chosen by the device
+                assert "GPU" in stated.group(1), action.dest
+            else:
+                assert stated.group(1) == str(value), (action.dest, stated.group(1), value)
+            checked += 1
+    assert checked >= 7
+
 def test_console_script_is_declared():
     import tomllib
     from pathlib import Path
