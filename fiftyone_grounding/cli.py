@@ -12,11 +12,14 @@ from .config import WORKER_TYPES
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
+_DEFAULT = " (default: %(default)s)"  # argparse fills in the option's default
+
+
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
-    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase (default: %(default)s)")
-    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box (default: %(default)s)")
-    p.add_argument("--split-field", default="split", help="sample field naming each sample's split (default: %(default)s)")
+    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase" + _DEFAULT)
+    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box" + _DEFAULT)
+    p.add_argument("--split-field", default="split", help="sample field naming each sample's split" + _DEFAULT)
 
 
 def _split_view(view, args):
@@ -136,20 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline main job: synthetic data, train tiny on CPU, apply, evaluate",
                        description="Generate a synthetic referring-expression dataset into FiftyOne, train the "
                                    "'tiny' preset on the CPU, apply it to the test split and print mIoU/Acc.")
-    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here (default: %(default)s)")
-    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name (default: %(default)s)")
-    p.add_argument("--num-images", type=int, default=16000, help="synthetic images, 2 expressions each (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32, help="phrases per step (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate, cosine schedule with warm-up (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order (default: %(default)s)")
+    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here" + _DEFAULT)
+    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name" + _DEFAULT)
+    p.add_argument("--num-images", type=int, default=16000, help="synthetic images, 2 expressions each" + _DEFAULT)
+    p.add_argument("--epochs", type=int, default=15, help="training epochs" + _DEFAULT)
+    p.add_argument("--batch-size", type=int, default=32, help="phrases per step" + _DEFAULT)
+    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate, cosine schedule with warm-up" + _DEFAULT)
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order" + _DEFAULT)
     p.add_argument("--json", help="write the test metrics and the constant-box baseline to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="regenerate the dataset and retrain from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("summary", help="print total and trainable parameters of a preset (no download)")
-    p.add_argument("--preset", default="seed", help="seed | grounder | tiny (default: %(default)s)")
+    p.add_argument("--preset", default="seed", help="seed | grounder | tiny" + _DEFAULT)
     p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
     p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder")
     p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder")
@@ -190,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_data_args(p)
         p.add_argument("--checkpoint", required=name == "apply",
                        help="checkpoint folder; with evaluate, predictions are made first")
-        p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions (default: %(default)s)")
+        p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions" + _DEFAULT)
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=None,
                        help="phrases per forward pass (default: 256 on a GPU, 64 on the CPU)")
@@ -211,8 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("phrase", help='referring phrase, e.g. "the small red circle on the left"')
     p.add_argument("--checkpoint", required=True, help="checkpoint folder")
-    p.add_argument("--out-dir", default="outputs/predict", help="where the crop and the boxed image go "
-                                                                "(default: %(default)s)")
+    p.add_argument("--out-dir", default="outputs/predict", help="where the crop and the boxed image go" + _DEFAULT)
     p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
     p.set_defaults(func=cmd_predict)
 

@@ -22,7 +22,6 @@ def test_help(command, capsys):
     assert "usage: fiftyone-grounding" in out and len(out) > 200
 
 
-
 def _subparsers():
     import argparse
 
