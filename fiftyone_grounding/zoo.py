@@ -424,15 +424,14 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     def flush(wait: bool = False) -> None:
         """Hand the labels kept to the writer (one chunk at a time: waits for the previous
         one, and raises its error here); ``wait``: write them in this thread."""
-        nonlocal writing
+        nonlocal writing, pending
         previous, writing = writing, None
         try:
             if previous is not None:
                 previous.result()
         finally:  # even if that chunk failed: do not drop these
             if pending:
-                chunk = dict(pending)
-                pending.clear()
+                chunk, pending = pending, {}  # keep() fills the new dict
                 if wait:
                     write(chunk)
                 else:
