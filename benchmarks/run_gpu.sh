@@ -75,17 +75,18 @@ timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$D
     --images "$APPLY_IMAGES" --loop-samples 210 --profile \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
 
-echo
-echo "== 1b apply with 8 DataLoader processes instead of threads"
-timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 8 --worker-type process \
-    --json "$OUT_DIR/apply_${PRESET}_p8.json" 2>&1 | tee "$OUT_DIR/apply_p8.log" || status=1
-
-echo
-echo "== 1c apply with 16 decoding threads: is the default (8) bound by JPEG decoding?"
-timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
-    --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply --workers 16 \
-    --json "$OUT_DIR/apply_${PRESET}_w16.json" 2>&1 | tee "$OUT_DIR/apply_w16.log" || status=1
+# apply_grounding_model alone with other workers: apply_variant NAME TITLE WORKER-FLAGS...
+apply_variant() {
+    local name=$1 title=$2
+    shift 2
+    echo
+    echo "== $title"
+    timeout 90 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
+        --images "$APPLY_IMAGES" --loop-samples 30 --repeats 2 --no-fo-apply "$@" \
+        --json "$OUT_DIR/apply_${PRESET}_${name}.json" 2>&1 | tee "$OUT_DIR/apply_${name}.log" || status=1
+}
+apply_variant p8 "1b apply with 8 DataLoader processes instead of threads" --workers 8 --worker-type process
+apply_variant w16 "1c apply with 16 decoding threads: is the default (8) bound by JPEG decoding?" --workers 16
 
 echo
 echo "== 2/4 tests/test_cuda.py: what only a GPU runs, against the CPU"
