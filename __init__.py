@@ -17,16 +17,16 @@ except ImportError:  # a downloaded copy of the repository, not pip-installed
 
 def download_model(model_name, model_path):
     """Fetch the checkpoint of ``model_name`` for ``model_path`` (remote-zoo hook)."""
-    from fiftyone_grounding import zoo_source
+    from fiftyone_grounding import zoo
 
-    zoo_source.download_model(model_name, model_path)
+    zoo.download_model(model_name, model_path)
 
 
 def load_model(model_name, model_path, **kwargs):
     """The ``GroundingModel`` of a downloaded zoo model (remote-zoo hook)."""
-    from fiftyone_grounding import zoo_source
+    from fiftyone_grounding import zoo
 
-    return zoo_source.load_model(model_name, model_path, **kwargs)
+    return zoo.load_model(model_name, model_path, **kwargs)
 
 
 def register(p):

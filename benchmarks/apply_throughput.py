@@ -83,8 +83,10 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo
 
-    from fiftyone_grounding.data import default_num_workers, load_rgb
-    from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
+    from fiftyone_grounding.apply import apply_grounding_model
+    from fiftyone_grounding.config import default_num_workers
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.images import load_rgb
 
     n_images = args.images or (300 if device.type == "cuda" else 40)
     ppi = args.phrases_per_image
@@ -106,7 +108,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
         cfg = model.config
         print(f"model: preset {preset!r}, {cfg.image_encoder} + text encoder ({note or cfg.text_encoder}), "
               f"{cfg.image_size} px, {grounder.num_parameters():,} params, random weights; "
-              f"autocast {'bf16' if model._autocast_dtype is not None else 'none (fp32)'}")
+              f"autocast {'bf16' if model.autocast_dtype is not None else 'none (fp32)'}")
 
         def loop(view, field):
             for sample in view.iter_samples(progress=False):

@@ -63,7 +63,7 @@ def main(argv=None):
     resize_note = ensure_albumentations()
     import fiftyone as fo
 
-    from fiftyone_grounding.data import default_num_workers
+    from fiftyone_grounding.config import default_num_workers
     from fiftyone_grounding.train import fit
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
@@ -89,8 +89,9 @@ def main(argv=None):
             print(f"fit: preset {preset!r}, batch {batch_size}, {args.epochs} epochs, {workers} workers, "
                   f"random weights, feature + text caches on, augment flip")
             t0 = time.perf_counter()
-            result = fit(dataset, config=config, weights=False, out_dir=str(tmp / "run"), epochs=args.epochs,
-                         batch_size=batch_size, train_split=None, val_split=None, num_workers=workers,
+            result = fit(dataset, model_config=config, preset=preset, weights=False, out_dir=str(tmp / "run"),
+                         epochs=args.epochs, batch_size=batch_size, train_split=None, val_split=None,
+                         num_workers=workers,
                          cpu=not cuda, seed=args.seed, cache_dir=str(tmp / "cache"), progress=False, resume=False)
             total = time.perf_counter() - t0
         finally:

@@ -6,8 +6,9 @@
 #
 # Uses the repository's code (PYTHONPATH=.) and the machine's python3 (PYTHON=... to change).
 # FiftyOne: used if importable. A machine without it (and without network) can get it from an
-# offline bundle (`.fobundle/setup.sh`: wheels, a mongod binary and its libraries; not in git):
-# it is sourced when present, which installs FiftyOne into /tmp and starts a local mongod.
+# offline bundle (`.fobundle/setup.sh`, built by `bash tools/offline_fiftyone/build.sh`: wheels, a mongod
+# binary and its libraries; not in git): it is sourced when present, which installs FiftyOne into /tmp
+# and starts a local mongod.
 #
 # In the order of what is still to be measured, so that a run cut short (a device session's
 # time runs out) still has it; every step writes its log and JSON into $OUT as it ends:

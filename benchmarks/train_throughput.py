@@ -14,9 +14,9 @@ warm-up steps with ``torch.cuda.synchronize()`` around the timed loop:
   cached_text   the project's default path: decoder only, on cached image features and
                 cached text features (a real ``TextFeatureCache`` on disk)
 
-Every step is the one ``fit`` runs: forward, ``box_loss``, backward, grad clipping, AdamW,
-the loss read on the host every 25 steps. Host batches are prepared before timing (pinned on CUDA), as DataLoader
-workers would; the timed loop copies them to the device. JPEG decoding is therefore not
+Every step is the one ``fit`` runs (``train.train_step``: forward, ``box_loss``, backward, grad
+clipping, AdamW), the loss read on the host every 25 steps. Host batches are prepared before
+timing (pinned on CUDA), as DataLoader workers would; the timed loop copies them to the device. JPEG decoding is therefore not
 timed for the pixel modes; the cached mode's memory-mapped reads are. Full-size encoder
 configs with random weights, no download. Token ids are random ids within the text
 encoder's vocabulary with lengths ~10 (``--tokens tiny`` uses the tiny tokenizer instead).
@@ -66,21 +66,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def train_step_fn(model, optimizer, device, autocast_dtype, loss_weights, grad_clip=1.0):
-    from fiftyone_grounding.model import box_loss
-
-    params = [p for p in model.parameters() if p.requires_grad]
+def train_step_fn(model, optimizer, autocast_dtype, loss_weights, grad_clip=1.0):
+    """``fit``'s own step (``train.train_step``) on a benchmark batch: returns its loss tensor."""
+    from fiftyone_grounding.train import train_step
 
     def step(inputs: dict, boxes: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            pred = model(**inputs)
-        loss = box_loss(pred, boxes, loss_weights)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        return loss.detach()  # read on the host every SYNC_EVERY steps, as fit() does
+        loss, _ = train_step(model, {**inputs, "boxes": boxes}, optimizer, loss_weights, grad_clip,
+                             autocast_dtype=autocast_dtype)
+        return loss  # read on the host every SYNC_EVERY steps, as fit() does
 
     return step
 
@@ -117,25 +110,12 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
 
     from fiftyone_grounding.cache import open_feature_cache
-    from fiftyone_grounding.data import default_num_workers, load_rgb
+    from fiftyone_grounding.config import default_num_workers
+    from fiftyone_grounding.images import load_rgb
     from fiftyone_grounding.model import build_model
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
-    try:
-        from fiftyone_grounding.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
-    except ImportError as e:  # train.py grew a dependency this machine lacks: same recipe, inline
-        print(f"note: fiftyone_grounding.train not importable ({e}); using AdamW(decay on >=2-D weights)")
-
-        def configure_optimizer(model, lr, weight_decay):
-            decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "reg_token" not in n]
-            rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "reg_token" not in n)]
-            return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                      {"params": rest, "weight_decay": 0.0}], lr=lr)
-
-        SYNC_EVERY = 25
-
-        def default_mixed_precision(device):
-            return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    from fiftyone_grounding.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
 
     model = build_model(preset, weights=False, image_size=args.image_size)
     config = model.config
@@ -264,7 +244,7 @@ def main(argv=None):
         def timed_run(mode: str) -> float:
             dtype = None if mode in ("seed", "grouped_fp32") else bf16
             optimizer = configure_optimizer(model, 1e-4, 1e-4)
-            step = train_step_fn(model, optimizer, device, dtype, config.loss_weights)
+            step = train_step_fn(model, optimizer, dtype, config.loss_weights)
             losses, pending = [], []
 
             def run_step(s: int) -> None:

@@ -3,8 +3,9 @@
 Main entry points (imported lazily, so ``import fiftyone_grounding`` is cheap)::
 
     build_model(preset, **overrides)      # the nn.Module (presets: seed, grounder, tiny)
-    fit(view, preset=..., out_dir=...)    # train on a FiftyOne dataset or view
+    fit(view, preset=..., out_dir=...)    # train on a FiftyOne dataset or view (options: TrainConfig)
     GroundingModel.from_checkpoint(dir)   # a FiftyOne model for dataset.apply_model(...)
+    apply_grounding_model(view, model)    # the same boxes, faster, written in bulk
     evaluate_grounding(view, pred, gt)    # mIoU, Acc@0.5, Acc@0.75, overall and per split
     make_synthetic_dataset(...)           # the offline synthetic referring dataset
     import_refcoco(name="refcoco", ...)   # RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne
@@ -16,20 +17,22 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GrounderConfig": "config",
+    "TrainConfig": "config",
     "PRESETS": "config",
     "get_config": "config",
+    "GroundingError": "errors",
     "Grounder": "model",
     "build_model": "model",
-    "box_loss": "model",
+    "box_loss": "losses",
     "fit": "train",
     "FitResult": "train",
-    "GroundingModel": "zoo",
+    "GroundingModel": "fiftyone_model",
     "evaluate_grounding": "evaluate",
     "evaluate_in_fiftyone": "evaluate",
-    "ground_phrase": "zoo",
-    "apply_grounding_model": "zoo",
-    "load_grounding_model": "zoo_source",
-    "register_local_source": "zoo_source",
+    "ground_phrase": "apply",
+    "apply_grounding_model": "apply",
+    "load_grounding_model": "zoo",
+    "register_local_source": "zoo",
     "grounding_metrics": "evaluate",
     "make_synthetic_dataset": "synthetic",
     "import_refcoco": "refcoco",

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import load_rgb, preprocess_image
+from .errors import ImageError, TrainingError
+from .images import load_rgb, preprocess_image
 
 CACHE_VERSION = 2  # 2: the key covers the encoder's weights too
 VIEWS = ("original", "hflip")
@@ -81,7 +82,7 @@ class _ImageViews(Dataset):
     def __getitem__(self, i: int):
         try:
             image = load_rgb(self.paths[i])
-        except ValueError as e:
+        except ImageError as e:
             return i, None, str(e)
         x = preprocess_image(image, self.image_size, self.mean, self.std)  # (3, S, S)
         return i, torch.stack([x, x.flip(-1)]), None  # (2, 3, S, S): original, mirrored
@@ -206,7 +207,8 @@ class FeatureCache(_ShardedStore):
                 feats = image_encoder(pixel_values=pixels).last_hidden_state  # (2n, T, D)
             feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
             if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
-                raise ValueError("Image features overflow float16; the feature cache cannot store them")
+                raise TrainingError("Image features overflow float16, so the feature cache cannot store them; "
+                                    "train with cache_features=False")
             pending.append(feats.astype(np.float16))
             pending_paths.extend(todo[i] for i in idx)
             # Bounded memory: flush a shard every few hundred MB whatever the dataset size.

@@ -22,16 +22,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GrounderConfig
+from .errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
 
 PathLike = Union[str, os.PathLike]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder is missing, incomplete or of a refused kind."""
 
 
 def atomic_write_dir(path: PathLike, write: Callable[[Path], None]) -> Path:

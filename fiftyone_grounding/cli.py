@@ -1,4 +1,8 @@
-"""``fiftyone-grounding``: command-line entry point. Each subcommand calls one library function."""
+"""``fiftyone-grounding``: command-line entry point. Each subcommand calls one library function.
+
+Every ``GroundingError`` ends the command with one line, ``error: <what to do>``, and exit
+status 2; a traceback means a bug.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,23 @@ import json
 import os
 import sys
 
-from .config import WORKER_TYPES
+from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_PRESET, NUM_WORKERS_TEXT, PRESET_DESCRIPTIONS, PRESETS,
+                     WORKER_TYPES, TrainConfig)
+from .errors import GroundingError, InputError
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
 _DEFAULT = " (default: %(default)s)"  # argparse fills in the option's default
+_TRAIN_DEFAULTS = TrainConfig()
+_PRESETS_TEXT = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
-    p.add_argument("--phrase-field", default="expression", help="sample field with the referring phrase" + _DEFAULT)
-    p.add_argument("--gt-field", default="ground_truth", help="Detections field with the one true box" + _DEFAULT)
-    p.add_argument("--split-field", default="split", help="sample field naming each sample's split" + _DEFAULT)
+    for name in ("phrase_field", "gt_field", "split_field"):
+        p.add_argument("--" + name.replace("_", "-"), default=getattr(_TRAIN_DEFAULTS, name),
+                       help=TrainConfig.HELP[name] + _DEFAULT)
 
 
 def _split_view(view, args):
@@ -35,7 +43,7 @@ def _load_view(args):
     import fiftyone as fo
 
     if not fo.dataset_exists(args.dataset):
-        sys.exit(f"error: no FiftyOne dataset named {args.dataset!r}; existing: {fo.list_datasets()}")
+        raise InputError(f"no FiftyOne dataset named {args.dataset!r}; existing: {fo.list_datasets()}")
     return fo.load_dataset(args.dataset)
 
 
@@ -63,28 +71,33 @@ def cmd_summary(args) -> None:
     print(f"trainable params: {model.num_parameters(trainable_only=True):,}")
 
 
+# train's flags: TrainConfig keys; unset flags leave the recipe's value or TrainConfig's default
+_TRAIN_FLAGS = ("preset", "out_dir", "epochs", "batch_size", "lr", "weight_decay", "warmup_frac", "grad_clip",
+                "augment", "train_split", "val_split", "num_workers", "seed", "mixed_precision")
+_MODEL_FLAGS = ("image_size", "image_encoder", "text_encoder")  # overrides of the preset's model config
+
+
+def train_config_from_args(args) -> TrainConfig:
+    """The run's TrainConfig: TrainConfig's defaults, then the recipe, then the flags given."""
+    config = TrainConfig.from_json(args.recipe) if args.recipe else TrainConfig()
+    options = {k: getattr(args, k) for k in _TRAIN_FLAGS + ("phrase_field", "gt_field", "split_field")
+               if getattr(args, k) is not None}
+    model = {**config.model, **{k: getattr(args, k) for k in _MODEL_FLAGS if getattr(args, k) is not None}}
+    return config.merged(**options, model=model)
+
+
 def cmd_train(args) -> None:
     from .train import fit
 
-    options = {}
-    if args.recipe:
-        with open(args.recipe) as f:
-            options.update(json.load(f))
-    cli = {"preset": args.preset, "out_dir": args.out_dir, "epochs": args.epochs, "batch_size": args.batch_size,
-           "lr": args.lr, "num_workers": args.num_workers, "seed": args.seed, "augment": args.augment,
-           "image_size": args.image_size, "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
-           "train_split": args.train_split, "val_split": args.val_split}
-    options.update({k: v for k, v in cli.items() if v is not None})
-    options.setdefault("preset", "seed")
-    options.setdefault("out_dir", os.path.join("runs", options["preset"]))
+    config = train_config_from_args(args)
     view = _load_view(args)
-    result = fit(view, phrase_field=args.phrase_field, gt_field=args.gt_field, split_field=args.split_field,
-                 resume=not args.no_resume, cpu=args.cpu, progress=not args.no_progress, **options)
+    result = fit(view, config, resume=not args.no_resume, cpu=args.cpu, progress=not args.no_progress)
     print(f"best checkpoint: {result.best_dir} (score {result.best_val_iou})")
 
 
 def cmd_apply(args) -> None:
-    from .zoo import GroundingModel, apply_grounding_model
+    from .apply import apply_grounding_model
+    from .fiftyone_model import GroundingModel
 
     view = _split_view(_load_view(args), args)
     model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
@@ -128,6 +141,34 @@ def cmd_import_refcoco(args) -> None:
     run_from_args(args)
 
 
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """train's flags, with TrainConfig's help and defaults. The flags default to None, so that a
+    recipe's value stays unless the flag is given; the help states TrainConfig's default."""
+    p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
+    p.add_argument("--recipe", help="JSON file of TrainConfig options (see training/); flags override it")
+    types = {"epochs": int, "batch_size": int, "num_workers": int, "seed": int, "lr": float, "weight_decay": float,
+             "warmup_frac": float, "grad_clip": float}
+    choices = {"preset": sorted(PRESETS), "augment": ["none", "flip", "crop-flip"],
+               "mixed_precision": ["auto", "no", "bf16", "fp16"]}
+    for name in _TRAIN_FLAGS + ("phrase_field", "gt_field", "split_field"):
+        default = getattr(_TRAIN_DEFAULTS, name)
+        if name == "out_dir":
+            default = "runs/PRESET"
+        elif name == "num_workers":
+            default = NUM_WORKERS_TEXT
+        elif name == "preset":
+            default = f"{default}; {_PRESETS_TEXT}"
+        p.add_argument("--" + name.replace("_", "-"), type=types.get(name, str), choices=choices.get(name),
+                       help=f"{TrainConfig.HELP[name]} (default: {default})")
+    p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
+    p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder "
+                                           "(default: the preset's)")
+    p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder (default: the preset's)")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
+    p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiftyone-grounding",
@@ -152,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("summary", help="print total and trainable parameters of a preset (no download)")
-    p.add_argument("--preset", default="seed", help="seed | grounder | tiny" + _DEFAULT)
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=_PRESETS_TEXT + _DEFAULT)
     p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
     p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder")
     p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder")
@@ -160,31 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on a FiftyOne dataset",
                        description="Train a grounding model on a FiftyOne dataset with a phrase field and a "
-                                   "one-box Detections field. Resumes from OUT_DIR/last when it exists.")
-    _add_data_args(p)
-    p.add_argument("--recipe", help="JSON file of fit() options (see training/); flags override it")
-    p.add_argument("--preset", help="seed | grounder | tiny (default: seed)")
-    p.add_argument("--out-dir", help="checkpoints, metrics.json and curves.png (default: runs/PRESET)")
-    # the defaults named here are fit()'s (tests/test_cli.py checks that they agree)
-    p.add_argument("--epochs", type=int, help="passes over the train split (default: 10)")
-    p.add_argument("--batch-size", type=int, help="phrases per step, grouped by image (default: 32)")
-    p.add_argument("--lr", type=float, help="peak learning rate of AdamW, cosine schedule with warm-up "
-                                             "(default: 0.0001)")
-    p.add_argument("--num-workers", type=int,
-                   help="DataLoader workers (default: 8 on a GPU, 0 on the CPU)")
-    p.add_argument("--seed", type=int, help="seeds the weights, the batch order and the augmentation (default: 0)")
-    p.add_argument("--augment", choices=["none", "flip", "crop-flip"],
-                   help="flip: mirrored images with left/right swapped in the phrase, from the feature cache; "
-                        "crop-flip: also random crops, from pixels (no cache) (default: flip)")
-    p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
-    p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder "
-                                           "(default: the preset's)")
-    p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder (default: the preset's)")
-    p.add_argument("--train-split", help="value of --split-field to train on (default: train)")
-    p.add_argument("--val-split", help="value of --split-field to validate on and pick best/ by (default: val)")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last and start over")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+                                   "one-box Detections field. Options come from TrainConfig's defaults, then "
+                                   "the recipe, then the flags given. Resumes from OUT_DIR/last when it exists.")
+    _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("apply", cmd_apply, "write predictions of a checkpoint to a dataset"),
@@ -196,9 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions" + _DEFAULT)
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=None,
-                       help="phrases per forward pass (default: 256 on a GPU, 64 on the CPU)")
+                       help=f"phrases per forward pass (default: {APPLY_BATCH_SIZE_TEXT})")
         p.add_argument("--num-workers", type=int, default=None,
-                       help="workers that decode images ahead of the model (default: 8 on a GPU, 0 on the CPU)")
+                       help=f"workers that decode images ahead of the model (default: {NUM_WORKERS_TEXT})")
         p.add_argument("--worker-type", choices=WORKER_TYPES, default=WORKER_TYPES[0],
                        help="decode in threads (default: nothing to start) or in DataLoader processes")
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
@@ -224,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Only safetensors checkpoints are loaded elsewhere.")
     p.add_argument("src", help="the .pt / .pth / .bin file")
     p.add_argument("out_dir", help="checkpoint folder to write")
-    p.add_argument("--preset", required=True, help="the preset the weights were trained with: seed | grounder | tiny")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the preset the weights were trained with")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne",
@@ -244,8 +263,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:  # what the library says of bad input (CheckpointError too): one line
-        sys.exit(f"error: {e}")
+    except GroundingError as e:  # what the library says of bad input, a missing file, a download: one line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

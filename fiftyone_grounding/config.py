@@ -1,7 +1,13 @@
-"""Model configuration: one dataclass, saved with every checkpoint, plus named presets.
+"""Configuration, and every default of the package, in one place.
 
-``GrounderConfig`` holds everything needed to rebuild a model (nanoGPT's
-``GPTConfig``); presets are a small named table plus keyword overrides (timm).
+- ``GrounderConfig`` holds everything needed to rebuild a model (nanoGPT's ``GPTConfig``),
+  saved as ``config.json`` in every checkpoint; presets are a small named table plus keyword
+  overrides (timm). ``DEFAULT_PRESET`` is the preset used wherever none is named.
+- ``TrainConfig`` holds every option of a training run with its default, saved as
+  ``train_config.json`` in the run's folder; ``fit``, the CLI, the recipes in ``training/``
+  and the train operator all read their defaults from it.
+- ``default_apply_batch_size`` / ``default_num_workers``: what inference and training use
+  on a device when the caller gives no batch size or worker count.
 """
 
 from __future__ import annotations
@@ -9,8 +15,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
+
+from .errors import ConfigError
 
 # Architecture-only configs of the encoders the presets name, so that a model can be
 # built (and counted) without downloading anything. The weights come from the Hub.
@@ -83,6 +92,8 @@ QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 LOSS_TERMS = ("l1", "giou", "diou")
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
+AUGMENTS = ("none", "flip", "crop-flip")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 @dataclass
@@ -114,7 +125,7 @@ class GrounderConfig:
 
     def __post_init__(self):
         if not isinstance(self.image_encoder, str) or not isinstance(self.text_encoder, str):
-            raise ValueError("Invalid GrounderConfig: image_encoder and text_encoder must be strings")
+            raise ConfigError("Invalid GrounderConfig: image_encoder and text_encoder must be strings")
         self.image_encoder = IMAGE_ENCODERS.get(self.image_encoder, self.image_encoder)
         self.text_encoder = TEXT_ENCODERS.get(self.text_encoder, self.text_encoder)
         try:
@@ -122,7 +133,7 @@ class GrounderConfig:
             self.image_std = tuple(float(v) for v in self.image_std)
             self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
         except (TypeError, ValueError) as e:
-            raise ValueError("Invalid GrounderConfig: image_mean and image_std must be lists of 3 numbers, "
+            raise ConfigError("Invalid GrounderConfig: image_mean and image_std must be lists of 3 numbers, "
                              f"loss_weights an object of numbers, e.g. {{\"l1\": 5.0}} ({e})") from None
         self.validate()
 
@@ -159,7 +170,7 @@ class GrounderConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"Invalid GrounderConfig: {message}")
+                raise ConfigError(f"Invalid GrounderConfig: {message}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,11 +178,10 @@ class GrounderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GrounderConfig":
         if not isinstance(data, dict):
-            raise ValueError("A grounding config must be a JSON object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+            raise ConfigError("A grounding config must be a JSON object")
+        unknown = sorted(set(data) - field_names(cls))
         if unknown:
-            raise ValueError(f"Unknown GrounderConfig keys: {unknown}")
+            raise ConfigError(f"Unknown GrounderConfig keys: {unknown}")
         return cls(**data)
 
     def to_json(self, path: str) -> None:
@@ -180,12 +190,20 @@ class GrounderConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "GrounderConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); write it again with save_checkpoint") from None
+        return cls.from_dict(data)
 
 
 def _int_in(value, lo, hi) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -221,10 +239,177 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def get_config(preset: str = "seed", **overrides) -> GrounderConfig:
+# One line per preset, for --help and the App's forms.
+PRESET_DESCRIPTIONS = {
+    "grounder": "DINOv3 + BGE with the position-aware decoder (GPU)",
+    "seed": "the original notebook's model (GPU)",
+    "tiny": "small random-weight encoders, trains on a CPU (offline demo, tests)",
+}
+
+# The preset used wherever none is named (fit, the CLI, the train operator): the strongest
+# preset with the real encoders. The offline demo and the tests name ``tiny``.
+DEFAULT_PRESET = "grounder"
+
+
+def get_config(preset: str = DEFAULT_PRESET, **overrides) -> GrounderConfig:
     """The named preset's config with ``overrides`` applied."""
     if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    unknown = sorted(set(overrides) - field_names(GrounderConfig) - {"preset"})
+    if unknown:
+        raise ConfigError(f"Unknown GrounderConfig keys: {unknown}")
     values = dict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: v for k, v in overrides.items() if v is not None and k != "preset"})
     return GrounderConfig(preset=preset, **values)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run, with its default. Saved as ``train_config.json`` in
+    the run's folder; the recipes in ``training/`` are files of these keys."""
+
+    preset: str = DEFAULT_PRESET
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the preset, e.g. {"image_size": 448}
+    out_dir: Optional[str] = None  # None: runs/<preset>
+    epochs: int = 10
+    batch_size: int = 32  # phrases per step, grouped by image
+    lr: float = 1e-4  # peak learning rate of AdamW
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.05  # share of the steps spent warming up, then cosine decay
+    grad_clip: float = 1.0  # max gradient norm; 0: no clipping
+    augment: str = "flip"  # one of AUGMENTS
+    phrase_field: str = "expression"
+    gt_field: str = "ground_truth"
+    split_field: str = "split"
+    train_split: Optional[str] = "train"  # None: train on the whole view
+    val_split: Optional[str] = "val"  # None: no validation, best/ by train IoU
+    num_workers: Optional[int] = None  # None: default_num_workers(device)
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else none
+    cache_features: bool = True  # frozen features computed once into an on-disk cache
+    cache_dir: Optional[str] = None  # None: $FIFTYONE_GROUNDING_HOME/features
+
+    # what each option means, for --help and the App's forms
+    HELP = {
+        "preset": "model preset",
+        "model": "overrides of the preset's model config",
+        "out_dir": "checkpoints (best/, last/), metrics.json and curves.png go here",
+        "epochs": "passes over the train split",
+        "batch_size": "phrases per step, grouped by image",
+        "lr": "peak learning rate of AdamW, cosine schedule with warm-up",
+        "weight_decay": "AdamW weight decay (none on biases and norms)",
+        "warmup_frac": "share of the steps spent warming up the learning rate",
+        "grad_clip": "largest gradient norm (0: no clipping)",
+        "augment": "flip: mirrored images with left/right swapped in the phrase, from the feature cache; "
+                   "crop-flip: also random crops, from pixels (no cache)",
+        "phrase_field": "sample field with the referring phrase",
+        "gt_field": "Detections field with the one true box",
+        "split_field": "sample field naming each sample's split",
+        "train_split": "value of the split field to train on (empty: the whole view)",
+        "val_split": "value of the split field to validate on and pick best/ by (empty: none)",
+        "num_workers": "DataLoader workers",
+        "seed": "seeds the weights, the batch order and the augmentation",
+        "mixed_precision": "auto (bf16 on GPUs that support it), no, bf16 or fp16",
+        "cache_features": "cache the frozen encoders' features on disk",
+        "cache_dir": "where the feature cache lives",
+    }
+
+    def __post_init__(self):
+        checks = [
+            (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
+            (isinstance(self.model, dict), "model must be an object of GrounderConfig overrides"),
+            (self.out_dir is None or isinstance(self.out_dir, (str, os.PathLike)), "out_dir must be a path"),
+            (_int_in(self.epochs, 1, 100_000), "epochs must be an integer >= 1"),
+            (_int_in(self.batch_size, 1, 1_000_000), "batch_size must be an integer >= 1"),
+            (_number(self.lr) and self.lr > 0, "lr must be a positive number"),
+            (_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a number >= 0"),
+            (_number(self.warmup_frac) and 0 <= self.warmup_frac < 1, "warmup_frac must be a number in [0, 1)"),
+            (_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a number >= 0"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}"),
+            (all(isinstance(getattr(self, k), str) and getattr(self, k)
+                 for k in ("phrase_field", "gt_field", "split_field")),
+             "phrase_field, gt_field and split_field must be field names"),
+            (all(getattr(self, k) is None or isinstance(getattr(self, k), str) for k in ("train_split", "val_split")),
+             "train_split and val_split must be split names or null"),
+            (self.num_workers is None or _int_in(self.num_workers, 0, 1024), "num_workers must be an integer >= 0"),
+            (_int_in(self.seed, 0, 2**63 - 1), "seed must be an integer >= 0"),
+            (self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be one of {MIXED_PRECISIONS}"),
+            (isinstance(self.cache_features, bool), "cache_features must be true or false"),
+            (self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir must be a path"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"Invalid training option: {message}")
+        self.train_split = self.train_split or None  # "" (an empty form field) means none
+        self.val_split = self.val_split or None
+        get_config(self.preset, **self.model)  # the model overrides must make a valid config
+
+    def model_config(self) -> GrounderConfig:
+        return get_config(self.preset, **self.model)
+
+    def resolved_out_dir(self) -> str:
+        return os.fspath(self.out_dir) if self.out_dir else os.path.join("runs", self.preset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """A config from a recipe's keys; unknown keys are refused by name."""
+        if not isinstance(data, dict):
+            raise ConfigError("Training options must be a JSON object of TrainConfig keys")
+        unknown = sorted(set(data) - field_names(cls))
+        if unknown:
+            model_keys = [k for k in unknown if k in field_names(GrounderConfig)]
+            hint = (f"; {model_keys} are model settings: pass them as model={{{model_keys[0]!r}: ...}}"
+                    if model_keys else f"; the options are {sorted(field_names(cls))}")
+            raise ConfigError(f"Unknown training options {unknown}{hint}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path) -> "TrainConfig":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"Cannot read the training recipe {path} ({e}); give a JSON file of "
+                              "TrainConfig keys like those in training/") from None
+        return cls.from_dict(data)
+
+    def to_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, default=os.fspath)
+
+    def merged(self, **options) -> "TrainConfig":
+        """A copy with ``options`` (TrainConfig keys) replaced; unknown keys are refused by name."""
+        return TrainConfig.from_dict({**self.to_dict(), **options})
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- device-dependent defaults of inference and training -----------------------------------
+
+APPLY_BATCH_SIZE = {"cuda": 256, "cpu": 64}  # phrases per forward pass when applying a model
+APPLY_BATCH_SIZE_TEXT = f"{APPLY_BATCH_SIZE['cuda']} on a GPU, {APPLY_BATCH_SIZE['cpu']} on the CPU"
+MAX_WORKERS = 8
+NUM_WORKERS_TEXT = f"{MAX_WORKERS} on a GPU, 0 on the CPU"
+
+
+def default_apply_batch_size(device) -> int:
+    """Phrases per forward pass when applying a model and the caller gives none: 256 on a
+    GPU (the host's cost per batch is then small against the GPU's work; the speed figures
+    are measured at 256), 64 on the CPU (larger batches gain nothing there)."""
+    import torch
+
+    return APPLY_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+def default_num_workers(device) -> int:
+    """Workers that load items (decode images, read cached features) when the caller gives
+    none: on a GPU up to 8 beside it; on the CPU the model already uses every core, so items
+    are loaded in the main process."""
+    import torch
+
+    return min(MAX_WORKERS, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0

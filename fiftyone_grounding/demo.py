@@ -66,7 +66,7 @@ def run_demo(
     from .evaluate import constant_box_miou, evaluate_grounding, format_table
     from .synthetic import make_synthetic_dataset
     from .train import fit
-    from .zoo import GroundingModel
+    from .fiftyone_model import GroundingModel
 
     t0 = time.time()
     out = Path(out_dir)

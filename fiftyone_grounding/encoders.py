@@ -9,7 +9,9 @@ the very same ``from_pretrained`` path; they serve the tests and the offline dem
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import inspect
+import json
 import os
 import shutil
 import string
@@ -19,12 +21,16 @@ import torch
 from torch import nn
 
 from .config import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
+from .errors import EncoderUnavailableError, InputError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-class EncoderUnavailableError(RuntimeError):
-    """An encoder or tokenizer could not be loaded; the message says what to do."""
+# Whole-word tokens of the tiny tokenizer: the words of the synthetic phrases (other words
+# are spelled out in characters). tests/test_synthetic.py checks that every word the
+# generator writes is one of them.
+TINY_WORDS = (
+    "at", "blue", "bottom", "circle", "green", "large", "left", "object", "on", "red", "right",
+    "small", "square", "the", "top", "triangle", "white", "yellow",
+)
 
 
 def home_dir() -> Path:
@@ -48,10 +54,13 @@ def _config_from_dict(values: dict):
 
 
 def tiny_encoder_dir(name: str) -> Path:
-    """The local folder of a ``tiny:*`` encoder, generated on first use."""
+    """The local folder of a ``tiny:*`` encoder, generated on first use. Its name carries a
+    digest of the config and vocabulary, so a changed definition is generated anew."""
     if name not in TINY_ENCODER_CONFIGS:
-        raise ValueError(f"Unknown tiny encoder {name!r}; known: {sorted(TINY_ENCODER_CONFIGS)}")
-    path = home_dir() / "encoders" / name.replace(":", "-")
+        raise InputError(f"Unknown tiny encoder {name!r}; known: {sorted(TINY_ENCODER_CONFIGS)}")
+    definition = json.dumps([TINY_ENCODER_CONFIGS[name], tiny_vocabulary()], sort_keys=True)
+    digest = hashlib.sha256(definition.encode()).hexdigest()[:8]
+    path = home_dir() / "encoders" / f"{name.replace(':', '-')}-{digest}"
     if not (path / "config.json").exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         # One writer at a time: several processes (torchrun ranks, DataLoader workers) may
@@ -64,11 +73,9 @@ def tiny_encoder_dir(name: str) -> Path:
 
 
 def tiny_vocabulary() -> list[str]:
-    """WordPiece vocab of the tiny tokenizer: the synthetic set's words + characters."""
-    from .synthetic import VOCABULARY
-
+    """WordPiece vocab of the tiny tokenizer: special tokens, characters, then ``TINY_WORDS``."""
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    words = sorted(set(w.lower() for w in VOCABULARY) - set(chars))
+    words = sorted(set(TINY_WORDS) - set(chars))
     return SPECIAL_TOKENS + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + words
 
 
@@ -91,7 +98,8 @@ def _write_tiny_encoder(name: str, path: Path) -> None:
         tokenizer = BertTokenizerFast(**vocab_arg, do_lower_case=True,
                                       model_max_length=config["max_position_embeddings"])
         if tokenizer.tokenize(vocab[-1]) != [vocab[-1]]:
-            raise RuntimeError("The tiny tokenizer did not take its vocabulary")
+            raise EncoderUnavailableError("The tiny tokenizer did not take its vocabulary; "
+                                          "check that the installed transformers is >= 4.56")
         tokenizer.save_pretrained(tmp)
     _, model_cls = _model_classes(config["model_type"])
     # Fixed seed: the same tiny encoder on every machine that generates it.
@@ -110,7 +118,10 @@ def resolve_encoder_path(name: str) -> str:
 
 
 def _unavailable(name: str, what: str, error: Exception) -> EncoderUnavailableError:
-    if os.path.isdir(name):
+    if "custom code" in str(error):
+        hint = (f"{name!r} asks for custom code (an auto_map in its config.json), which fiftyone-grounding "
+                "never runs; give the folder or Hub id of a standard DINOv3 or BERT model")
+    elif os.path.isdir(name):
         hint = f"the folder {name!r} does not hold a complete {what} (config.json and model.safetensors)"
     elif "dinov3" in name.lower():
         hint = (f"{name!r} could not be downloaded: DINOv3 is gated, so accept its licence on "
@@ -119,7 +130,9 @@ def _unavailable(name: str, what: str, error: Exception) -> EncoderUnavailableEr
     else:
         hint = (f"{name!r} could not be downloaded: check the id and your connection, or, offline, "
                 "download it elsewhere (`hf download ID --local-dir DIR`) and pass the local folder")
-    return EncoderUnavailableError(f"Cannot load the {what}: {hint}. ({type(error).__name__}: {error})")
+    detail = " ".join(str(error).split())  # transformers' messages span lines; ours is one
+    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+    return EncoderUnavailableError(f"Cannot load the {what}: {hint}. ({type(error).__name__}: {detail})")
 
 
 def _quiet_transformers() -> None:
@@ -148,15 +161,16 @@ def load_encoder(name: str, weights: bool = True, what: str = "encoder") -> nn.M
         if weights:
             from transformers import AutoModel
 
-            # safetensors only: a pickled pytorch_model.bin is never opened
-            model = AutoModel.from_pretrained(path, use_safetensors=True)
+            # safetensors only (a pickled pytorch_model.bin is never opened), and no custom code
+            # (without trust_remote_code=False, transformers asks on stdin whether to run it)
+            model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         else:
             if name in KNOWN_ENCODER_CONFIGS:
                 config = _config_from_dict(KNOWN_ENCODER_CONFIGS[name])
             else:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             _, model_cls = _model_classes(config.model_type)
             model = model_cls(config)
     except (OSError, ValueError) as e:
@@ -170,7 +184,7 @@ def load_tokenizer(name: str):
 
     path = resolve_encoder_path(name)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise _unavailable(name, "tokenizer", e) from e
 

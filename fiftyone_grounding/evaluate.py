@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
+from .errors import InputError
 
 THRESHOLDS = (0.5, 0.75)
 
@@ -73,7 +74,7 @@ def evaluate_grounding(
     """
     for name in (pred_field, gt_field):
         if not view.has_field(name):
-            raise ValueError(f"The dataset has no field {name!r}")
+            raise InputError(f"The dataset has no field {name!r}; its fields: {sorted(view.get_field_schema())}")
     iou_field = iou_field or f"{pred_field}_iou"
     ids, ious = sample_ious(view, pred_field, gt_field)
     has_pred = view.values(f"{pred_field}.detections")
@@ -110,7 +111,7 @@ def mean_box(view, gt_field: str = "ground_truth") -> list[float]:
     """Mean ground-truth box (relative xyxy) of a view."""
     boxes = [b for b in _first_boxes(view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
     if not boxes:
-        raise ValueError("No ground-truth boxes to average")
+        raise InputError("No ground-truth boxes to average: the view has no valid box")
     return torch.tensor(boxes, dtype=torch.float64).mean(0).tolist()
 
 

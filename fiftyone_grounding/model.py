@@ -1,11 +1,11 @@
-"""The grounding network: frozen encoders, fusion decoder, box head; and its loss.
+"""The grounding network: frozen encoders, fusion decoder, box head.
 
 ``image -> DINOv3 -> tokens -> Linear (+ 2D sine positions) -> memory``
 ``phrase -> BERT/BGE -> tokens -> Linear -> queries (+ a learned [REG] query)``
 ``TransformerDecoder(queries, memory) -> MLP head -> normalized box``
 
-The model returns normalized xyxy boxes whatever its head predicts; post-processing
-into pixels or FiftyOne labels lives elsewhere (``labels.py``).
+The model returns normalized xyxy boxes whatever its head predicts; the loss is in
+``losses.py``, post-processing into pixels or FiftyOne labels in ``labels.py``.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import boxes as box_ops
-from .config import GrounderConfig, get_config
+from .config import DEFAULT_PRESET, GrounderConfig, get_config
 from .encoders import encoder_hidden_size, load_encoder, load_tokenizer, num_prefix_tokens, patch_size
+from .errors import ConfigError, InputError
 
 
 def sine_positions_2d(height: int, width: int, dim: int, temperature: float = 10000.0) -> Tensor:
     """DETR's fixed 2D sine positional encoding for an ``height x width`` grid -> (H*W, dim)."""
     if dim % 4:
-        raise ValueError("d_model must be divisible by 4 for 2D sine positions")
+        raise ConfigError("d_model must be divisible by 4 for 2D sine positions")
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     y = (torch.arange(height, dtype=torch.float32) + 0.5) / height * 2 * math.pi
@@ -91,7 +92,7 @@ class Grounder(nn.Module):
         num_patches = num_tokens - self.num_prefix
         side = int(round(math.sqrt(num_patches)))
         if side * side != num_patches:
-            raise ValueError(f"Expected a square patch grid, got {num_patches} patches")
+            raise InputError(f"Expected a square patch grid, got {num_patches} patches: give square images")
         key = (side, side)
         if key not in self._pos_cache:
             grid = sine_positions_2d(side, side, self.config.d_model)
@@ -227,25 +228,7 @@ class Grounder(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-def box_loss(pred_xyxy: Tensor, target_xyxy: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
-    """Named loss terms (mean over the batch) and their weighted sum under ``"loss"``.
-
-    Terms: ``l1`` on (cx, cy, w, h), ``giou`` = 1 - GIoU, ``diou`` = 1 - DIoU.
-    """
-    pred_xyxy = pred_xyxy.float()
-    target_xyxy = target_xyxy.float()
-    terms: dict[str, Tensor] = {}
-    if "l1" in weights:
-        terms["l1"] = F.l1_loss(box_ops.box_xyxy_to_cxcywh(pred_xyxy), box_ops.box_xyxy_to_cxcywh(target_xyxy))
-    if "giou" in weights:
-        terms["giou"] = (1 - box_ops.generalized_box_iou(pred_xyxy, target_xyxy)).mean()
-    if "diou" in weights:
-        terms["diou"] = (1 - box_ops.distance_box_iou(pred_xyxy, target_xyxy)).mean()
-    terms["loss"] = sum(weights[k] * terms[k] for k in weights)
-    return terms
-
-
-def build_model(preset: str = "seed", weights: bool = True, config: Optional[GrounderConfig] = None,
+def build_model(preset: str = DEFAULT_PRESET, weights: bool = True, config: Optional[GrounderConfig] = None,
                 **overrides) -> Grounder:
     """Build a ``Grounder`` from a preset (plus overrides) or a full config.
 

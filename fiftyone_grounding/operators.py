@@ -25,12 +25,9 @@ import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
+from .config import APPLY_BATCH_SIZE_TEXT, PRESET_DESCRIPTIONS, TrainConfig
+
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-PRESET_CHOICES = (
-    ("tiny", "tiny: small random-weight encoders, trains on a CPU (offline demo)"),
-    ("grounder", "grounder: DINOv3 + BGE with the position-aware decoder (GPU)"),
-    ("seed", "seed: the original notebook's model (GPU)"),
-)
 
 
 def _is_text(field) -> bool:
@@ -113,7 +110,7 @@ class GroundingOperator(foo.Operator):
         return foo.execute_operator(self.uri, ctx=ctx)
 
     def param(self, ctx, name: str):
-        from .zoo_source import demo_checkpoint_dir
+        from .zoo import demo_checkpoint_dir
 
         value = ctx.params.get(name)
         if value is not None:
@@ -134,7 +131,7 @@ class GroundingOperator(foo.Operator):
         return _flag(prop, error)
 
     def model_input(self, ctx, inputs):
-        from .zoo_source import demo_checkpoint_dir, model_error
+        from .zoo import demo_checkpoint_dir, model_error
 
         prop = inputs.str(
             "model", label="Model", default=str(demo_checkpoint_dir()),
@@ -243,8 +240,9 @@ def _missing_dir(path) -> Optional[str]:
 class TrainGroundingModel(GroundingOperator):
     """Train a grounding model on the current dataset or view (delegated by default)."""
 
-    DEFAULTS = {"preset": "tiny", "epochs": 10, "batch_size": 32, "lr": 1e-4, "phrase_field": "expression",
-                "gt_field": "ground_truth", "split_field": "split", "train_split": "train", "val_split": "val",
+    DEFAULTS = {**{k: v for k, v in TrainConfig().to_dict().items()
+                   if k in ("preset", "epochs", "batch_size", "lr", "phrase_field", "gt_field", "split_field",
+                            "train_split", "val_split")},
                 "delegate": True}
 
     @property
@@ -260,9 +258,9 @@ class TrainGroundingModel(GroundingOperator):
             return _form(inputs, "Train a grounding model")
         view = ctx.target_view()
         presets = types.RadioGroup()
-        for value, label in PRESET_CHOICES:
-            presets.add_choice(value, label=label)
-        inputs.enum("preset", presets.values(), label="Preset", default="tiny", view=presets)
+        for value, label in PRESET_DESCRIPTIONS.items():
+            presets.add_choice(value, label=f"{value}: {label}")
+        inputs.enum("preset", presets.values(), label="Preset", default=self.DEFAULTS["preset"], view=presets)
         inputs.str("out_dir", label="Output folder", default=self._out_dir(ctx),
                    description="checkpoints go to <folder>/best and <folder>/last; an unfinished run there resumes")
         inputs.int("epochs", min=1, label="Epochs", default=self.DEFAULTS["epochs"])
@@ -333,7 +331,7 @@ class ApplyGroundingModel(GroundingOperator):
     """Predict one box per sample from its own phrase, on the current view or the selected samples."""
 
     DEFAULTS = {"phrase_field": "expression", "label_field": "predictions", "batch_size": None,
-                "skip_existing": False}  # batch size None: 256 on a GPU, 64 on the CPU
+                "skip_existing": False}  # batch size None: config.default_apply_batch_size
 
     @property
     def config(self):
@@ -350,14 +348,14 @@ class ApplyGroundingModel(GroundingOperator):
         self.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
                          "new or existing Detections field to write the boxes to", new_ok=True)
         inputs.int("batch_size", min=1, label="Batch size", required=False,
-                   description="phrases per forward pass; empty: 256 on a GPU, 64 on the CPU")
+                   description=f"phrases per forward pass; empty: {APPLY_BATCH_SIZE_TEXT}")
         inputs.bool("skip_existing", label="Only samples without a prediction in this field",
                     default=False, description="finish an interrupted run instead of predicting everything again")
         return _form(inputs, "Apply a grounding model")
 
     def execute(self, ctx):
-        from .zoo import apply_grounding_model
-        from .zoo_source import load_grounding_model
+        from .apply import apply_grounding_model
+        from .zoo import load_grounding_model
 
         view = ctx.target_view()
         label_field = self.param(ctx, "label_field")
@@ -432,7 +430,7 @@ class EvaluateGroundingModel(GroundingOperator):
 class GroundPhrase(GroundingOperator):
     """Find a typed phrase in the selected samples and show them with the box."""
 
-    DEFAULTS = {"label_field": "grounded", "batch_size": 32}
+    DEFAULTS = {"label_field": "grounded", "batch_size": None}  # None: config.default_apply_batch_size
 
     @property
     def config(self):
@@ -461,8 +459,8 @@ class GroundPhrase(GroundingOperator):
         return _form(inputs, "Find a phrase in the selected samples")
 
     def execute(self, ctx):
-        from .zoo import ground_phrase
-        from .zoo_source import load_grounding_model
+        from .apply import ground_phrase
+        from .zoo import load_grounding_model
 
         selection = ctx.dataset.select(ctx.selected)
         label_field = self.param(ctx, "label_field")

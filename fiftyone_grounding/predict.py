@@ -7,7 +7,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from .boxes import box_xyxy_rel_to_abs
-from .data import load_rgb
+from .errors import ImageError, InputError
+from .images import load_rgb
 
 
 def predict_and_crop(image_path: str, phrase: str, checkpoint: str, out_dir: str = "outputs/predict",
@@ -18,14 +19,17 @@ def predict_and_crop(image_path: str, phrase: str, checkpoint: str, out_dir: str
     """
     import torch
 
-    from .zoo import GroundingModel
+    from .fiftyone_model import GroundingModel
 
     model = model or GroundingModel.from_checkpoint(checkpoint, device=device)
-    image = load_rgb(image_path)
+    try:
+        image = load_rgb(image_path)
+    except ImageError as e:
+        raise ImageError(f"Cannot read {image_path}: {e}") from None
     height, width = image.shape[:2]
     detections = model.predict(image, phrase)
     if detections is None:
-        raise ValueError("The phrase is empty: nothing to ground")
+        raise InputError("The phrase is empty: type what to find in the image")
     det = detections.detections[0]
     x, y, w, h = det.bounding_box
     rel = [x, y, x + w, y + h]

@@ -31,6 +31,7 @@ import fiftyone.core.utils as fou
 import torch
 
 from .boxes import box_xywh_to_xyxy, box_xyxy_abs_to_rel, is_valid_xyxy
+from .errors import DownloadError, InputError, MissingImagesError, SourceError
 from .labels import make_detections
 
 logger = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class _Plan:
 
 def _check_name(name: str) -> str:
     if name not in HUB_IDS:
-        raise ValueError(f"Unknown RefCOCO variant {name!r}; use one of {sorted(HUB_IDS)}.")
+        raise InputError(f"Unknown RefCOCO variant {name!r}; use one of {sorted(HUB_IDS)}.")
     return name
 
 
@@ -157,7 +158,7 @@ def load_source(name: str = "refcoco", source=None):
         try:
             dsd = datasets.load_dataset(hub_id)
         except OSError as err:  # ConnectionError, offline mode, not in the local cache
-            raise RuntimeError(
+            raise DownloadError(
                 f"Could not load {hub_id!r} from the Hugging Face Hub ({err}); {save_hint}."
             ) from err
     elif isinstance(source, (datasets.DatasetDict, datasets.Dataset)):
@@ -166,11 +167,11 @@ def load_source(name: str = "refcoco", source=None):
         try:
             dsd = datasets.load_from_disk(os.fspath(source))
         except FileNotFoundError as err:
-            raise ValueError(
+            raise SourceError(
                 f"source={os.fspath(source)!r} is not a folder written by save_to_disk ({err}); {save_hint}."
             ) from err
     if not isinstance(dsd, datasets.DatasetDict):
-        raise ValueError(
+        raise SourceError(
             f"The {name} source is a single split, not a DatasetDict, so its split names are unknown; "
             f"save all splits: `datasets.load_dataset({hub_id!r}).save_to_disk(PATH)`."
         )
@@ -183,7 +184,7 @@ def _select_splits(name: str, dsd, splits: Optional[Iterable[str]]) -> list[tupl
     if splits is None:
         unknown = [s for s in dsd if s not in names]
         if unknown:
-            raise ValueError(
+            raise SourceError(
                 f"The {name} source has split(s) {unknown} that are not {HUB_IDS[name]} splits "
                 f"({list(names)}); pass splits=[...] or the dataset as saved from the Hub."
             )
@@ -197,18 +198,18 @@ def _select_splits(name: str, dsd, splits: Optional[Iterable[str]]) -> list[tupl
             elif s in names:
                 wanted.add(names[s])
             else:
-                raise ValueError(
+                raise InputError(
                     f"Unknown {name} split {s!r}; use one of {list(names.values())} "
                     f"(or the Hugging Face names {list(names)})."
                 )
     selected = [(hf, ours) for hf, ours in names.items() if ours in wanted and hf in dsd]
     absent = sorted(wanted - {ours for _, ours in selected})
     if absent:
-        raise ValueError(f"The {name} source has no split(s) {absent}; it has {list(dsd)}.")
+        raise InputError(f"The {name} source has no split(s) {absent}; it has {list(dsd)}.")
     for hf, _ in selected:
         missing = [c for c in REQUIRED_COLUMNS if c not in dsd[hf].column_names]
         if missing:
-            raise ValueError(
+            raise SourceError(
                 f"The {name} source's split {hf!r} lacks the column(s) {missing}; the importer "
                 f"needs {list(REQUIRED_COLUMNS)} as in {HUB_IDS[name]}: save that dataset unchanged "
                 f"with `datasets.load_dataset({HUB_IDS[name]!r}).save_to_disk(PATH)`."
@@ -223,7 +224,7 @@ def _json_field(raw, column: str, where: str):
     try:
         return json.loads(raw)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {column} is not a JSON string ({err}): {raw!r:.200}") from err
+        raise SourceError(f"{where}: {column} is not a JSON string ({err}): {raw!r:.200}") from err
 
 
 def _parse_image_info(raw, image_id, where: str) -> _Image:
@@ -232,12 +233,12 @@ def _parse_image_info(raw, image_id, where: str) -> _Image:
         k for k in ("file_name", "width", "height", "id") if not isinstance(info, dict) or k not in info
     ]
     if missing:
-        raise ValueError(f"{where}: raw_image_info lacks {missing}: {raw!r:.200}")
+        raise SourceError(f"{where}: raw_image_info lacks {missing}: {raw!r:.200}")
     if int(info["id"]) != int(image_id):
-        raise ValueError(f"{where}: raw_image_info id {info['id']} differs from image_id {image_id}.")
+        raise SourceError(f"{where}: raw_image_info id {info['id']} differs from image_id {image_id}.")
     width, height = int(info["width"]), int(info["height"])
     if width <= 0 or height <= 0:
-        raise ValueError(f"{where}: raw_image_info has a non-positive size {width}x{height}.")
+        raise SourceError(f"{where}: raw_image_info has a non-positive size {width}x{height}.")
     # COCO file names are plain names; a path part would let a row point outside images_dir.
     file_name = os.path.basename(str(info["file_name"]))
     return _Image(int(image_id), file_name, width, height)
@@ -259,7 +260,7 @@ def _plan(name, dsd, selected, existing: set, max_samples: Optional[int]) -> _Pl
                 # sent_id is the import's key; a repeat would silently drop an expression.
                 repeated = [s for s in ids if s in seen]
                 if repeated or len(set(ids)) != len(ids):
-                    raise ValueError(
+                    raise SourceError(
                         f"{where}: sent_id(s) {repeated or ids} occur more than once in the source."
                     )
                 seen.update(ids)
@@ -293,7 +294,7 @@ def _existing(dataset_name: str, name: str) -> tuple[Optional[fo.Dataset], set]:
     recorded = dataset.info.get("refcoco", {}).get("name")
     if recorded is not None and recorded != name:
         # sent_ids of the three variants overlap, so mixing them would drop expressions as "present".
-        raise ValueError(
+        raise InputError(
             f"Dataset {dataset_name!r} holds {recorded}, not {name}; import {name} into another "
             f"dataset (dataset_name=...)."
         )
@@ -337,7 +338,7 @@ def _fetch_from_zoo(plan: _Plan, zoo_kwargs: Optional[dict]) -> str:
             request["name"], split=request["split"], image_ids=request["image_ids"], **(zoo_kwargs or {})
         )
     except Exception as err:  # network errors come from several libraries (requests, urllib, eta)
-        raise RuntimeError(
+        raise DownloadError(
             f"Could not fetch {len(request['image_ids'])} COCO train2014 images through FiftyOne's "
             f"zoo ({type(err).__name__}: {err}); pass images_dir=<folder of COCO train2014 images> "
             "(CLI: --images-dir), or run where cocodataset.org is reachable."
@@ -367,7 +368,7 @@ def _annotation(raw_anns, ann_id: int, where: str) -> dict:
     if isinstance(anns, list):
         anns = next((a for a in anns if isinstance(a, dict) and a.get("id") == ann_id), None)
     if not isinstance(anns, dict) or "bbox" not in anns:
-        raise ValueError(
+        raise SourceError(
             f"{where}: raw_anns holds no COCO annotation with a bbox for ann_id {ann_id}: {raw_anns!r:.200}"
         )
     return anns
@@ -379,7 +380,7 @@ def _expressions(row, where: str) -> list[tuple[int, str]]:
     sentences = row["sentences"] or []
     for sentence in sentences:
         if not isinstance(sentence, dict) or "sent_id" not in sentence:
-            raise ValueError(
+            raise SourceError(
                 f"{where}: sentences must be a list of {{raw, sent, sent_id, tokens}} records as in "
                 f"jxu124's datasets; got {sentences!r:.200}"
             )
@@ -388,7 +389,7 @@ def _expressions(row, where: str) -> list[tuple[int, str]]:
         pairs.append((int(sentence["sent_id"]), str(text)))
     found = [s for s, _ in pairs]
     if found != [int(s) for s in row["sent_ids"]]:
-        raise ValueError(
+        raise SourceError(
             f"{where}: the sent_ids of sentences {found} differ from the sent_ids column {row['sent_ids']}."
         )
     return pairs
@@ -401,23 +402,23 @@ def _row_fields(row, planned: _PlannedRow, where: str) -> tuple[dict, list[float
 
     # The row's own split may use either naming; anything else means rows of another split.
     if row["split"] not in (planned.split, planned.hf_split):
-        raise ValueError(
+        raise SourceError(
             f"{where}: split column says {row['split']!r} but the row is in split {planned.hf_split!r}."
         )
 
     category_id = int(row["category_id"])
     if category_id not in COCO_CATEGORIES:
-        raise ValueError(f"{where}: category_id {category_id} is not one of COCO's 80 categories.")
+        raise SourceError(f"{where}: category_id {category_id} is not one of COCO's 80 categories.")
 
     bbox = [float(v) for v in (row["bbox"] or [])]
     if not is_valid_xyxy(bbox):
-        raise ValueError(
+        raise SourceError(
             f"{where}: bbox {bbox} is not a pixel (x_min, y_min, x_max, y_max) box of positive size."
         )
     x0, y0, x1, y1 = bbox
     tol = _PIXEL_TOLERANCE
     if x0 < -tol or y0 < -tol or x1 > image.width + tol or y1 > image.height + tol:
-        raise ValueError(
+        raise SourceError(
             f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image {image.file_name}."
         )
 
@@ -426,9 +427,9 @@ def _row_fields(row, planned: _PlannedRow, where: str) -> tuple[dict, list[float
     ann = _annotation(row["raw_anns"], ann_id, where)
     ann_xyxy = box_xywh_to_xyxy(torch.tensor([float(v) for v in ann["bbox"]], dtype=torch.float64))
     if not torch.allclose(ann_xyxy, torch.tensor(bbox, dtype=torch.float64), rtol=0.0, atol=tol):
-        raise ValueError(f"{where}: bbox {bbox} (xyxy) disagrees with raw_anns bbox {ann['bbox']} (xywh).")
+        raise SourceError(f"{where}: bbox {bbox} (xyxy) disagrees with raw_anns bbox {ann['bbox']} (xywh).")
     if int(ann.get("category_id", category_id)) != category_id or int(ann.get("id", ann_id)) != ann_id:
-        raise ValueError(
+        raise SourceError(
             f"{where}: raw_anns (id {ann.get('id')}, category_id {ann.get('category_id')}) disagrees "
             f"with ann_id {ann_id} / category_id {category_id}."
         )
@@ -525,7 +526,7 @@ def import_refcoco(
     """
     name = _check_name(name)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}.")
+        raise InputError(f"chunk_size must be at least 1, got {chunk_size}.")
     dsd = load_source(name, source)
     selected = _select_splits(name, dsd, splits)
     dataset_name = dataset_name or name
@@ -552,7 +553,7 @@ def import_refcoco(
             f"full list in {report_path}"
         )
         if not skip_missing:
-            raise FileNotFoundError(
+            raise MissingImagesError(
                 f"{summary}. Put them there (COCO train2014 files), or pass skip_missing=True "
                 "(CLI: --skip-missing) to import without them."
             )

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import fiftyone as fo
 
+from .errors import InputError
 from .labels import make_detections
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -168,7 +169,7 @@ def generate_scene(
     size, colour and shape; otherwise no two objects share all three.
     """
     if not 1 <= min_objects <= max_objects:
-        raise ValueError("need 1 <= min_objects <= max_objects")
+        raise InputError("need 1 <= min_objects <= max_objects")
     while True:
         num_objects = int(rng.integers(min_objects, max_objects + 1))
         lookalike = num_objects >= 2 and rng.random() < lookalike_fraction
@@ -333,7 +334,7 @@ def _split_counts(num_images: int, split_fractions: Sequence[tuple[str, float]])
     """Images per split: largest-remainder rounding, at least one per split when there are enough images."""
     fractions = np.array([float(f) for _, f in split_fractions])
     if (fractions < 0).any() or fractions.sum() <= 0:
-        raise ValueError(f"bad split_fractions {split_fractions!r}")
+        raise InputError(f"bad split_fractions {split_fractions!r}: give (split name, fraction >= 0) pairs")
     exact = fractions / fractions.sum() * num_images
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: num_images - counts.sum()]:
@@ -376,6 +377,8 @@ def make_synthetic_dataset(
     unless ``overwrite=True``, which deletes and regenerates it, or unless its image files
     are gone, which regenerates it too.
     """
+    if not isinstance(num_images, int) or num_images < 1:
+        raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
     if fo.dataset_exists(name):
         if not overwrite:
             existing = fo.load_dataset(name)

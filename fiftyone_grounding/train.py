@@ -1,10 +1,15 @@
-"""Training: one ``fit()`` that the CLI, the operators and the tests all call.
+"""Training: one ``fit()`` that the CLI, the operators, the benchmarks and the tests all call.
 
 AdamW + cosine schedule with linear warm-up, gradient clipping, bf16 autocast where the
 device supports it, run under HF Accelerate so that ``torchrun``/``accelerate launch``
-on several GPUs or nodes needs no code change. Each epoch prints the seed's table row
-(train loss, train IoU, val loss, val IoU), writes ``metrics.json`` and ``curves.png``,
-saves ``last/`` (with optimizer state, for resume) and ``best/`` (by val IoU).
+on several GPUs or nodes needs no code change. Its options and their defaults are
+``config.TrainConfig``, saved as ``train_config.json`` in the run's folder. Each epoch prints
+the seed's table row (train loss, train IoU, val loss, val IoU), writes ``metrics.json`` and
+``curves.png``, saves ``last/`` (with optimizer state, for resume) and ``best/`` (by val IoU).
+
+``fit`` is a few named steps: read the splits, build the model, build the loaders (and the
+feature caches), build the optimizer, resume, then per epoch :func:`train_one_epoch` (each
+step is :func:`train_step`), :func:`evaluate_loss` and the saves.
 """
 
 from __future__ import annotations
@@ -16,27 +21,27 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from .batching import GroupBatchSampler
 from .boxes import box_iou
-from .checkpoint import (WEIGHTS_NAME, CheckpointError, load_trainable_weights,
-                         resolve_checkpoint_dir, save_checkpoint)
-from .config import GrounderConfig, get_config
-from .data import Collator, GroundingDataset, GroupBatchSampler, default_num_workers, read_records
-from .model import Grounder, box_loss, build_model, build_tokenizer
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resolve_checkpoint_dir, save_checkpoint
+from .config import GrounderConfig, TrainConfig, default_num_workers
+from .data import Collator, GroundingDataset, GroundingRecords, read_records
+from .errors import CheckpointError, InputError, TrainingError
+from .losses import box_loss
+from .model import Grounder, build_model, build_tokenizer
+from .text import swap_left_right
 
 logger = logging.getLogger(__name__)
 
 STATE_JSON = "training_state.json"
 OPTIMIZER_NAME = "optimizer.safetensors"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+TRAIN_CONFIG_NAME = "train_config.json"
 
 
 @dataclass
@@ -104,9 +109,9 @@ def _split_view(view, split_field: str, split: Optional[str]):
     from fiftyone import ViewField as F
 
     if split is None:
-        return None
+        return view
     if not view.has_field(split_field):
-        raise ValueError(f"The dataset has no split field {split_field!r}; pass split_field=... or add one")
+        raise InputError(f"The dataset has no split field {split_field!r}; pass split_field=... or add one")
     return view.match(F(split_field) == split)
 
 
@@ -116,181 +121,241 @@ def default_mixed_precision(device: torch.device) -> str:
     return "no"
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+
+
+@dataclass
+class _Splits:
+    """The records to train and validate on, and the samples they left out."""
+
+    train: GroundingRecords
+    val: Optional[GroundingRecords]
+    skipped: list
+
+    @property
+    def filepaths(self) -> list[str]:
+        return self.train.filepaths + (self.val.filepaths if self.val else [])
+
+    @property
+    def phrases(self) -> list[str]:
+        return self.train.phrases + (self.val.phrases if self.val else [])
+
+
+@dataclass
+class _Loaders:
+    train: DataLoader
+    sampler: GroupBatchSampler
+    train_set: GroundingDataset
+    val: Optional[DataLoader]
+
+
+@dataclass
+class _RunState:
+    """Where a run stands: what a resume restores."""
+
+    start_epoch: int = 0
+    history: list = field(default_factory=list)
+    best_score: float = -1.0
+
+
 def fit(
     view,
-    preset: str = "tiny",
-    out_dir: str = "runs/grounding",
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-4,
-    warmup_frac: float = 0.05,
-    grad_clip: float = 1.0,
-    phrase_field: str = "expression",
-    gt_field: str = "ground_truth",
-    split_field: str = "split",
-    train_split: Optional[str] = "train",
-    val_split: Optional[str] = "val",
-    augment: str = "flip",
-    num_workers: Optional[int] = None,
-    seed: int = 0,
+    config: Union[TrainConfig, dict, None] = None,
+    *,
+    model_config: Optional[GrounderConfig] = None,
     resume: bool = True,
-    mixed_precision: str = "auto",
     cpu: bool = False,
     weights: bool = True,
-    config: Optional[GrounderConfig] = None,
-    cache_features: bool = True,
-    cache_dir: Optional[str] = None,
     progress: bool = True,
     progress_callback: Optional[Callable[[float, str], None]] = None,
-    **overrides,
+    **options,
 ) -> FitResult:
     """Train a grounding model on a FiftyOne dataset or view.
 
-    Samples of ``train_split`` (by ``split_field``) are trained on, ``val_split`` picks
-    the best checkpoint; pass ``train_split=None`` to train on the whole view. ``num_workers``
-    DataLoader processes load the items (default: 8 on a GPU, 0 on the CPU). ``overrides``
-    change the preset's config (e.g. ``image_size=448``). With ``resume=True`` a run that
-    finds ``out_dir/last`` continues from it. With ``cache_features`` (default) the frozen
-    image features are computed once into an on-disk cache (``cache_dir``, default
-    ``$FIFTYONE_GROUNDING_HOME/features``) and reused every epoch; ``augment="crop-flip"``
-    needs pixels and trains without it. Returns the paths and per-epoch history.
+    ``config`` (a ``TrainConfig`` or a dict of its keys, e.g. a recipe from ``training/``) and
+    ``options`` (``TrainConfig`` keys, which win) set the run; everything left out takes
+    ``TrainConfig``'s default, and unknown keys are refused by name. Samples of
+    ``train_split`` (by ``split_field``) are trained on, ``val_split`` picks the best
+    checkpoint; ``train_split=None`` trains on the whole view. ``model={"image_size": 448}``
+    changes the preset's model config; ``model_config`` replaces it whole.
+
+    With ``resume=True`` a run that finds ``out_dir/last`` continues from it (its model config
+    wins). With ``cache_features`` (default) the frozen image and text features are computed
+    once into an on-disk cache and reused every epoch; ``augment="crop-flip"`` needs pixels
+    and trains without it. ``cpu`` trains on the CPU even where a GPU is; ``weights=False``
+    uses random encoder weights (timing). Returns the paths and per-epoch history.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    out = Path(out_dir)
+    cfg = _train_config(config, options)
+    out = Path(cfg.resolved_out_dir())
     last_dir, best_dir = out / "last", out / "best"
     resume_dir = _resume_dir(last_dir) if resume else None
-    resuming = resume_dir is not None
-    if resuming:
-        config = GrounderConfig.from_json(resume_dir / "config.json")
-    config = config or get_config(preset, **overrides)
+    if resume_dir is not None:
+        model_config = GrounderConfig.from_json(resume_dir / CONFIG_NAME)
+    model_config = model_config or cfg.model_config()
 
     probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
-    mp = default_mixed_precision(probe) if mixed_precision == "auto" else mixed_precision
+    mp = default_mixed_precision(probe) if cfg.mixed_precision == "auto" else cfg.mixed_precision
     accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
     is_main = accelerator.is_main_process
-    set_seed(seed)
+    set_seed(cfg.seed)
 
-    train_view = _split_view(view, split_field, train_split) if train_split else view
-    val_view = _split_view(view, split_field, val_split) if val_split else None
-    train_records = read_records(train_view, phrase_field, gt_field)
-    if len(train_records) == 0:
-        raise ValueError(f"No trainable samples in the {train_split or 'whole'} split: {train_records.skipped[:5]}")
-    val_records = read_records(val_view, phrase_field, gt_field) if val_view is not None else None
-    if val_records is not None and len(val_records) == 0:
-        val_records = None
-    skipped = list(train_records.skipped) + (list(val_records.skipped) if val_records else [])
+    splits = _read_splits(view, cfg)
+    model = build_model(config=model_config, weights=weights)
+    if resume_dir is None:
+        model.init_box_bias(torch.tensor(splits.train.boxes).mean(0))
+    loaders = _build_loaders(model, splits, cfg, accelerator, mp, progress and is_main)
+    model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    total_steps = cfg.epochs * len(loaders.sampler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_frac * total_steps)))
+    state = _resume(resume_dir, model, optimizer, scheduler, is_main) if resume_dir else _RunState()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_json(out / TRAIN_CONFIG_NAME)
+        _print_start(accelerator.unwrap_model(model), splits, loaders, accelerator, mp)
 
-    if num_workers is None:
-        num_workers = default_num_workers(accelerator.device)
-    model = build_model(config=config, weights=weights)
-    if not resuming:
-        model.init_box_bias(torch.tensor(train_records.boxes).mean(0))
+    skipped = list(splits.skipped)
+    autocast_dtype = AUTOCAST_DTYPES[mp]
+    for epoch in range(state.start_epoch, cfg.epochs):
+        # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
+        set_seed(cfg.seed + epoch)
+        loaders.sampler.set_epoch(epoch)
+        loaders.train_set.set_epoch(epoch)
+        t0 = time.time()
+        train_stats = train_one_epoch(model, loaders.train, optimizer, scheduler, accelerator, model_config,
+                                      cfg.grad_clip, epoch, cfg.epochs, autocast_dtype, progress and is_main,
+                                      progress_callback)
+        skipped.extend(train_stats.pop("skipped"))
+        val_stats = (evaluate_loss(model, loaders.val, accelerator, model_config, autocast_dtype)
+                     if loaders.val is not None else {})
+        skipped.extend(val_stats.pop("skipped", []))
+        skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
+        row = {"epoch": epoch + 1, **train_stats,
+               "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
+               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+        state.history.append(row)
+        if is_main:
+            print(_table_row(row))
+            _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, out, epoch, row, state)
+        accelerator.wait_for_everyone()
+    if is_main:
+        _write_metrics(out, state.history, state.best_score)
+        _print_skipped(skipped)
+    accelerator.end_training()
+    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=state.history, skipped=skipped,
+                     model=accelerator.unwrap_model(model).eval())
+
+
+def _train_config(config, options: dict) -> TrainConfig:
+    """``config`` (a TrainConfig, a dict of its keys or None) with ``options`` on top."""
+    if isinstance(config, GrounderConfig):
+        raise InputError("fit(view, config=...) takes a TrainConfig; pass a model's GrounderConfig as model_config=")
+    base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+    return TrainConfig.from_dict({**base, **options})
+
+
+def _read_splits(view, cfg: TrainConfig) -> _Splits:
+    train_view = _split_view(view, cfg.split_field, cfg.train_split)
+    train = read_records(train_view, cfg.phrase_field, cfg.gt_field)
+    if len(train) == 0:
+        raise InputError(f"No trainable samples in the {cfg.train_split or 'whole'} split"
+                         + (f"; the first skipped: {train.skipped[:5]}" if train.skipped else "")
+                         + f". Check {cfg.phrase_field!r} and {cfg.gt_field!r}, or pass train_split=")
+    val = None
+    if cfg.val_split:
+        val = read_records(_split_view(view, cfg.split_field, cfg.val_split), cfg.phrase_field, cfg.gt_field)
+        val = val if len(val) else None
+    return _Splits(train, val, list(train.skipped) + (list(val.skipped) if val else []))
+
+
+def _build_loaders(model: Grounder, splits: _Splits, cfg: TrainConfig, accelerator, mp: str,
+                   show_progress: bool) -> _Loaders:
+    """The train and val DataLoaders, over the feature caches when they can be used."""
+    config = model.config
+    is_main = accelerator.is_main_process
+    num_workers = default_num_workers(accelerator.device) if cfg.num_workers is None else cfg.num_workers
     feature_cache = None
-    if cache_features and augment != "crop-flip":
-        feature_cache = _build_feature_cache(model, config, accelerator, mp, cache_dir,
-                                             train_records.filepaths + (val_records.filepaths if val_records else []),
-                                             num_workers, progress and is_main)
+    if cfg.cache_features and cfg.augment != "crop-flip":
+        feature_cache = _build_feature_cache(model, accelerator, mp, cfg.cache_dir, splits.filepaths, num_workers,
+                                             show_progress)
     tokenizer = build_tokenizer(config)
     collate = Collator(tokenizer, config.max_text_len)
     # Phrases cut to the encoder's limit get one warning for the whole run, from here in the main
     # process: the other processes and the DataLoader workers get a collator that has warned.
     collate.tokenize.warned = not is_main
-    collate.tokenize(train_records.phrases + (val_records.phrases if val_records else []))
+    collate.tokenize(splits.phrases)
     if feature_cache is not None:
-        collate.text_cache = _build_text_cache(
-            model, config, tokenizer, collate.tokenize, accelerator, mp, cache_dir,
-            _phrases_seen(train_records.phrases, augment) + (val_records.phrases if val_records else []),
-            progress and is_main)
-    train_set = GroundingDataset(train_records, config.image_size, config.image_mean, config.image_std,
-                                 augment=augment, seed=seed, feature_cache=feature_cache)
+        val_phrases = splits.val.phrases if splits.val else []
+        collate.text_cache = _build_text_cache(model, tokenizer, collate.tokenize, accelerator, mp, cfg.cache_dir,
+                                               _phrases_seen(splits.train.phrases, cfg.augment) + val_phrases,
+                                               show_progress)
+    train_set = GroundingDataset(splits.train, config.image_size, config.image_mean, config.image_std,
+                                 augment=cfg.augment, seed=cfg.seed, feature_cache=feature_cache)
     # Each process takes its own share of the batches (sharding is ours, not accelerate's:
     # batches hold a varying number of phrases, which its batch-sampler shards assume not).
     world, rank = accelerator.num_processes, accelerator.process_index
     # Batches carry their epoch, so that the workers can live through all epochs (no start-up
     # cost per epoch) and still pick each epoch's augmentation.
-    sampler = GroupBatchSampler(train_set.group_sizes(), batch_size, shuffle=True, seed=seed,
+    sampler = GroupBatchSampler(train_set.group_sizes(), cfg.batch_size, shuffle=True, seed=cfg.seed,
                                 num_replicas=world, rank=rank, tag_epoch=True)
     loader_kwargs = dict(collate_fn=collate, num_workers=num_workers,
                          pin_memory=accelerator.device.type == "cuda",
                          persistent_workers=num_workers > 0)
     train_loader = DataLoader(train_set, batch_sampler=sampler, **loader_kwargs)
     val_loader = None
-    if val_records is not None:
-        val_set = GroundingDataset(val_records, config.image_size, config.image_mean, config.image_std,
+    if splits.val is not None:
+        val_set = GroundingDataset(splits.val, config.image_size, config.image_mean, config.image_std,
                                    feature_cache=feature_cache)
-        val_sampler = GroupBatchSampler(val_set.group_sizes(), batch_size, shuffle=False,
+        val_sampler = GroupBatchSampler(val_set.group_sizes(), cfg.batch_size, shuffle=False,
                                         num_replicas=world, rank=rank, pad=False)
         val_loader = DataLoader(val_set, batch_sampler=val_sampler, **loader_kwargs)
+    return _Loaders(train_loader, sampler, train_set, val_loader)
 
-    model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
-    optimizer = configure_optimizer(model, lr, weight_decay)
-    total_steps = epochs * len(sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(warmup_frac * total_steps)))
 
-    start_epoch, history, best_iou = 0, [], -1.0
-    if resuming:
-        state = json.loads((resume_dir / STATE_JSON).read_text())
-        load_trainable_weights(model, resume_dir / WEIGHTS_NAME)
-        optimizer.load_state_dict(_optimizer_from_files(load_file(str(resume_dir / OPTIMIZER_NAME)),
-                                                        state["optimizer"]))
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        best_iou = state["best_val_iou"]
-        if is_main:
-            print(f"Resuming from {resume_dir} after epoch {state['epoch'] + 1}")
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-
+def _resume(resume_dir: Path, model: Grounder, optimizer, scheduler, is_main: bool) -> _RunState:
+    """Load the weights, optimizer and scheduler of ``last/``; the epochs done and their history."""
+    state = json.loads((resume_dir / STATE_JSON).read_text())
+    load_trainable_weights(model, resume_dir / WEIGHTS_NAME)
+    optimizer.load_state_dict(_optimizer_from_files(load_file(str(resume_dir / OPTIMIZER_NAME)),
+                                                    state["optimizer"]))
+    scheduler.load_state_dict(state["scheduler"])
     if is_main:
-        n_total = accelerator.unwrap_model(model).num_parameters()
-        n_train = accelerator.unwrap_model(model).num_parameters(trainable_only=True)
-        print(f"Training {config.preset!r} on {len(train_records)} expressions / {len(train_set)} images "
-              f"({n_train:,} trainable of {n_total:,} params) on {accelerator.device} "
-              f"x{accelerator.num_processes}, mixed precision: {mp}")
-        if skipped:
-            print(f"Skipped {len(skipped)} samples; first: {skipped[:3]}")
-        print(_table_header())
+        print(f"Resuming from {resume_dir} after epoch {state['epoch'] + 1}")
+    return _RunState(start_epoch=state["epoch"] + 1, history=state["history"], best_score=state["best_val_iou"])
 
-    for epoch in range(start_epoch, epochs):
-        # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
-        set_seed(seed + epoch)
-        sampler.set_epoch(epoch)
-        train_set.set_epoch(epoch)
-        t0 = time.time()
-        train_stats = _train_one_epoch(model, train_loader, optimizer, scheduler, accelerator, config,
-                                       grad_clip, epoch, epochs, progress and is_main, progress_callback)
-        skipped.extend(train_stats.pop("skipped"))
-        val_stats = evaluate_loss(model, val_loader, accelerator, config) if val_loader is not None else {}
-        skipped.extend(val_stats.pop("skipped", []))
-        skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
-        row = {"epoch": epoch + 1, **train_stats,
-               "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
-        history.append(row)
-        score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
-        if is_main:
-            print(_table_row(row))
-            unwrapped = accelerator.unwrap_model(model)
-            if score > best_iou:
-                best_iou = score
-                save_checkpoint(unwrapped, best_dir, extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
-            _save_last(unwrapped, optimizer, scheduler, last_dir, epoch, history, best_iou)
-            _write_metrics(out, history, best_iou)
-        accelerator.wait_for_everyone()
-    if is_main:
-        _write_metrics(out, history, best_iou)
-        if skipped:
-            reasons: dict[str, int] = {}
-            for _, why in skipped:
-                reasons[why] = reasons.get(why, 0) + 1
-            print(f"Skipped {len(skipped)} samples: " + ", ".join(f"{n} x {r}" for r, n in reasons.items()))
-    accelerator.end_training()
-    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=history, skipped=skipped,
-                     model=accelerator.unwrap_model(model).eval())
+
+def _print_start(model: Grounder, splits: _Splits, loaders: _Loaders, accelerator, mp: str) -> None:
+    n_total, n_train = model.num_parameters(), model.num_parameters(trainable_only=True)
+    print(f"Training {model.config.preset!r} on {len(splits.train)} expressions / {len(loaders.train_set)} images "
+          f"({n_train:,} trainable of {n_total:,} params) on {accelerator.device} "
+          f"x{accelerator.num_processes}, mixed precision: {mp}")
+    if splits.skipped:
+        print(f"Skipped {len(splits.skipped)} samples; first: {splits.skipped[:3]}")
+    print(_table_header())
+
+
+def _save_epoch(model: Grounder, optimizer, scheduler, out: Path, epoch: int, row: dict, state: _RunState) -> None:
+    """``best/`` when the epoch's score (val IoU, else train IoU) is the best so far; always
+    ``last/`` (with the optimizer, for resume) and ``metrics.json``."""
+    score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
+    if score > state.best_score:
+        state.best_score = score
+        save_checkpoint(model, out / "best", extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
+    _save_last(model, optimizer, scheduler, out / "last", epoch, state.history, state.best_score)
+    _write_metrics(out, state.history, state.best_score)
+
+
+def _print_skipped(skipped: list) -> None:
+    if skipped:
+        reasons: dict[str, int] = {}
+        for _, why in skipped:
+            reasons[why] = reasons.get(why, 0) + 1
+        print(f"Skipped {len(skipped)} samples: " + ", ".join(f"{n} x {r}" for r, n in reasons.items()))
 
 
 def _resume_dir(last_dir: Path) -> Optional[Path]:
@@ -302,18 +367,18 @@ def _resume_dir(last_dir: Path) -> Optional[Path]:
     return folder if (folder / STATE_JSON).exists() else None
 
 
-def _build_feature_cache(model: Grounder, config: GrounderConfig, accelerator, mp: str, cache_dir,
-                         paths: list[str], num_workers: int, show_progress: bool):
+def _build_feature_cache(model: Grounder, accelerator, mp: str, cache_dir, paths: list[str], num_workers: int,
+                         show_progress: bool):
     """Encode every image once into the on-disk cache (main process first, others reuse it)."""
     from .cache import open_feature_cache
     from .encoders import home_dir
 
-    cache = open_feature_cache(cache_dir or home_dir() / "features", config, model.image_encoder)
+    cache = open_feature_cache(cache_dir or home_dir() / "features", model.config, model.image_encoder)
     with accelerator.main_process_first():
         cache.reload()
         encoder = model.image_encoder.to(accelerator.device)
-        added = cache.build(paths, encoder, config, accelerator.device, num_workers=num_workers,
-                            autocast_dtype=torch.bfloat16 if mp == "bf16" else None, progress=show_progress)
+        added = cache.build(paths, encoder, model.config, accelerator.device, num_workers=num_workers,
+                            autocast_dtype=AUTOCAST_DTYPES[mp], progress=show_progress)
     if accelerator.is_main_process and added:
         print(f"Cached image features of {added} images in {cache.dir} "
               f"({cache.nbytes_per_image() / 1024:.1f} KiB per image, both views)")
@@ -322,48 +387,77 @@ def _build_feature_cache(model: Grounder, config: GrounderConfig, accelerator, m
 
 def _phrases_seen(phrases: list[str], augment: str) -> list[str]:
     """Every phrase training can feed the text encoder: flips swap left/right in them."""
-    from .data import swap_left_right
-
     return phrases + ([swap_left_right(p) for p in phrases] if augment != "none" else [])
 
 
-def _build_text_cache(model: Grounder, config: GrounderConfig, tokenizer, tokenize, accelerator, mp: str,
-                      cache_dir, phrases: list[str], show_progress: bool):
+def _build_text_cache(model: Grounder, tokenizer, tokenize, accelerator, mp: str, cache_dir, phrases: list[str],
+                      show_progress: bool):
     """Encode every phrase once into the on-disk text cache (main process first)."""
     from .cache import open_text_cache
     from .encoders import home_dir
 
-    cache = open_text_cache(cache_dir or home_dir() / "features", config, model.text_encoder, tokenizer)
+    cache = open_text_cache(cache_dir or home_dir() / "features", model.config, model.text_encoder, tokenizer)
     with accelerator.main_process_first():
         cache.reload()
         model.text_encoder.to(accelerator.device)
-        added = cache.build(phrases, model, tokenize, accelerator.device,
-                            autocast_dtype=torch.bfloat16 if mp == "bf16" else None, progress=show_progress)
+        added = cache.build(phrases, model, tokenize, accelerator.device, autocast_dtype=AUTOCAST_DTYPES[mp],
+                            progress=show_progress)
     if accelerator.is_main_process and added:
         print(f"Cached text features of {added} phrases in {cache.dir}")
     return cache
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _forward_batch(model, batch: dict) -> torch.Tensor:
+def forward_batch(model, batch: dict) -> torch.Tensor:
+    """The model's boxes for a collated training batch (pixels or cached features)."""
     return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
                  input_ids=batch.get("input_ids"), text_features=batch.get("text_features"),
                  attention_mask=batch["attention_mask"],
                  image_index=batch["image_index"])
 
 
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: float = 0.0, *, scheduler=None,
+               accelerator=None, autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch already on the model's device: forward (under autocast
+    with ``autocast_dtype``), ``box_loss``, backward, gradient clipping, optimizer and scheduler
+    step. Under Accelerate (``accelerator``) backward and clipping go through it. Returns the
+    loss and the predicted boxes, detached, still on the device (reading them waits for it)."""
+    with _autocast(batch["attention_mask"].device, autocast_dtype):
+        pred = forward_batch(model, batch)
+    loss = box_loss(pred, batch["boxes"], loss_weights)["loss"]
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    if grad_clip:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if accelerator is not None:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach(), pred.detach()
+
+
 SYNC_EVERY = 25  # steps between reads of the loss on the host (each read waits for the GPU)
 
 
-def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig,
-                     grad_clip: float, epoch: int, epochs: int, show_progress: bool,
-                     progress_callback) -> dict:
-    """One epoch. The loss and IoU stay on the device and are read every ``SYNC_EVERY`` steps
-    (and at the end), so the host queues the next steps while the GPU works. A non-finite
-    loss is then reported with its exact step and batch."""
+def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig, grad_clip: float,
+                    epoch: int, epochs: int, autocast_dtype: Optional[torch.dtype], show_progress: bool,
+                    progress_callback) -> dict:
+    """One epoch of :func:`train_step`. The loss and IoU stay on the device and are read every
+    ``SYNC_EVERY`` steps (and at the end), so the host queues the next steps while the GPU
+    works. A non-finite loss is then reported with its exact step and batch."""
     from tqdm.auto import tqdm
 
     model.train()
@@ -394,23 +488,16 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
                 accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
                 optimizer.zero_grad(set_to_none=True)
             continue
-        batch = _to_device(batch, device)
-        with accelerator.autocast():
-            pred = _forward_batch(model, batch)
-        loss = box_loss(pred, batch["boxes"], config.loss_weights)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
+        batch = to_device(batch, device)
+        loss, pred = train_step(model, batch, optimizer, config.loss_weights, grad_clip, scheduler=scheduler,
+                                accelerator=accelerator, autocast_dtype=autocast_dtype)
         with torch.no_grad():
             n = pred.shape[0]
-            iou = box_iou(pred.detach().float(), batch["boxes"].float()).mean()
-            sums[0] += loss.detach().double() * n  # Python numbers go in as kernel arguments:
+            iou = box_iou(pred.float(), batch["boxes"].float()).mean()
+            sums[0] += loss.double() * n  # Python numbers go in as kernel arguments:
             sums[1] += iou.double() * n  # no host-to-device copy, no wait
             sums[2] += n
-        pending.append((step, loss.detach(), batch["sample_ids"]))
+        pending.append((step, loss, batch["sample_ids"]))
         if len(pending) >= SYNC_EVERY:
             check()
             if show_progress:
@@ -425,7 +512,8 @@ def _train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: G
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
+def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_dtype: Optional[torch.dtype] = None
+                  ) -> dict:
     """Mean loss and IoU over a loader (all processes together), and the samples it skipped."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
     module = accelerator.unwrap_model(model)
@@ -436,9 +524,9 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig) -> dict:
         skipped.extend(batch["skipped"])
         if "boxes" not in batch:
             continue
-        batch = _to_device(batch, accelerator.device)
-        with accelerator.autocast():
-            pred = _forward_batch(module, batch)
+        batch = to_device(batch, accelerator.device)
+        with _autocast(accelerator.device, autocast_dtype):
+            pred = forward_batch(module, batch)
         n = pred.shape[0]
         loss_sum += box_loss(pred, batch["boxes"], config.loss_weights)["loss"].item() * n
         iou_sum += box_iou(pred.float(), batch["boxes"].float()).sum().item()

@@ -78,3 +78,21 @@ def grounding_plugin_dir(tmp_path_factory):
     else:
         os.environ["FIFTYONE_PLUGINS_DIR"] = previous[0]
     fo.config.plugins_dir = previous[1]
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the command line in this process: ``cli(*argv) -> (exit status, stdout, stderr)``."""
+    from fiftyone_grounding.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -14,7 +14,7 @@ import pytest
 
 import fiftyone as fo
 
-from fiftyone_grounding.zoo_source import DEMO_CHECKPOINT_ENV
+from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

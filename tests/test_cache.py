@@ -13,9 +13,11 @@ from PIL import Image, ImageDraw
 
 from fiftyone_grounding.cache import VIEWS, cache_key, open_feature_cache
 from fiftyone_grounding.config import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
-from fiftyone_grounding.data import (Collator, GroundingDataset, GroundingRecords, GroupBatchSampler, hflip_boxes,
-                                     swap_left_right)
-from fiftyone_grounding.model import box_loss, build_model, build_tokenizer
+from fiftyone_grounding.batching import GroupBatchSampler
+from fiftyone_grounding.data import Collator, GroundingDataset, GroundingRecords, hflip_boxes
+from fiftyone_grounding.text import swap_left_right
+from fiftyone_grounding.losses import box_loss
+from fiftyone_grounding.model import build_model, build_tokenizer
 
 # Features are stored as float16: ~3 significant digits.
 FP16_RTOL = 2e-3

@@ -1,6 +1,7 @@
 """The command line: --help everywhere, summary, predict, and the demo end to end (small)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -37,35 +38,23 @@ def test_every_option_says_what_it_does():
         assert not bare, f"{name}: options without help text: {bare}"
 
 
-def test_train_help_names_the_defaults_of_fit():
-    """`train` leaves unset flags to fit(), so its help text states fit()'s defaults: they must agree."""
-    import inspect
-    import re
+def test_train_options_come_from_the_defaults_then_the_recipe_then_the_flags(tmp_path):
+    from fiftyone_grounding.cli import build_parser, train_config_from_args
+    from fiftyone_grounding.config import TrainConfig
 
-    from fiftyone_grounding.train import fit
-
-    defaults = {k: v.default for k, v in inspect.signature(fit).parameters.items()}
-    checked = 0
-    own = {"preset", "out_dir"}  # the command's own defaults: seed, runs/PRESET
-    for action in _subparsers()["train"]._actions:
-        if action.dest in own:
-            continue
-        stated = re.search(r"\(default: ([^)]*)\)$", action.help or "")
-        if action.dest in defaults and stated and action.default is None:
-            value = defaults[action.dest]
-            if value is None:  # chosen by the device
-                assert "GPU" in stated.group(1), action.dest
-            else:
-                assert stated.group(1) == str(value), (action.dest, stated.group(1), value)
-            checked += 1
-    assert checked >= 7
-
-def test_console_script_is_declared():
-    import tomllib
-    from pathlib import Path
-
-    data = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert data["project"]["scripts"]["fiftyone-grounding"] == "fiftyone_grounding.cli:main"
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"preset": "tiny", "epochs": 3, "lr": 0.002, "model": {"image_size": 32}}))
+    args = build_parser().parse_args(["train", "--dataset", "d", "--recipe", str(recipe), "--lr", "0.005",
+                                      "--image-encoder", "tiny:dinov3", "--val-split", "test"])
+    config = train_config_from_args(args)
+    defaults = TrainConfig()
+    assert (config.preset, config.epochs, config.lr, config.val_split) == ("tiny", 3, 0.005, "test")
+    assert config.model == {"image_size": 32, "image_encoder": "tiny:dinov3"}
+    assert (config.batch_size, config.augment, config.weight_decay) == (
+        defaults.batch_size, defaults.augment, defaults.weight_decay)
+    assert config.resolved_out_dir() == os.path.join("runs", "tiny")
+    bare = train_config_from_args(build_parser().parse_args(["train", "--dataset", "d"]))
+    assert bare == defaults
 
 
 def test_summary_prints_seed_counts(capsys):
@@ -114,10 +103,39 @@ def test_cli_runs_as_a_module():
     assert proc.returncode == 0 and "demo" in proc.stdout
 
 
-def test_bad_input_ends_with_one_error_line_not_a_traceback(synthetic_dataset, dataset_name, tiny_checkpoint):
+@pytest.fixture
+def bad_inputs(synthetic_dataset, dataset_name, tiny_checkpoint, tmp_path):
+    """One bad input per subcommand, and the message each must give."""
     synthetic_dataset.limit(4).clone(dataset_name)
-    with pytest.raises(SystemExit, match=r"^error: The field 'expression' already holds StringField, not Detections"):
-        main(["apply", "--dataset", dataset_name, "--checkpoint", str(tiny_checkpoint), "--label-field", "expression",
-              "--device", "cpu"])
-    with pytest.raises(SystemExit, match=r"^error: no FiftyOne dataset named 'no-such-dataset'"):
-        main(["apply", "--dataset", "no-such-dataset", "--checkpoint", str(tiny_checkpoint)])
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"preset": "tiny", "epoch": 3}))
+    missing = tmp_path / "missing"
+    return {
+        "demo": (["--num-images", "0", "--out-dir", tmp_path / "demo"], "num_images must be an integer >= 1"),
+        "summary": (["--preset", "tiny", "--image-size", "7"], "image_size must be an integer in [16, 4096]"),
+        "train": (["--dataset", dataset_name, "--recipe", recipe], "Unknown training options ['epoch']"),
+        "apply": (["--dataset", dataset_name, "--checkpoint", missing], "No checkpoint at"),
+        "evaluate": (["--dataset", dataset_name, "--label-field", "nope"], "The dataset has no field 'nope'"),
+        "predict": ([missing / "photo.jpg", "the red circle", "--checkpoint", tiny_checkpoint, "--out-dir", tmp_path],
+                    "image file not found"),
+        "import-refcoco": (["refcoco", "--source", missing], "is not a folder written by save_to_disk"),
+        "convert": ([missing / "old.pt", tmp_path / "new", "--preset", "tiny"], "No file"),
+    }
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_says_what_is_wrong_in_one_line(command, bad_inputs, cli):
+    args, message = bad_inputs[command]
+    code, _, err = cli(command, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and err.rstrip().endswith(errors[0]), err
+
+
+def test_bad_input_ends_with_one_error_line_not_a_traceback(synthetic_dataset, dataset_name, tiny_checkpoint, cli):
+    synthetic_dataset.limit(4).clone(dataset_name)
+    code, _, err = cli("apply", "--dataset", dataset_name, "--checkpoint", tiny_checkpoint, "--label-field",
+                       "expression", "--device", "cpu")
+    assert code == 2 and err.startswith("error: The field 'expression' already holds StringField, not Detections")
+    code, _, err = cli("apply", "--dataset", "no-such-dataset", "--checkpoint", tiny_checkpoint)
+    assert code == 2 and err.startswith("error: no FiftyOne dataset named 'no-such-dataset'")

@@ -1,4 +1,4 @@
-"""What only a CUDA GPU can run: batches in flight (``predict_boxes_async``) and
+"""What only a CUDA GPU can run: batches in flight (``predict_boxes`` before ``.result()``) and
 ``apply_grounding_model`` with one batch in flight, checked against the CPU.
 
 Skipped without a GPU (CI has none); ``benchmarks/run_gpu.sh`` runs this file after the apply benchmark.
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
+from fiftyone_grounding.apply import apply_grounding_model
+from fiftyone_grounding.fiftyone_model import GroundingModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -25,13 +26,13 @@ def test_batches_in_flight_give_the_boxes_of_the_cpu(tiny_checkpoint):
     cpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
     gpu = GroundingModel.from_checkpoint(tiny_checkpoint, device="cuda", mixed_precision="no")
     batches = _batches(cpu.config.image_size)
-    waits = [gpu.predict_boxes_async(*batch) for batch in batches]  # all queued before any is read
-    for batch, wait in zip(batches, waits):
-        torch.testing.assert_close(wait(), cpu.predict_boxes(*batch), atol=1e-4, rtol=0)
+    pending = [gpu.predict_boxes(*batch) for batch in batches]  # all queued before any is read
+    for batch, boxes in zip(batches, pending):
+        torch.testing.assert_close(boxes.result(), cpu.predict_boxes(*batch).result(), atol=1e-4, rtol=0)
     # pixels and indices already on the GPU are used as they are (not pinned)
     pixels, phrases, index = batches[0]
-    torch.testing.assert_close(gpu.predict_boxes(pixels.cuda(), phrases, index.cuda()),
-                               cpu.predict_boxes(pixels, phrases, index), atol=1e-4, rtol=0)
+    torch.testing.assert_close(gpu.predict_boxes(pixels.cuda(), phrases, index.cuda()).result(),
+                               cpu.predict_boxes(pixels, phrases, index).result(), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("worker_type", ["thread", "process"])

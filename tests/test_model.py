@@ -5,10 +5,12 @@ import json
 import pytest
 import torch
 
-from fiftyone_grounding.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
 from fiftyone_grounding.config import PRESETS, GrounderConfig, get_config
-from fiftyone_grounding.encoders import EncoderUnavailableError, load_encoder, load_tokenizer, tiny_encoder_dir
-from fiftyone_grounding.model import box_loss, build_model, build_tokenizer
+from fiftyone_grounding.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
+from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError
+from fiftyone_grounding.losses import box_loss
+from fiftyone_grounding.model import build_model, build_tokenizer
 
 
 def tokens(model, phrases):
@@ -34,13 +36,6 @@ def test_every_preset_builds_and_runs(preset):
     assert boxes.shape == (2, 4)
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
-
-
-def test_grounder_preset_is_position_aware():
-    cfg = get_config("grounder")
-    assert (cfg.query, cfg.pos_embed, cfg.box_format) == ("reg", "sine", "cxcywh")
-    assert set(cfg.loss_weights) == {"l1", "giou"}
-    assert get_config("grounder", image_encoder="vitl16").image_encoder.endswith("vitl16-pretrain-lvd1689m")
 
 
 def test_frozen_encoders_get_no_gradient():
@@ -127,6 +122,7 @@ def test_unreachable_encoder_says_what_to_do(tmp_path):
 
 
 def test_config_json_round_trip_and_validation(tmp_path):
+    assert get_config("grounder", image_encoder="vitl16").image_encoder == "facebook/dinov3-vitl16-pretrain-lvd1689m"
     cfg = get_config("grounder", image_size=448)
     cfg.to_json(tmp_path / "c.json")
     assert GrounderConfig.from_json(tmp_path / "c.json") == cfg
@@ -136,6 +132,8 @@ def test_config_json_round_trip_and_validation(tmp_path):
         GrounderConfig.from_dict({"preset": "x", "__class__": "os.system"})
     with pytest.raises(ValueError, match="Unknown preset"):
         get_config("nope")
+    with pytest.raises(ValueError, match=r"Unknown GrounderConfig keys: \['image_sise'\]"):
+        get_config("tiny", image_sise=32)
 
 
 def test_checkpoint_round_trip_identical_predictions(tmp_path):

@@ -14,7 +14,7 @@ from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.plugins.context import build_plugin_contexts
 
 from fiftyone_grounding.labels import label_for, make_detections
-from fiftyone_grounding.zoo_source import DEMO_CHECKPOINT_ENV, register_local_source
+from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV, register_local_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "@fiftyone-grounding/grounding"
@@ -63,7 +63,7 @@ def test_import_refcoco_form_checks_its_folders(tmp_path):
 def test_train_is_delegated_by_default_and_reports_progress(dataset, tmp_path):
     out_dir = tmp_path / "run"
     result = foo.execute_operator(uri("train_grounding_model"), ctx={"dataset": dataset, "params": {
-        "epochs": 1, "batch_size": 8, "out_dir": str(out_dir)}})
+        "preset": "tiny", "epochs": 1, "batch_size": 8, "out_dir": str(out_dir)}})
     assert result.delegated
     service = DelegatedOperationService()
     operation = service.get(result.result["id"])

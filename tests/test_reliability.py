@@ -11,6 +11,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -30,18 +31,21 @@ import fiftyone as fo
 import fiftyone.operators as foo
 from fiftyone.operators.executor import ExecutionError
 
-from fiftyone_grounding.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, CheckpointError, atomic_write_dir,
-                                           convert_checkpoint, load_checkpoint, resolve_checkpoint_dir)
+from fiftyone_grounding.apply import apply_grounding_model
+from fiftyone_grounding.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, convert_checkpoint,
+                                           load_checkpoint, resolve_checkpoint_dir)
 from fiftyone_grounding.cli import main as cli_main
 from fiftyone_grounding.config import GrounderConfig, get_config
-from fiftyone_grounding.data import MAX_IMAGE_PIXELS, GroundingDataset, load_rgb, read_records
-from fiftyone_grounding.encoders import EncoderUnavailableError, tiny_encoder_dir
+from fiftyone_grounding.data import GroundingDataset, read_records
+from fiftyone_grounding.encoders import load_encoder, tiny_encoder_dir
+from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError, TrainingError
 from fiftyone_grounding.evaluate import evaluate_grounding, evaluate_in_fiftyone
+from fiftyone_grounding.fiftyone_model import GroundingModel
+from fiftyone_grounding.images import MAX_IMAGE_PIXELS, load_rgb
 from fiftyone_grounding.labels import MAX_LABEL_CHARS
 from fiftyone_grounding.predict import predict_and_crop
-from fiftyone_grounding.train import TrainingError, fit
-from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
-from fiftyone_grounding.zoo_source import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
+from fiftyone_grounding.train import fit
+from fiftyone_grounding.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
                                            register_local_source, validate_manifest)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -377,18 +381,18 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
     reference = ds.values("reference.detections.bounding_box")
 
     batches = []
-    predict_boxes_async = model.predict_boxes_async
+    predict_boxes = model.predict_boxes
 
     def interrupted_at_batch_3(*args, **kwargs):
         batches.append(len(batches))
         if len(batches) == 3:
             raise KeyboardInterrupt  # Ctrl-C (FiftyOne skips failed batches, but not this)
-        return predict_boxes_async(*args, **kwargs)
+        return predict_boxes(*args, **kwargs)
 
-    model.predict_boxes_async = interrupted_at_batch_3
+    model.predict_boxes = interrupted_at_batch_3
     with pytest.raises(KeyboardInterrupt):  # with a batch in flight, as on a GPU
         apply_grounding_model(ds, model, label_field="pred", batch_size=4, overlap=True)
-    del model.predict_boxes_async
+    del model.predict_boxes
     written = fo.load_dataset(dataset_name).values("pred.detections.bounding_box")
     # batches 1-2 saved, intact (batch 2 was still in flight when batch 3 was interrupted)
     assert written[:8] == reference[:8] and written[8:] == [None] * 16
@@ -429,7 +433,8 @@ CONCURRENT_APPLY = r"""
 import sys, time
 from pathlib import Path
 import fiftyone as fo
-from fiftyone_grounding.zoo import GroundingModel, apply_grounding_model
+from fiftyone_grounding.apply import apply_grounding_model
+from fiftyone_grounding.fiftyone_model import GroundingModel
 
 name, checkpoint, field, ready, other = sys.argv[1:6]
 dataset = fo.load_dataset(name)
@@ -480,7 +485,7 @@ class _Evil:
         return os.mkdir, (self.marker,)
 
 
-def test_a_malicious_pickle_is_never_run(tiny_checkpoint, tmp_path, dataset_name):
+def test_a_malicious_pickle_is_never_run(tiny_checkpoint, tmp_path, dataset_name, cli):
     marker = tmp_path / "PWNED"
     evil_pt = tmp_path / "evil.pt"
     torch.save({"model": {"head.0.weight": _Evil(marker)}}, evil_pt)
@@ -496,8 +501,8 @@ def test_a_malicious_pickle_is_never_run(tiny_checkpoint, tmp_path, dataset_name
             load_grounding_model(str(path))
         with pytest.raises(CheckpointError, match="loading it would run code from the file, so it is not converted"):
             convert_checkpoint(path, tmp_path / "converted", preset="tiny")
-        with pytest.raises(SystemExit, match="would run code"):
-            cli_main(["convert", str(path), str(tmp_path / "converted"), "--preset", "tiny"])
+        code, _, err = cli("convert", path, tmp_path / "converted", "--preset", "tiny")
+        assert code == 2 and "would run code" in err and "Traceback" not in err
 
     # A pickle named model.safetensors in a checkpoint folder.
     disguised = tmp_path / "disguised"
@@ -518,6 +523,27 @@ def test_a_malicious_pickle_is_never_run(tiny_checkpoint, tmp_path, dataset_name
     with pytest.raises(EncoderUnavailableError, match="model.safetensors"):
         load_checkpoint(disguised)
 
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("model_type", ["dinov3_vit", "evil"])
+def test_an_encoder_config_that_asks_for_custom_code_never_runs_it(tmp_path, model_type):
+    """An encoder folder whose config.json names custom code (``auto_map``): a known model type
+    loads its standard class, an unknown one is refused; the module is never imported, and
+    transformers does not stop to ask on stdin whether to run it."""
+    marker = tmp_path / "PWNED"
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder_dir("tiny:dinov3"), encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"})
+    (encoder / "config.json").write_text(json.dumps(config))
+    (encoder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).mkdir()\n")
+    if model_type == "dinov3_vit":
+        assert type(load_encoder(str(encoder))).__name__ == "DINOv3ViTModel"
+    else:
+        with pytest.raises(EncoderUnavailableError, match="asks for custom code .* never runs") as error:
+            load_encoder(str(encoder))
+        assert "\n" not in str(error.value)
     assert not marker.exists()
 
 

@@ -26,6 +26,18 @@ def _examples(n, seed=0, **kwargs):
         yield syn.generate_example(syn.image_rng(seed, image_id), **kwargs)
 
 
+@pytest.fixture(scope="module")
+def examples():
+    """600 generated images with their objects and phrases, shared by the tests that read them."""
+    return list(_examples(600))
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """400 generated scenes (image, objects), shared by the tests that read them."""
+    return [syn.generate_scene(np.random.default_rng(i)) for i in range(400)]
+
+
 def _pixels(image):
     return np.asarray(image, dtype=int)
 
@@ -37,9 +49,9 @@ def _obj(shape, color, size, box):
 # ---------------------------------------------------------------- phrases
 
 
-def test_every_phrase_resolves_to_its_target_alone():
+def test_every_phrase_resolves_to_its_target_alone(examples):
     count = 0
-    for _, objects, expressions in _examples(600):
+    for _, objects, expressions in examples:
         assert len({t for t, _ in expressions}) == len(expressions)  # distinct targets
         for target, phrase in expressions:
             assert syn.resolve(objects, phrase) == [target], (objects, phrase)
@@ -47,17 +59,16 @@ def test_every_phrase_resolves_to_its_target_alone():
     assert count >= 1000
 
 
-def test_every_object_is_describable():
-    for i in range(300):
-        _, objects = syn.generate_scene(np.random.default_rng(i))
+def test_every_object_is_describable(scenes):
+    for i, (_, objects) in enumerate(scenes):
         for target in range(len(objects)):
             phrase = syn.describe(objects, target, np.random.default_rng(i))
             assert syn.resolve(objects, phrase) == [target]
 
 
-def test_vocabulary_covers_every_word_and_grammar_is_fixed():
+def test_vocabulary_covers_every_word_and_grammar_is_fixed(examples):
     used = set()
-    for _, _, expressions in _examples(400):
+    for _, _, expressions in examples:
         for _, phrase in expressions:
             words = phrase.split()
             used.update(words)
@@ -69,8 +80,19 @@ def test_vocabulary_covers_every_word_and_grammar_is_fixed():
     assert used == set(syn.VOCABULARY)
 
 
-def test_each_attribute_kind_is_common():
-    phrases = [p for _, _, ex in _examples(500) for _, p in ex]
+def test_the_tiny_tokenizer_keeps_every_synthetic_word_whole(examples):
+    """The tiny text encoder's vocabulary (``encoders.TINY_WORDS``) must hold the generator's
+    words, or phrases are spelled out in characters."""
+    from fiftyone_grounding.encoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:bert")
+    for _, _, expressions in examples[:200]:
+        for _, phrase in expressions:
+            assert tokenizer.tokenize(phrase) == phrase.split(), phrase
+
+
+def test_each_attribute_kind_is_common(examples):
+    phrases = [p for _, _, ex in examples for _, p in ex]
     for kind, words in KINDS.items():
         share = np.mean([bool(words & set(p.split())) for p in phrases])
         assert share >= 0.15, (kind, share)
@@ -115,10 +137,9 @@ def test_describe_refuses_an_indistinguishable_target():
 # ---------------------------------------------------------------- drawing
 
 
-def test_scenes_are_valid_and_boxes_match_the_pixels():
+def test_scenes_are_valid_and_boxes_match_the_pixels(scenes):
     background = np.array(syn.BACKGROUND)
-    for i in range(150):
-        image, objects = syn.generate_scene(np.random.default_rng(i), image_size=64)
+    for image, objects in scenes[:150]:
         assert image.size == (64, 64) and image.mode == "RGB"
         assert 2 <= len(objects) <= 4
         pix = _pixels(image)
@@ -146,15 +167,9 @@ def test_scenes_are_valid_and_boxes_match_the_pixels():
             assert ax1 < bx0 or bx1 < ax0 or ay1 < by0 or by1 < ay0  # no overlap, with a gap
 
 
-def test_sizes_are_clearly_separated():
-    s_hi, l_lo = syn.SIZES["small"][1], syn.SIZES["large"][0]
-    assert s_hi * 1.5 <= l_lo
-
-
-def test_lookalike_share_is_controlled():
-    scenes = [syn.generate_scene(np.random.default_rng(i))[1] for i in range(400)]
+def test_lookalike_share_is_controlled(scenes):
     share = np.mean(
-        [len({(o["size"], o["color"], o["shape"]) for o in objs}) < len(objs) for objs in scenes]
+        [len({(o["size"], o["color"], o["shape"]) for o in objs}) < len(objs) for _, objs in scenes]
     )
     assert 0.25 <= share <= 0.45
 

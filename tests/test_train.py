@@ -12,7 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fiftyone_grounding.train import cosine_with_warmup, fit
+from fiftyone_grounding.config import TrainConfig
+from fiftyone_grounding.data import Collator, GroundingDataset, read_records
+from fiftyone_grounding.model import build_model, build_tokenizer
+from fiftyone_grounding.train import configure_optimizer, cosine_with_warmup, fit, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,18 +26,27 @@ def test_schedule_warms_up_then_decays():
     assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(99) < 0.02
 
 
-def test_short_training_lowers_loss(synthetic_dataset, tmp_path):
-    few = synthetic_dataset.match({"split": "train"}).limit(8)
-    result = fit(few, preset="tiny", out_dir=str(tmp_path), epochs=30, batch_size=8, lr=3e-3,
-                 train_split=None, val_split=None, augment="none", progress=False, cpu=True)
-    losses = [h["train_loss"] for h in result.history]
+def test_training_steps_lower_the_loss(synthetic_dataset):
+    """fit's own step (train_step), 40 times on one batch of 8 expressions."""
+    torch.manual_seed(0)
+    records = read_records(synthetic_dataset.match({"split": "train"}).limit(8))
+    model = build_model("tiny")
+    cfg = model.config
+    model.init_box_bias(torch.tensor(records.boxes).mean(0))
+    items = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std)
+    batch = Collator(build_tokenizer(cfg), cfg.max_text_len)([items[i] for i in range(len(items))])
+    optimizer = configure_optimizer(model, lr=3e-3, weight_decay=1e-4)
+    model.train()
+    losses = [train_step(model, batch, optimizer, cfg.loss_weights, grad_clip=1.0)[0].item() for _ in range(40)]
     assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_training_writes_table_metrics_and_checkpoints(synthetic_dataset, tmp_path, capsys):
-    fit(synthetic_dataset, preset="tiny", out_dir=str(tmp_path), epochs=4, batch_size=8, lr=1e-3,
+def test_training_writes_table_metrics_config_and_checkpoints(synthetic_dataset, tmp_path, capsys):
+    fit(synthetic_dataset, {"preset": "tiny", "lr": 1e-3}, out_dir=str(tmp_path), epochs=4, batch_size=8,
         progress=False, cpu=True)
     printed = capsys.readouterr().out
+    saved = TrainConfig.from_json(tmp_path / "train_config.json")
+    assert saved == TrainConfig(preset="tiny", lr=1e-3, out_dir=str(tmp_path), epochs=4, batch_size=8)
     assert "train loss" in printed and "val IoU" in printed
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4]
@@ -42,6 +54,16 @@ def test_training_writes_table_metrics_and_checkpoints(synthetic_dataset, tmp_pa
     for d in ("best", "last"):
         assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / d))
     assert not any(k.startswith("image_encoder") for k in load_file(str(tmp_path / "best" / "model.safetensors")))
+
+
+def test_unknown_options_are_refused_by_name(synthetic_dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown training options \['epoch'\]"):
+        fit(synthetic_dataset, preset="tiny", epoch=3, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"\['image_size'\] are model settings: pass them as model="):
+        fit(synthetic_dataset, preset="tiny", image_size=32, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        fit(synthetic_dataset, preset="tiny", epochs=0, out_dir=str(tmp_path))
+    assert not (tmp_path / "last").exists()
 
 
 class Interrupt(Exception):

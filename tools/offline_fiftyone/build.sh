@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the offline FiftyOne bundle (see README.txt).
 #
-#   bash benchmarks/offline_fiftyone/build.sh [PYVER] [OUTDIR]
+#   bash tools/offline_fiftyone/build.sh [PYVER] [OUTDIR]
 #
 # PYVER   target python version of the cp wheels (default 3.12)
 # OUTDIR  where to write the bundle (default: .fobundle/ at the repository root, git-ignored)

@@ -1,0 +1,312 @@
+"""The fast apply path: a grounding model over a whole view, written back in bulk.
+
+:func:`apply_grounding_model` (each sample's own phrase) and :func:`ground_phrase` (one typed
+phrase for every image) share one loop: one query for ids, paths and phrases, samples grouped
+by image wherever they are in the view, batches packed by image, one batch in flight on a GPU,
+and a :class:`LabelWriter` that writes the labels by sample id in the background, so an
+interrupted run keeps what it wrote.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from .batching import GroupBatchSampler
+from .config import WORKER_TYPES, default_apply_batch_size, default_num_workers
+from .errors import InputError
+from .fiftyone_model import GroundingModel, batch_labels, collate_items, log_skipped
+from .images import resized_pixels
+from .labels import detections_doc
+from .text import NO_PHRASE, clean_phrase
+
+
+class LabelWriter:
+    """Writes labels into ``dataset.<label_field>`` by sample id, ``chunk_size`` at a time, from
+    one background thread (as FiftyOne's ``apply_model`` does with ``async_writes``), so the loop
+    that feeds a GPU does not wait for the database (60-110 us per sample).
+
+    Labels go in database form (``labels.detections_doc``) with ``validate=False``; the field
+    must be declared as ``Detections`` first (:func:`declare_detections_field`). A failed write
+    is raised by the next :meth:`add` or by :meth:`close`; :meth:`close` (also on leaving a
+    ``with`` block, error or not) writes everything kept before it returns.
+    """
+
+    def __init__(self, dataset, label_field: str, chunk_size: int = 1024):
+        self.dataset = dataset
+        self.label_field = label_field
+        self.chunk_size = chunk_size
+        self._pending: dict = {}
+        self._writing: Optional[Future] = None  # the chunk being written
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fiftyone-grounding-write")
+
+    def add(self, ids: Iterable[str], labels: Iterable) -> None:
+        """Keep the labels that are not None; hand a full chunk to the background thread."""
+        for sid, label in zip(ids, labels):
+            if label is not None:
+                self._pending[sid] = label
+        if len(self._pending) >= self.chunk_size:
+            self.flush()
+
+    def _write(self, chunk: dict) -> None:
+        self.dataset.set_values(self.label_field, chunk, key_field="id", validate=False)
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the labels kept to the writer (one chunk at a time: waits for the previous one
+        and raises its error here); ``wait``: write them in this thread."""
+        previous, self._writing = self._writing, None
+        try:
+            if previous is not None:
+                previous.result()
+        finally:  # even if that chunk failed: do not drop these
+            if self._pending:
+                chunk, self._pending = self._pending, {}
+                if wait:
+                    self._write(chunk)
+                else:
+                    self._writing = self._pool.submit(self._write, chunk)
+
+    def close(self) -> None:
+        try:
+            self.flush(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)  # also a chunk whose wait was interrupted
+
+    def __enter__(self) -> "LabelWriter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
+class ImageGroups(torch.utils.data.Dataset):
+    """Inference items are images: each decoded and resized once, with its samples' phrases."""
+
+    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int):
+        self.groups = groups  # [(filepath, [(sample id, phrase), ...]), ...]
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        path, members = self.groups[index]
+        pixels, error = resized_pixels(path, self.image_size)
+        return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, "pixel_values": pixels}
+                for sid, phrase in members]
+
+
+def collate_groups(groups: list[list[dict]]) -> dict:
+    return collate_items([item for group in groups for item in group])
+
+
+def thread_loader(items: ImageGroups, batches, threads: int, prefetch: int = 4):
+    """Collated batches of ``items`` in order, their images decoded by a pool of ``threads``
+    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread).
+
+    PIL decodes and OpenCV resizes without the GIL, so threads decode in parallel like
+    DataLoader processes, but nothing is started or forked: no start-up cost, no copy of a
+    process that holds the model and a CUDA context, and it may run inside the App's server.
+    """
+    if threads == 0:
+        for indices in batches:
+            yield collate_groups([items[i] for i in indices])
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fiftyone-grounding-decode")
+    try:
+        order = iter(batches)
+        pending = collections.deque()
+        for indices in itertools.islice(order, prefetch):
+            pending.append([pool.submit(items.__getitem__, i) for i in indices])
+        while pending:
+            futures = pending.popleft()
+            for indices in itertools.islice(order, 1):
+                pending.append([pool.submit(items.__getitem__, i) for i in indices])
+            yield collate_groups([f.result() for f in futures])
+    finally:  # also when the caller stops early (an error, Ctrl-C): drop the queued images
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _loader(items: ImageGroups, batches: GroupBatchSampler, model: GroundingModel, num_workers: Optional[int],
+            worker_type: str):
+    workers = default_num_workers(model.device) if num_workers is None else num_workers
+    if worker_type == "thread":
+        return thread_loader(items, batches, workers)  # predict_boxes pins the pixels
+    workers = min(workers, len(batches))  # a few selected samples start no idle processes
+    return iter(torch.utils.data.DataLoader(
+        items, batch_sampler=batches, num_workers=workers, collate_fn=collate_groups,
+        pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None,
+    ))
+
+
+def _ground(view, model: GroundingModel, label_field: str, rows, batch_size: Optional[int],
+            num_workers: Optional[int], worker_type: str, progress, progress_callback,
+            write_every: int, overlap: Optional[bool]) -> dict:
+    """Predict and write a box for each ``(sample id, filepath, phrase)`` of ``rows``; the loop
+    that both public functions run. Returns ``{"processed", "skipped"}``."""
+    import fiftyone.core.utils as fou
+
+    if batch_size is None:
+        batch_size = default_apply_batch_size(model.device)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if worker_type not in WORKER_TYPES:
+        raise InputError(f"worker_type must be one of {', '.join(WORKER_TYPES)}, got {worker_type!r}")
+    if not rows:
+        return {"processed": 0, "skipped": []}
+    skipped: list[tuple[str, str]] = []
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for sid, path, phrase in rows:
+        text = clean_phrase(phrase)
+        if text is None:
+            skipped.append((sid, NO_PHRASE))
+        else:
+            groups.setdefault(path, []).append((sid, text))
+    dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
+    declare_detections_field(dataset, label_field)
+
+    items = ImageGroups(list(groups.items()), model.config.image_size)
+    batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
+    loader = _loader(items, batches, model, num_workers, worker_type)
+    if overlap is None:
+        overlap = model.device.type == "cuda"
+    done, total = len(skipped), len(rows)
+    in_flight = None  # (batch, its pending boxes): queued on the device, not written yet
+
+    def labels_of(batch, pending) -> list:
+        return batch_labels(batch, pending.result() if pending is not None else None, detections_doc)
+
+    with model, fou.ProgressBar(total=total, progress=progress) as bar, \
+            LabelWriter(dataset, label_field, write_every) as writer:
+        bar.update(done)
+
+        def settle() -> None:
+            """Write the labels of the batch in flight and count it as done."""
+            nonlocal in_flight, done
+            (batch, pending), in_flight = in_flight, None
+            writer.add(batch["ids"], labels_of(batch, pending))
+            done += batch["size"]
+            bar.update(batch["size"])
+            if progress_callback is not None:
+                progress_callback(done / total, f"{done:,} of {total:,} samples")
+
+        try:
+            # One batch in flight on a GPU: while it runs batch k, the host queues batch k + 1
+            # and writes the labels of batch k - 1. Labels in database form: building FiftyOne
+            # objects costs more than the model.
+            for batch in loader:
+                skipped.extend(batch["errors"])
+                queued = (batch, model.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"])
+                          if batch["valid"] else None)
+                if in_flight is not None:
+                    settle()
+                in_flight = queued
+                if not overlap:
+                    settle()
+            if in_flight is not None:
+                settle()
+        finally:  # also on Ctrl-C or an error: keep every prediction made so far, stop the workers
+            try:
+                if in_flight is not None:
+                    writer.add(in_flight[0]["ids"], labels_of(*in_flight))
+            finally:
+                if hasattr(loader, "close"):
+                    loader.close()
+    log_skipped(skipped)
+    _redeclare_if_dropped(dataset, label_field)
+    return {"processed": total, "skipped": skipped}
+
+
+def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
+                          prompt_field: str = "expression", batch_size: Optional[int] = None,
+                          num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0],
+                          skip_existing: bool = False, progress: Optional[bool] = None,
+                          progress_callback: Optional[Callable[[float, str], None]] = None,
+                          write_every: int = 1024, overlap: Optional[bool] = None) -> dict:
+    """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
+    write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
+    operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
+
+    - Reads ids, file paths and phrases in one query, groups the samples by image (each image
+      decoded and encoded once per batch, wherever its samples are in the view), runs
+      batches of about ``batch_size`` phrases (default: ``config.default_apply_batch_size``,
+      256 on a GPU, 64 on the CPU), and writes the labels in bulk by sample id every
+      ``write_every`` samples from a background thread, so an interrupted run keeps what it
+      wrote. Every chunk is written before the call returns or raises.
+    - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
+      CPU, where the model already uses every core): threads (``worker_type="thread"``, the
+      default: nothing to start, safe inside the App's server) or DataLoader processes
+      (``"process"``).
+    - ``overlap`` (default: on CUDA): keep one batch in flight, so the host queues the next
+      batch and writes the previous one's labels while the GPU runs. Elsewhere the model
+      has run when its call returns, and the progress is then exact to the batch.
+    - ``skip_existing``: only the samples with no prediction in ``label_field`` yet (finish an
+      interrupted run).
+    - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
+      are returned with the reason (and logged).
+
+    Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
+    """
+    todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
+    if not todo.has_field(prompt_field):
+        raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
+    rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
+    return _ground(view, model, label_field, rows, batch_size, num_workers, worker_type, progress,
+                   progress_callback, write_every, overlap)
+
+
+def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "grounded",
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                  progress_callback: Optional[Callable[[float, str], None]] = None) -> int:
+    """Find one typed ``phrase`` in every image of ``view``; writes a one-box ``Detections`` each
+    (an unreadable image gets none, and loses what the field held).
+
+    Returns how many samples got a box.
+    """
+    text = clean_phrase(phrase)
+    if text is None:
+        raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
+    ids, paths = view.values(["id", "filepath"])
+    run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)], batch_size,
+                  None, WORKER_TYPES[0], progress, progress_callback, 1024, None)
+    if run["skipped"]:  # no stale box of another phrase on the samples that got none
+        view._root_dataset.set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
+    return run["processed"] - len(run["skipped"])
+
+
+def declare_detections_field(dataset, label_field: str) -> None:
+    """Declare ``label_field`` as a ``Detections`` field unless the dataset has it; refuse a
+    field of another type (bulk writes skip validation: they would leave unreadable samples)."""
+    import fiftyone as fo
+
+    if not dataset.has_field(label_field):
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+        return
+    field = dataset.get_field(label_field)
+    doc_type = getattr(field, "document_type", None)
+    if doc_type is not fo.Detections:
+        kind = doc_type.__name__ if doc_type is not None else type(field).__name__
+        raise InputError(
+            f"The field {label_field!r} already holds {kind}, not Detections: choose another label field, "
+            f"or delete it first with dataset.delete_sample_field({label_field!r})")
+
+
+def _redeclare_if_dropped(dataset, label_field: str) -> None:
+    """Declare ``label_field`` again if a concurrent run dropped it from the dataset's schema.
+
+    FiftyOne saves a dataset's list of fields as a whole, so two processes that add fields
+    at the same moment can drop one of them: its values stay in the samples, unseen.
+    """
+    from fiftyone.core.odm import get_db_conn
+
+    # Ask the database (not dataset.reload(), which also reloads every Sample held in memory).
+    stored = get_db_conn().datasets.find_one({"name": dataset.name}, {"sample_fields.name": 1}) or {}
+    if label_field in {f.get("name") for f in stored.get("sample_fields", [])}:
+        return
+    dataset.reload()
+    declare_detections_field(dataset, label_field)

@@ -1,0 +1,267 @@
+"""``GroundingModel``: a trained grounding network as a FiftyOne model.
+
+``dataset.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32)``
+batches for real (``SupportsGetItem`` + ``TorchModelMixin`` with a collate function:
+FiftyOne drops ``batch_size`` to 1 for ``ragged_batches=True`` models), reads each
+sample's OWN phrase inside the data loader item (so it cannot drift to another sample),
+and writes no prediction where the phrase is missing or empty or the image unreadable.
+
+Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
+faster path over whole datasets is ``apply.apply_grounding_model``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
+
+from .checkpoint import load_checkpoint
+from .errors import InputError
+from .images import normalize_pixels_batch, resize_rgb, resized_pixels, rgb_tensor
+from .labels import make_detections
+from .model import Grounder, build_model, build_tokenizer
+from .text import NO_PHRASE, PhraseTokenizer, clean_phrase
+
+logger = logging.getLogger(__name__)
+
+PROMPT_KEY = "prompt_field"  # the get-item key that apply_model(prompt_field=...) fills in
+
+
+def log_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """One warning that counts the samples that got no prediction, by reason."""
+    if not skipped:
+        return
+    reasons: dict[str, int] = {}
+    for _, why in skipped:
+        reasons[why] = reasons.get(why, 0) + 1
+    logger.warning("No prediction for %d samples: %s", len(skipped),
+                   ", ".join(f"{n} x {r}" for r, n in reasons.items()))
+
+
+class GroundingGetItem(fout.GetItem):
+    """Loads one sample for inference: its image and its own phrase, together."""
+
+    def __init__(self, image_size: int, field_mapping=None):
+        self.image_size = image_size
+        self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
+        super().__init__(field_mapping=field_mapping)
+
+    @property
+    def required_keys(self):
+        return ["id", "filepath", PROMPT_KEY]
+
+    def __call__(self, d: dict) -> dict:
+        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)),
+                "error": None}
+        if item["phrase"] is None:
+            item["error"] = NO_PHRASE
+            return item
+        # The expressions of an image are consecutive samples: decode the image once for
+        # all of them (decoding costs more than the model on small models).
+        if self._last is None or self._last[0] != d["filepath"]:
+            self._last = (d["filepath"], *resized_pixels(d["filepath"], self.image_size))
+        if self._last[2] is not None:
+            item["error"] = self._last[2]
+        else:
+            item["pixel_values"] = self._last[1]
+        return item
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Inference items (``id``, ``filepath``, ``phrase``, ``error``, ``pixel_values``) -> a
+    batch that stacks each distinct image once and maps every phrase to it."""
+    valid = [i for i, it in enumerate(items) if it.get("error") is None]
+    image_of: dict[str, int] = {}
+    pixels, index = [], []
+    for i in valid:
+        path = items[i]["filepath"]
+        if path not in image_of:
+            image_of[path] = len(pixels)
+            pixels.append(items[i]["pixel_values"])
+        index.append(image_of[path])
+    return {
+        "size": len(items),
+        "ids": [it["id"] for it in items],
+        "valid": valid,
+        "phrases": [items[i]["phrase"] for i in valid],
+        "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
+        "pixel_values": torch.stack(pixels) if pixels else None,  # (I, S, S, 3) uint8
+        "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
+    }
+
+
+def batch_labels(batch: dict, boxes: Optional[torch.Tensor], make_label=make_detections) -> list:
+    """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence=1.0)``,
+    None where the item was skipped. ``boxes``: the (B, 4) boxes of its valid items."""
+    out: list = [None] * batch["size"]
+    if boxes is not None:
+        for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
+            out[i] = make_label(box, phrase, confidence=1.0)
+    return out
+
+
+class PendingBoxes:
+    """The boxes of a batch queued on the model's device; :meth:`result` waits for them."""
+
+    def __init__(self, wait: Callable[[], torch.Tensor]):
+        self._wait = wait
+
+    def result(self) -> torch.Tensor:
+        """(B, 4) normalized xyxy boxes on the CPU."""
+        return self._wait()
+
+
+class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
+    """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
+
+    def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
+                 mixed_precision: str = "auto"):
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self._device).eval()
+        self.config = model.config
+        self.tokenize = PhraseTokenizer(build_tokenizer(model.config), model.config.max_text_len)
+        self._preprocess = True
+        if mixed_precision == "auto":
+            use_bf16 = self._device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else:
+            use_bf16 = mixed_precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.forward_calls = 0  # number of batched forward passes, for inspection
+        self._run_skips: list[tuple[str, str]] = []  # what an apply_model run skipped, logged at its end
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, **kwargs) -> "GroundingModel":
+        """Load a checkpoint folder (``config.json`` + ``model.safetensors``)."""
+        return cls(load_checkpoint(path), device=device, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset: str, weights: bool = True, device=None, **overrides) -> "GroundingModel":
+        """An untrained model of a preset (for timing, or to fine-tune)."""
+        return cls(build_model(preset, weights=weights, **overrides), device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    # -- FiftyOne Model interface --------------------------------------------------------
+
+    @property
+    def media_type(self):
+        return "image"
+
+    @property
+    def has_logits(self):
+        return False
+
+    @property
+    def has_embeddings(self):
+        return False
+
+    @property
+    def ragged_batches(self):
+        return False  # every image is resized to the same square: batches stack
+
+    @property
+    def transforms(self):
+        return None
+
+    @property
+    def preprocess(self):
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value):
+        self._preprocess = value
+
+    @property
+    def has_collate_fn(self):
+        return True
+
+    @staticmethod
+    def collate_fn(batch):
+        return collate_items(batch)
+
+    def build_get_item(self, field_mapping=None):
+        return GroundingGetItem(self.config.image_size, field_mapping=field_mapping)
+
+    def __enter__(self):
+        self._run_skips = []
+        self.tokenize.warned = False  # one warning about cut phrases per run
+        return self
+
+    def __exit__(self, *args):
+        log_skipped(self._run_skips)
+        self._run_skips = []
+        return False
+
+    def predict(self, arg, phrase: Optional[str] = None):
+        """One image (uint8 HWC array or PIL image) and its phrase -> ``Detections`` (None
+        for an empty phrase)."""
+        if isinstance(arg, dict):
+            return self.predict_all([arg])[0]
+        if phrase is None:
+            raise InputError("GroundingModel.predict needs a phrase: predict(image, phrase)")
+        image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
+        item = {"id": None, "filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
+        if item["phrase"] is None:
+            return None
+        item["pixel_values"] = rgb_tensor(resize_rgb(image, self.config.image_size))
+        return self.predict_all([item])[0]
+
+    def predict_all(self, args, samples=None):
+        """Labels of a batch of get-item items (or their collated batch); None where skipped."""
+        batch = args if isinstance(args, dict) else collate_items(list(args))
+        self._run_skips.extend(batch["errors"])
+        boxes = None
+        if batch["valid"]:
+            boxes = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"]).result()
+        return batch_labels(batch, boxes)
+
+    @torch.inference_mode()
+    def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
+                      image_index: Optional[torch.Tensor] = None) -> PendingBoxes:
+        """Queue the boxes of ``phrases`` over images: resized uint8 (I, S, S, 3), or model
+        input (I, 3, S, S) already normalized; ``image_index`` (B,) maps each phrase to its
+        image (default: phrase i -> image i). On a GPU this returns once the work is queued,
+        so the caller can prepare the next batch or write the last one's labels meanwhile;
+        ``.result()`` waits for the (B, 4) boxes on the CPU."""
+        cuda = self._device.type == "cuda"
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            # from pinned memory a copy to the GPU does not wait for the batch still running there
+            pin = cuda and t.device.type == "cpu" and not t.is_pinned()
+            return (t.pin_memory() if pin else t).to(self._device, non_blocking=True)
+
+        tokens = self.tokenize(phrases)
+        pixel_values = to_device(pixel_values)
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+        ids, mask = to_device(tokens["input_ids"]), to_device(tokens["attention_mask"])
+        if image_index is not None:
+            image_index = to_device(image_index)
+        with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            boxes = self.model(pixel_values, ids, mask, image_index).float()
+        self.forward_calls += 1
+        if not cuda:
+            boxes = boxes.cpu()
+            return PendingBoxes(lambda: boxes)
+        # Copy into pinned memory behind the model on the same stream; the event marks its end
+        # (a plain .cpu() later would also wait for every batch queued after this one).
+        host = torch.empty(boxes.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(boxes, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(boxes.device))  # the model's GPU, not the current one
+
+        def wait() -> torch.Tensor:
+            copied.synchronize()
+            return host
+
+        return PendingBoxes(wait)
