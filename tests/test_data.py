@@ -118,15 +118,21 @@ def test_persistent_workers_follow_the_epoch(synthetic_dataset):
     assert not torch.equal(seen[0], seen[1])  # the epochs did differ
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "P-transparent", "I;16", "CMYK"])
 def test_load_rgb_converts_modes(tmp_path, mode):
     path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
     if mode == "I;16":
         Image.fromarray(np.full((8, 8), 60000, np.uint16)).save(path)
+    elif mode == "P-transparent":  # a palette image whose one colour is transparent: black after compositing
+        image = Image.new("P", (8, 8), 1)
+        image.putpalette([0, 0, 0, 200, 100, 50])
+        image.save(path, transparency=1)
     else:
         Image.new("RGB", (8, 8), (200, 100, 50)).convert(mode).save(path)
     out = load_rgb(str(path))
     assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+    if mode == "P-transparent":
+        assert out.max() == 0
 
 
 def test_load_rgb_reports_bad_files(tmp_path):
