@@ -21,7 +21,7 @@ from .config import WORKER_TYPES, default_apply_batch_size, default_num_workers
 from .errors import InputError
 from .fiftyone_model import GroundingModel, batch_labels, collate_items, log_skipped
 from .images import resized_pixels
-from .labels import detections_doc
+from .labels import LabelMaker
 from .text import NO_PHRASE, clean_phrase
 
 
@@ -30,7 +30,7 @@ class LabelWriter:
     one background thread (as FiftyOne's ``apply_model`` does with ``async_writes``), so the loop
     that feeds a GPU does not wait for the database (60-110 us per sample).
 
-    Labels go in database form (``labels.detections_doc``) with ``validate=False``; the field
+    Labels go in database form (``LabelMaker.doc``) with ``validate=False``; the field
     must be declared as ``Detections`` first (:func:`declare_detections_field`). A failed write
     is raised by the next :meth:`add` or by :meth:`close`; :meth:`close` (also on leaving a
     ``with`` block, error or not) writes everything kept before it returns.
@@ -144,9 +144,10 @@ def _loader(items: ImageGroups, batches: GroupBatchSampler, model: GroundingMode
     ))
 
 
-def _ground(view, model: GroundingModel, label_field: str, rows, batch_size: Optional[int],
-            num_workers: Optional[int], worker_type: str, progress, progress_callback,
-            write_every: int, overlap: Optional[bool]) -> dict:
+def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: Optional[int] = None,
+            num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0], progress=None,
+            progress_callback=None, write_every: int = 1024, overlap: Optional[bool] = None,
+            confidence_thresh: Optional[float] = None) -> dict:
     """Predict and write a box for each ``(sample id, filepath, phrase)`` of ``rows``; the loop
     that both public functions run. Returns ``{"processed", "skipped"}``."""
     import fiftyone.core.utils as fou
@@ -178,8 +179,11 @@ def _ground(view, model: GroundingModel, label_field: str, rows, batch_size: Opt
     done, total = len(skipped), len(rows)
     in_flight = None  # (batch, its pending boxes): queued on the device, not written yet
 
+    make_label = model.labels.doc if confidence_thresh is None else LabelMaker(
+        model.labels.label, confidence_thresh).doc
+
     def labels_of(batch, pending) -> list:
-        return batch_labels(batch, pending.result() if pending is not None else None, detections_doc)
+        return batch_labels(batch, pending.result() if pending is not None else None, make_label)
 
     with model, fou.ProgressBar(total=total, progress=progress) as bar, \
             LabelWriter(dataset, label_field, write_every) as writer:
@@ -227,7 +231,8 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
                           num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0],
                           skip_existing: bool = False, progress: Optional[bool] = None,
                           progress_callback: Optional[Callable[[float, str], None]] = None,
-                          write_every: int = 1024, overlap: Optional[bool] = None) -> dict:
+                          write_every: int = 1024, overlap: Optional[bool] = None,
+                          confidence_thresh: Optional[float] = None) -> dict:
     """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
     write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
     operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
@@ -249,6 +254,9 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
       interrupted run).
     - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
       are returned with the reason (and logged).
+    - ``confidence_thresh`` (default: the model's own, usually none) works as in FiftyOne's
+      ``apply_model``: a box less confident than it is dropped, the sample gets an empty
+      ``Detections``.
 
     Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
     """
@@ -256,27 +264,30 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     if not todo.has_field(prompt_field):
         raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
     rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
-    return _ground(view, model, label_field, rows, batch_size, num_workers, worker_type, progress,
-                   progress_callback, write_every, overlap)
+    return _ground(view, model, label_field, rows, batch_size=batch_size, num_workers=num_workers,
+                   worker_type=worker_type, progress=progress, progress_callback=progress_callback,
+                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh)
 
 
 def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "grounded",
                   batch_size: Optional[int] = None, progress: Optional[bool] = None,
-                  progress_callback: Optional[Callable[[float, str], None]] = None) -> int:
+                  progress_callback: Optional[Callable[[float, str], None]] = None,
+                  confidence_thresh: Optional[float] = None) -> int:
     """Find one typed ``phrase`` in every image of ``view``; writes a one-box ``Detections`` each
     (an unreadable image gets none, and loses what the field held).
 
-    Returns how many samples got a box.
+    Returns how many boxes were written (``confidence_thresh`` drops the less confident ones).
     """
     text = clean_phrase(phrase)
     if text is None:
         raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
     ids, paths = view.values(["id", "filepath"])
-    run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)], batch_size,
-                  None, WORKER_TYPES[0], progress, progress_callback, 1024, None)
+    run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)],
+                  batch_size=batch_size, progress=progress, progress_callback=progress_callback,
+                  confidence_thresh=confidence_thresh)
     if run["skipped"]:  # no stale box of another phrase on the samples that got none
         view._root_dataset.set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
-    return run["processed"] - len(run["skipped"])
+    return view.count(f"{label_field}.detections")
 
 
 def declare_detections_field(dataset, label_field: str) -> None:

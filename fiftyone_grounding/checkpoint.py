@@ -1,4 +1,5 @@
-"""Checkpoints: a folder with ``config.json`` + ``model.safetensors`` (trainable weights only).
+"""Checkpoints: a folder with ``config.json`` + ``model.safetensors`` (trainable weights only),
+and ``calibration.json`` (the confidence's calibration) for models with a quality head.
 
 The frozen encoders are named by id/path in the config, not copied. Nothing here
 unpickles: weights are safetensors, everything else JSON; ``convert_checkpoint`` reads an
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .confidence import Calibration
 from .config import GrounderConfig
 from .errors import CheckpointError
 
@@ -81,6 +83,8 @@ def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None,
     def write(tmp: Path) -> None:
         model.config.to_json(tmp / CONFIG_NAME)
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if model.quality_head is not None:
+            model.calibration.save(tmp)
         if extra is not None:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))
         if write_more is not None:
@@ -101,6 +105,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", we
     config = GrounderConfig.from_json(folder / CONFIG_NAME)
     model = build_model(config=config, weights=weights)
     load_trainable_weights(model, folder / WEIGHTS_NAME)
+    model.calibration = Calibration.load(folder)
     return model.to(device).eval()
 
 

@@ -11,8 +11,8 @@ import json
 import os
 import sys
 
-from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_PRESET, NUM_WORKERS_TEXT, PRESET_DESCRIPTIONS, PRESETS,
-                     WORKER_TYPES, TrainConfig)
+from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_LABEL, DEFAULT_PRESET, NUM_WORKERS_TEXT, PRESET_DESCRIPTIONS,
+                     PRESETS, WORKER_TYPES, TrainConfig)
 from .errors import GroundingError, InputError
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -103,20 +103,36 @@ def cmd_apply(args) -> None:
     model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
-                                worker_type=args.worker_type, skip_existing=args.skip_existing)
+                                worker_type=args.worker_type, skip_existing=args.skip_existing,
+                                confidence_thresh=args.confidence_thresh)
     print(f"wrote {args.label_field!r} on {run['processed']} of {len(view)} samples"
           + (f"; no box for {len(run['skipped'])} (first: {run['skipped'][:3]})" if run["skipped"] else ""))
     return view
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate_grounding
+    from .evaluate import evaluate_grounding, evaluate_in_fiftyone, format_table
 
     view = cmd_apply(args) if args.checkpoint else _split_view(_load_view(args), args)
-    result = evaluate_grounding(view, args.label_field, args.gt_field, split_field=args.split_field)
+    if args.eval_key:
+        result = evaluate_in_fiftyone(view, args.label_field, args.gt_field, eval_key=args.eval_key,
+                                      split_field=args.split_field)
+        print(format_table(result))
+        print(f"mAP (IoU 0.50:0.95) {result['mAP'] if result['mAP'] is not None else '-'}; evaluation "
+              f"{args.eval_key!r} is in the App's Model Evaluation panel, each sample's IoU in {result['iou_field']!r}")
+    else:
+        result = evaluate_grounding(view, args.label_field, args.gt_field, split_field=args.split_field)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
+
+
+def cmd_migrate_labels(args) -> None:
+    from .labels import migrate_label_scheme
+
+    changed = migrate_label_scheme(_load_view(args), fields=args.fields, label=args.label)
+    for field, count in changed.items():
+        print(f"{field}: {count} boxes now labelled {args.label!r}, the phrase in their 'expression' attribute")
 
 
 def cmd_predict(args) -> None:
@@ -207,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (("apply", cmd_apply, "write predictions of a checkpoint to a dataset"),
-                             ("evaluate", cmd_evaluate, "mIoU / Acc@0.5 / Acc@0.75, overall and per split")):
+                             ("evaluate", cmd_evaluate, "mIoU / Acc@0.5 / Acc@0.75 and the confidence's metrics, "
+                                                        "overall and per split")):
         p = sub.add_parser(name, help=text, description=text + ".")
         _add_data_args(p)
         p.add_argument("--checkpoint", required=name == "apply",
@@ -223,9 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
         p.add_argument("--skip-existing", action="store_true",
                        help="only samples without a prediction in --label-field (finish an interrupted run)")
+        p.add_argument("--confidence-thresh", type=float,
+                       help="write no box less confident than this (default: write every box)")
         if name == "evaluate":
+            p.add_argument("--eval-key", help="also record the evaluation as a FiftyOne run of this name "
+                                              "(the App's Model Evaluation panel)")
             p.add_argument("--json", help="write the metrics to this JSON file")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("migrate-labels", help="convert a dataset's boxes to the label scheme of this version",
+                       description="Datasets written before this version label each box with its phrase. "
+                                   "This moves the phrase to the box's 'expression' attribute and gives every "
+                                   "box one label, as the importers and models now write them. Running it "
+                                   "again changes nothing.")
+    p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
+    p.add_argument("--fields", nargs="+", metavar="FIELD", help="Detections fields to convert (default: all)")
+    p.add_argument("--label", default=DEFAULT_LABEL, help="the label of every box" + _DEFAULT)
+    p.set_defaults(func=cmd_migrate_labels)
 
     p = sub.add_parser("predict", help="ground one phrase in one image; write the crop and the boxed image",
                        description="Like the notebook's predict_and_crop: prints the box and writes "

@@ -90,7 +90,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BOX_FORMATS = ("xyxy", "cxcywh")
 QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
-LOSS_TERMS = ("l1", "giou", "diou")
+BOX_LOSS_TERMS = ("l1", "giou", "diou")
+LOSS_TERMS = BOX_LOSS_TERMS + ("quality",)  # quality: BCE of the quality head against the box's IoU
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
 AUGMENTS = ("none", "flip", "crop-flip")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -119,6 +120,9 @@ class GrounderConfig:
     # positions only, so "left"/"top" are hard to read without one.
     pos_embed: str = "none"
     box_format: str = "xyxy"  # what the head predicts; the model always returns xyxy
+    # A head that predicts the IoU of the model's own box (the confidence of its detections);
+    # trained with the "quality" loss term. The seed has none (its exact parameter count).
+    quality_head: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"diou": 1.0})
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
@@ -162,8 +166,11 @@ class GrounderConfig:
             (self.loss_weights and set(self.loss_weights) <= set(LOSS_TERMS),
              f"loss_weights keys must be among {LOSS_TERMS}"),
             (all(math.isfinite(w) and w >= 0 for w in self.loss_weights.values())
-             and any(w > 0 for w in self.loss_weights.values()),
-             "loss_weights must be finite, >= 0, and not all 0"),
+             and any(self.loss_weights.get(k, 0) > 0 for k in BOX_LOSS_TERMS),
+             f"loss_weights must be finite, >= 0, and one of {BOX_LOSS_TERMS} > 0"),
+            (isinstance(self.quality_head, bool), "quality_head must be true or false"),
+            (self.quality_head == (self.loss_weights.get("quality", 0) > 0),
+             "quality_head needs a loss_weights['quality'] > 0, and that weight needs quality_head: true"),
             (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0
              and all(math.isfinite(v) for v in self.image_mean + self.image_std),
              "image_mean/image_std must have 3 finite values, std > 0"),
@@ -216,7 +223,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         pos_embed="sine",
         box_format="cxcywh",
         norm_first=True,
-        loss_weights={"l1": 5.0, "giou": 2.0},
+        quality_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
     ),
     # Same classes, small configs: tests and the offline demo on a CPU.
     "tiny": dict(
@@ -234,10 +242,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         pos_embed="sine",
         box_format="cxcywh",
         norm_first=True,
-        loss_weights={"l1": 5.0, "giou": 2.0},
+        quality_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
     ),
 }
 
+
+# The label of every ground-truth and predicted box (the phrase rides on each box as its
+# "expression" attribute): one small vocabulary, so that FiftyOne's evaluation has one class.
+DEFAULT_LABEL = "referent"
 
 # One line per preset, for --help and the App's forms.
 PRESET_DESCRIPTIONS = {

@@ -63,7 +63,7 @@ def run_demo(
     """
     from fiftyone import ViewField as F
 
-    from .evaluate import constant_box_miou, evaluate_grounding, format_table
+    from .evaluate import METRICS, constant_box_miou, evaluate_grounding, format_table
     from .synthetic import make_synthetic_dataset
     from .train import fit
     from .fiftyone_model import GroundingModel
@@ -93,7 +93,7 @@ def run_demo(
     print(format_table(metrics))
     print(f"constant-box baseline mIoU (mean training box): {baseline:.4f}")
     summary = {
-        "test": {k: metrics["overall"][k] for k in ("miou", "acc50", "acc75", "count")},
+        "test": {k: metrics["overall"][k] for k in [key for key, _, _ in METRICS] + ["count"]},
         "constant_box_miou": baseline,
         "dataset": dataset_name,
         "checkpoint": str(result.best_dir),

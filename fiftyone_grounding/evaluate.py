@@ -1,60 +1,156 @@
-"""Grounding metrics (mIoU, Acc@0.5, Acc@0.75; overall and per split) on FiftyOne views."""
+"""Grounding evaluation: its metrics, and a FiftyOne evaluation run that holds at RefCOCO scale.
+
+Each sample is scored alone: its first predicted box against its first valid ground-truth box,
+so a prediction is never matched with another sample's box. Samples without a valid
+ground-truth box are not scored (``unscored``); a sample without a prediction scores IoU 0.
+
+- :func:`evaluate_grounding`: mIoU, Acc@0.5, Acc@0.75 and the confidence's metrics (see
+  ``confidence.py``), overall and per split, vectorized, with each sample's IoU written to a
+  field in one bulk write.
+- :func:`evaluate_in_fiftyone`: the same scores as a FiftyOne evaluation run
+  (:class:`GroundingEvaluationConfig`, method ``"grounding"``), written in bulk: TP/FP/FN on every
+  sample and box as FiftyOne's detection evaluation writes them, the sample IoU field, a mAP over
+  IoU 0.50:0.95 ranked by the real confidence, the grounding metrics as custom metrics, and the
+  split and category fields as the Model Evaluation panel's scenarios.
+  ``dataset.delete_evaluation`` / ``rename_evaluation`` remove or rename every field it wrote.
+  ``dataset.evaluate_detections(pred, gt, method=GroundingEvaluationConfig)`` runs the same
+  method through FiftyOne's own per-sample loop (slower; the same result).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
+import fiftyone.utils.eval.detection as foud
+
 from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
+from .confidence import COVERAGES, confidence_metrics
 from .errors import InputError
 
 THRESHOLDS = (0.5, 0.75)
+MAP_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
+METHOD = "grounding"
+MISSING = "(none)"  # FiftyOne's label for "no match" in the results' ytrue / ypred
+SCENARIO_FIELDS = ("split", "category")
+
+# Every metric of a grounding evaluation: key, label in tables and the App, whether lower is better.
+METRICS = (
+    ("miou", "mIoU", False),
+    ("acc50", "Acc@0.5", False),
+    ("acc75", "Acc@0.75", False),
+    ("auroc", "confidence AUROC", False),
+    ("ece", "confidence ECE", True),
+) + tuple((f"acc_at_{round(c * 100)}_coverage", f"Acc@0.5, {round(c * 100)}% most confident", False)
+          for c in COVERAGES)
 
 
-def grounding_metrics(ious) -> dict:
-    """mIoU, Acc@0.5 and Acc@0.75 of per-expression IoUs (a missing prediction counts as 0)."""
-    ious = torch.as_tensor(ious, dtype=torch.float64)
+def grounding_metrics(ious, confidences: Optional[Sequence] = None) -> dict:
+    """The metrics of per-expression IoUs (a missing prediction counts as 0) and, given, their
+    confidences (None where a box has none)."""
+    ious = torch.as_tensor(np.asarray(ious, dtype=np.float64))
     if ious.numel() == 0:
-        return {"miou": float("nan"), "acc50": float("nan"), "acc75": float("nan"), "count": 0}
-    return {
+        return {**{k: None for k, _, _ in METRICS}, "miou": float("nan"), "acc50": float("nan"),
+                "acc75": float("nan"), "count": 0}
+    out = {
         "miou": ious.mean().item(),
         "acc50": (ious >= 0.5).double().mean().item(),
         "acc75": (ious >= 0.75).double().mean().item(),
         "count": int(ious.numel()),
     }
+    out.update(confidence_metrics(ious.tolist(), list(confidences) if confidences is not None
+                                  else [None] * int(ious.numel())))
+    return out
 
 
-def _first_boxes(values) -> list[Optional[list[float]]]:
-    """First relative xyxy box of each sample's Detections.bounding_box list, or None where
-    there is none or it is not a box (non-finite, zero or negative size)."""
-    out = []
-    for boxes in values:
-        box = boxes[0] if boxes else None
-        box = fiftyone_xywh_to_xyxy(box) if box is not None and len(box) == 4 else None
-        out.append(box if box is not None and is_valid_xyxy(box) else None)
+@dataclass
+class SampleScores:
+    """Per-sample scores of a view, in the view's order."""
+
+    ids: list  # sample ids
+    ious: np.ndarray  # (N,) IoU of the first predicted box with the first valid true box; NaN: unscored
+    confidences: list  # the first predicted box's confidence, or None
+    gt_ids: list  # id of the true box scored, or None (unscored)
+    pred_ids: list  # id of the first predicted box, or None (no prediction)
+    gt_labels: list
+    pred_labels: list
+
+    @property
+    def scored(self) -> np.ndarray:
+        return ~np.isnan(self.ious)
+
+
+def _first_valid(boxes, ids, labels) -> tuple:
+    """(xyxy, id, label) of the first box of a sample that is a box (finite, positive size)."""
+    for i, box in enumerate(boxes or []):
+        xyxy = fiftyone_xywh_to_xyxy(box) if box is not None and len(box) == 4 else None
+        if xyxy is not None and is_valid_xyxy(xyxy):
+            return xyxy, ids[i], labels[i]
+    return None, None, None
+
+
+def score_samples(view, pred_field: str, gt_field: str) -> SampleScores:
+    """Score every sample of ``view`` with one bulk read and one vectorized IoU."""
+    for name in (pred_field, gt_field):
+        if not view.has_field(name):
+            raise InputError(f"The dataset has no field {name!r}; its fields: {sorted(view.get_field_schema())}")
+    ids, gt_boxes, gt_ids, gt_labels, pred_boxes, pred_ids, pred_labels, pred_confs = view.values([
+        "id", f"{gt_field}.detections.bounding_box", f"{gt_field}.detections.id", f"{gt_field}.detections.label",
+        f"{pred_field}.detections.bounding_box", f"{pred_field}.detections.id", f"{pred_field}.detections.label",
+        f"{pred_field}.detections.confidence"])
+    n = len(ids)
+    ious = np.full(n, np.nan)
+    out = SampleScores(list(ids), ious, [None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
+    pairs = []  # (sample index, predicted xyxy, true xyxy)
+    for i in range(n):
+        gt, gt_id, gt_label = _first_valid(gt_boxes[i], gt_ids[i] or [], gt_labels[i] or [])
+        if gt is None:
+            continue
+        out.gt_ids[i], out.gt_labels[i] = gt_id, gt_label
+        ious[i] = 0.0
+        if pred_boxes[i]:
+            out.pred_ids[i], out.pred_labels[i] = pred_ids[i][0], pred_labels[i][0]
+            out.confidences[i] = pred_confs[i][0]
+            box = pred_boxes[i][0]
+            pred = fiftyone_xywh_to_xyxy(box) if box is not None and len(box) == 4 else None
+            if pred is not None and is_valid_xyxy(pred):
+                pairs.append((i, pred, gt))
+    if pairs:
+        index = np.array([i for i, _, _ in pairs])
+        p = torch.tensor([b for _, b, _ in pairs], dtype=torch.float64)
+        g = torch.tensor([b for _, _, b in pairs], dtype=torch.float64)
+        ious[index] = box_iou(p, g, eps=0.0).numpy()
     return out
 
 
 def sample_ious(view, pred_field: str, gt_field: str) -> tuple[list[str], list[Optional[float]]]:
-    """Per-sample IoU between the first predicted and first ground-truth box.
+    """Per-sample IoU of the first predicted with the first valid true box: None where the
+    sample has no valid true box, 0.0 where it has no prediction."""
+    scores = score_samples(view, pred_field, gt_field)
+    return scores.ids, [None if np.isnan(v) else float(v) for v in scores.ious]
 
-    None where the sample has no valid ground-truth box; 0.0 where it has no prediction.
-    """
-    ids, preds, gts = view.values(
-        ["id", f"{pred_field}.detections.bounding_box", f"{gt_field}.detections.bounding_box"])
-    preds, gts = _first_boxes(preds), _first_boxes(gts)
-    ious: list[Optional[float]] = [None] * len(ids)
-    pairs = [(i, p, g) for i, (p, g) in enumerate(zip(preds, gts)) if g is not None]
-    with_pred = [(i, p, g) for i, p, g in pairs if p is not None]
-    for i, p, g in pairs:
-        ious[i] = 0.0
-    if with_pred:
-        p = torch.tensor([x[1] for x in with_pred], dtype=torch.float64)
-        g = torch.tensor([x[2] for x in with_pred], dtype=torch.float64)
-        for (i, _, _), v in zip(with_pred, box_iou(p, g, eps=0.0).tolist()):
-            ious[i] = v
-    return ids, ious
+
+def _split_metrics(scores: SampleScores, splits) -> dict:
+    scored = scores.scored
+    out = {}
+    for name in sorted({s for s in splits if s is not None}, key=str):
+        members = scored & np.array([s == name for s in splits])
+        out[name] = grounding_metrics(scores.ious[members], [scores.confidences[i] for i in np.flatnonzero(members)])
+    return out
+
+
+def _metrics_of(scores: SampleScores, view, split_field: Optional[str]) -> dict:
+    scored = scores.scored
+    confidences = [scores.confidences[i] for i in np.flatnonzero(scored)]
+    result = {"overall": grounding_metrics(scores.ious[scored], confidences), "splits": {},
+              "missing_predictions": int(sum(1 for i in np.flatnonzero(scored) if scores.pred_ids[i] is None)),
+              "unscored": int((~scored).sum())}
+    if split_field and view.has_field(split_field):
+        result["splits"] = _split_metrics(scores, view.values(split_field))
+    return result
 
 
 def evaluate_grounding(
@@ -67,39 +163,49 @@ def evaluate_grounding(
 ) -> dict:
     """Score predictions against ground truth and store a per-sample IoU field.
 
-    Returns ``{"overall": {miou, acc50, acc75, count}, "splits": {name: {...}},
-    "missing_predictions": n, "unscored": n, "iou_field": name}``; ``unscored`` samples have no
-    valid ground-truth box (none, non-finite, zero or negative size). The IoU goes to ``iou_field``
-    (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
+    Returns ``{"overall": {miou, acc50, acc75, count, auroc, ece, acc_at_50_coverage,
+    acc_at_80_coverage}, "splits": {name: {...}}, "missing_predictions": n, "unscored": n,
+    "iou_field": name}``; ``unscored`` samples have no valid ground-truth box (none, non-finite,
+    zero or negative size). The confidence metrics are None for boxes without confidences. The
+    IoU goes to ``iou_field`` (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
     """
-    for name in (pred_field, gt_field):
-        if not view.has_field(name):
-            raise InputError(f"The dataset has no field {name!r}; its fields: {sorted(view.get_field_schema())}")
     iou_field = iou_field or f"{pred_field}_iou"
-    ids, ious = sample_ious(view, pred_field, gt_field)
-    has_pred = view.values(f"{pred_field}.detections")
-    missing = sum(1 for d, v in zip(has_pred, ious) if v is not None and not d)
-    view.set_values(iou_field, ious)
-
-    scored = [v for v in ious if v is not None]
-    result = {"overall": grounding_metrics(scored), "splits": {}, "missing_predictions": missing,
-              "unscored": len(ious) - len(scored), "iou_field": iou_field}
-    if split_field and view.has_field(split_field):
-        splits = view.values(split_field)
-        for name in sorted({s for s in splits if s is not None}, key=str):
-            result["splits"][name] = grounding_metrics(
-                [v for v, s in zip(ious, splits) if s == name and v is not None])
+    scores = score_samples(view, pred_field, gt_field)
+    _write_sample_values(view, iou_field, scores.ids, [None if np.isnan(v) else float(v) for v in scores.ious])
+    result = {**_metrics_of(scores, view, split_field), "iou_field": iou_field}
     if print_table:
         print(format_table(result))
     return result
 
 
+def _write_sample_values(view, field: str, ids: list, values: list) -> None:
+    """``field`` of the samples ``ids`` set to ``values``, in one bulk write by id."""
+    import fiftyone as fo
+
+    dataset = view._root_dataset
+    if not dataset.has_field(field):
+        kind = fo.IntField if values and all(isinstance(v, int) for v in values if v is not None) else fo.FloatField
+        dataset.add_sample_field(field, kind)
+    dataset.set_values(field, dict(zip(ids, values)), key_field="id", validate=False)
+
+
 def format_table(result: dict) -> str:
+    """The metric table: one row per split and overall."""
     rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
-    lines = [f"{'split':<10} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}",
-             "-" * 50]
+    confident = any(m.get("auroc") is not None for _, m in rows)
+    head = f"{'split':<10} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}"
+    if confident:
+        head += f" | {'AUROC':>6} | {'ECE':>6} | {'Acc@50%':>7} | {'Acc@80%':>7}"
+    lines = [head, "-" * len(head)]
     for name, m in rows:
-        lines.append(f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}")
+        line = f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}"
+        if confident:
+            line += " | " + " | ".join(_fmt(m.get(k), w) for k, w in (
+                ("auroc", 6), ("ece", 6), ("acc_at_50_coverage", 7), ("acc_at_80_coverage", 7)))
+        lines.append(line)
+    if confident:
+        lines.append("(AUROC: the confidence telling IoU >= 0.5 from < 0.5; ECE: its calibration error; "
+                     "Acc@50%/80%: Acc@0.5 of the 50%/80% most confident)")
     if result.get("missing_predictions"):
         lines.append(f"({result['missing_predictions']} samples had no prediction and count as IoU 0)")
     if result.get("unscored"):
@@ -107,9 +213,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _fmt(value, width: int) -> str:
+    return f"{value:>{width}.4f}" if value is not None else f"{'-':>{width}}"
+
+
 def mean_box(view, gt_field: str = "ground_truth") -> list[float]:
     """Mean ground-truth box (relative xyxy) of a view."""
-    boxes = [b for b in _first_boxes(view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
+    boxes = [b for b, _, _ in (_first_valid(bb, [None] * len(bb or []), [None] * len(bb or []))
+                               for bb in view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
     if not boxes:
         raise InputError("No ground-truth boxes to average: the view has no valid box")
     return torch.tensor(boxes, dtype=torch.float64).mean(0).tolist()
@@ -118,14 +229,214 @@ def mean_box(view, gt_field: str = "ground_truth") -> list[float]:
 def constant_box_miou(train_view, test_view, gt_field: str = "ground_truth") -> float:
     """Test mIoU of always predicting the mean training box: the floor a model must beat."""
     box = mean_box(train_view, gt_field)
-    gts = [b for b in _first_boxes(test_view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
+    gts = [b for b, _, _ in (_first_valid(bb, [None] * len(bb or []), [None] * len(bb or []))
+                             for bb in test_view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
     g = torch.tensor(gts, dtype=torch.float64)
     p = torch.tensor(box, dtype=torch.float64).expand_as(g)
     return box_iou(p, g, eps=0.0).mean().item()
 
 
-# Grounding metrics shown beside FiftyOne's own in the App's Model Evaluation panel.
-PANEL_METRICS = (("miou", "mIoU"), ("acc50", "Acc@0.5"), ("acc75", "Acc@0.75"))
+# -- average precision -------------------------------------------------------------------
+
+
+def average_precision(ious: np.ndarray, confidences: np.ndarray, num_truths: int, threshold: float) -> float:
+    """COCO's 101-point interpolated AP of one class: predictions ranked by confidence (ties in
+    their given order, never true positives first), each a true positive when its IoU with its
+    own sample's true box is at least ``threshold``."""
+    if num_truths == 0:
+        return float("nan")
+    if len(ious) == 0:
+        return 0.0
+    order = np.argsort(-confidences, kind="mergesort")
+    tp = ious[order] >= threshold
+    cum_tp = np.cumsum(tp)
+    precision = cum_tp / np.arange(1, len(tp) + 1)
+    recall = cum_tp / num_truths
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    at = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.where(at < len(envelope), envelope[np.minimum(at, len(envelope) - 1)], 0.0).mean())
+
+
+# -- the FiftyOne evaluation method ------------------------------------------------------------
+
+
+class GroundingEvaluationConfig(foud.DetectionEvaluationConfig):
+    """A grounding evaluation: every sample's first predicted box against its first valid true
+    box, a true positive at IoU >= ``iou`` (0.5)."""
+
+    def __init__(self, pred_field, gt_field, iou=0.5, custom_metrics=None, **kwargs):
+        super().__init__(pred_field, gt_field, iou=iou, classwise=False, custom_metrics=custom_metrics, **kwargs)
+
+    @property
+    def method(self):
+        return METHOD
+
+
+class GroundingEvaluation(foud.DetectionEvaluation):
+    """The grounding evaluation method (see the module's docstring)."""
+
+    def evaluate(self, doc, eval_key=None):
+        """FiftyOne's per-sample hook (for ``evaluate_detections(method=...)``): the same matches
+        and box attributes as the bulk path, for one sample."""
+        gt_label, pred_label = doc[self.gt_field], doc[self.pred_field]
+        gts = gt_label.detections if gt_label is not None else []
+        gt, gt_det = None, None
+        for det in gts:
+            xyxy = fiftyone_xywh_to_xyxy(det.bounding_box) if det.bounding_box is not None else None
+            if xyxy is not None and is_valid_xyxy(xyxy):
+                gt, gt_det = xyxy, det
+                break
+        if gt is None:
+            return []
+        pred_det = pred_label.detections[0] if pred_label is not None and pred_label.detections else None
+        iou = 0.0
+        if pred_det is not None:
+            box = fiftyone_xywh_to_xyxy(pred_det.bounding_box) if pred_det.bounding_box is not None else None
+            if box is not None and is_valid_xyxy(box):
+                iou = float(box_iou(torch.tensor(box, dtype=torch.float64), torch.tensor(gt, dtype=torch.float64),
+                                    eps=0.0))
+        status = _status(iou, pred_det is not None, self.config.iou)
+        if eval_key is not None:
+            doc[iou_field_of(eval_key)] = iou
+            for det, value, other, match_iou in _attributes(status, gt_det, pred_det, iou):
+                det[eval_key] = value
+                det[f"{eval_key}_id"] = other
+                det[f"{eval_key}_iou"] = match_iou
+        return _matches(status, gt_det.label, gt_det.id, pred_det.label if pred_det else None,
+                        pred_det.id if pred_det else None, iou, pred_det.confidence if pred_det else None)
+
+    def register_samples(self, samples, eval_key, dynamic=True):
+        super().register_samples(samples, eval_key, dynamic=dynamic)
+        if eval_key is not None and not samples._dataset.has_field(iou_field_of(eval_key)):
+            import fiftyone as fo
+
+            samples._dataset.add_sample_field(iou_field_of(eval_key), fo.FloatField)
+
+    def generate_results(self, samples, matches, eval_key=None, classes=None, missing=None, progress=None):
+        return GroundingResults(samples, self.config, eval_key, matches, classes=classes, missing=missing,
+                                backend=self)
+
+    def get_fields(self, samples, eval_key, include_custom_metrics=True):
+        return super().get_fields(samples, eval_key, include_custom_metrics) + [iou_field_of(eval_key)]
+
+    def cleanup(self, samples, eval_key):
+        super().cleanup(samples, eval_key)
+        samples._dataset.delete_sample_fields([iou_field_of(eval_key)], error_level=1)
+
+    def compute_custom_metrics(self, samples, eval_key, results, metric_uris=None, scores=None):
+        """This plugin's metrics (``metric_uri``) are computed here, from the scores (no operator
+        lookup, so they are there without the plugin installed); others through FiftyOne."""
+        ours = {uri for uri in self._get_custom_metrics(metric_uris) if uri in METRIC_URIS}
+        if ours:
+            scores = scores if scores is not None else score_samples(samples, self.config.pred_field,
+                                                                      self.config.gt_field)
+            values = _metrics_of(scores, samples, None)["overall"]
+            results.custom_metrics = dict(results.custom_metrics or {})
+            for key, label, lower_is_better in METRICS:
+                uri = metric_uri(key)
+                if uri in ours and values.get(key) is not None:
+                    results.custom_metrics[uri] = {"key": key, "value": values[key], "label": label,
+                                                   "lower_is_better": lower_is_better}
+        others = [uri for uri in self._get_custom_metrics(metric_uris) if uri not in METRIC_URIS]
+        if others:
+            super().compute_custom_metrics(samples, eval_key, results, metric_uris=others)
+
+
+def metric_value(samples, results, key: str):
+    """Metric ``key`` of ``METRICS`` for a detection run's ``results`` on ``samples`` (the
+    ``EvaluationMetric`` operators' computation), scored once per results object."""
+    cached = getattr(results, "_grounding_metrics", None)
+    if cached is None:
+        scores = score_samples(samples, results.config.pred_field, results.config.gt_field)
+        cached = _metrics_of(scores, samples, None)["overall"]
+        results._grounding_metrics = cached
+    return cached.get(key)
+
+
+def iou_field_of(eval_key: str) -> str:
+    """The sample field with each sample's IoU of a grounding evaluation ``eval_key``."""
+    return f"{eval_key}_iou"
+
+
+PLUGIN = "@fiftyone-grounding/grounding"
+
+
+def metric_uri(key: str) -> str:
+    """The URI of this plugin's ``EvaluationMetric`` operator for metric ``key``."""
+    return f"{PLUGIN}/{key}"
+
+
+METRIC_URIS = tuple(metric_uri(key) for key, _, _ in METRICS)
+
+
+def _status(iou: float, has_pred: bool, threshold: float) -> str:
+    if not has_pred:
+        return "fn"
+    return "tp" if iou >= threshold else "fp"
+
+
+def _attributes(status, gt_det, pred_det, iou):
+    """(label, its eval value, the id of its match, the match's IoU) as FiftyOne's COCO
+    evaluation writes them: an unmatched box gets the id "" and the IoU None."""
+    if status == "tp":
+        return [(gt_det, "tp", pred_det.id, iou), (pred_det, "tp", gt_det.id, iou)]
+    out = [(gt_det, "fn", "", None)]
+    if pred_det is not None:
+        out.append((pred_det, "fp", "", None))
+    return out
+
+
+def _matches(status, gt_label, gt_id, pred_label, pred_id, iou, confidence) -> list[tuple]:
+    """FiftyOne's match tuples ``(gt label, pred label, iou, confidence, gt id, pred id)``: a true
+    positive, or an unmatched prediction (with the IoU it reached, for the mAP sweep) and an
+    unmatched truth."""
+    if status == "tp":
+        return [(gt_label, pred_label, iou, confidence, gt_id, pred_id)]
+    out = [(gt_label, None, None, None, gt_id, None)]
+    if pred_id is not None:
+        out.insert(0, (None, pred_label, iou, confidence, None, pred_id))
+    return out
+
+
+class GroundingResults(foud.DetectionResults):
+    """The results of a grounding evaluation: FiftyOne's detection results, plus a mAP and mAR over
+    IoU 0.50:0.95 computed from each sample's own IoU and ranked by the confidence."""
+
+    def mAP(self, classes=None):
+        """COCO-style AP averaged over IoU 0.50, 0.55, ..., 0.95, one class; None when no
+        prediction has a confidence to rank it by."""
+        preds = self.ypred != self.missing
+        confs = self.confs[preds] if self.confs is not None else np.array([])
+        if not preds.any() or all(c is None or (isinstance(c, float) and np.isnan(c)) for c in confs):
+            return None
+        confs = np.array([-np.inf if c is None else float(c) for c in confs])
+        ious = np.array([0.0 if v is None else float(v) for v in self.ious[preds]])
+        truths = int((self.ytrue != self.missing).sum())
+        return float(np.nanmean([average_precision(ious, confs, truths, t) for t in MAP_THRESHOLDS]))
+
+    def mAR(self, classes=None):
+        """Recall averaged over IoU 0.50:0.95 (one prediction per expression)."""
+        truths = int((self.ytrue != self.missing).sum())
+        if truths == 0:
+            return None
+        preds = self.ypred != self.missing
+        ious = np.array([0.0 if v is None else float(v) for v in self.ious[preds]])
+        return float(np.mean([(ious >= t).sum() / truths for t in MAP_THRESHOLDS]))
+
+    # FiftyOne filters the results' other arrays to a subset (the panel's scenarios), not the
+    # IoUs: keep them aligned, by each row's (true id, predicted id).
+    def use_subset(self, subset_def):
+        keys = [f"{t}|{p}" for t, p in zip(self.ytrue_ids, self.ypred_ids)]
+        iou_of = dict(zip(keys, self.ious))
+        self._ious_orig = self.ious
+        super().use_subset(subset_def)
+        self.ious = np.array([iou_of[f"{t}|{p}"] for t, p in zip(self.ytrue_ids, self.ypred_ids)], dtype=object)
+        return self
+
+    def clear_subset(self):
+        if self.has_subset:
+            self.ious = self._ious_orig
+        super().clear_subset()
 
 
 def evaluate_in_fiftyone(
@@ -134,27 +445,106 @@ def evaluate_in_fiftyone(
     gt_field: str = "ground_truth",
     eval_key: str = "eval",
     split_field: Optional[str] = "split",
-    iou_field: Optional[str] = None,
+    scenario_fields: Sequence[str] = SCENARIO_FIELDS,
+    custom_metrics: Optional[Sequence[str]] = None,
 ) -> dict:
-    """FiftyOne's detection evaluation plus the grounding metrics, visible in the App.
+    """A grounding evaluation run under ``eval_key``, visible in the App's Model Evaluation panel.
 
-    Runs ``evaluate_detections`` (COCO-style matching at IoU 0.5, with mAP) under
-    ``eval_key``, so the App's Model Evaluation panel lists the run; stores mIoU,
-    Acc@0.5 and Acc@0.75 on it as custom metrics; writes each sample's IoU to
-    ``iou_field`` (default ``"<eval_key>_iou"``) to sort and filter by. Returns
+    Writes, in bulk: ``<eval_key>`` / ``_id`` / ``_iou`` on the scored boxes, ``<eval_key>_tp``,
+    ``_fp``, ``_fn`` and the sample IoU ``<eval_key>_iou`` on the scored samples. The run's
+    results hold a mAP and mAR over IoU 0.50:0.95 and the grounding metrics (this plugin's
+    ``EvaluationMetric`` operators, plus any ``custom_metrics`` URIs). The fields of
+    ``scenario_fields`` that the view has become the panel's scenarios. Returns
     :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``, ``fn`` and ``eval_key``.
-    Samples without a valid ground-truth box are left out of both, as ``unscored``.
     """
-    metrics = evaluate_grounding(view, pred_field, gt_field, split_field=split_field,
-                                 iou_field=iou_field or f"{eval_key}_iou", print_table=False)
-    # FiftyOne's matcher fails on boxes of negative size or NaN: evaluate the scored samples only.
-    scored = view.exists(metrics["iou_field"])
-    results = scored.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, compute_mAP=True)
-    results.custom_metrics = {
-        f"fiftyone-grounding/{key}": {"key": key, "value": metrics["overall"][key], "label": label,
-                                      "lower_is_better": False}
-        for key, label in PANEL_METRICS
-    }
-    results.save()
-    counts = {k: int(view.sum(f"{eval_key}_{k}")) for k in ("tp", "fp", "fn")}
-    return {**metrics, "mAP": results.mAP(), **counts, "eval_key": eval_key}
+    scores = score_samples(view, pred_field, gt_field)
+    config = GroundingEvaluationConfig(pred_field, gt_field, custom_metrics=list(METRIC_URIS) + list(custom_metrics or []))
+    method = config.build()
+    method.ensure_requirements()
+    method.register_run(view, eval_key)
+    method.register_samples(view, eval_key)
+    matches, counts = _write_run(view, eval_key, scores, config)
+    labels = sorted({v for v in scores.gt_labels + scores.pred_labels if v is not None})
+    results = method.generate_results(view, matches, eval_key=eval_key, classes=labels or None, missing=MISSING)
+    method.compute_custom_metrics(view, eval_key, results, scores=scores)
+    method.save_run_results(view, eval_key, results)
+    method.add_fields_to_sidebar_group(view, eval_key, omit_fields=(pred_field, gt_field))
+    register_scenarios(view, [f for f in scenario_fields if view.has_field(f)])
+    metrics = {**_metrics_of(scores, view, split_field), "iou_field": iou_field_of(eval_key)}
+    return {**metrics, "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
+
+
+def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvaluationConfig
+               ) -> tuple[list, dict]:
+    """Bulk-write the run's sample fields and box attributes; returns its matches and counts."""
+    dataset = view._root_dataset
+    threshold = config.iou
+    matches = []
+    tp, fp, fn = {}, {}, {}
+    box_values = {}  # label id -> (eval value, match id, match IoU)
+    for i in np.flatnonzero(scores.scored):
+        sid, iou = scores.ids[i], float(scores.ious[i])
+        has_pred = scores.pred_ids[i] is not None
+        status = _status(iou, has_pred, threshold)
+        matches.extend(_matches(status, scores.gt_labels[i], scores.gt_ids[i], scores.pred_labels[i],
+                                scores.pred_ids[i], iou, scores.confidences[i]))
+        tp[sid], fp[sid], fn[sid] = int(status == "tp"), int(status == "fp"), int(status != "tp")
+        if status == "tp":
+            box_values[scores.gt_ids[i]] = ("tp", scores.pred_ids[i], iou)
+            box_values[scores.pred_ids[i]] = ("tp", scores.gt_ids[i], iou)
+        else:
+            box_values[scores.gt_ids[i]] = ("fn", "", None)
+            if has_pred:
+                box_values[scores.pred_ids[i]] = ("fp", "", None)
+    for name, values in (("tp", tp), ("fp", fp), ("fn", fn)):
+        dataset.set_values(f"{eval_key}_{name}", values, key_field="id", validate=False)
+    _write_sample_values(view, iou_field_of(eval_key), [scores.ids[i] for i in np.flatnonzero(scores.scored)],
+                         [float(scores.ious[i]) for i in np.flatnonzero(scores.scored)])
+    for field in (config.gt_field, config.pred_field):
+        _write_box_attributes(view, field, eval_key, box_values)
+    return matches, {"tp": sum(tp.values()), "fp": sum(fp.values()), "fn": sum(fn.values())}
+
+
+def _write_box_attributes(view, field: str, eval_key: str, box_values: dict) -> None:
+    """``<eval_key>``, ``_id`` and ``_iou`` on every box of ``field`` that the run scored."""
+    dataset = view._root_dataset
+    sample_ids, ids = view.values(["id", f"{field}.detections.id"])
+    columns = {suffix: {} for suffix in ("", "_id", "_iou")}
+    for sid, label_ids in zip(sample_ids, ids):
+        if not label_ids or not any(lid in box_values for lid in label_ids):
+            continue
+        rows = [box_values.get(lid, (None, None, None)) for lid in label_ids]
+        for k, suffix in enumerate(("", "_id", "_iou")):
+            columns[suffix][sid] = [row[k] for row in rows]
+    for suffix, values in columns.items():
+        if values:
+            dataset.set_values(f"{field}.detections.{eval_key}{suffix}", values, key_field="id")
+
+
+def register_scenarios(view, fields: Sequence[str]) -> list[str]:
+    """Make ``fields`` (sample fields such as ``split``, ``category``) scenarios of the App's Model
+    Evaluation panel for the dataset, each subset one of the field's values in ``view``; an
+    existing scenario of the same field is updated. Returns the scenario names."""
+    from bson import ObjectId
+    from fiftyone.operators.store import ExecutionStore
+
+    if not fields:
+        return []
+    dataset = view._root_dataset
+    # the store and record layout of the panel's own "Create scenario" operator (FiftyOne's
+    # plugins/utils/model_evaluation: store "model_evaluation_panel_builtin", key "scenarios")
+    store = ExecutionStore.create("model_evaluation_panel_builtin", dataset._doc.id)
+    scenarios = dict(store.get("scenarios") or {})
+    names = []
+    for field in fields:
+        values = sorted((v for v in view.distinct(field) if v is not None), key=str)
+        if not values:
+            continue
+        existing = next((s for s in scenarios.values() if s.get("type") == "sample_field" and s.get("field") == field),
+                        None)
+        scenario_id = existing["id"] if existing else str(ObjectId())
+        scenarios[scenario_id] = {"id": scenario_id, "name": field, "type": "sample_field", "field": field,
+                                  "subsets": values}
+        names.append(field)
+    store.set("scenarios", scenarios)
+    return names

@@ -13,7 +13,7 @@ faster path over whole datasets is ``apply.apply_grounding_model``.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,9 +21,10 @@ import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
 from .checkpoint import load_checkpoint
+from .config import DEFAULT_LABEL
 from .errors import InputError
 from .images import normalize_pixels_batch, resize_rgb, resized_pixels, rgb_tensor
-from .labels import make_detections
+from .labels import LabelMaker
 from .model import Grounder, build_model, build_tokenizer
 from .text import NO_PHRASE, PhraseTokenizer, clean_phrase
 
@@ -95,24 +96,34 @@ def collate_items(items: list[dict]) -> dict:
     }
 
 
-def batch_labels(batch: dict, boxes: Optional[torch.Tensor], make_label=make_detections) -> list:
-    """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence=1.0)``,
-    None where the item was skipped. ``boxes``: the (B, 4) boxes of its valid items."""
+class BoxPrediction(NamedTuple):
+    """The boxes of a batch on the CPU, and the confidence of each (None without a quality head)."""
+
+    boxes: torch.Tensor  # (B, 4) normalized xyxy
+    confidences: Optional[np.ndarray] = None  # (B,) in [0, 1]
+
+
+def batch_labels(batch: dict, prediction: Optional[BoxPrediction], make_label: Callable) -> list:
+    """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence)``,
+    None where the item was skipped. ``prediction``: the boxes of its valid items."""
     out: list = [None] * batch["size"]
-    if boxes is not None:
-        for i, phrase, box in zip(batch["valid"], batch["phrases"], boxes.tolist()):
-            out[i] = make_label(box, phrase, confidence=1.0)
+    if prediction is not None:
+        confidences = (prediction.confidences.tolist() if prediction.confidences is not None
+                       else [None] * len(batch["valid"]))
+        for i, phrase, box, confidence in zip(batch["valid"], batch["phrases"], prediction.boxes.tolist(),
+                                              confidences):
+            out[i] = make_label(box, phrase, confidence)
     return out
 
 
 class PendingBoxes:
     """The boxes of a batch queued on the model's device; :meth:`result` waits for them."""
 
-    def __init__(self, wait: Callable[[], torch.Tensor]):
+    def __init__(self, wait: Callable[[], BoxPrediction]):
         self._wait = wait
 
-    def result(self) -> torch.Tensor:
-        """(B, 4) normalized xyxy boxes on the CPU."""
+    def result(self) -> BoxPrediction:
+        """The (B, 4) normalized xyxy boxes on the CPU and their confidences."""
         return self._wait()
 
 
@@ -120,7 +131,11 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
 
     def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
-                 mixed_precision: str = "auto"):
+                 mixed_precision: str = "auto", label: str = DEFAULT_LABEL,
+                 confidence_thresh: Optional[float] = None):
+        """``label``: the label of every box (the phrase goes to its ``expression`` attribute);
+        ``confidence_thresh``: boxes less confident than this are not written (as FiftyOne's
+        ``apply_model(confidence_thresh=...)``, which also works)."""
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self._device).eval()
         self.config = model.config
@@ -131,6 +146,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         else:
             use_bf16 = mixed_precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.labels = LabelMaker(label=label, confidence_thresh=confidence_thresh)
         self.forward_calls = 0  # number of batched forward passes, for inspection
         self._run_skips: list[tuple[str, str]] = []  # what an apply_model run skipped, logged at its end
 
@@ -219,10 +235,10 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         """Labels of a batch of get-item items (or their collated batch); None where skipped."""
         batch = args if isinstance(args, dict) else collate_items(list(args))
         self._run_skips.extend(batch["errors"])
-        boxes = None
+        prediction = None
         if batch["valid"]:
-            boxes = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"]).result()
-        return batch_labels(batch, boxes)
+            prediction = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"]).result()
+        return batch_labels(batch, prediction, self.labels.detections)
 
     @torch.inference_mode()
     def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
@@ -231,7 +247,8 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         input (I, 3, S, S) already normalized; ``image_index`` (B,) maps each phrase to its
         image (default: phrase i -> image i). On a GPU this returns once the work is queued,
         so the caller can prepare the next batch or write the last one's labels meanwhile;
-        ``.result()`` waits for the (B, 4) boxes on the CPU."""
+        ``.result()`` waits for the (B, 4) boxes on the CPU and their confidences (the
+        calibrated quality head; None for a model without one)."""
         cuda = self._device.type == "cuda"
 
         def to_device(t: torch.Tensor) -> torch.Tensor:
@@ -248,20 +265,29 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             image_index = to_device(image_index)
         with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            boxes = self.model(pixel_values, ids, mask, image_index).float()
+            out = self.model(pixel_values, ids, mask, image_index)
+        # boxes and quality logits side by side: one copy to the host
+        result = out.boxes.float() if out.quality is None else torch.cat([out.boxes.float(), out.quality[:, None]], 1)
         self.forward_calls += 1
+        calibration = self.model.calibration
+
+        def split(values: torch.Tensor) -> BoxPrediction:
+            if out.quality is None:
+                return BoxPrediction(values)
+            return BoxPrediction(values[:, :4], calibration(values[:, 4].numpy()))
+
         if not cuda:
-            boxes = boxes.cpu()
-            return PendingBoxes(lambda: boxes)
+            prediction = split(result.cpu())
+            return PendingBoxes(lambda: prediction)
         # Copy into pinned memory behind the model on the same stream; the event marks its end
         # (a plain .cpu() later would also wait for every batch queued after this one).
-        host = torch.empty(boxes.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(boxes, non_blocking=True)
+        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(result, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(boxes.device))  # the model's GPU, not the current one
+        copied.record(torch.cuda.current_stream(result.device))  # the model's GPU, not the current one
 
-        def wait() -> torch.Tensor:
+        def wait() -> BoxPrediction:
             copied.synchronize()
-            return host
+            return split(host)
 
         return PendingBoxes(wait)

@@ -1,42 +1,54 @@
 """The one place where grounding boxes become FiftyOne labels and back.
 
-Label scheme: every ground-truth and predicted ``Detection`` carries the referring
-expression as its ``label``. FiftyOne's ``evaluate_detections`` only counts a match
-when labels are equal (even with ``classwise=False``), so ground truth and
-predictions must share one scheme; the expression also shows on the box in the App.
+Label scheme: every ground-truth and predicted ``Detection`` carries one label from a small
+vocabulary (``config.DEFAULT_LABEL``, "referent", unless the user picks another) and the referring
+expression as its ``expression`` attribute, which the App shows on the box. FiftyOne's
+evaluation treats every distinct label as a class, so a label per phrase would make RefCOCO's
+test set 10,752 classes (and a 10,752 x 10,752 confusion matrix in the Model Evaluation panel).
+
+:class:`LabelMaker` is the post-processing step that every apply path uses: box, phrase and
+confidence in, a ``Detections`` out (as a FiftyOne object, or in the database form that bulk
+writes take), with FiftyOne's ``confidence_thresh`` semantics. :func:`migrate_label_scheme`
+converts datasets written with the earlier scheme (the phrase as the label).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import fiftyone as fo
 from bson import ObjectId
 
 from .boxes import fiftyone_xywh_to_xyxy, xyxy_to_fiftyone_xywh
+from .config import DEFAULT_LABEL
+from .errors import InputError
 
-MAX_LABEL_CHARS = 200
+EXPRESSION_ATTR = "expression"  # the Detection attribute that holds the phrase
+MAX_EXPRESSION_CHARS = 200
 
 
-def label_for(expression: str) -> str:
-    """The ``label`` that ground truth and predictions of ``expression`` share."""
+def expression_text(expression: str) -> str:
+    """The phrase as a ``Detection`` carries it: whitespace-normalized, at most 200 characters."""
     text = " ".join(str(expression).split())
-    return text[:MAX_LABEL_CHARS]
+    return text[:MAX_EXPRESSION_CHARS]
 
 
 def make_detections(
     box_xyxy: Sequence[float],
     expression: str,
     confidence: Optional[float] = None,
+    label: str = DEFAULT_LABEL,
     **attributes,
 ) -> fo.Detections:
     """A ``Detections`` holding one box (relative xyxy in, FiftyOne xywh stored)."""
-    det = fo.Detection(**_detection_fields(box_xyxy, expression), confidence=confidence, **attributes)
+    det = fo.Detection(**_detection_fields(box_xyxy, expression, label), confidence=confidence, **attributes)
     return fo.Detections(detections=[det])
 
 
-def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optional[float] = None) -> dict:
-    """``make_detections(box_xyxy, expression, confidence).to_mongo()``, built directly.
+def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optional[float] = None,
+                   label: str = DEFAULT_LABEL) -> dict:
+    """``make_detections(box_xyxy, expression, confidence, label).to_mongo()``, built directly.
 
     For bulk writes (``set_values(..., validate=False)`` of a declared ``Detections``
     field): about 20x cheaper than building and serializing the FiftyOne objects, which
@@ -44,15 +56,48 @@ def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optio
     ``tests/test_labels.py`` checks that it equals the FiftyOne form and reads back as it.
     """
     det = {"_id": ObjectId(), "_cls": "Detection", "attributes": {}, "tags": [],
-           **_detection_fields(box_xyxy, expression)}
+           **_detection_fields(box_xyxy, expression, label)}
     if confidence is not None:
         det["confidence"] = float(confidence)
     return {"_cls": "Detections", "detections": [det]}
 
 
-def _detection_fields(box_xyxy: Sequence[float], expression: str) -> dict:
+EMPTY_DOC = {"_cls": "Detections", "detections": []}
+
+
+def _detection_fields(box_xyxy: Sequence[float], expression: str, label: str) -> dict:
     box = [min(max(float(v), 0.0), 1.0) for v in box_xyxy]
-    return {"label": label_for(expression), "bounding_box": xyxy_to_fiftyone_xywh(box)}
+    return {"label": label, "bounding_box": xyxy_to_fiftyone_xywh(box), EXPRESSION_ATTR: expression_text(expression)}
+
+
+@dataclass(frozen=True)
+class LabelMaker:
+    """Model output -> FiftyOne labels, the way every apply path writes them.
+
+    ``confidence_thresh`` works as in FiftyOne's ``apply_model``: a box whose confidence is
+    below it, or None, is dropped, and the sample gets an empty ``Detections``.
+    """
+
+    label: str = DEFAULT_LABEL
+    confidence_thresh: Optional[float] = None
+
+    def __post_init__(self):
+        if not isinstance(self.label, str) or not self.label:
+            raise InputError("The label of the boxes must be a non-empty string, e.g. 'referent'")
+
+    def keeps(self, confidence: Optional[float]) -> bool:
+        return self.confidence_thresh is None or (confidence is not None and confidence >= self.confidence_thresh)
+
+    def detections(self, box_xyxy, expression: str, confidence: Optional[float]) -> fo.Detections:
+        if not self.keeps(confidence):
+            return fo.Detections()
+        return make_detections(box_xyxy, expression, confidence=confidence, label=self.label)
+
+    def doc(self, box_xyxy, expression: str, confidence: Optional[float]) -> dict:
+        """The database form of :meth:`detections`, for bulk writes."""
+        if not self.keeps(confidence):
+            return dict(EMPTY_DOC, detections=[])
+        return detections_doc(box_xyxy, expression, confidence=confidence, label=self.label)
 
 
 def first_box_xyxy(label) -> Optional[list[float]]:
@@ -66,3 +111,58 @@ def first_box_xyxy(label) -> Optional[list[float]]:
     if label.bounding_box is None:
         return None
     return fiftyone_xywh_to_xyxy(label.bounding_box)
+
+
+def declare_expression_attribute(dataset, field: str) -> None:
+    """Declare ``<field>.detections.expression`` so the App lists and filters it."""
+    path = f"{field}.detections.{EXPRESSION_ATTR}"
+    if not dataset.has_field(path):
+        dataset.add_sample_field(path, fo.StringField)
+
+
+def migrate_label_scheme(dataset, fields: Optional[Sequence[str]] = None, label: str = DEFAULT_LABEL,
+                         progress: Optional[bool] = None) -> dict[str, int]:
+    """Convert ``Detections`` fields written with the earlier label scheme (the phrase as each
+    box's label) to this one: the old label moves to the ``expression`` attribute (unless the
+    box already has one) and the label becomes ``label``.
+
+    ``fields``: the ``Detections`` fields to convert (default: all of them). Boxes already in
+    the scheme are left as they are, so running it twice changes nothing. Returns the number
+    of boxes changed per field.
+    """
+    schema = dataset.get_field_schema()
+    detection_fields = [name for name, f in schema.items()
+                        if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Detections)]
+    if fields is None:
+        fields = detection_fields
+    unknown = [f for f in fields if f not in detection_fields]
+    if unknown:
+        raise InputError(f"{unknown} are not Detections fields of {dataset.name!r}; its Detections fields: "
+                         f"{detection_fields}")
+    changed = {}
+    for field in fields:
+        labels, expressions = dataset.values([f"{field}.detections.label", f"{field}.detections.{EXPRESSION_ATTR}"])
+        count = 0
+        new_labels, new_expressions = [], []
+        for sample_labels, sample_expressions in zip(labels, expressions):
+            if sample_labels is None:
+                new_labels.append(None)
+                new_expressions.append(None)
+                continue
+            sample_expressions = sample_expressions or [None] * len(sample_labels)
+            row_labels, row_expressions = [], []
+            for old, expression in zip(sample_labels, sample_expressions):
+                if old != label:
+                    count += 1
+                if expression is None and old != label and old is not None:
+                    expression = expression_text(old)
+                row_labels.append(label)
+                row_expressions.append(expression)
+            new_labels.append(row_labels)
+            new_expressions.append(row_expressions)
+        if count:
+            dataset.set_values(f"{field}.detections.{EXPRESSION_ATTR}", new_expressions, progress=progress)
+            dataset.set_values(f"{field}.detections.label", new_labels, progress=progress)
+        declare_expression_attribute(dataset, field)
+        changed[field] = count
+    return changed

@@ -1,8 +1,9 @@
-"""The grounding network: frozen encoders, fusion decoder, box head.
+"""The grounding network: frozen encoders, fusion decoder, box head, quality head.
 
 ``image -> DINOv3 -> tokens -> Linear (+ 2D sine positions) -> memory``
 ``phrase -> BERT/BGE -> tokens -> Linear -> queries (+ a learned [REG] query)``
 ``TransformerDecoder(queries, memory) -> MLP head -> normalized box``
+``(query, box) -> quality head -> the box's predicted IoU with the truth (a logit)``
 
 The model returns normalized xyxy boxes whatever its head predicts; the loss is in
 ``losses.py``, post-processing into pixels or FiftyOne labels in ``labels.py``.
@@ -11,7 +12,7 @@ The model returns normalized xyxy boxes whatever its head predicts; the loss is 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from . import boxes as box_ops
 from .config import DEFAULT_PRESET, GrounderConfig, get_config
+from .confidence import Calibration
 from .encoders import encoder_hidden_size, load_encoder, load_tokenizer, num_prefix_tokens, patch_size
 from .errors import ConfigError, InputError
 
@@ -37,8 +39,30 @@ def sine_positions_2d(height: int, width: int, dim: int, temperature: float = 10
     return torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1)  # (HW, dim)
 
 
+class GroundingOutput(NamedTuple):
+    """What the model returns for B phrases."""
+
+    boxes: Tensor  # (B, 4) normalized xyxy in [0, 1]
+    quality: Optional[Tensor] = None  # (B,) logits of each box's predicted IoU; None without a quality head
+
+
+class QualityHead(nn.Module):
+    """Predicts the IoU of a box with the true box, from the query that produced it and the box
+    itself (detached: this head learns to judge the box, never to move it). Returns logits."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.fc1 = nn.Linear(d_model + 4, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, query: Tensor, box_cxcywh: Tensor) -> Tensor:
+        x = torch.cat([self.norm(query), box_cxcywh.detach().to(query.dtype)], dim=-1)  # (B, d + 4)
+        return self.fc2(F.relu(self.fc1(x))).squeeze(-1).float()  # (B,)
+
+
 class Grounder(nn.Module):
-    """Phrase + image -> one normalized xyxy box."""
+    """Phrase + image -> one normalized xyxy box (and, with a quality head, its predicted IoU)."""
 
     def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
         super().__init__()
@@ -64,6 +88,8 @@ class Grounder(nn.Module):
         self.head = nn.Sequential(
             nn.LayerNorm(d), nn.Linear(d, config.head_hidden), nn.ReLU(), nn.Linear(config.head_hidden, 4)
         )
+        self.quality_head = QualityHead(d, config.head_hidden) if config.quality_head else None
+        self.calibration = Calibration()  # quality logit -> confidence; fitted at the end of training
         self._pos_cache: dict[tuple[int, int], Tensor] = {}
 
     # -- frozen encoders -------------------------------------------------------------
@@ -106,12 +132,13 @@ class Grounder(nn.Module):
         text_features: Tensor,
         attention_mask: Tensor,
         image_index: Optional[Tensor] = None,
-    ) -> Tensor:
+    ) -> GroundingOutput:
         """Fuse frozen features into boxes.
 
         image_features (I, N, D_img); text_features (B, T, D_txt); attention_mask (B, T);
         image_index (B,) says which image each phrase refers to (default: phrase i -> image i),
-        so an image shared by several phrases is encoded once. Returns (B, 4) xyxy in [0, 1].
+        so an image shared by several phrases is encoded once. Returns (B, 4) xyxy in [0, 1],
+        and the quality head's (B,) logits where the model has one.
         """
         memory = self.image_proj(image_features.to(self.image_proj.weight.dtype))  # (I, N, d)
         if self.config.pos_embed == "sine":
@@ -129,7 +156,10 @@ class Grounder(nn.Module):
             keep = (~padding).unsqueeze(-1).to(out.dtype)
             pooled = (out * keep).sum(1) / keep.sum(1).clamp(min=1)  # (B, d)
         raw = self.head(pooled).float().sigmoid()  # (B, 4)
-        return self.to_xyxy(raw)
+        boxes = self.to_xyxy(raw)
+        if self.quality_head is None:
+            return GroundingOutput(boxes)
+        return GroundingOutput(boxes, self.quality_head(pooled, box_ops.box_xyxy_to_cxcywh(boxes)))
 
     def run_decoder(self, queries: Tensor, memory: Tensor, padding: Tensor,
                     image_index: Optional[Tensor] = None) -> Tensor:
@@ -197,9 +227,9 @@ class Grounder(nn.Module):
         image_index: Optional[Tensor] = None,
         image_features: Optional[Tensor] = None,
         text_features: Optional[Tensor] = None,
-    ) -> Tensor:
-        """Boxes (B, 4) for phrases over images, each given as model inputs (pixels, token ids)
-        or as cached frozen-encoder features."""
+    ) -> GroundingOutput:
+        """Boxes (B, 4) (and their quality logits) for phrases over images, each given as model
+        inputs (pixels, token ids) or as cached frozen-encoder features."""
         if image_features is None:
             image_features = self.encode_images(pixel_values)
         if text_features is None:

@@ -26,6 +26,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from .config import APPLY_BATCH_SIZE_TEXT, PRESET_DESCRIPTIONS, TrainConfig
+from .evaluate import METRICS
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 
@@ -378,7 +379,8 @@ class ApplyGroundingModel(GroundingOperator):
 
 
 class EvaluateGroundingModel(GroundingOperator):
-    """FiftyOne's detection evaluation (Model Evaluation panel, mAP) plus mIoU, Acc@0.5, Acc@0.75."""
+    """The grounding evaluation as a FiftyOne run: the Model Evaluation panel (mAP ranked by the
+    confidence, TP/FP/FN, the split and category scenarios) and the grounding metrics."""
 
     DEFAULTS = {"pred_field": "predictions", "gt_field": "ground_truth", "eval_key": "eval",
                 "split_field": "split"}
@@ -410,21 +412,48 @@ class EvaluateGroundingModel(GroundingOperator):
         ctx.ops.reload_dataset()
         overall = metrics["overall"]
         return {"eval_key": metrics["eval_key"], "iou_field": metrics["iou_field"], "mAP": metrics["mAP"],
-                "miou": overall["miou"], "acc50": overall["acc50"], "acc75": overall["acc75"],
-                "count": overall["count"], "tp": metrics["tp"], "fp": metrics["fp"], "fn": metrics["fn"],
-                "splits": metrics["splits"]}
+                **{key: overall[key] for key, _, _ in METRICS}, "count": overall["count"], "tp": metrics["tp"],
+                "fp": metrics["fp"], "fn": metrics["fn"], "splits": metrics["splits"]}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
-        for name, label in (("mAP", "mAP (COCO, IoU 0.50:0.95)"), ("miou", "mIoU"), ("acc50", "Acc@0.5"),
-                            ("acc75", "Acc@0.75")):
-            outputs.float(name, label=label)
+        outputs.float("mAP", label="mAP (IoU 0.50:0.95, ranked by the confidence)")
+        for key, label, _ in METRICS:
+            outputs.float(key, label=label)
         for name, label in (("count", "Expressions"), ("tp", "True positives (IoU >= 0.5)"),
                             ("fp", "False positives"), ("fn", "False negatives")):
             outputs.int(name, label=label)
         outputs.str("iou_field", label="Per-sample IoU field (sort the grid by it)")
         outputs.str("eval_key", label="Evaluation key (open the Model Evaluation panel)")
         return _form(outputs, "Grounding evaluation")
+
+
+class GroundingMetric(foo.EvaluationMetric):
+    """One grounding metric (``KEY`` of ``evaluate.METRICS``) of a detection evaluation run: it is
+    offered in the App's evaluation form and computed, renamed and deleted with the run."""
+
+    KEY = ""
+    LABEL = ""
+    LOWER_IS_BETTER = False
+
+    @property
+    def config(self):
+        config = foo.EvaluationMetricConfig(
+            name=self.KEY, label=self.LABEL, eval_types=["detection"], lower_is_better=self.LOWER_IS_BETTER,
+            description=f"{self.LABEL} of each sample's first predicted box against its first true box")
+        # FiftyOne reads this flag from the config's kwargs when it stores the value
+        config.kwargs["lower_is_better"] = self.LOWER_IS_BETTER
+        return config
+
+    def compute(self, samples, results, **kwargs):
+        from .evaluate import metric_value
+
+        return metric_value(samples, results, self.KEY)
+
+
+METRIC_OPERATORS = tuple(
+    type(f"GroundingMetric_{key}", (GroundingMetric,), {"KEY": key, "LABEL": label, "LOWER_IS_BETTER": lower})
+    for key, label, lower in METRICS)
 
 
 class GroundPhrase(GroundingOperator):
@@ -472,4 +501,4 @@ class GroundPhrase(GroundingOperator):
 
 
 OPERATORS = (ImportGroundingDataset, TrainGroundingModel, ApplyGroundingModel, EvaluateGroundingModel,
-             GroundPhrase)
+             GroundPhrase) + METRIC_OPERATORS

@@ -31,8 +31,9 @@ import fiftyone.core.utils as fou
 import torch
 
 from .boxes import box_xywh_to_xyxy, box_xyxy_abs_to_rel, is_valid_xyxy
+from .config import DEFAULT_LABEL
 from .errors import DownloadError, InputError, MissingImagesError, SourceError
-from .labels import make_detections
+from .labels import declare_expression_attribute, make_detections
 
 logger = logging.getLogger(__name__)
 
@@ -445,7 +446,7 @@ def _row_fields(row, planned: _PlannedRow, where: str) -> tuple[dict, list[float
     return fields, box_rel.tolist()
 
 
-def _samples(name, dsd, rows: list[_PlannedRow], images_dir: str, stats: dict):
+def _samples(name, dsd, rows: list[_PlannedRow], images_dir: str, stats: dict, label: str):
     """Yield one ``fo.Sample`` per planned expression, reading the planned rows in full."""
     for hf_split in dict.fromkeys(r.hf_split for r in rows):
         group = [r for r in rows if r.hf_split == hf_split]
@@ -467,7 +468,7 @@ def _samples(name, dsd, rows: list[_PlannedRow], images_dir: str, stats: dict):
                     tags=[planned.split],
                     metadata=fo.ImageMetadata(width=planned.image.width, height=planned.image.height),
                     expression=text,
-                    ground_truth=make_detections(box_rel, text),
+                    ground_truth=make_detections(box_rel, text, label=label),
                     sent_id=sent_id,
                     **fields,
                 )
@@ -489,11 +490,13 @@ def import_refcoco(
     missing_report: Optional[str] = None,
     zoo_kwargs: Optional[dict] = None,
     progress: Union[None, bool, Callable] = None,
+    label: str = DEFAULT_LABEL,
 ) -> fo.Dataset:
     """Import RefCOCO / RefCOCO+ / RefCOCOg into a persistent FiftyOne dataset, one sample per expression.
 
     Each sample has ``filepath`` (the COCO train2014 image), ``expression`` (the raw text),
-    ``ground_truth`` (``fo.Detections`` with one box labelled with the expression), ``split`` (also
+    ``ground_truth`` (``fo.Detections`` with one box labelled ``label``, the text as its
+    ``expression`` attribute), ``split`` (also
     a tag: train / val / testA / testB, or train / val / test for RefCOCOg), ``image_id``,
     ``ref_id``, ``ann_id``, ``sent_id``, ``category`` and ``metadata`` (width, height, taken from
     the annotations without opening the image). ``dataset.info["refcoco"]`` records the variant,
@@ -520,6 +523,7 @@ def import_refcoco(
         zoo_kwargs: extra arguments for ``foz.download_zoo_dataset`` (for example ``num_workers``).
         progress: show a progress bar (True/False; None follows ``fo.config.show_progress_bars``)
             or a callable that receives the ``ProgressBar`` at each update.
+        label: the label of every ground-truth box (``labels.DEFAULT_LABEL``, "referent").
 
     Returns:
         the ``fo.Dataset``.
@@ -571,8 +575,10 @@ def import_refcoco(
 
     stats = {"empty_expressions": []}
     added = _add_in_chunks(
-        dataset, _samples(name, dsd, plan.rows, images_dir, stats), plan.new, chunk_size, progress
+        dataset, _samples(name, dsd, plan.rows, images_dir, stats, label), plan.new, chunk_size, progress
     )
+    if added:
+        declare_expression_attribute(dataset, "ground_truth")
     if stats["empty_expressions"]:
         logger.warning(
             "Skipped %d expressions with no text, sent_ids %s",

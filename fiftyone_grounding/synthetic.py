@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 
 import fiftyone as fo
 
+from .config import DEFAULT_LABEL
 from .errors import InputError
-from .labels import make_detections
+from .labels import declare_expression_attribute, make_detections
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -362,11 +363,13 @@ def make_synthetic_dataset(
     min_objects: int = 2,
     max_objects: int = 4,
     lookalike_fraction: float = LOOKALIKE_FRACTION,
+    label: str = DEFAULT_LABEL,
 ) -> fo.Dataset:
     """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
 
     One sample per referring expression, with fields ``expression``,
-    ``ground_truth`` (one box, labelled with the expression), ``split`` (also a
+    ``ground_truth`` (one box labelled ``label``, the phrase as its ``expression``
+    attribute), ``split`` (also a
     sample tag), ``image_id``, ``ref_id`` (one per referred object), ``ann_id``
     (one per drawn object), ``sent_id`` (one per expression), ``category`` (the
     target's shape) and ``metadata``. Images are PNGs under ``out_dir`` (default
@@ -425,7 +428,7 @@ def make_synthetic_dataset(
                     tags=[split],
                     metadata=metadata,
                     expression=phrase,
-                    ground_truth=make_detections(target_obj["box_xyxy"], phrase),
+                    ground_truth=make_detections(target_obj["box_xyxy"], phrase, label=label),
                     split=split,
                     image_id=image_id,
                     ref_id=ref_id,
@@ -439,6 +442,7 @@ def make_synthetic_dataset(
 
     dataset = fo.Dataset(name)
     dataset.add_samples(samples, progress=progress)
+    declare_expression_attribute(dataset, "ground_truth")
     dataset.persistent = persistent
     dataset.info["synthetic"] = dict(
         num_images=num_images,

@@ -33,7 +33,7 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resol
 from .config import GrounderConfig, TrainConfig, default_num_workers
 from .data import Collator, GroundingDataset, GroundingRecords, read_records
 from .errors import CheckpointError, InputError, TrainingError
-from .losses import box_loss
+from .losses import grounding_loss
 from .model import Grounder, build_model, build_tokenizer
 from .text import swap_left_right
 
@@ -243,6 +243,8 @@ def fit(
             print(_table_row(row))
             _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, out, epoch, row, state)
         accelerator.wait_for_everyone()
+    if loaders.val is not None:
+        _calibrate_best(model, loaders.val, accelerator, model_config, autocast_dtype, best_dir)
     if is_main:
         _write_metrics(out, state.history, state.best_score)
         _print_skipped(skipped)
@@ -350,6 +352,34 @@ def _save_epoch(model: Grounder, optimizer, scheduler, out: Path, epoch: int, ro
     _write_metrics(out, state.history, state.best_score)
 
 
+def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, autocast_dtype, best_dir: Path) -> None:
+    """Fit the confidence's calibration of ``best/`` on the validation split and save it there
+    (models with a quality head). The model in memory keeps the weights training left it with."""
+    from accelerate.utils import gather_object
+
+    from .confidence import fit_calibration
+
+    module = accelerator.unwrap_model(model)
+    if module.quality_head is None:
+        return
+    kept = {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
+    load_trainable_weights(module, best_dir / WEIGHTS_NAME)
+    try:
+        logits, ious = evaluate_loss(model, val_loader, accelerator, config, autocast_dtype,
+                                     keep_quality=True)["quality"]
+    finally:
+        module.load_state_dict(kept, strict=False)
+    if accelerator.num_processes > 1:
+        logits, ious = (sum(gather_object([values]), []) for values in (logits, ious))
+    if accelerator.is_main_process and logits:
+        calibration = fit_calibration(logits, ious)
+        calibration.save(best_dir)
+        module.calibration = calibration
+        print(f"Confidence: {calibration.method} calibration on {calibration.fitted_on} validation expressions "
+              f"(expected calibration error there {calibration.val_ece:.4f})")
+    accelerator.wait_for_everyone()
+
+
 def _print_skipped(skipped: list) -> None:
     if skipped:
         reasons: dict[str, int] = {}
@@ -411,8 +441,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def forward_batch(model, batch: dict) -> torch.Tensor:
-    """The model's boxes for a collated training batch (pixels or cached features)."""
+def forward_batch(model, batch: dict):
+    """The model's ``GroundingOutput`` for a collated training batch (pixels or cached features)."""
     return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
                  input_ids=batch.get("input_ids"), text_features=batch.get("text_features"),
                  attention_mask=batch["attention_mask"],
@@ -426,12 +456,14 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: float = 0.0, *, scheduler=None,
                accelerator=None, autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the model's device: forward (under autocast
-    with ``autocast_dtype``), ``box_loss``, backward, gradient clipping, optimizer and scheduler
-    step. Under Accelerate (``accelerator``) backward and clipping go through it. Returns the
-    loss and the predicted boxes, detached, still on the device (reading them waits for it)."""
+    with ``autocast_dtype``), ``grounding_loss``, backward, gradient clipping, optimizer and
+    scheduler step. Under Accelerate (``accelerator``) backward and clipping go through it.
+    Returns the loss and the predicted boxes, detached, still on the device (reading them waits
+    for it)."""
     with _autocast(batch["attention_mask"].device, autocast_dtype):
-        pred = forward_batch(model, batch)
-    loss = box_loss(pred, batch["boxes"], loss_weights)["loss"]
+        out = forward_batch(model, batch)
+    pred = out.boxes
+    loss = grounding_loss(pred, out.quality, batch["boxes"], loss_weights)["loss"]
     optimizer.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)
@@ -512,30 +544,38 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_dtype: Optional[torch.dtype] = None
-                  ) -> dict:
-    """Mean loss and IoU over a loader (all processes together), and the samples it skipped."""
+def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_dtype: Optional[torch.dtype] = None,
+                  keep_quality: bool = False) -> dict:
+    """Mean loss and IoU over a loader (all processes together), and the samples it skipped.
+    With ``keep_quality``, also this process's ``(quality logits, IoUs)`` of every box."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
     module = accelerator.unwrap_model(model)
     module.eval()
     loss_sum = iou_sum = count = 0.0
     skipped: list = []
+    logits, ious = [], []
     for batch in loader:
         skipped.extend(batch["skipped"])
         if "boxes" not in batch:
             continue
         batch = to_device(batch, accelerator.device)
         with _autocast(accelerator.device, autocast_dtype):
-            pred = forward_batch(module, batch)
+            out = forward_batch(module, batch)
+        pred = out.boxes
         n = pred.shape[0]
-        loss_sum += box_loss(pred, batch["boxes"], config.loss_weights)["loss"].item() * n
-        iou_sum += box_iou(pred.float(), batch["boxes"].float()).sum().item()
+        loss_sum += grounding_loss(pred, out.quality, batch["boxes"], config.loss_weights)["loss"].item() * n
+        iou = box_iou(pred.float(), batch["boxes"].float())
+        iou_sum += iou.sum().item()
         count += n
+        if keep_quality and out.quality is not None:
+            logits.extend(out.quality.float().tolist())
+            ious.extend(iou.tolist())
     totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
     loss_sum, iou_sum, count = totals.tolist()
-    if not count:
-        return {"skipped": skipped}
-    return {"loss": loss_sum / count, "iou": iou_sum / count, "skipped": skipped}
+    result = {"skipped": skipped, "quality": (logits, ious)} if keep_quality else {"skipped": skipped}
+    if count:
+        result.update(loss=loss_sum / count, iou=iou_sum / count)
+    return result
 
 
 def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int, history: list,

@@ -16,7 +16,7 @@ from fiftyone_grounding.config import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
 from fiftyone_grounding.batching import GroupBatchSampler
 from fiftyone_grounding.data import Collator, GroundingDataset, GroundingRecords, hflip_boxes
 from fiftyone_grounding.text import swap_left_right
-from fiftyone_grounding.losses import box_loss
+from fiftyone_grounding.losses import grounding_loss
 from fiftyone_grounding.model import build_model, build_tokenizer
 
 # Features are stored as float16: ~3 significant digits.
@@ -74,20 +74,26 @@ def _pixels(model, path, flip=False):
     return (x.flip(-1) if flip else x)[None]
 
 
-def _forward(model, batch):
+def _output(model, batch):
     return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
                  input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  image_index=batch["image_index"])
 
 
+def _forward(model, batch):
+    """(B, 4) boxes, and the quality logit as a fifth column where the model has the head."""
+    out = _output(model, batch)
+    return out.boxes if out.quality is None else torch.cat([out.boxes, out.quality[:, None]], 1)
+
+
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
-    pred = _forward(model, batch)
-    loss = box_loss(pred, batch["boxes"], model.config.loss_weights)["loss"]
+    out = _output(model, batch)
+    loss = grounding_loss(out.boxes, out.quality, batch["boxes"], model.config.loss_weights)["loss"]
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     model.zero_grad(set_to_none=True)
-    return pred.detach(), loss.item(), grads
+    return out.boxes.detach(), loss.item(), grads
 
 
 def test_cached_training_step_matches_pixels(tmp_path, model, images):
@@ -168,7 +174,8 @@ def test_mirrored_view_is_the_encoded_mirrored_image(tmp_path, model, images):
 def test_grouped_cached_batches_equal_one_phrase_at_a_time(tmp_path, images):
     """Through the training pipeline (sampler + collator), for the seed's mean-pooled text
     queries and for the [REG] query."""
-    for overrides in (dict(query="text", pos_embed="none", box_format="xyxy", loss_weights={"diou": 1.0}), {}):
+    for overrides in (dict(query="text", pos_embed="none", box_format="xyxy", quality_head=False,
+                           loss_weights={"diou": 1.0}), {}):
         torch.manual_seed(0)
         model = build_model("tiny", **overrides).eval()
         cfg = model.config
@@ -285,9 +292,9 @@ def test_cached_text_features_match_the_text_encoder(tmp_path, model):
     a, b = collate([item]), cached([item])
     with torch.no_grad():
         boxes_a = model(image_features=a["image_features"], input_ids=a["input_ids"],
-                        attention_mask=a["attention_mask"], image_index=a["image_index"])
+                        attention_mask=a["attention_mask"], image_index=a["image_index"]).boxes
         boxes_b = model(image_features=b["image_features"], text_features=b["text_features"],
-                        attention_mask=b["attention_mask"], image_index=b["image_index"])
+                        attention_mask=b["attention_mask"], image_index=b["image_index"]).boxes
     assert torch.allclose(boxes_a, boxes_b, atol=5e-3)
     # Another max_text_len is another cache.
     changed = type(model.config).from_dict({**model.config.to_dict(), "max_text_len": 8})

@@ -63,9 +63,10 @@ def test_a_shifted_box_scores_what_hand_arithmetic_says(dataset_name, tmp_path):
     assert result["missing_predictions"] == 1
     # FiftyOne: IoU 2/3 matches at 0.5 (TP); IoU 1/3 is a FP and a FN; no prediction is a FN.
     assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 2)
-    # COCO mAP averages IoU thresholds 0.50, 0.55, ..., 0.95 and then the three classes (one per
-    # expression): 2/3 clears 4 of the 10 thresholds -> AP 0.4; the other two classes -> AP 0.
-    assert result["mAP"] == pytest.approx(0.4 / 3)
+    # mAP: one class, COCO's 101-point AP at IoU 0.50, 0.55, ..., 0.95. The 2/3 box ranks first
+    # (equal confidences keep the samples' order), so at 0.50-0.65 recall 1/3 comes at precision 1:
+    # 34 of the 101 recall points (0, 0.01, ..., 0.33); above 0.65 no box counts.
+    assert result["mAP"] == pytest.approx(4 * 34 / 101 / 10)
 
 
 def test_ious_agree_with_torchvision_torchmetrics_and_fiftyone(dataset_name, tmp_path):

@@ -9,7 +9,7 @@ from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
 from fiftyone_grounding.config import PRESETS, GrounderConfig, get_config
 from fiftyone_grounding.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
 from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError
-from fiftyone_grounding.losses import box_loss
+from fiftyone_grounding.losses import box_loss, grounding_loss, quality_loss
 from fiftyone_grounding.model import build_model, build_tokenizer
 
 
@@ -32,10 +32,14 @@ def test_every_preset_builds_and_runs(preset):
     model = build_model(preset, weights=preset == "tiny", **overrides)
     ids, mask = tokens(model, ["the red circle", "the small blue square on the left"])
     pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
-    boxes = model(pixels, ids, mask)
+    out = model(pixels, ids, mask)
+    boxes = out.boxes
     assert boxes.shape == (2, 4)
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert (out.quality is None) == (preset == "seed")
+    if out.quality is not None:
+        assert out.quality.shape == (2,) and torch.isfinite(out.quality).all()
 
 
 def test_frozen_encoders_get_no_gradient():
@@ -44,7 +48,9 @@ def test_frozen_encoders_get_no_gradient():
     pixels = torch.randn(2, 3, 64, 64)
     model.train()
     assert not model.image_encoder.training and not model.text_encoder.training
-    loss = box_loss(model(pixels, ids, mask), torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
+    out = model(pixels, ids, mask)
+    loss = grounding_loss(out.boxes, out.quality, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
+    assert set(loss) == {"l1", "giou", "quality", "loss"}
     loss["loss"].backward()
     for name, p in model.named_parameters():
         if name.startswith(("image_encoder.", "text_encoder.")):
@@ -62,10 +68,30 @@ def test_grouped_images_equal_one_by_one():
     image_index = torch.tensor([0, 1, 0])
     with torch.no_grad():
         grouped = model(images, ids, mask, image_index)
-        single = torch.cat([model(images[j:j + 1], ids[i:i + 1, :int(mask[i].sum())],
-                                  mask[i:i + 1, :int(mask[i].sum())])
-                            for i, j in enumerate(image_index.tolist())])
-    assert torch.allclose(grouped, single, atol=1e-5)
+        single = [model(images[j:j + 1], ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())])
+                  for i, j in enumerate(image_index.tolist())]
+    assert torch.allclose(grouped.boxes, torch.cat([o.boxes for o in single]), atol=1e-5)
+    assert torch.allclose(grouped.quality, torch.cat([o.quality for o in single]), atol=1e-5)
+
+
+def test_the_quality_head_learns_only_from_its_own_loss():
+    """The box loss does not reach the quality head; the quality loss does not reach the box
+    head (the box is detached on its way in and in the IoU target). Both train the shared trunk."""
+    torch.manual_seed(0)
+    model = build_model("tiny").train()
+    ids, mask = tokens(model, ["the red circle", "the blue one"])
+    out = model(torch.randn(2, 3, 64, 64), ids, mask)
+    target = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.3, 0.2, 0.9, 0.6]])
+    box_terms = box_loss(out.boxes, target, model.config.loss_weights)["loss"]
+    quality = quality_loss(out.quality, out.boxes, target)
+
+    def grads(loss, module):
+        return torch.autograd.grad(loss, list(module.parameters()), retain_graph=True, allow_unused=True)
+
+    assert all(g is None for g in grads(box_terms, model.quality_head))
+    assert all(g is None for g in grads(quality, model.head))
+    assert all(g is not None and g.abs().sum() > 0 for g in grads(quality, model.quality_head))
+    assert any(g is not None and g.abs().sum() > 0 for g in grads(quality, model.decoder))
 
 
 @pytest.mark.parametrize("norm_first,query", [(False, "text"), (True, "reg")])
@@ -153,7 +179,8 @@ def test_checkpoint_round_trip_identical_predictions(tmp_path):
     ids, mask = tokens(model, ["the large green square", "the red one on the right"])
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(pixels, ids, mask), loaded(pixels, ids, mask))
+        a, b = model(pixels, ids, mask), loaded(pixels, ids, mask)
+        assert torch.equal(a.boxes, b.boxes) and torch.equal(a.quality, b.quality)
 
 
 def test_pickle_checkpoint_refused(tmp_path):

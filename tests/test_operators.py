@@ -13,7 +13,7 @@ from fiftyone.operators.executor import ExecutionContext, ExecutionError, Execut
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.plugins.context import build_plugin_contexts
 
-from fiftyone_grounding.labels import label_for, make_detections
+from fiftyone_grounding.labels import expression_text, make_detections
 from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV, register_local_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,8 @@ def test_apply_to_a_view_or_the_selected_samples(dataset, tiny_checkpoint):
         "model": str(tiny_checkpoint), "label_field": "pred"}})
     assert result.result == {"label_field": "pred", "num_predictions": len(view), "num_skipped": 0}
     assert dataset.count("pred.detections") == len(view) < len(dataset)
-    assert view.values("pred.detections.label") == [[label_for(e)] for e in view.values("expression")]
+    assert view.values("pred.detections.expression") == [[expression_text(e)] for e in view.values("expression")]
+    assert view.distinct("pred.detections.label") == ["referent"]
 
     selected = dataset.values("id")[:3]
     foo.execute_operator(uri("apply_grounding_model"), ctx={
@@ -151,8 +152,11 @@ def test_evaluate_shows_fiftyone_and_grounding_metrics(dataset):
     assert "ground" in dataset.list_evaluations()
     assert dataset.bounds("ground_iou")[0] == pytest.approx(1.0)
     panel_metrics = dataset.load_evaluation_results("ground").custom_metrics
+    # every box right at confidence 1: no AUROC (nothing to tell apart), no calibration error
     assert {m["label"]: m["value"] for m in panel_metrics.values()} == pytest.approx(
-        {"mIoU": 1.0, "Acc@0.5": 1.0, "Acc@0.75": 1.0})
+        {"mIoU": 1.0, "Acc@0.5": 1.0, "Acc@0.75": 1.0, "confidence ECE": 0.0,
+         "Acc@0.5, 50% most confident": 1.0, "Acc@0.5, 80% most confident": 1.0})
+    assert result["auroc"] is None and result["ece"] == 0.0
 
 
 def test_ground_phrase_on_the_selected_samples(dataset, tiny_checkpoint):
@@ -162,7 +166,7 @@ def test_ground_phrase_on_the_selected_samples(dataset, tiny_checkpoint):
     assert result.result == {"label_field": "grounded", "num_boxes": 3}
     grounded = dataset.exists("grounded")
     assert grounded.values("id") == selected
-    assert grounded.values("grounded.detections.label") == [["the small red circle"]] * 3
+    assert grounded.values("grounded.detections.expression") == [["the small red circle"]] * 3
     set_view = [r for r in result.executor.to_json()["requests"] if r["operator_uri"] == "set_view"]
     assert len(set_view) == 1 and fo.DatasetView._build(dataset, set_view[0]["params"]["view"]).values("id") == selected
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 import fiftyone as fo
 
 from fiftyone_grounding.boxes import fiftyone_xywh_to_pixel_xyxy
-from fiftyone_grounding.labels import label_for
+from fiftyone_grounding.labels import expression_text
 from fiftyone_grounding.refcoco import (
     COCO_CATEGORIES,
     add_arguments,
@@ -200,7 +200,7 @@ def test_import_fields_boxes_and_metadata(source, images, dataset_name):
             assert (sample.metadata.width, sample.metadata.height) == (width, height)
             assert sample.metadata.size_bytes is None
             (det,) = sample.ground_truth.detections
-            assert det.label == label_for(sample.expression)
+            assert det.label == "referent" and det.expression == expression_text(sample.expression)
             assert det.bounding_box == pytest.approx(expected_rel, abs=1e-6)
             back = fiftyone_xywh_to_pixel_xyxy(det.bounding_box, width, height)
             assert back == pytest.approx(box, abs=1e-6 * max(width, height))

@@ -42,7 +42,7 @@ from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError, 
 from fiftyone_grounding.evaluate import evaluate_grounding, evaluate_in_fiftyone
 from fiftyone_grounding.fiftyone_model import GroundingModel
 from fiftyone_grounding.images import MAX_IMAGE_PIXELS, load_rgb
-from fiftyone_grounding.labels import MAX_LABEL_CHARS
+from fiftyone_grounding.labels import MAX_EXPRESSION_CHARS
 from fiftyone_grounding.predict import predict_and_crop
 from fiftyone_grounding.train import fit
 from fiftyone_grounding.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
@@ -236,10 +236,10 @@ def test_training_applying_and_evaluating_go_on_around_bad_input(bad_dataset, ti
     _assert_skips(run["skipped"], unreadable)
     assert sum(CUT_WARNING in r.getMessage() for r in caplog.records) == 1
     assert any("No prediction for 8 samples" in r.getMessage() for r in caplog.records)
-    for sid, phrase, labels in zip(*ds.values(["id", "expression", "pred.detections.label"])):
+    for sid, phrase, labels in zip(*ds.values(["id", "expression", "pred.detections.expression"])):
         assert (labels is None) == (sid in unreadable), (phrase, labels)
         if labels is not None:
-            assert labels == [" ".join(phrase.split())[:MAX_LABEL_CHARS]]  # emoji and accents kept
+            assert labels == [" ".join(phrase.split())[:MAX_EXPRESSION_CHARS]]  # emoji and accents kept
 
     metrics = evaluate_grounding(ds, "pred", "ground_truth", split_field="split")
     assert metrics["missing_predictions"] == len(unreadable)

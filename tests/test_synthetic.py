@@ -11,7 +11,7 @@ import fiftyone as fo
 
 from fiftyone_grounding import synthetic as syn
 from fiftyone_grounding.boxes import is_valid_xyxy
-from fiftyone_grounding.labels import first_box_xyxy, label_for
+from fiftyone_grounding.labels import expression_text, first_box_xyxy
 
 KINDS = {
     "color": set(syn.COLORS),
@@ -209,7 +209,8 @@ def test_dataset_fields_splits_and_regeneration(dataset_name, tmp_path):
         assert split_of_image.setdefault(image_id, split) == split  # splits are by image
         assert files_of_image.setdefault(image_id, filepath) == filepath
         assert isinstance(meta, fo.ImageMetadata) and (meta.width, meta.height) == (64, 64)
-        assert len(gt.detections) == 1 and gt.detections[0].label == label_for(expression)
+        assert len(gt.detections) == 1 and gt.detections[0].label == "referent"
+        assert gt.detections[0].expression == expression_text(expression)
         ref_ids.append(ref_id), ann_ids.append(ann_id), sent_ids.append(sent_id)
 
         # Regenerate the image's scene: same pixels, and the phrase denotes the stored box alone.
