@@ -1,8 +1,9 @@
 """Box formats and overlap measures, as pure functions.
 
 Every box conversion of the project lives here, like detr's ``util/box_ops.py``.
-Functions take tensors (or arrays) of any leading shape with the 4 coordinates
-in the last dimension. Formats:
+Functions take torch tensors or numpy arrays of any leading shape with the 4 coordinates
+in the last dimension, and return the same kind (torch is imported only for tensors, so the
+evaluation runs without it). Formats:
 
 - ``xyxy``: (x_min, y_min, x_max, y_max)
 - ``cxcywh``: (center x, center y, width, height)
@@ -15,42 +16,62 @@ Normalized boxes are in [0, 1] image units; pixel boxes are in pixels.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence, Union
 
-import torch
-from torch import Tensor
+import numpy as np
 
+if TYPE_CHECKING:
+    import torch
 
-def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+Boxes = Union["torch.Tensor", np.ndarray]
 
 
-def box_xywh_to_xyxy(boxes: Tensor) -> Tensor:
-    x, y, w, h = boxes.unbind(-1)
-    return torch.stack([x, y, x + w, y + h], dim=-1)
+def _xp(boxes):
+    """The array module of ``boxes``: torch for tensors, numpy otherwise."""
+    if type(boxes).__module__.startswith("torch"):
+        import torch
+
+        return torch
+    return np
 
 
-def box_xyxy_to_xywh(boxes: Tensor) -> Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
+def _parts(boxes: Boxes):
+    return [boxes[..., i] for i in range(4)]
 
 
-def box_xyxy_abs_to_rel(boxes: Tensor, width: float, height: float) -> Tensor:
+def _scale(boxes: Boxes, width: float, height: float) -> Boxes:
+    values = [width, height, width, height]
+    return boxes.new_tensor(values) if _xp(boxes) is not np else np.asarray(values, dtype=boxes.dtype)
+
+
+def box_cxcywh_to_xyxy(boxes: Boxes) -> Boxes:
+    cx, cy, w, h = _parts(boxes)
+    return _xp(boxes).stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+def box_xyxy_to_cxcywh(boxes: Boxes) -> Boxes:
+    x0, y0, x1, y1 = _parts(boxes)
+    return _xp(boxes).stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+
+
+def box_xywh_to_xyxy(boxes: Boxes) -> Boxes:
+    x, y, w, h = _parts(boxes)
+    return _xp(boxes).stack([x, y, x + w, y + h], -1)
+
+
+def box_xyxy_to_xywh(boxes: Boxes) -> Boxes:
+    x0, y0, x1, y1 = _parts(boxes)
+    return _xp(boxes).stack([x0, y0, x1 - x0, y1 - y0], -1)
+
+
+def box_xyxy_abs_to_rel(boxes: Boxes, width: float, height: float) -> Boxes:
     """Pixel xyxy -> normalized xyxy."""
-    scale = boxes.new_tensor([width, height, width, height])
-    return boxes / scale
+    return boxes / _scale(boxes, width, height)
 
 
-def box_xyxy_rel_to_abs(boxes: Tensor, width: float, height: float) -> Tensor:
+def box_xyxy_rel_to_abs(boxes: Boxes, width: float, height: float) -> Boxes:
     """Normalized xyxy -> pixel xyxy."""
-    scale = boxes.new_tensor([width, height, width, height])
-    return boxes * scale
+    return boxes * _scale(boxes, width, height)
 
 
 def fiftyone_xywh_to_xyxy(bounding_box: Sequence[float]) -> list[float]:
@@ -85,42 +106,44 @@ def is_valid_xyxy(box: Sequence[float]) -> bool:
     return x1 > x0 and y1 > y0
 
 
-def box_area(boxes: Tensor) -> Tensor:
-    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+def box_area(boxes: Boxes) -> Boxes:
+    return (boxes[..., 2] - boxes[..., 0]).clip(min=0) * (boxes[..., 3] - boxes[..., 1]).clip(min=0)
 
 
-def _inter_union(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    wh = (rb - lt).clamp(min=0)
+def _inter_union(a: Boxes, b: Boxes) -> tuple:
+    xp = _xp(a)
+    lt = xp.maximum(a[..., :2], b[..., :2])
+    rb = xp.minimum(a[..., 2:], b[..., 2:])
+    wh = (rb - lt).clip(min=0)
     inter = wh[..., 0] * wh[..., 1]
     union = box_area(a) + box_area(b) - inter
     return inter, union
 
 
-def _enclosing(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    lt = torch.minimum(a[..., :2], b[..., :2])
-    rb = torch.maximum(a[..., 2:], b[..., 2:])
+def _enclosing(a: Boxes, b: Boxes) -> tuple:
+    xp = _xp(a)
+    lt = xp.minimum(a[..., :2], b[..., :2])
+    rb = xp.maximum(a[..., 2:], b[..., 2:])
     return lt, rb
 
 
-def box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+def box_iou(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
     """Element-wise IoU of xyxy boxes ``a`` and ``b`` (same shape, ``(..., 4)``)."""
     inter, union = _inter_union(a, b)
     return inter / (union + eps)
 
 
-def generalized_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+def generalized_box_iou(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
     """Element-wise GIoU of xyxy boxes."""
     inter, union = _inter_union(a, b)
     iou = inter / (union + eps)
     lt, rb = _enclosing(a, b)
-    wh = (rb - lt).clamp(min=0)
+    wh = (rb - lt).clip(min=0)
     hull = wh[..., 0] * wh[..., 1]
     return iou - (hull - union) / (hull + eps)
 
 
-def distance_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+def distance_box_iou(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
     """Element-wise DIoU of xyxy boxes: IoU minus normalized center distance."""
     inter, union = _inter_union(a, b)
     iou = inter / (union + eps)
@@ -132,6 +155,6 @@ def distance_box_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
     return iou - dist / (diag + eps)
 
 
-def box_iou_matrix(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
+def box_iou_matrix(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
     """Pairwise IoU: ``a`` (N, 4), ``b`` (M, 4) -> (N, M)."""
     return box_iou(a[:, None, :], b[None, :, :], eps)

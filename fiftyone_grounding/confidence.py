@@ -85,18 +85,35 @@ class Calibration:
 
 
 def _fit_platt(logits: np.ndarray, correct: np.ndarray, steps: int = 100) -> tuple[float, float]:
-    """Logistic regression of ``correct`` on ``logits`` (Newton's method, a little ridge)."""
-    a, b = 1.0, 0.0
+    """Logistic regression of ``correct`` on ``logits``: damped Newton steps on the mean
+    log-loss (halved until the loss falls), a little ridge towards the identity."""
     x = logits.astype(np.float64)
     y = correct.astype(np.float64)
+    ridge = 1e-4
+
+    def loss(a: float, b: float) -> float:
+        z = a * x + b
+        return float(np.mean(y * np.logaddexp(0.0, -z) + (1 - y) * np.logaddexp(0.0, z)) + ridge * (a - 1) ** 2)
+
+    a, b = 1.0, 0.0
+    current = loss(a, b)
     for _ in range(steps):
         p = _sigmoid(a * x + b)
-        w = np.maximum(p * (1 - p), 1e-9)
-        grad = np.array([np.sum((p - y) * x) + 1e-3 * (a - 1.0), np.sum(p - y)])
-        hess = np.array([[np.sum(w * x * x) + 1e-3, np.sum(w * x)], [np.sum(w * x), np.sum(w) + 1e-9]])
+        w = p * (1 - p)
+        grad = np.array([np.mean((p - y) * x) + 2 * ridge * (a - 1), np.mean(p - y)])
+        hess = np.array([[np.mean(w * x * x) + 2 * ridge, np.mean(w * x)], [np.mean(w * x), np.mean(w) + 1e-12]])
         step = np.linalg.solve(hess, grad)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-10:
+        t = 1.0
+        while t > 1e-6:
+            candidate = loss(a - t * step[0], b - t * step[1])
+            if candidate <= current:
+                break
+            t /= 2
+        else:
+            break
+        a, b = a - t * step[0], b - t * step[1]
+        improvement, current = current - candidate, candidate
+        if improvement < 1e-12:
             break
     return max(float(a), 1e-3), float(b)  # increasing: the confidence keeps the head's order
 

@@ -26,13 +26,9 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def machine_info() -> dict:
-    """The CPU the demo trained on: its model, torch's kernel level for it (e.g. AVX2,
-    AVX512) and torch's thread count. CPU kernels of another level (or another thread
-    count) sum in another order, so the same seed trains to slightly other weights."""
+def cpu_name() -> str:
+    """The machine's CPU model (from /proc/cpuinfo where there is one)."""
     import platform
-
-    import torch
 
     name = platform.processor() or platform.machine()
     try:
@@ -40,7 +36,16 @@ def machine_info() -> dict:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return {"cpu": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return name
+
+
+def machine_info() -> dict:
+    """The CPU the demo trained on: its model, torch's kernel level for it (e.g. AVX2,
+    AVX512) and torch's thread count. CPU kernels of another level (or another thread
+    count) sum in another order, so the same seed trains to slightly other weights."""
+    import torch
+
+    return {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads()}
 
 

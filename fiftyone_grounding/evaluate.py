@@ -19,11 +19,11 @@ ground-truth box are not scored (``unscored``); a sample without a prediction sc
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 import fiftyone.utils.eval.detection as foud
 
@@ -51,18 +51,18 @@ METRICS = (
 def grounding_metrics(ious, confidences: Optional[Sequence] = None) -> dict:
     """The metrics of per-expression IoUs (a missing prediction counts as 0) and, given, their
     confidences (None where a box has none)."""
-    ious = torch.as_tensor(np.asarray(ious, dtype=np.float64))
-    if ious.numel() == 0:
+    ious = np.asarray(ious, dtype=np.float64)
+    if ious.size == 0:
         return {**{k: None for k, _, _ in METRICS}, "miou": float("nan"), "acc50": float("nan"),
                 "acc75": float("nan"), "count": 0}
     out = {
-        "miou": ious.mean().item(),
-        "acc50": (ious >= 0.5).double().mean().item(),
-        "acc75": (ious >= 0.75).double().mean().item(),
-        "count": int(ious.numel()),
+        "miou": float(ious.mean()),
+        "acc50": float((ious >= 0.5).mean()),
+        "acc75": float((ious >= 0.75).mean()),
+        "count": int(ious.size),
     }
     out.update(confidence_metrics(ious.tolist(), list(confidences) if confidences is not None
-                                  else [None] * int(ious.numel())))
+                                  else [None] * int(ious.size)))
     return out
 
 
@@ -120,9 +120,9 @@ def score_samples(view, pred_field: str, gt_field: str) -> SampleScores:
                 pairs.append((i, pred, gt))
     if pairs:
         index = np.array([i for i, _, _ in pairs])
-        p = torch.tensor([b for _, b, _ in pairs], dtype=torch.float64)
-        g = torch.tensor([b for _, _, b in pairs], dtype=torch.float64)
-        ious[index] = box_iou(p, g, eps=0.0).numpy()
+        p = np.array([b for _, b, _ in pairs], dtype=np.float64)
+        g = np.array([b for _, _, b in pairs], dtype=np.float64)
+        ious[index] = box_iou(p, g, eps=0.0)
     return out
 
 
@@ -223,7 +223,7 @@ def mean_box(view, gt_field: str = "ground_truth") -> list[float]:
                                for bb in view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
     if not boxes:
         raise InputError("No ground-truth boxes to average: the view has no valid box")
-    return torch.tensor(boxes, dtype=torch.float64).mean(0).tolist()
+    return np.asarray(boxes, dtype=np.float64).mean(0).tolist()
 
 
 def constant_box_miou(train_view, test_view, gt_field: str = "ground_truth") -> float:
@@ -231,9 +231,9 @@ def constant_box_miou(train_view, test_view, gt_field: str = "ground_truth") -> 
     box = mean_box(train_view, gt_field)
     gts = [b for b, _, _ in (_first_valid(bb, [None] * len(bb or []), [None] * len(bb or []))
                              for bb in test_view.values(f"{gt_field}.detections.bounding_box")) if b is not None]
-    g = torch.tensor(gts, dtype=torch.float64)
-    p = torch.tensor(box, dtype=torch.float64).expand_as(g)
-    return box_iou(p, g, eps=0.0).mean().item()
+    g = np.asarray(gts, dtype=np.float64)
+    p = np.broadcast_to(np.asarray(box, dtype=np.float64), g.shape)
+    return float(box_iou(p, g, eps=0.0).mean())
 
 
 # -- average precision -------------------------------------------------------------------
@@ -264,8 +264,8 @@ class GroundingEvaluationConfig(foud.DetectionEvaluationConfig):
     """A grounding evaluation: every sample's first predicted box against its first valid true
     box, a true positive at IoU >= ``iou`` (0.5)."""
 
-    def __init__(self, pred_field, gt_field, iou=0.5, custom_metrics=None, **kwargs):
-        super().__init__(pred_field, gt_field, iou=iou, classwise=False, custom_metrics=custom_metrics, **kwargs)
+    def __init__(self, pred_field, gt_field, iou=0.5, classwise=False, custom_metrics=None, **kwargs):
+        super().__init__(pred_field, gt_field, iou=iou, classwise=classwise, custom_metrics=custom_metrics, **kwargs)
 
     @property
     def method(self):
@@ -293,8 +293,7 @@ class GroundingEvaluation(foud.DetectionEvaluation):
         if pred_det is not None:
             box = fiftyone_xywh_to_xyxy(pred_det.bounding_box) if pred_det.bounding_box is not None else None
             if box is not None and is_valid_xyxy(box):
-                iou = float(box_iou(torch.tensor(box, dtype=torch.float64), torch.tensor(gt, dtype=torch.float64),
-                                    eps=0.0))
+                iou = float(box_iou(np.asarray(box, dtype=np.float64), np.asarray(gt, dtype=np.float64), eps=0.0))
         status = _status(iou, pred_det is not None, self.config.iou)
         if eval_key is not None:
             doc[iou_field_of(eval_key)] = iou
@@ -323,10 +322,25 @@ class GroundingEvaluation(foud.DetectionEvaluation):
         super().cleanup(samples, eval_key)
         samples._dataset.delete_sample_fields([iou_field_of(eval_key)], error_level=1)
 
+    # This plugin's metrics write no fields: nothing to find, rename or clean up (and no
+    # operator lookup, which fails where the plugin is not installed). FiftyOne's own handling
+    # runs for the other metrics of the run.
+    def get_custom_metric_fields(self, samples, eval_key, metric_uris=None):
+        with self._other_metrics(metric_uris):
+            return super().get_custom_metric_fields(samples, eval_key)
+
+    def rename_custom_metrics(self, samples, eval_key, new_eval_key, metric_uris=None):
+        with self._other_metrics(metric_uris):
+            super().rename_custom_metrics(samples, eval_key, new_eval_key)
+
+    def cleanup_custom_metrics(self, samples, eval_key, metric_uris=None):
+        with self._other_metrics(metric_uris):
+            super().cleanup_custom_metrics(samples, eval_key)
+
     def compute_custom_metrics(self, samples, eval_key, results, metric_uris=None, scores=None):
-        """This plugin's metrics (``metric_uri``) are computed here, from the scores (no operator
-        lookup, so they are there without the plugin installed); others through FiftyOne."""
-        ours = {uri for uri in self._get_custom_metrics(metric_uris) if uri in METRIC_URIS}
+        """This plugin's metrics (``metric_uri``) are computed here, from the scores (so they are
+        there without the plugin installed); the others through FiftyOne's operators."""
+        ours = [uri for uri in self._get_custom_metrics(metric_uris) if uri in METRIC_URIS]
         if ours:
             scores = scores if scores is not None else score_samples(samples, self.config.pred_field,
                                                                       self.config.gt_field)
@@ -337,9 +351,20 @@ class GroundingEvaluation(foud.DetectionEvaluation):
                 if uri in ours and values.get(key) is not None:
                     results.custom_metrics[uri] = {"key": key, "value": values[key], "label": label,
                                                    "lower_is_better": lower_is_better}
+        with self._other_metrics(metric_uris):
+            super().compute_custom_metrics(samples, eval_key, results)
+
+    @contextlib.contextmanager
+    def _other_metrics(self, metric_uris=None):
+        """The run's custom metrics, less this plugin's, while FiftyOne handles them."""
+        saved = self.config.custom_metrics
+        kwargs = saved if isinstance(saved, dict) else {}
         others = [uri for uri in self._get_custom_metrics(metric_uris) if uri not in METRIC_URIS]
-        if others:
-            super().compute_custom_metrics(samples, eval_key, results, metric_uris=others)
+        self.config.custom_metrics = {uri: kwargs.get(uri) for uri in others} or None
+        try:
+            yield
+        finally:
+            self.config.custom_metrics = saved
 
 
 def metric_value(samples, results, key: str):
@@ -480,7 +505,8 @@ def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvalu
     dataset = view._root_dataset
     threshold = config.iou
     matches = []
-    tp, fp, fn = {}, {}, {}
+    # every sample of the view gets counts, the unscored ones 0 (as FiftyOne's own loop writes)
+    tp, fp, fn = ({sid: 0 for sid in scores.ids} for _ in range(3))
     box_values = {}  # label id -> (eval value, match id, match IoU)
     for i in np.flatnonzero(scores.scored):
         sid, iou = scores.ids[i], float(scores.ious[i])
@@ -506,19 +532,21 @@ def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvalu
 
 
 def _write_box_attributes(view, field: str, eval_key: str, box_values: dict) -> None:
-    """``<eval_key>``, ``_id`` and ``_iou`` on every box of ``field`` that the run scored."""
+    """``<eval_key>``, ``_id`` and ``_iou`` on every box of ``field`` that the run scored: the
+    field's documents read, changed and written back whole (one bulk write, not one per attribute)."""
     dataset = view._root_dataset
-    sample_ids, ids = view.values(["id", f"{field}.detections.id"])
-    columns = {suffix: {} for suffix in ("", "_id", "_iou")}
-    for sid, label_ids in zip(sample_ids, ids):
-        if not label_ids or not any(lid in box_values for lid in label_ids):
+    sample_ids, docs = view.values(["id", field], _raw=True)
+    changed = {}
+    for sid, doc in zip(sample_ids, docs):
+        dets = (doc or {}).get("detections") or []
+        if not any(str(det["_id"]) in box_values for det in dets):
             continue
-        rows = [box_values.get(lid, (None, None, None)) for lid in label_ids]
-        for k, suffix in enumerate(("", "_id", "_iou")):
-            columns[suffix][sid] = [row[k] for row in rows]
-    for suffix, values in columns.items():
-        if values:
-            dataset.set_values(f"{field}.detections.{eval_key}{suffix}", values, key_field="id")
+        for det in dets:
+            value, match, iou = box_values.get(str(det["_id"]), (None, None, None))
+            det[eval_key], det[f"{eval_key}_id"], det[f"{eval_key}_iou"] = value, match, iou
+        changed[str(sid)] = doc
+    if changed:
+        dataset.set_values(field, changed, key_field="id", validate=False)
 
 
 def register_scenarios(view, fields: Sequence[str]) -> list[str]:

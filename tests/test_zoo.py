@@ -348,3 +348,23 @@ def test_download_fails_with_one_clear_sentence(zoo_dir, tmp_path, monkeypatch):
     with pytest.raises(DownloadError) as error:
         foz.load_zoo_model(DEMO, cache=False)
     assert "fiftyone-grounding demo" in str(error.value) and DEMO_CHECKPOINT_ENV in str(error.value)
+
+
+def test_a_confidence_threshold_keeps_the_same_boxes_on_every_path(dataset, model):
+    """FiftyOne's apply_model(confidence_thresh=...), the fast path and a model made with a
+    threshold keep the same boxes; the others become empty Detections."""
+    view = dataset.limit(30)
+    apply_grounding_model(view, model, label_field="all")
+    confidences = [c[0] for c in view.values("all.detections.confidence")]
+    threshold = float(np.median(confidences))
+    view.apply_model(model, label_field="fo", prompt_field="expression", confidence_thresh=threshold)
+    apply_grounding_model(view, model, label_field="fast", confidence_thresh=threshold)
+    strict = GroundingModel(model.model, device="cpu", confidence_thresh=threshold)
+    apply_grounding_model(view, strict, label_field="own")
+    kept = [[c] if c >= threshold else [] for c in confidences]
+    for field in ("fo", "fast", "own"):
+        got = view.values(f"{field}.detections.confidence")
+        assert [[round(v, 6) for v in c] for c in got] == [[round(v, 6) for v in c] for c in kept], field
+    assert 0 < view.count("fast.detections") < len(view)
+    assert ground_phrase(view, "the red circle", model, confidence_thresh=2.0) == 0
+    assert view.count("grounded.detections") == 0 and len(view.exists("grounded")) == len(view)
