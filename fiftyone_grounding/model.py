@@ -48,7 +48,8 @@ class GroundingOutput(NamedTuple):
 
 class QualityHead(nn.Module):
     """Predicts the IoU of a box with the true box, from the query that produced it and the box
-    itself (detached: this head learns to judge the box, never to move it). Returns logits."""
+    itself. Both come in detached: this head learns to judge the box and never moves it, nor the
+    features it was made from (sharing them cost the box accuracy on the demo). Returns logits."""
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
@@ -57,7 +58,7 @@ class QualityHead(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
 
     def forward(self, query: Tensor, box_cxcywh: Tensor) -> Tensor:
-        x = torch.cat([self.norm(query), box_cxcywh.detach().to(query.dtype)], dim=-1)  # (B, d + 4)
+        x = torch.cat([self.norm(query.detach()), box_cxcywh.detach().to(query.dtype)], dim=-1)  # (B, d + 4)
         return self.fc2(F.relu(self.fc1(x))).squeeze(-1).float()  # (B,)
 
 

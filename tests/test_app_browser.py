@@ -1,4 +1,5 @@
-"""The real FiftyOne App in headless Chromium: find this plugin's operators and run one.
+"""The real FiftyOne App in headless Chromium: this plugin's operators, and its evaluation in the
+Model Evaluation panel.
 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; skipped without it). With
 ``FOG_SAVE_SCREENSHOTS=1`` the screenshots are also copied into ``docs/`` for the README.
@@ -113,3 +114,57 @@ def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
     assert dataset.count("predictions.detections") == len(dataset) == 20
     labels = dataset.values("predictions.detections.label")
     assert labels == dataset.values("ground_truth.detections.label")
+
+
+def _open_model_evaluation_panel(page, eval_key: str) -> None:
+    """The '+' of the grid's tab bar -> Model Evaluation -> the run ``eval_key``."""
+    from playwright.sync_api import expect
+
+    page.locator('[title="New panel"], [aria-label="New panel"]').first.click() if page.locator(
+        '[title="New panel"], [aria-label="New panel"]').count() else page.get_by_text("+", exact=True).first.click()
+    page.get_by_text("Model Evaluation", exact=True).click()
+    expect(page.get_by_text(eval_key, exact=True)).to_be_visible()
+    for _ in range(5):  # the panel's list takes a click once it has loaded the run's card
+        page.get_by_text(eval_key, exact=True).click()
+        try:
+            page.get_by_text("Summary", exact=True).wait_for(timeout=12_000)
+            return
+        except Exception:  # noqa: BLE001 - not open yet: click again
+            continue
+    expect(page.get_by_text("Summary", exact=True)).to_be_visible()
+
+
+def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
+    """A grounding evaluation (run here through the plugin's operator) in the App's Model
+    Evaluation panel: one class, the mAP ranked by the confidence, the grounding metrics, and
+    the split scenario."""
+    import fiftyone.operators as foo
+    from playwright.sync_api import expect, sync_playwright
+
+    from fiftyone_grounding.apply import apply_grounding_model
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+
+    dataset, url = app
+    apply_grounding_model(dataset, GroundingModel.from_checkpoint(os.environ[DEMO_CHECKPOINT_ENV], device="cpu"),
+                          label_field="predictions")
+    foo.execute_operator("@fiftyone-grounding/grounding/evaluate_grounding_model", ctx={"dataset": dataset,
+                                                                                          "params": {}})
+    expect.set_options(timeout=TIMEOUT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url, timeout=TIMEOUT_MS)
+            expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
+            _dismiss_promotions(page)
+            _open_model_evaluation_panel(page, "eval")
+            for label in ("mAP", "mIoU", "Acc@0.5", "confidence AUROC", "confidence ECE"):
+                expect(page.get_by_text(label, exact=True).first).to_be_visible()
+            _save(page, tmp_path, "app_model_evaluation.png")
+            page.get_by_role("tab", name="Scenario Analysis").click()
+            # a scenario is there (without one the tab offers to create one): the split field's
+            expect(page.get_by_text("Scenario:", exact=True)).to_be_visible()
+            expect(page.get_by_text("Prediction Statistics", exact=True)).to_be_visible()
+        finally:
+            browser.close()
