@@ -456,8 +456,8 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: float = 0.0, *, scheduler=None,
                accelerator=None, autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the model's device: forward (under autocast
-    with ``autocast_dtype``), ``grounding_loss``, backward, gradient clipping, optimizer and
-    scheduler step. Under Accelerate (``accelerator``) backward and clipping go through it.
+    with ``autocast_dtype``), ``grounding_loss``, backward, gradient clipping (``clip_groups``),
+    optimizer and scheduler step. Under Accelerate (``accelerator``) backward and clipping go through it.
     Returns the loss and the predicted boxes, detached, still on the device (reading them waits
     for it)."""
     with _autocast(batch["attention_mask"].device, autocast_dtype):
@@ -470,15 +470,24 @@ def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: flo
     else:
         loss.backward()
     if grad_clip:
-        params = [p for p in model.parameters() if p.requires_grad]
         if accelerator is not None:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            accelerator.unscale_gradients()  # (fp16 only; a no-op otherwise)
+        for group in clip_groups(model):
+            torch.nn.utils.clip_grad_norm_(group, grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     return loss.detach(), pred.detach()
+
+
+def clip_groups(model) -> list[list[torch.nn.Parameter]]:
+    """The trainable parameters in the groups whose gradient norms are clipped apart: the
+    quality head learns from its own loss alone, so its gradients must not scale down the box's."""
+    main, quality = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (quality if "quality_head." in name else main).append(p)
+    return [group for group in (main, quality) if group]
 
 
 SYNC_EVERY = 25  # steps between reads of the loss on the host (each read waits for the GPU)

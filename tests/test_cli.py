@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from fiftyone_grounding.cli import main
 
-COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert"]
+COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert", "migrate-labels"]
 
 
 @pytest.mark.parametrize("command", [None] + COMMANDS)
@@ -83,7 +83,9 @@ def test_demo_end_to_end_small(tmp_path, dataset_name):
     main(["demo", "--out-dir", str(tmp_path / "demo"), "--dataset-name", dataset_name, "--num-images", "60",
           "--epochs", "2", "--json", str(out), "--no-progress"])
     result = json.loads(out.read_text())
-    assert set(result["test"]) >= {"miou", "acc50", "acc75"}
+    assert set(result["test"]) >= {"miou", "acc50", "acc75", "auroc", "ece", "acc_at_50_coverage",
+                                   "acc_at_80_coverage"}
+    assert result["test"]["ece"] is not None  # the tiny preset's boxes carry a confidence
     assert 0 <= result["test"]["miou"] <= 1 and 0 < result["constant_box_miou"] < 1
     assert result["versions"]["torch"] == torch.__version__.split("+")[0]  # metadata has no local tag
     assert result["versions"]["fiftyone"] and result["versions"]["transformers"]
@@ -120,6 +122,7 @@ def bad_inputs(synthetic_dataset, dataset_name, tiny_checkpoint, tmp_path):
                     "image file not found"),
         "import-refcoco": (["refcoco", "--source", missing], "is not a folder written by save_to_disk"),
         "convert": ([missing / "old.pt", tmp_path / "new", "--preset", "tiny"], "No file"),
+        "migrate-labels": (["--dataset", dataset_name, "--fields", "expression"], "are not Detections fields"),
     }
 
 

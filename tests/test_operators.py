@@ -178,3 +178,25 @@ def test_ground_phrase_needs_a_selection_and_a_phrase(dataset, tiny_checkpoint):
     with pytest.raises(ExecutionError, match="The phrase is empty"):
         foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "selected": dataset.values("id")[:1],
                                                          "params": {"phrase": "  ", "model": str(tiny_checkpoint)}})
+
+
+def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
+    """The plugin's EvaluationMetric operators, chosen for a COCO-style evaluation (as the App's
+    evaluation form offers them): computed with the run, and gone with it."""
+    from fiftyone_grounding.evaluate import METRIC_URIS, evaluate_grounding
+
+    boxes = [b[0] for b in dataset.values("ground_truth.detections.bounding_box")]
+    shifted = [[x + 0.05 * (i % 3), y, w, h] for i, (x, y, w, h) in enumerate(boxes)]
+    dataset.set_values("predictions", [make_detections([x, y, x + w, y + h], e, confidence=0.3 + 0.1 * (i % 5))
+                                       for i, ((x, y, w, h), e) in enumerate(zip(shifted, dataset.values("expression")))])
+    results = dataset.evaluate_detections("predictions", gt_field="ground_truth", eval_key="coco",
+                                          custom_metrics=list(METRIC_URIS))
+    expected = evaluate_grounding(dataset, "predictions", "ground_truth", iou_field="check", print_table=False)
+    computed = {m["key"]: m for m in results.custom_metrics.values()}
+    assert set(computed) == {"miou", "acc50", "acc75", "auroc", "ece", "acc_at_50_coverage", "acc_at_80_coverage"}
+    for key, metric in computed.items():
+        assert metric["value"] == pytest.approx(expected["overall"][key]), key
+    assert computed["ece"]["lower_is_better"] and not computed["miou"]["lower_is_better"]
+    assert dataset.load_evaluation_results("coco").custom_metrics == results.custom_metrics
+    dataset.delete_evaluation("coco")
+    assert not dataset.has_field("coco_tp") and dataset.list_evaluations() == []
