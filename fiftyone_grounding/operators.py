@@ -440,7 +440,8 @@ class GroundingMetric(foo.EvaluationMetric):
     def config(self):
         config = foo.EvaluationMetricConfig(
             name=self.KEY, label=self.LABEL, eval_types=["detection"], lower_is_better=self.LOWER_IS_BETTER,
-            description=f"{self.LABEL} of each sample's first predicted box against its first true box")
+            description=f"{self.LABEL} of each sample's first predicted box against its first true box",
+            unlisted=True)  # a metric of evaluation runs, not an operation of the operator browser
         # FiftyOne reads this flag from the config's kwargs when it stores the value
         config.kwargs["lower_is_better"] = self.LOWER_IS_BETTER
         return config

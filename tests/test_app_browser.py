@@ -5,6 +5,7 @@ Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; skipped without it
 ``FOG_SAVE_SCREENSHOTS=1`` the screenshots are also copied into ``docs/`` for the README.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -73,10 +74,11 @@ def _dismiss_promotions(page) -> None:
         pass
 
 
-def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
+@contextlib.contextmanager
+def _app_page(url: str):
+    """A Chromium page on the App at ``url``, its dataset's sidebar loaded, promotions closed."""
     from playwright.sync_api import expect, sync_playwright
 
-    dataset, url = app
     # expect() has its own timeout (5 s), apart from the page's: the App server's first operator
     # run imports torch and transformers (compiling them on a fresh install) and loads the model
     expect.set_options(timeout=TIMEOUT_MS)
@@ -88,24 +90,31 @@ def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
             page.goto(url, timeout=TIMEOUT_MS)
             expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
             _dismiss_promotions(page)
-
-            page.keyboard.press("Backquote")  # the operator browser
-            page.get_by_placeholder("Search operations by name").fill("grounding")
-            for label in OPERATOR_LABELS:
-                expect(page.get_by_text(label, exact=True)).to_be_visible()
-            _save(page, tmp_path, "app_operators.png")
-
-            page.get_by_text("Grounding: apply a model", exact=True).click()
-            expect(page.get_by_text("Apply a grounding model", exact=True)).to_be_visible()
-            page.get_by_role("button", name="Execute").click()
-
-            expect(page.get_by_text("Predictions written", exact=True)).to_be_visible()
-            page.get_by_role("button", name="Close").click()
-            expect(page.locator('[data-cy="sidebar-field-predictions"]')).to_be_visible()
-            page.wait_for_timeout(3_000)  # only for the picture: let the grid redraw its images
-            _save(page, tmp_path, "app_apply_result.png")
+            yield page
         finally:
             browser.close()
+
+
+def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
+    from playwright.sync_api import expect
+
+    dataset, url = app
+    with _app_page(url) as page:
+        page.keyboard.press("Backquote")  # the operator browser
+        page.get_by_placeholder("Search operations by name").fill("grounding")
+        for label in OPERATOR_LABELS:
+            expect(page.get_by_text(label, exact=True)).to_be_visible()
+        _save(page, tmp_path, "app_operators.png")
+
+        page.get_by_text("Grounding: apply a model", exact=True).click()
+        expect(page.get_by_text("Apply a grounding model", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Execute").click()
+
+        expect(page.get_by_text("Predictions written", exact=True)).to_be_visible()
+        page.get_by_role("button", name="Close").click()
+        expect(page.locator('[data-cy="sidebar-field-predictions"]')).to_be_visible()
+        page.wait_for_timeout(3_000)  # only for the picture: let the grid redraw its images
+        _save(page, tmp_path, "app_apply_result.png")
 
     deadline = time.time() + 30
     while not dataset.has_field("predictions") and time.time() < deadline:
@@ -139,7 +148,7 @@ def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
     Evaluation panel: one class, the mAP ranked by the confidence, the grounding metrics, and
     the split scenario."""
     import fiftyone.operators as foo
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from fiftyone_grounding.apply import apply_grounding_model
     from fiftyone_grounding.fiftyone_model import GroundingModel
@@ -149,22 +158,12 @@ def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
                           label_field="predictions")
     foo.execute_operator("@fiftyone-grounding/grounding/evaluate_grounding_model", ctx={"dataset": dataset,
                                                                                           "params": {}})
-    expect.set_options(timeout=TIMEOUT_MS)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url, timeout=TIMEOUT_MS)
-            expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
-            _dismiss_promotions(page)
-            _open_model_evaluation_panel(page, "eval")
-            for label in ("mAP", "mIoU", "Acc@0.5", "confidence AUROC", "confidence ECE"):
-                expect(page.get_by_text(label, exact=True).first).to_be_visible()
-            _save(page, tmp_path, "app_model_evaluation.png")
-            page.get_by_role("tab", name="Scenario Analysis").click()
-            # a scenario is there (without one the tab offers to create one): the split field's
-            expect(page.get_by_text("Scenario:", exact=True)).to_be_visible()
-            expect(page.get_by_text("Prediction Statistics", exact=True)).to_be_visible()
-        finally:
-            browser.close()
+    with _app_page(url) as page:
+        _open_model_evaluation_panel(page, "eval")
+        for label in ("mAP", "mIoU", "Acc@0.5", "confidence AUROC", "confidence ECE"):
+            expect(page.get_by_text(label, exact=True).first).to_be_visible()
+        page.screenshot(path=str(tmp_path / "app_model_evaluation.png"))  # (docs/ has the demo's run)
+        page.get_by_role("tab", name="Scenario Analysis").click()
+        # a scenario is there (without one the tab offers to create one): the split field's
+        expect(page.get_by_text("Scenario:", exact=True)).to_be_visible()
+        expect(page.get_by_text("Prediction Statistics", exact=True)).to_be_visible()

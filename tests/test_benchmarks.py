@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_benchmark(script, tmp_path, *args):
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    threads = [] if script == "evaluate_throughput" else ["--threads", "1"]  # (no torch there)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--device", "cpu",
-                           "--threads", "1", "--json", str(out), *args],
+                           *threads, "--json", str(out), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -54,3 +55,13 @@ def test_fit_throughput_trains_through_fit(tmp_path):
     assert result["expressions"] == 42 and len(result["epochs"]) == 2
     assert all(e["seconds"] > 0 and e["expressions_per_s"] > 0 for e in result["epochs"])
     assert "Cached image features of 6 images" in stdout
+
+
+def test_evaluate_throughput_times_every_step(tmp_path):
+    result, stdout = run_benchmark("evaluate_throughput", tmp_path, "--samples", "60", "--fiftyone-loop")
+    assert result["samples"] == 60 and not result["torch_imported"]
+    assert set(result["seconds"]) == {"evaluate_grounding", "evaluate_in_fiftyone", "panel", "end_to_end",
+                                      "delete", "fiftyone_loop"}
+    assert result["mAP"] == result["fiftyone_loop_mAP"]  # the bulk run and FiftyOne's loop agree
+    assert result["panel"]["matrix_shape"] == [2, 2] and result["panel"]["classes"] == ["referent"]
+    assert 0 < result["metrics"]["auroc"] <= 1 and result["peak_rss_mib"] > result["baseline_rss_mib"]
