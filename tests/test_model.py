@@ -1,6 +1,7 @@
 """The model: exact seed size, every preset builds, frozen encoders, grouping, checkpoints."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -190,3 +191,23 @@ def test_pickle_checkpoint_refused(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="No checkpoint"):
         load_checkpoint(tmp_path / "missing")
+
+
+V1_CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints_v1"
+
+
+@pytest.mark.parametrize("name", ["post_norm_text_query", "pre_norm_reg_query"])
+def test_checkpoints_of_the_first_decoder_load_and_give_their_boxes(name):
+    """Checkpoints written by the decoder as it was before the layers were written out (its
+    nn.TransformerDecoder state-dict names): they load, and give the boxes they gave then."""
+    expected = json.loads((V1_CHECKPOINTS / name / "expected.json").read_text())
+    g = torch.Generator().manual_seed(expected["features_seed"])
+    image_features = torch.randn(*expected["image_features"], generator=g)
+    text_features = torch.randn(*expected["text_features"], generator=g)
+    model = load_checkpoint(V1_CHECKPOINTS / name)
+    with torch.no_grad():
+        out = model.decode(image_features, text_features, torch.tensor(expected["attention_mask"]),
+                           torch.tensor(expected["image_index"]))
+    torch.testing.assert_close(out.boxes, torch.tensor(expected["boxes"]), atol=1e-5, rtol=0)
+    if expected["quality"] is not None:
+        torch.testing.assert_close(out.quality, torch.tensor(expected["quality"]), atol=1e-5, rtol=0)
