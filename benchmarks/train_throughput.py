@@ -188,9 +188,9 @@ def main(argv=None):
             print(f"note: {shim}")
             if workers and torch.multiprocessing.get_start_method() != "fork":
                 workers = 0  # spawned workers would not see the stand-in module
-        cache = open_feature_cache(tmp / "features", config, model.image_encoder)
+        cache = open_feature_cache(tmp / "features", model)
         with Timer(device) as t_cache:
-            added = cache.build(paths, model.image_encoder, config, device, batch_size=64, num_workers=workers,
+            added = cache.build(paths, model.encode_images, config, device, batch_size=64, num_workers=workers,
                                 autocast_dtype=bf16, progress=False)
         assert added == n_images, (added, n_images)
         per_image = cache.nbytes_per_image()

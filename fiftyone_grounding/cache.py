@@ -21,7 +21,7 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,14 +56,17 @@ def _key(encoder_name: str, encoder: torch.nn.Module, **more) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(config, image_encoder) -> str:
-    """Everything the cached image features depend on, hashed."""
+def cache_key(config, image_encoder, features: Optional[dict] = None) -> str:
+    """Everything the cached image features depend on, hashed. ``features``: which of the
+    encoder's outputs are cached (``GrounderBase.feature_spec``; None: its last hidden state)."""
+    more = {"features": features} if features else {}
     return _key(
         config.image_encoder, image_encoder,
         image_size=config.image_size,
         mean=list(config.image_mean),
         std=list(config.image_std),
         views=list(VIEWS),
+        **more,
     )
 
 
@@ -178,9 +181,10 @@ class FeatureCache(_ShardedStore):
     # -- write ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def build(self, paths: Sequence[str], image_encoder, config, device, batch_size: int = 64,
-              num_workers: int = 0, autocast_dtype=None, progress: bool = True) -> int:
-        """Encode every image of ``paths`` not cached yet (both views); returns how many."""
+    def build(self, paths: Sequence[str], encode: Callable[[torch.Tensor], torch.Tensor], config, device,
+              batch_size: int = 64, num_workers: int = 0, autocast_dtype=None, progress: bool = True) -> int:
+        """Encode every image of ``paths`` not cached yet (both views) with ``encode`` (pixels
+        (n, 3, S, S) -> features (n, T, D), e.g. a model's ``encode_images``); returns how many."""
         from tqdm.auto import tqdm
 
         # Images that failed before are tried again: the file may have been fixed since.
@@ -193,7 +197,6 @@ class FeatureCache(_ShardedStore):
         pending: list[np.ndarray] = []
         pending_paths: list[str] = []
         count = 0
-        image_encoder.eval()
         for idx, views, errors in tqdm(loader, desc="caching image features", disable=not progress,
                                        leave=False, dynamic_ncols=True):
             for i, why in errors:
@@ -204,7 +207,7 @@ class FeatureCache(_ShardedStore):
             pixels = views.flatten(0, 1).to(device, non_blocking=True)  # (2n, 3, S, S)
             with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                feats = image_encoder(pixel_values=pixels).last_hidden_state  # (2n, T, D)
+                feats = encode(pixels)  # (2n, T, D)
             feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
             if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
                 raise TrainingError("Image features overflow float16, so the feature cache cannot store them; "
@@ -228,8 +231,9 @@ class FeatureCache(_ShardedStore):
         return len(paths)
 
 
-def open_feature_cache(root: os.PathLike, config, image_encoder) -> FeatureCache:
-    return FeatureCache(root, cache_key(config, image_encoder))
+def open_feature_cache(root: os.PathLike, model) -> FeatureCache:
+    """The image-feature cache of a grounding model (a ``GrounderBase``) under ``root``."""
+    return FeatureCache(root, cache_key(model.config, model.image_encoder, model.feature_spec()))
 
 
 # -- text features ---------------------------------------------------------------------------

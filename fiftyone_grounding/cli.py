@@ -164,8 +164,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="JSON file of TrainConfig options (see training/); flags override it")
     types = {"epochs": int, "batch_size": int, "num_workers": int, "seed": int, "lr": float, "weight_decay": float,
              "warmup_frac": float, "grad_clip": float}
-    choices = {"preset": sorted(PRESETS), "augment": ["none", "flip", "crop-flip"],
-               "mixed_precision": ["auto", "no", "bf16", "fp16"]}
+    choices = {"preset": sorted(PRESETS), "mixed_precision": ["auto", "no", "bf16", "fp16"]}
     for name in _TRAIN_FLAGS + ("phrase_field", "gt_field", "split_field"):
         default = getattr(_TRAIN_DEFAULTS, name)
         if name == "out_dir":

@@ -87,13 +87,13 @@ TINY_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+ARCHITECTURES = ("decoder", "fusion", "adapter")
 BOX_FORMATS = ("xyxy", "cxcywh")
 QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 BOX_LOSS_TERMS = ("l1", "giou", "diou")
 LOSS_TERMS = BOX_LOSS_TERMS + ("quality",)  # quality: BCE of the quality head against the box's IoU
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
-AUGMENTS = ("none", "flip", "crop-flip")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
@@ -102,6 +102,10 @@ class GrounderConfig:
     """Everything that defines a grounding model. Saved as ``config.json`` in checkpoints."""
 
     preset: str = "custom"
+    # "decoder": the phrase's tokens decode a text-blind image memory (seed, grounder, tiny);
+    # "fusion": a bidirectional encoder over [REG; text; image] on several DINOv3 layers;
+    # "adapter": text cross-attention adapters inside the last DINOv3 blocks.
+    architecture: str = "decoder"
     image_encoder: str = DINOV3_VITB16  # Hub id, local folder, or "tiny:dinov3"
     text_encoder: str = BGE_SMALL  # Hub id, local folder, or "tiny:bert" (tokenizer loads from here too)
     image_size: int = 224
@@ -124,6 +128,15 @@ class GrounderConfig:
     # trained with the "quality" loss term. The seed has none (its exact parameter count).
     quality_head: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"diou": 1.0})
+    # fusion: the DINOv3 layers tapped (1-based; empty: the last), the average pooling of every
+    # tap but the last (fewer tokens), and the box decoder's refinement layers
+    image_layers: list[int] = field(default_factory=list)
+    level_pool: int = 1
+    refine_layers: int = 0
+    # adapter: text cross-attention adapters in the last `adapter_layers` DINOv3 blocks, of width
+    # `adapter_dim`
+    adapter_layers: int = 0
+    adapter_dim: int = 0
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -136,6 +149,7 @@ class GrounderConfig:
             self.image_mean = tuple(float(v) for v in self.image_mean)
             self.image_std = tuple(float(v) for v in self.image_std)
             self.loss_weights = {str(k): float(v) for k, v in dict(self.loss_weights).items()}
+            self.image_layers = [int(v) for v in self.image_layers]
         except (TypeError, ValueError) as e:
             raise ConfigError("Invalid GrounderConfig: image_mean and image_std must be lists of 3 numbers, "
                              f"loss_weights an object of numbers, e.g. {{\"l1\": 5.0}} ({e})") from None
@@ -171,6 +185,18 @@ class GrounderConfig:
             (isinstance(self.quality_head, bool), "quality_head must be true or false"),
             (self.quality_head == (self.loss_weights.get("quality", 0) > 0),
              "quality_head needs a loss_weights['quality'] > 0, and that weight needs quality_head: true"),
+            (self.architecture in ARCHITECTURES, f"architecture must be one of {ARCHITECTURES}"),
+            (all(_int_in(v, 1, 256) for v in self.image_layers) and self.image_layers == sorted(set(self.image_layers)),
+             "image_layers must be increasing 1-based DINOv3 layer numbers"),
+            (_int_in(self.level_pool, 1, 16), "level_pool must be an integer in [1, 16]"),
+            (_int_in(self.refine_layers, 0, 16), "refine_layers must be an integer in [0, 16]"),
+            (_int_in(self.adapter_layers, 0, 256), "adapter_layers must be an integer >= 0"),
+            (_int_in(self.adapter_dim, 0, 65536), "adapter_dim must be an integer >= 0"),
+            (self.architecture == "decoder" or (self.query == "reg" and self.box_format == "cxcywh"),
+             "the fusion and adapter architectures read a [REG] query (query: reg) and predict cxcywh boxes"),
+            (self.architecture != "adapter" or (self.adapter_layers >= 1 and self.adapter_dim >= 8),
+             "the adapter architecture needs adapter_layers >= 1 and adapter_dim >= 8"),
+            (self.architecture != "fusion" or self.refine_layers >= 0, "refine_layers must be >= 0"),
             (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0
              and all(math.isfinite(v) for v in self.image_mean + self.image_std),
              "image_mean/image_std must have 3 finite values, std > 0"),
@@ -226,6 +252,46 @@ PRESETS: dict[str, dict[str, Any]] = {
         quality_head=True,
         loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
     ),
+    # Fusion v2 (CLIP-VG's recipe on DINOv3): layers 3, 6, 9, 12 (the first three pooled 2x2), a
+    # 6-layer bidirectional encoder over [REG; text; image], 2 box-refinement layers with deep
+    # supervision; image features stay text-independent, so they cache. 384 px.
+    "fusion": dict(
+        architecture="fusion",
+        image_size=384,
+        d_model=256,
+        num_heads=8,
+        num_layers=6,
+        dim_feedforward=1024,
+        head_hidden=256,
+        query="reg",
+        pos_embed="sine",
+        box_format="cxcywh",
+        norm_first=True,
+        quality_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
+        image_layers=[3, 6, 9, 12],
+        level_pool=2,
+        refine_layers=2,
+    ),
+    # SwimVG's recipe on DINOv3: a [REG] token and text cross-attention adapters (width 256) in
+    # the last 6 frozen blocks; the image features depend on the phrase, so nothing caches. 384 px.
+    "adapter": dict(
+        architecture="adapter",
+        image_size=384,
+        d_model=256,
+        num_heads=8,
+        num_layers=1,
+        dim_feedforward=1024,
+        head_hidden=256,
+        query="reg",
+        pos_embed="none",
+        box_format="cxcywh",
+        norm_first=True,
+        quality_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
+        adapter_layers=6,
+        adapter_dim=256,
+    ),
     # Same classes, small configs: tests and the offline demo on a CPU.
     "tiny": dict(
         image_encoder=TINY_IMAGE_ENCODER,
@@ -246,6 +312,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
     ),
 }
+# The tiny twins of the v2 presets: the same classes with the tiny encoders (2 DINOv3 layers).
+PRESETS["tiny-fusion"] = dict(PRESETS["tiny"], architecture="fusion", image_layers=[1, 2], level_pool=2,
+                              refine_layers=2)
+PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", pos_embed="none", num_layers=1,
+                               adapter_layers=1, adapter_dim=64)
 
 
 # The label of every ground-truth and predicted box (the phrase rides on each box as its
@@ -255,8 +326,12 @@ DEFAULT_LABEL = "referent"
 # One line per preset, for --help and the App's forms.
 PRESET_DESCRIPTIONS = {
     "grounder": "DINOv3 + BGE with the position-aware decoder (GPU)",
+    "fusion": "fusion v2: several DINOv3 layers, a bidirectional fusion encoder, box refinement (GPU)",
+    "adapter": "fusion v2: text adapters inside the last DINOv3 blocks (GPU; no feature cache)",
     "seed": "the original notebook's model (GPU)",
     "tiny": "small random-weight encoders, trains on a CPU (offline demo, tests)",
+    "tiny-fusion": "the fusion architecture on the tiny encoders (tests, CPU)",
+    "tiny-adapter": "the adapter architecture on the tiny encoders (tests, CPU)",
 }
 
 # The preset used wherever none is named (fit, the CLI, the train operator): the strongest
@@ -290,7 +365,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_frac: float = 0.05  # share of the steps spent warming up, then cosine decay
     grad_clip: float = 1.0  # max gradient norm; 0: no clipping
-    augment: str = "flip"  # one of AUGMENTS
+    augment: str = "none"  # "none", or augment.PARTS joined by "+", e.g. "scale+color"
     phrase_field: str = "expression"
     gt_field: str = "ground_truth"
     split_field: str = "split"
@@ -301,6 +376,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on GPUs that support it, else none
     cache_features: bool = True  # frozen features computed once into an on-disk cache
     cache_dir: Optional[str] = None  # None: $FIFTYONE_GROUNDING_HOME/features
+
+    # the feature cache holds frozen features of this many GB at most; beyond, images are encoded
+    # on the fly (grouped by image)
+    cache_budget_gb: float = 200.0
 
     # what each option means, for --help and the App's forms
     HELP = {
@@ -313,8 +392,9 @@ class TrainConfig:
         "weight_decay": "AdamW weight decay (none on biases and norms)",
         "warmup_frac": "share of the steps spent warming up the learning rate",
         "grad_clip": "largest gradient norm (0: no clipping)",
-        "augment": "flip: mirrored images with left/right swapped in the phrase, from the feature cache; "
-                   "crop-flip: also random crops, from pixels (no cache)",
+        "augment": "none, or parts joined by '+': scale (a random crop that keeps the boxes whole), color "
+                   "(brightness/contrast/saturation), flip (mirrored, left/right swapped in the phrase; harmful to "
+                   "grounding by most papers). Only flip works from the feature cache",
         "phrase_field": "sample field with the referring phrase",
         "gt_field": "Detections field with the one true box",
         "split_field": "sample field naming each sample's split",
@@ -325,6 +405,7 @@ class TrainConfig:
         "mixed_precision": "auto (bf16 on GPUs that support it), no, bf16 or fp16",
         "cache_features": "cache the frozen encoders' features on disk",
         "cache_dir": "where the feature cache lives",
+        "cache_budget_gb": "the feature cache's largest size; beyond it images are encoded on the fly",
     }
 
     def __post_init__(self):
@@ -338,7 +419,8 @@ class TrainConfig:
             (_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a number >= 0"),
             (_number(self.warmup_frac) and 0 <= self.warmup_frac < 1, "warmup_frac must be a number in [0, 1)"),
             (_number(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a number >= 0"),
-            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}"),
+            (_augment_ok(self.augment), "augment must be 'none' or parts of ('scale', 'color', 'flip') joined "
+                                         "by '+', e.g. 'scale+color'"),
             (all(isinstance(getattr(self, k), str) and getattr(self, k)
                  for k in ("phrase_field", "gt_field", "split_field")),
              "phrase_field, gt_field and split_field must be field names"),
@@ -349,6 +431,7 @@ class TrainConfig:
             (self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be one of {MIXED_PRECISIONS}"),
             (isinstance(self.cache_features, bool), "cache_features must be true or false"),
             (self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir must be a path"),
+            (_number(self.cache_budget_gb) and self.cache_budget_gb >= 0, "cache_budget_gb must be a number >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -396,6 +479,16 @@ class TrainConfig:
     def merged(self, **options) -> "TrainConfig":
         """A copy with ``options`` (TrainConfig keys) replaced; unknown keys are refused by name."""
         return TrainConfig.from_dict({**self.to_dict(), **options})
+
+
+def _augment_ok(augment) -> bool:
+    from .augment import parse_augment
+
+    try:
+        parse_augment(augment)
+    except ConfigError:
+        return False
+    return True
 
 
 def _number(value) -> bool:

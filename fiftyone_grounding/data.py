@@ -2,8 +2,7 @@
 
 Items are *images*, each with all of its phrases and boxes, so an image shared by
 several referring expressions is decoded, augmented and encoded once per batch.
-Transforms take and return image, boxes and phrases together (detr's
-``datasets/transforms.py``): a horizontal flip swaps "left" and "right" in the phrases.
+The augmentation (``augment.py``) takes and returns image, boxes and phrases together.
 """
 
 from __future__ import annotations
@@ -16,24 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .augment import CACHEABLE, augment_item, hflip_boxes, parse_augment
 from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
-from .config import AUGMENTS
 from .errors import ImageError, InputError
-from .images import load_rgb, normalize_pixels
+from .images import load_rgb, normalize_pixels, resize_rgb
 from .text import NO_PHRASE, PhraseTokenizer, clean_phrase, swap_left_right
-
-
-def hflip_boxes(boxes_xyxy: np.ndarray) -> np.ndarray:
-    """Mirror normalized xyxy boxes (N, 4) left-right."""
-    boxes = boxes_xyxy.copy()
-    boxes[:, [0, 2]] = 1.0 - boxes_xyxy[:, [2, 0]]
-    return boxes
-
-
-def hflip(image: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str]):
-    """Horizontal flip of an (H, W, C) image, its normalized xyxy boxes and phrases."""
-    image = np.ascontiguousarray(image[:, ::-1])
-    return image, hflip_boxes(boxes_xyxy), [swap_left_right(p) for p in phrases]
 
 
 @dataclass
@@ -82,16 +68,6 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
     return records
 
 
-def build_transform(image_size: int, crop: bool = False):
-    """Albumentations pipeline: optional box-safe crop, then resize to a square."""
-    import albumentations as A
-
-    ops = [A.BBoxSafeRandomCrop(erosion_rate=0.0, p=0.5)] if crop else []
-    ops.append(A.Resize(image_size, image_size))
-    return A.Compose(ops, bbox_params=A.BboxParams(format="albumentations", label_fields=["indices"],
-                                                   clip=True, min_area=0.0, min_visibility=0.0))
-
-
 class GroundingDataset(Dataset):
     """One item per image (or per chunk of an image's phrases).
 
@@ -107,23 +83,21 @@ class GroundingDataset(Dataset):
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
-        augment: str = "none",  # "none" | "flip" | "crop-flip"
+        augment: str = "none",  # "none", or parts of augment.PARTS joined by "+"
         max_phrases_per_image: int = 32,
         seed: int = 0,
         feature_cache=None,
     ):
-        if augment not in AUGMENTS:
-            raise InputError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.parts = parse_augment(augment)
         self.records = records
         self.image_size = image_size
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.augment = augment
-        self.transform = build_transform(image_size, crop=augment == "crop-flip")
         self.seed = seed
         self.epoch = 0
-        if feature_cache is not None and augment == "crop-flip":
-            raise InputError("Cached features support augment='none' or 'flip' only")
+        if feature_cache is not None and not self.parts <= CACHEABLE:
+            raise InputError(f"Cached features support augment='none' or 'flip' only, not {augment!r}")
         self.feature_cache = feature_cache
         by_image: dict[str, list[int]] = {}
         for i, path in enumerate(records.filepaths):
@@ -164,15 +138,9 @@ class GroundingDataset(Dataset):
         # Per-item randomness from (seed, epoch, index): the same augmentation whatever
         # the number of workers or processes, so a resumed run repeats itself exactly.
         rng = np.random.default_rng([self.seed, epoch, index])
-        self.transform.set_random_seed(int(rng.integers(2**31)))
-        out = self.transform(image=image, bboxes=boxes, indices=list(range(len(rows))))
-        image, boxes = out["image"], np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
-        if len(boxes) != len(rows):  # a crop never drops boxes, but be safe
-            return {"skipped": [(sid, "box lost in augmentation") for sid in ids]}
-        if self.augment != "none" and rng.random() < 0.5:
-            image, boxes, phrases = hflip(image, boxes, phrases)
+        image, boxes, phrases = augment_item(image, boxes, phrases, self.parts, rng)
         return {
-            "pixel_values": normalize_pixels(image, self.mean, self.std),  # (3, S, S)
+            "pixel_values": normalize_pixels(resize_rgb(image, self.image_size), self.mean, self.std),  # (3, S, S)
             "boxes": torch.from_numpy(boxes),  # (k, 4)
             "phrases": phrases,
             "sample_ids": ids,
@@ -188,7 +156,7 @@ class GroundingDataset(Dataset):
         boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
         phrases = [r.phrases[i] for i in rows]
         rng = np.random.default_rng([self.seed, epoch, index])
-        view = int(self.augment != "none" and rng.random() < 0.5)
+        view = int("flip" in self.parts and rng.random() < 0.5)
         if view:  # the mirrored view was encoded from mirrored pixels
             boxes, phrases = hflip_boxes(boxes), [swap_left_right(p) for p in phrases]
         return {

@@ -84,8 +84,9 @@ def run_demo(
           ", ".join(f"{k} {v}" for k, v in sorted(dataset.count_values("split").items())))
 
     print(f"[2/4] Training the 'tiny' preset for {epochs} epochs")
+    # flips are safe here: every synthetic shape is mirror-symmetric and its phrase swaps left/right
     result = fit(dataset, preset="tiny", out_dir=str(out / "run"), epochs=epochs, batch_size=batch_size,
-                 lr=lr, seed=seed, resume=not overwrite, progress=progress, cpu=True)
+                 lr=lr, seed=seed, augment="flip", resume=not overwrite, progress=progress, cpu=True)
 
     print(f"[3/4] Applying the best checkpoint to the test split ({len(test_view)} expressions)")
     model = GroundingModel.from_checkpoint(result.best_dir, device="cpu")

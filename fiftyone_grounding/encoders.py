@@ -26,10 +26,14 @@ from .errors import EncoderUnavailableError, InputError
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Whole-word tokens of the tiny tokenizer: the words of the synthetic phrases (other words
 # are spelled out in characters). tests/test_synthetic.py checks that every word the
-# generator writes is one of them.
+# generator writes is one of them. (A change here is a new tiny text encoder: new weights.)
 TINY_WORDS = (
     "at", "blue", "bottom", "circle", "green", "large", "left", "object", "on", "red", "right",
     "small", "square", "the", "top", "triangle", "white", "yellow",
+    # relational phrases ("the circle to the left of the blue square")
+    "above", "below", "of", "to",
+    # phrases of several objects or none ("all the red shapes", "the two squares", "every small circle")
+    "all", "both", "circles", "every", "objects", "shapes", "squares", "three", "triangles", "two",
 )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,12 +38,15 @@ def quality_loss(quality_logits: Tensor, pred_xyxy: Tensor, target_xyxy: Tensor)
     return F.binary_cross_entropy_with_logits(quality_logits.float(), iou)
 
 
-def grounding_loss(boxes: Tensor, quality: Optional[Tensor], target_xyxy: Tensor,
-                   weights: dict[str, float]) -> dict[str, Tensor]:
-    """The training loss of a ``GroundingOutput``: the box terms, plus ``quality`` where the
-    model has a quality head, with their weighted sum under ``"loss"``."""
-    terms = box_loss(boxes, target_xyxy, weights)
-    if quality is not None and weights.get("quality"):
-        terms["quality"] = quality_loss(quality, boxes, target_xyxy)
+def grounding_loss(output, target_xyxy: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+    """The training loss of a ``GroundingOutput``: the box terms on its boxes, the same terms on
+    every earlier refinement stage (``aux0``, ``aux1``, ...: deep supervision), and ``quality``
+    where the model has a quality head, with their weighted sum under ``"loss"``."""
+    terms = box_loss(output.boxes, target_xyxy, weights)
+    for k, boxes in enumerate(output.aux_boxes):
+        terms[f"aux{k}"] = box_loss(boxes, target_xyxy, weights)["loss"]
+        terms["loss"] = terms["loss"] + terms[f"aux{k}"]
+    if output.quality is not None and weights.get("quality"):
+        terms["quality"] = quality_loss(output.quality, output.boxes, target_xyxy)
         terms["loss"] = terms["loss"] + weights["quality"] * terms["quality"]
     return terms

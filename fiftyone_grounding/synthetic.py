@@ -86,6 +86,23 @@ VOCABULARY: list[str] = (
     + list(SHAPES)
 )
 
+# Relational phrases: "the circle to the left of the blue square". The target is told apart
+# from objects of its own description only by where it stands against another object, the
+# anchor (which its own attributes single out): the image must be read in the light of the
+# phrase. (axis, sign): the target's centre minus the anchor's along the axis, times the sign,
+# must pass RELATION_TOLERANCE, and every other object of the target's description must stay
+# clearly short of it.
+RELATIONS: dict[str, tuple[int, int]] = {
+    "to the left of": (0, -1),
+    "to the right of": (0, 1),
+    "above": (1, -1),
+    "below": (1, 1),
+}
+RELATION_TOLERANCE = 0.1
+RELATION_MARGIN = 0.04  # the target passes the tolerance by this much, the others fall short by it
+RELATION_WORDS: list[str] = ["to", "of", "above", "below"]
+KINDS = ("attribute", "relational")  # the phrase_kind field of the synthetic datasets
+
 LOOKALIKE_FRACTION = 0.35
 REDUNDANT_ATTRIBUTE_PROB = 0.25
 # Minimum gap between two objects' boxes, in pixels.
@@ -217,15 +234,38 @@ def _spatial_winner(objects: list[dict], candidates: list[int], word: str) -> li
     return [i for i in candidates if abs(coords[i] - best) <= SPATIAL_TOLERANCE]
 
 
+def relation_of(phrase: str) -> Optional[str]:
+    """The relation of a relational phrase (a key of :data:`RELATIONS`), or None."""
+    words = f" {' '.join(phrase.lower().split())} "
+    return next((r for r in RELATIONS if f" {r} the " in words), None)
+
+
+def _relation_gap(objects: list[dict], i: int, anchor: int, relation: str) -> float:
+    axis, sign = RELATIONS[relation]
+    return sign * (_center(objects[i]["box_xyxy"])[axis] - _center(objects[anchor]["box_xyxy"])[axis])
+
+
 def resolve(objects: list[dict], phrase: str) -> list[int]:
-    """Indices of the objects that ``phrase`` denotes (the checker of :func:`describe`).
+    """Indices of the objects that ``phrase`` denotes (the checker of :func:`describe` and
+    :func:`describe_relational`).
 
     Colour, shape and size words filter the objects; a spatial word then keeps
     the candidate that is furthest in that direction, plus any candidate within
     :data:`SPATIAL_TOLERANCE` of it (a near-tie is ambiguous, so all tied are
-    returned). A phrase identifies its target iff the result is ``[target]``.
-    Raises ``ValueError`` for words outside :data:`VOCABULARY`.
+    returned). A relational phrase ("the circle to the left of the blue square") keeps the
+    objects of the first description, other than the anchor, that stand beyond
+    :data:`RELATION_TOLERANCE` from the one object of the second description. A phrase
+    identifies its target iff the result is ``[target]``. Raises ``ValueError`` for words
+    outside :data:`VOCABULARY` and :data:`RELATION_WORDS`.
     """
+    relation = relation_of(phrase)
+    if relation is not None:
+        head, tail = f" {' '.join(phrase.lower().split())} ".split(f" {relation} ", 1)
+        anchors = resolve(objects, tail)
+        if len(anchors) != 1:
+            return []  # the anchor must be one object
+        return [i for i in resolve(objects, head) if i != anchors[0]
+                and _relation_gap(objects, i, anchors[0], relation) > RELATION_TOLERANCE]
     attributes: dict[str, str] = {}
     spatial: list[str] = []
     for word in phrase.lower().split():
@@ -298,6 +338,48 @@ def describe(objects: list[dict], target: int, rng: np.random.Generator) -> str:
     return " ".join(words)
 
 
+def _words(obj: dict, keys) -> list[str]:
+    """"the [size] [colour] shape|object" of ``obj`` naming only ``keys``."""
+    words = ["the"] + [obj[k] for k in ("size", "color") if k in keys]
+    return words + [obj["shape"] if "shape" in keys else NOUN_WITHOUT_SHAPE]
+
+
+def _attribute_subsets() -> list[tuple[str, ...]]:
+    return [subset for count in range(len(ATTRIBUTES) + 1) for subset in itertools.combinations(ATTRIBUTES, count)]
+
+
+def describe_relational(objects: list[dict], target: int, rng: np.random.Generator) -> Optional[str]:
+    """A relational phrase that identifies ``objects[target]`` alone, or None where the scene
+    has none: the target's description matches at least one other object (so the relation is
+    needed), an anchor that its own attributes single out, and a relation that the target
+    passes and every other object of its description clearly fails."""
+    found = []
+    for anchor in range(len(objects)):
+        if anchor == target:
+            continue
+        me = objects[anchor]
+        anchor_keys = [keys for keys in _attribute_subsets() if keys and
+                       [i for i, o in enumerate(objects) if _matches(o, {k: me[k] for k in keys})] == [anchor]]
+        if not anchor_keys:
+            continue  # a look-alike: no description of its own
+        shortest = min(len(k) for k in anchor_keys)
+        anchor_keys = [k for k in anchor_keys if len(k) == shortest]
+        for relation in RELATIONS:
+            if _relation_gap(objects, target, anchor, relation) <= RELATION_TOLERANCE + RELATION_MARGIN:
+                continue
+            for keys in _attribute_subsets():
+                wanted = {k: objects[target][k] for k in keys}
+                group = [i for i, o in enumerate(objects) if i != anchor and _matches(o, wanted)]
+                if len(group) >= 2 and all(_relation_gap(objects, i, anchor, relation)
+                                           < RELATION_TOLERANCE - RELATION_MARGIN for i in group if i != target):
+                    found.append((keys, relation, anchor, anchor_keys))
+    if not found:
+        return None
+    keys, relation, anchor, anchor_keys = found[int(rng.integers(len(found)))]
+    words = _words(objects[target], keys) + relation.split()
+    return " ".join(words + _words(objects[anchor], anchor_keys[int(rng.integers(len(anchor_keys)))]))
+
+
 def generate_example(
     rng: np.random.Generator,
     image_size: int = 64,
@@ -305,11 +387,13 @@ def generate_example(
     min_objects: int = 2,
     max_objects: int = 4,
     lookalike_fraction: float = LOOKALIKE_FRACTION,
+    relational_fraction: float = 0.0,
 ) -> tuple[Image.Image, list[dict], list[tuple[int, str]]]:
     """One scene and up to ``expressions_per_image`` (target index, phrase) pairs, distinct targets.
 
     In a look-alike scene one target is always a look-alike, so that scenes which
-    need a spatial word also yield phrases that use one.
+    need a spatial word also yield phrases that use one. With ``relational_fraction`` a
+    phrase is relational with that probability where the scene allows one.
     """
     image, objects = generate_scene(rng, image_size, min_objects, max_objects, lookalike_fraction)
     order = [int(i) for i in rng.permutation(len(objects))]
@@ -319,7 +403,13 @@ def generate_example(
         order.remove(twins[0])
         order.insert(0, twins[0])
     targets = order[: min(expressions_per_image, len(objects))]
-    return image, objects, [(t, describe(objects, t, rng)) for t in targets]
+    expressions = []
+    for t in targets:
+        phrase = None
+        if relational_fraction > 0 and rng.random() < relational_fraction:  # (no draw at 0: the same stream)
+            phrase = describe_relational(objects, t, rng)
+        expressions.append((t, phrase or describe(objects, t, rng)))
+    return image, objects, expressions
 
 
 def image_rng(seed: int, image_id: int) -> np.random.Generator:
@@ -364,16 +454,18 @@ def make_synthetic_dataset(
     max_objects: int = 4,
     lookalike_fraction: float = LOOKALIKE_FRACTION,
     label: str = DEFAULT_LABEL,
+    relational_fraction: float = 0.0,
 ) -> fo.Dataset:
     """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
 
-    One sample per referring expression, with fields ``expression``,
-    ``ground_truth`` (one box labelled ``label``, the phrase as its ``expression``
-    attribute), ``split`` (also a
-    sample tag), ``image_id``, ``ref_id`` (one per referred object), ``ann_id``
-    (one per drawn object), ``sent_id`` (one per expression), ``category`` (the
-    target's shape) and ``metadata``. Images are PNGs under ``out_dir`` (default
-    ``<fo.config.default_dataset_dir>/<name>``); splits are by image.
+    One sample per referring expression, with fields ``expression``, ``ground_truth`` (one
+    box labelled ``label``, the phrase as its ``expression`` attribute), ``split`` (also a
+    sample tag), ``image_id``, ``ref_id`` (one per referred object), ``ann_id`` (one per drawn
+    object), ``sent_id`` (one per expression), ``category`` (the target's shape),
+    ``phrase_kind`` ("attribute", or "relational": see :func:`describe_relational`; a share
+    ``relational_fraction`` of the phrases where the scene allows) and ``metadata``. Images
+    are PNGs under ``out_dir`` (default ``<fo.config.default_dataset_dir>/<name>``); splits
+    are by image.
 
     Image ``i`` depends only on ``(seed, i)``, so the same seed gives the same
     phrases, boxes and pixels. An existing dataset ``name`` is returned unchanged
@@ -405,7 +497,8 @@ def make_synthetic_dataset(
     ann_id = ref_id = 0
     for image_id in tqdm(range(num_images), desc="synthetic images", disable=not progress):
         image, objects, expressions = generate_example(
-            image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction
+            image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction,
+            relational_fraction,
         )
         filepath = os.path.join(out_dir, f"{image_id:06d}.png")
         image.save(filepath)
@@ -436,6 +529,7 @@ def make_synthetic_dataset(
                     # One sentence per referred object here, so sentence and ref ids coincide.
                     sent_id=ref_id,
                     category=target_obj["shape"],
+                    phrase_kind="relational" if relation_of(phrase) else "attribute",
                 )
             )
             ref_id += 1
@@ -453,6 +547,7 @@ def make_synthetic_dataset(
         min_objects=min_objects,
         max_objects=max_objects,
         lookalike_fraction=lookalike_fraction,
+        relational_fraction=relational_fraction,
         out_dir=out_dir,
         vocabulary=VOCABULARY,
     )

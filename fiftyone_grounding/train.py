@@ -35,6 +35,7 @@ from .data import Collator, GroundingDataset, GroundingRecords, read_records
 from .errors import CheckpointError, InputError, TrainingError
 from .losses import grounding_loss
 from .model import Grounder, build_model, build_tokenizer
+from .augment import CACHEABLE, parse_augment
 from .text import swap_left_right
 
 logger = logging.getLogger(__name__)
@@ -181,8 +182,9 @@ def fit(
 
     With ``resume=True`` a run that finds ``out_dir/last`` continues from it (its model config
     wins). With ``cache_features`` (default) the frozen image and text features are computed
-    once into an on-disk cache and reused every epoch; ``augment="crop-flip"`` needs pixels
-    and trains without it. ``cpu`` trains on the CPU even where a GPU is; ``weights=False``
+    once into an on-disk cache and reused every epoch, where the architecture, the augmentation
+    (only ``flip`` comes from the cache) and ``cache_budget_gb`` allow; else the images are
+    encoded on the fly, once per image of each batch. ``cpu`` trains on the CPU even where a GPU is; ``weights=False``
     uses random encoder weights (timing). Returns the paths and per-epoch history.
     """
     from accelerate import Accelerator
@@ -282,7 +284,7 @@ def _build_loaders(model: Grounder, splits: _Splits, cfg: TrainConfig, accelerat
     is_main = accelerator.is_main_process
     num_workers = default_num_workers(accelerator.device) if cfg.num_workers is None else cfg.num_workers
     feature_cache = None
-    if cfg.cache_features and cfg.augment != "crop-flip":
+    if cfg.cache_features and _cache_fits(model, cfg, len(set(splits.filepaths)), is_main):
         feature_cache = _build_feature_cache(model, accelerator, mp, cfg.cache_dir, splits.filepaths, num_workers,
                                              show_progress)
     tokenizer = build_tokenizer(config)
@@ -403,11 +405,11 @@ def _build_feature_cache(model: Grounder, accelerator, mp: str, cache_dir, paths
     from .cache import open_feature_cache
     from .encoders import home_dir
 
-    cache = open_feature_cache(cache_dir or home_dir() / "features", model.config, model.image_encoder)
+    cache = open_feature_cache(cache_dir or home_dir() / "features", model)
     with accelerator.main_process_first():
         cache.reload()
-        encoder = model.image_encoder.to(accelerator.device)
-        added = cache.build(paths, encoder, model.config, accelerator.device, num_workers=num_workers,
+        model.image_encoder.to(accelerator.device)
+        added = cache.build(paths, model.encode_images, model.config, accelerator.device, num_workers=num_workers,
                             autocast_dtype=AUTOCAST_DTYPES[mp], progress=show_progress)
     if accelerator.is_main_process and added:
         print(f"Cached image features of {added} images in {cache.dir} "
@@ -417,7 +419,29 @@ def _build_feature_cache(model: Grounder, accelerator, mp: str, cache_dir, paths
 
 def _phrases_seen(phrases: list[str], augment: str) -> list[str]:
     """Every phrase training can feed the text encoder: flips swap left/right in them."""
-    return phrases + ([swap_left_right(p) for p in phrases] if augment != "none" else [])
+    return phrases + ([swap_left_right(p) for p in phrases] if "flip" in parse_augment(augment) else [])
+
+
+def _cache_fits(model: Grounder, cfg: TrainConfig, num_images: int, say: bool) -> bool:
+    """Whether the image features of this run can be cached: the architecture's are
+    text-independent, the augmentation needs no pixels, and they fit ``cache_budget_gb``."""
+    from .cache import VIEWS
+
+    def note(message: str) -> bool:
+        if say:
+            print(f"Feature cache off: {message}; the images are encoded on the fly, once per image of each batch")
+        return False
+
+    if not model.cacheable:
+        return note(f"the {model.config.architecture} architecture reads the phrase inside the image encoder")
+    if not parse_augment(cfg.augment) <= CACHEABLE:
+        return note(f"augment={cfg.augment!r} needs pixels (only flip comes from the cache)")
+    tokens, width = model.image_feature_shape()
+    per_image = tokens * width * 2 * len(VIEWS)  # float16, both views
+    if per_image * num_images > cfg.cache_budget_gb * 2**30:
+        return note(f"{num_images:,} images x {per_image / 2**20:.1f} MiB ({tokens} tokens x {width}, float16, 2 views) "
+                    f"= {per_image * num_images / 2**30:.1f} GiB is over cache_budget_gb={cfg.cache_budget_gb:g}")
+    return True
 
 
 def _build_text_cache(model: Grounder, tokenizer, tokenize, accelerator, mp: str, cache_dir, phrases: list[str],
@@ -463,7 +487,7 @@ def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: flo
     with _autocast(batch["attention_mask"].device, autocast_dtype):
         out = forward_batch(model, batch)
     pred = out.boxes
-    loss = grounding_loss(pred, out.quality, batch["boxes"], loss_weights)["loss"]
+    loss = grounding_loss(out, batch["boxes"], loss_weights)["loss"]
     optimizer.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)
@@ -572,7 +596,7 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_d
             out = forward_batch(module, batch)
         pred = out.boxes
         n = pred.shape[0]
-        loss_sum += grounding_loss(pred, out.quality, batch["boxes"], config.loss_weights)["loss"].item() * n
+        loss_sum += grounding_loss(out, batch["boxes"], config.loss_weights)["loss"].item() * n
         iou = box_iou(pred.float(), batch["boxes"].float())
         iou_sum += iou.sum().item()
         count += n

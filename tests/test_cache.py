@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw
 from fiftyone_grounding.cache import VIEWS, cache_key, open_feature_cache
 from fiftyone_grounding.config import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
 from fiftyone_grounding.batching import GroupBatchSampler
-from fiftyone_grounding.data import Collator, GroundingDataset, GroundingRecords, hflip_boxes
+from fiftyone_grounding.augment import hflip_boxes
+from fiftyone_grounding.data import Collator, GroundingDataset, GroundingRecords
 from fiftyone_grounding.text import swap_left_right
 from fiftyone_grounding.losses import grounding_loss
 from fiftyone_grounding.model import build_model, build_tokenizer
@@ -61,8 +62,8 @@ def _records(paths, per_image=3):
 
 
 def _built_cache(tmp_path, model, paths, **kwargs):
-    cache = open_feature_cache(tmp_path / "features", model.config, model.image_encoder)
-    cache.build(paths, model.image_encoder, model.config, "cpu", progress=False, **kwargs)
+    cache = open_feature_cache(tmp_path / "features", model)
+    cache.build(paths, model.encode_images, model.config, "cpu", progress=False, **kwargs)
     return cache
 
 
@@ -89,7 +90,7 @@ def _forward(model, batch):
 def _loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     out = _output(model, batch)
-    loss = grounding_loss(out.boxes, out.quality, batch["boxes"], model.config.loss_weights)["loss"]
+    loss = grounding_loss(out, batch["boxes"], model.config.loss_weights)["loss"]
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     model.zero_grad(set_to_none=True)
@@ -227,19 +228,18 @@ def test_key_changes_with_encoder_weights(model):
     assert cache_key(cfg, random_weights) != cache_key(cfg, model.image_encoder)
 
 
-class _MustNotEncode(torch.nn.Module):
-    def forward(self, *args, **kwargs):
-        raise AssertionError("the cache re-encoded an image it already holds")
+def _must_not_encode(pixels):
+    raise AssertionError("the cache re-encoded an image it already holds")
 
 
 def test_unchanged_cache_is_reused_without_encoding(tmp_path, model, images):
     cfg = model.config
     first = _built_cache(tmp_path, model, images)
-    reopened = open_feature_cache(tmp_path / "features", cfg, build_model("tiny").image_encoder)
+    reopened = open_feature_cache(tmp_path / "features", build_model("tiny"))
     assert reopened.dir == first.dir
-    assert reopened.build(images, _MustNotEncode(), cfg, "cpu", progress=False) == 0
+    assert reopened.build(images, _must_not_encode, cfg, "cpu", progress=False) == 0
     changed = type(cfg).from_dict({**cfg.to_dict(), "image_size": 32})
-    other = open_feature_cache(tmp_path / "features", changed, model.image_encoder)
+    other = open_feature_cache(tmp_path / "features", build_model(config=changed))
     assert other.dir != first.dir and not any(p in other for p in images)
 
 
@@ -308,13 +308,13 @@ def test_index_survives_reopen_and_new_images_go_to_new_shards(tmp_path, model, 
     assert len(set(shard_of.values())) == 1
     before = {p: cache.get(p, 1) for p in images[:3]}
 
-    reopened = open_feature_cache(tmp_path / "features", cfg, model.image_encoder)
+    reopened = open_feature_cache(tmp_path / "features", model)
     assert all(p in reopened for p in images[:3]) and not any(p in reopened for p in images[3:])
     for p in images[:3]:
         assert torch.equal(reopened.get(p, 1), before[p])
-    assert reopened.build(images, model.image_encoder, cfg, "cpu", progress=False) == 3
+    assert reopened.build(images, model.encode_images, cfg, "cpu", progress=False) == 3
 
-    again = open_feature_cache(tmp_path / "features", cfg, model.image_encoder)
+    again = open_feature_cache(tmp_path / "features", model)
     assert all(p in again for p in images)
     assert {p: again._index[p][0] for p in images[:3]} == shard_of  # old rows untouched
     new_shards = {again._index[p][0] for p in images[3:]}
@@ -333,23 +333,23 @@ def test_unreadable_image_is_recorded_not_cached(tmp_path, model, images):
     cache = _built_cache(tmp_path, model, images[:1] + [str(bad)])
     assert images[0] in cache and str(bad) not in cache
     assert "cannot decode" in cache.error(str(bad))
-    reopened = open_feature_cache(tmp_path / "features", model.config, model.image_encoder)
+    reopened = open_feature_cache(tmp_path / "features", model)
     assert reopened.error(str(bad))
     # Still broken: tried again, nothing reaches the encoder, the reason stays.
-    assert reopened.build([str(bad)], _MustNotEncode(), model.config, "cpu", progress=False) == 0
+    assert reopened.build([str(bad)], _must_not_encode, model.config, "cpu", progress=False) == 0
     assert "cannot decode" in reopened.error(str(bad))
     # Fixed on disk: the next build caches it and forgets the error.
     Image.new("RGB", (40, 30), (0, 128, 255)).save(bad, format="JPEG")
-    assert reopened.build([str(bad)], model.image_encoder, model.config, "cpu", progress=False) == 1
+    assert reopened.build([str(bad)], model.encode_images, model.config, "cpu", progress=False) == 1
     assert str(bad) in reopened and reopened.error(str(bad)) is None
 
 
 def _peak_build_bytes(root, model, paths, shard_bytes):
-    cache = open_feature_cache(root, model.config, model.image_encoder)
+    cache = open_feature_cache(root, model)
     cache.shard_bytes = shard_bytes
     tracemalloc.start()  # numpy's buffers are traced; torch's are not (they are per batch anyway)
     try:
-        cache.build(paths, model.image_encoder, model.config, "cpu", batch_size=2, progress=False)
+        cache.build(paths, model.encode_images, model.config, "cpu", batch_size=2, progress=False)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -8,7 +8,8 @@ from PIL import Image
 import fiftyone as fo
 
 from fiftyone_grounding.batching import GroupBatchSampler
-from fiftyone_grounding.data import Collator, GroundingDataset, hflip, read_records
+from fiftyone_grounding.augment import hflip
+from fiftyone_grounding.data import Collator, GroundingDataset, read_records
 from fiftyone_grounding.images import load_rgb, resize_rgb
 from fiftyone_grounding.text import swap_left_right
 from fiftyone_grounding.encoders import load_tokenizer

@@ -26,11 +26,16 @@ def test_seed_parameter_counts():
     assert model.num_parameters(trainable_only=True) == 25_948_420
 
 
+# the real presets on the tiny encoders (2 DINOv3 layers): their own code, at a size a test can run
+ON_TINY_ENCODERS = {"image_encoder": "tiny:dinov3", "text_encoder": "tiny:bert", "image_size": 64}
+TINY_OVERRIDES = {"fusion": {"image_layers": [1, 2]}, "adapter": {"adapter_layers": 2}}
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_builds_and_runs(preset):
-    overrides = {} if preset == "tiny" else dict(image_encoder="tiny:dinov3", text_encoder="tiny:bert",
-                                                  image_size=64)
-    model = build_model(preset, weights=preset == "tiny", **overrides)
+    tiny = preset.startswith("tiny")
+    overrides = {} if tiny else {**ON_TINY_ENCODERS, **TINY_OVERRIDES.get(preset, {})}
+    model = build_model(preset, weights=tiny, **overrides)
     ids, mask = tokens(model, ["the red circle", "the small blue square on the left"])
     pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
     out = model(pixels, ids, mask)
@@ -39,6 +44,7 @@ def test_every_preset_builds_and_runs(preset):
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
     assert (out.quality is None) == (preset == "seed")
+    assert len(out.aux_boxes) == model.config.refine_layers  # a box from every earlier stage
     if out.quality is not None:
         assert out.quality.shape == (2,) and torch.isfinite(out.quality).all()
 
@@ -50,7 +56,7 @@ def test_frozen_encoders_get_no_gradient():
     model.train()
     assert not model.image_encoder.training and not model.text_encoder.training
     out = model(pixels, ids, mask)
-    loss = grounding_loss(out.boxes, out.quality, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
+    loss = grounding_loss(out, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
     assert set(loss) == {"l1", "giou", "quality", "loss"}
     loss["loss"].backward()
     for name, p in model.named_parameters():
@@ -95,35 +101,36 @@ def test_the_quality_head_learns_only_from_its_own_loss():
     assert all(g is None for g in grads(quality, model.decoder))
 
 
-@pytest.mark.parametrize("norm_first,query", [(False, "text"), (True, "reg")])
-def test_decoder_with_shared_keys_equals_torch_decoder(norm_first, query):
-    """``run_decoder`` projects each image's keys/values once; ``nn.TransformerDecoder`` on the
-    memory repeated per phrase must give the same outputs and the same gradients."""
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_the_written_out_decoder_is_pytorchs(norm_first):
+    """The decoder's layers, written out with each image's keys and values projected once, have
+    the parameter names of ``nn.TransformerDecoder`` and give its outputs and gradients on the
+    memory repeated per phrase."""
     torch.manual_seed(0)
-    model = build_model("tiny", norm_first=norm_first, query=query, dropout=0.0).train()
-    d = model.config.d_model
+    model = build_model("tiny", norm_first=norm_first, dropout=0.0).train()
+    d, cfg = model.config.d_model, model.config
+    reference = torch.nn.TransformerDecoder(
+        torch.nn.TransformerDecoderLayer(d, cfg.num_heads, cfg.dim_feedforward, 0.0, batch_first=True,
+                                         norm_first=norm_first),
+        cfg.num_layers, norm=torch.nn.LayerNorm(d) if norm_first else None).train()
+    reference.load_state_dict(model.decoder.state_dict())  # strict: the same names and shapes
     memory = torch.randn(3, 17, d)
     queries = torch.randn(7, 5, d)
     padding = torch.zeros(7, 5, dtype=torch.bool)
     padding[1, 3:] = padding[4, 1:] = True
     image_index = torch.tensor([0, 2, 2, 1, 0, 0, 2])
-    outs, grads = [], []
-    for fused in (True, False):
-        model.zero_grad()
-        if fused:
-            out = model.run_decoder(queries, memory, padding, image_index)
-        else:
-            out = model.decoder(queries, memory[image_index], tgt_key_padding_mask=padding)
-        (out[~padding] ** 2).sum().backward()
-        outs.append(out[~padding].detach())
-        grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters()]))
-    assert torch.allclose(outs[0], outs[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
-    model.eval()
+    ours = model.decoder(queries, padding, memory, image_index)
+    theirs = reference(queries, memory[image_index], tgt_key_padding_mask=padding)
+    assert torch.allclose(ours[~padding], theirs[~padding], atol=1e-5)
+    (ours[~padding] ** 2).sum().backward()
+    (theirs[~padding] ** 2).sum().backward()
+    for (name, a), b in zip(model.decoder.named_parameters(), reference.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5), name
+    model.eval(), reference.eval()
     with torch.no_grad():
-        fused = model.run_decoder(queries, memory, padding, image_index)[~padding]
-        torch_path = model.decoder(queries, memory[image_index], tgt_key_padding_mask=padding)[~padding]
-    assert torch.allclose(fused, torch_path, atol=1e-5)
+        assert torch.allclose(model.decoder(queries, padding, memory, image_index)[~padding],
+                              reference(queries, memory[image_index], tgt_key_padding_mask=padding)[~padding],
+                              atol=1e-5)
 
 
 def test_tiny_encoders_load_through_from_pretrained(tmp_path):

@@ -271,3 +271,67 @@ def test_default_out_dir_and_small_splits(dataset_name, tmp_path, monkeypatch):
     assert all(os.path.dirname(f) == os.path.join(str(tmp_path), dataset_name) for f in ds.values("filepath"))
     # Even 4 images put at least one image in every split.
     assert set(ds.distinct("split")) == {"train", "val", "test"}
+
+
+# ---------------------------------------------------------------- relational phrases
+
+
+@pytest.fixture(scope="module")
+def relational_examples():
+    return list(_examples(300, seed=2, min_objects=3, max_objects=5, relational_fraction=0.7))
+
+
+def test_relational_phrases_need_the_relation_and_name_their_target_alone(relational_examples):
+    count = 0
+    for _, objects, expressions in relational_examples:
+        for target, phrase in expressions:
+            assert syn.resolve(objects, phrase) == [target], (objects, phrase)
+            relation = syn.relation_of(phrase)
+            if relation is None:
+                continue
+            count += 1
+            head, tail = phrase.split(f" {relation} ")
+            anchor = syn.resolve(objects, tail)
+            assert len(anchor) == 1 and anchor[0] != target  # the anchor: one other object
+            # without the relation the target is not alone: the image must be read with the phrase
+            assert len([i for i in syn.resolve(objects, head) if i != anchor[0]]) >= 2
+    assert count >= 200
+
+
+def test_relational_words_are_the_tiny_tokenizers(relational_examples):
+    from fiftyone_grounding.encoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:bert")
+    used = set()
+    for _, _, expressions in relational_examples:
+        for _, phrase in expressions:
+            used.update(phrase.split())
+            assert tokenizer.tokenize(phrase) == phrase.split(), phrase
+    assert set(syn.RELATION_WORDS) <= used <= set(syn.VOCABULARY) | set(syn.RELATION_WORDS)
+
+
+# the first images of seed 0 as the generator drew them before relational phrases existed
+# (the offline demo's data): the same targets, phrases and box positions
+STREAM_BEFORE_RELATIONS = [
+    ([(2, "the large circle"), (0, "the white object")], [0.015625, 0.84375, 0.171875]),
+    ([(0, "the triangle on the left"), (1, "the small object")], [0.140625, 0.46875, 0.171875, 0.703125]),
+    ([(2, "the yellow object on the left"), (1, "the red object")], [0.625, 0.203125, 0.078125]),
+    ([(0, "the circle"), (1, "the square")], [0.453125, 0.015625]),
+    ([(0, "the square"), (1, "the circle")], [0.53125, 0.390625]),
+    ([(3, "the green object at the top"), (1, "the white object")], [0.5625, 0.171875, 0.734375, 0.640625]),
+]
+
+
+def test_without_relational_phrases_the_stream_is_the_one_before():
+    """relational_fraction=0 (the default) draws nothing more: the demo's images and phrases."""
+    for image_id, (expressions, left_edges) in enumerate(STREAM_BEFORE_RELATIONS):
+        _, objects, got = syn.generate_example(syn.image_rng(0, image_id))
+        assert got == expressions and [o["box_xyxy"][0] for o in objects] == left_edges
+
+
+def test_the_dataset_records_each_phrases_kind(dataset_name, tmp_path):
+    ds = _make(dataset_name, tmp_path, min_objects=3, max_objects=5, relational_fraction=0.8)
+    kinds = dict(zip(ds.values("expression"), ds.values("phrase_kind")))
+    assert set(kinds.values()) == {"attribute", "relational"}
+    assert all((syn.relation_of(p) is not None) == (k == "relational") for p, k in kinds.items())
+    assert ds.info["synthetic"]["relational_fraction"] == 0.8

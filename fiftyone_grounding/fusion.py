@@ -1,0 +1,151 @@
+"""The ``fusion`` architecture: the image tokens read the phrase in a bidirectional encoder.
+
+``image -> DINOv3 -> layers {3, 6, 9, 12} -> LayerNorm + Linear per layer (+ 2D sine positions + a
+level embedding) -> image tokens``; ``phrase -> BGE -> tokens -> Linear -> text tokens``;
+``Blocks([REG; text; image])`` (CLIP-VG's fusion, 6 layers) -> the [REG] token -> a first box;
+``CrossBlocks`` refine it (DETR's iterative refinement: each layer reads the fused image tokens at
+the current box and moves it, every stage's box is trained: deep supervision) -> the box and its
+quality.
+
+The DINOv3 taps depend on the image alone, so they are what the feature cache holds
+(:meth:`FusionGrounder.encode_images`): the last tap at full resolution with its CLS and register
+tokens, the others average-pooled ``level_pool`` x ``level_pool`` (fewer tokens for the encoder).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import GrounderConfig
+from .encoders import encoder_hidden_size
+from .errors import ConfigError
+from .layers import MLP, Block, CrossBlock, sine_box_embedding, sine_positions_2d
+from .model import GrounderBase, GroundingOutput, QualityHead, box_head
+
+
+def _inverse_sigmoid(x: Tensor, eps: float = 1e-4) -> Tensor:
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
+class FusionGrounder(GrounderBase):
+    """Several DINOv3 layers, a bidirectional fusion encoder, a refining box decoder."""
+
+    def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
+        super().__init__(config, image_encoder, text_encoder)
+        d = config.d_model
+        depth = int(image_encoder.config.num_hidden_layers)
+        self.layers = list(config.image_layers) or [depth]
+        if self.layers[-1] > depth:
+            raise ConfigError(f"image_layers {self.layers} go past the image encoder's {depth} layers")
+        self.side = config.image_size // self.patch_size  # patches per side
+        if self.side % config.level_pool:
+            raise ConfigError(f"level_pool {config.level_pool} must divide the {self.side} x {self.side} patch grid "
+                              f"({config.image_size} px, patch {self.patch_size})")
+        d_img = encoder_hidden_size(image_encoder)
+        self.level_norms = nn.ModuleList([nn.LayerNorm(d_img) for _ in self.layers])
+        self.level_projs = nn.ModuleList([nn.Linear(d_img, d) for _ in self.layers])
+        self.level_embed = nn.Parameter(torch.zeros(len(self.layers), d))
+        self.type_embed = nn.Parameter(torch.zeros(3, d))  # [REG], text, image
+        self.text_proj = nn.Linear(encoder_hidden_size(text_encoder), d)
+        self.reg_token = nn.Parameter(torch.zeros(1, 1, d))
+        for p in (self.level_embed, self.type_embed, self.reg_token):
+            nn.init.normal_(p, std=0.02)
+        self.blocks = nn.ModuleList([Block(d, config.num_heads, config.dim_feedforward, config.dropout)
+                                     for _ in range(config.num_layers)])
+        self.ln_f = nn.LayerNorm(d)
+        self.head = box_head(d, config.head_hidden)  # the first box, from [REG]
+        self.box_embed = MLP(d, d, out=d)  # the current box, as a query position
+        self.refine = nn.ModuleList([CrossBlock(d, config.num_heads, config.dim_feedforward, config.dropout)
+                                     for _ in range(config.refine_layers)])
+        self.deltas = nn.ModuleList([box_head(d, config.head_hidden) for _ in range(config.refine_layers)])
+        for delta in self.deltas:  # refinement starts as the identity
+            nn.init.zeros_(delta[-1].weight)
+            nn.init.zeros_(delta[-1].bias)
+        self.quality_head = QualityHead(d, config.head_hidden) if config.quality_head else None
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+    # -- the cacheable image features ------------------------------------------------------
+
+    def level_sizes(self) -> list[int]:
+        """Tokens of each tap in :meth:`encode_images`' output, in order: the last tap (prefix
+        and patches), then the earlier taps (pooled patches)."""
+        pooled = (self.side // self.config.level_pool) ** 2
+        return [self.num_prefix + self.side ** 2] + [pooled] * (len(self.layers) - 1)
+
+    def feature_spec(self) -> dict:
+        return {"layers": self.layers, "level_pool": self.config.level_pool}
+
+    def image_feature_shape(self) -> tuple[int, int]:
+        return sum(self.level_sizes()), encoder_hidden_size(self.image_encoder)
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """(I, 3, S, S) -> (I, N, D_img): the taps of :meth:`level_sizes`, concatenated."""
+        hidden = self.image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        taps = [hidden[i] for i in self.layers]  # hidden[0] is the embedding output
+        out = [taps[-1]]
+        pool = self.config.level_pool
+        for tap in taps[:-1]:
+            patches = tap[:, self.num_prefix:]  # (I, side^2, D)
+            grid = patches.transpose(1, 2).unflatten(-1, (self.side, self.side))  # (I, D, side, side)
+            if pool > 1:
+                grid = F.avg_pool2d(grid, pool)
+            out.append(grid.flatten(2).transpose(1, 2))
+        return torch.cat(out, dim=1)
+
+    # -- fusion ----------------------------------------------------------------------------
+
+    def _image_positions(self, device, dtype) -> Tensor:
+        """(N, d): 2D sine positions of each tap's grid (none for CLS/registers) + its level embedding."""
+        key = (device, dtype)
+        if key not in self._pos_cache:
+            d, side, pooled = self.config.d_model, self.side, self.side // self.config.level_pool
+            parts = [torch.cat([torch.zeros(self.num_prefix, d), sine_positions_2d(side, side, d)])]
+            parts += [sine_positions_2d(pooled, pooled, d)] * (len(self.layers) - 1)
+            self._pos_cache[key] = torch.cat(parts).to(device=device, dtype=dtype)
+        levels = torch.repeat_interleave(torch.arange(len(self.layers), device=device),
+                                         torch.tensor(self.level_sizes(), device=device))
+        return self._pos_cache[key] + self.level_embed.to(dtype)[levels]
+
+    def image_tokens(self, image_features: Tensor) -> Tensor:
+        """(I, N, D_img) taps -> (I, N, d) normalized, projected, with positions."""
+        dtype = self.level_projs[0].weight.dtype
+        sizes = self.level_sizes()
+        if image_features.shape[1] != sum(sizes):
+            raise ConfigError(f"Expected {sum(sizes)} image tokens (taps {self.layers}, {self.config.image_size} px), "
+                              f"got {image_features.shape[1]}: the features were encoded for another config")
+        parts = torch.split(image_features.to(dtype), sizes, dim=1)
+        tokens = torch.cat([proj(norm(p)) for p, norm, proj in zip(parts, self.level_norms, self.level_projs)], 1)
+        return tokens + self._image_positions(tokens.device, tokens.dtype) + self.type_embed[2].to(dtype)
+
+    def decode(self, image_features: Tensor, text_features: Tensor, attention_mask: Tensor,
+               image_index: Optional[Tensor] = None) -> GroundingOutput:
+        """image_features (I, N, D_img) taps; text_features (B, T, D_txt); attention_mask (B, T);
+        image_index (B,) the image of each phrase."""
+        if image_index is None:
+            image_index = torch.arange(text_features.shape[0], device=text_features.device)
+        image = self.image_tokens(image_features).index_select(0, image_index)  # (B, N, d)
+        text = self.text_proj(text_features.to(self.text_proj.weight.dtype)) + self.type_embed[1]  # (B, T, d)
+        batch = text.shape[0]
+        reg = (self.reg_token + self.type_embed[0]).to(text.dtype).expand(batch, -1, -1)
+        x = torch.cat([reg, text, image], dim=1)  # (B, 1 + T + N, d)
+        padding = torch.cat([attention_mask.new_zeros(batch, 1).bool(), ~attention_mask.bool(),
+                             attention_mask.new_zeros(batch, image.shape[1]).bool()], dim=1)
+        for block in self.blocks:
+            x = block(x, padding)
+        x = self.ln_f(x)
+        query, memory = x[:, 0], x[:, 1 + text.shape[1]:]  # (B, d), (B, N, d)
+        raw = self.head(query).float().sigmoid()  # (B, 4) cxcywh
+        stages = [raw]
+        for block, delta in zip(self.refine, self.deltas):
+            position = self.box_embed(sine_box_embedding(raw.detach(), self.config.d_model).to(query.dtype))
+            query = block((query + position)[:, None], memory)[:, 0]
+            raw = (_inverse_sigmoid(raw.detach()) + delta(query).float()).sigmoid()
+            stages.append(raw)
+        boxes = [self.to_xyxy(s) for s in stages]
+        return self.output(query, boxes[-1], aux_boxes=boxes[:-1])
