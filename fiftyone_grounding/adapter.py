@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .config import GrounderConfig
 from .encoders import encoder_hidden_size
 from .errors import ConfigError
-from .model import GrounderBase, GroundingOutput, QualityHead, box_head
+from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 
 
 class TextAdapter(nn.Module):

@@ -24,7 +24,7 @@ from .config import GrounderConfig
 from .encoders import encoder_hidden_size
 from .errors import ConfigError
 from .layers import MLP, Block, CrossBlock, sine_box_embedding, sine_positions_2d
-from .model import GrounderBase, GroundingOutput, QualityHead, box_head
+from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 
 
 def _inverse_sigmoid(x: Tensor, eps: float = 1e-4) -> Tensor:

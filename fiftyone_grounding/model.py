@@ -21,157 +21,21 @@ FiftyOne labels in ``labels.py``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import boxes as box_ops
-from .confidence import Calibration
+from .adapter import AdapterGrounder
+from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 from .config import DEFAULT_PRESET, GrounderConfig, get_config
-from .encoders import encoder_hidden_size, load_encoder, load_tokenizer, num_prefix_tokens, patch_size
+from .encoders import encoder_hidden_size, load_encoder, load_tokenizer
 from .errors import InputError
+from .fusion import FusionGrounder
 from .layers import Decoder, sine_positions_2d
 
-
-class GroundingOutput(NamedTuple):
-    """What a model returns for B phrases."""
-
-    boxes: Tensor  # (B, 4) normalized xyxy in [0, 1]
-    quality: Optional[Tensor] = None  # (B,) logits of each box's predicted IoU; None without a quality head
-    aux_boxes: tuple = ()  # (B, 4) xyxy boxes of the earlier refinement stages (deep supervision)
-
-
-class QualityHead(nn.Module):
-    """Predicts the IoU of a box with the true box, from the query that produced it and the box
-    itself. Both come in detached: this head learns to judge the box and never moves it, nor the
-    features it was made from (sharing them cost the box accuracy on the demo). Returns logits."""
-
-    def __init__(self, d_model: int, hidden: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(d_model)
-        self.fc1 = nn.Linear(d_model + 4, hidden)
-        self.fc2 = nn.Linear(hidden, 1)
-
-    def forward(self, query: Tensor, box_cxcywh: Tensor) -> Tensor:
-        x = torch.cat([self.norm(query.detach()), box_cxcywh.detach().to(query.dtype)], dim=-1)  # (B, d + 4)
-        return self.fc2(F.relu(self.fc1(x))).squeeze(-1).float()  # (B,)
-
-
-def box_head(dim: int, hidden: int) -> nn.Sequential:
-    """LayerNorm -> Linear -> ReLU -> Linear(4): a box (raw logits) from a query."""
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 4))
-
-
-class GrounderBase(nn.Module):
-    """What every grounding network shares: the frozen encoders (in eval mode, no gradients), the
-    text encoding, the quality head, the box format, the confidence's calibration, bookkeeping.
-
-    ``cacheable``: whether the image encoder's output (:meth:`encode_images`) depends on the image
-    alone, so that training can cache it on disk.
-    """
-
-    cacheable = True
-
-    def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
-        super().__init__()
-        self.config = config
-        self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
-        self.num_prefix = num_prefix_tokens(image_encoder)
-        self.patch_size = patch_size(image_encoder)
-        self.calibration = Calibration()  # quality logit -> confidence; fitted at the end of training
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        # Frozen encoders never leave eval mode (no dropout, fixed statistics).
-        self.image_encoder.eval()
-        self.text_encoder.eval()
-        return self
-
-    @torch.no_grad()
-    def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """(I, 3, H, W) normalized pixels -> (I, N, D_img) frozen features (what the cache holds)."""
-        return self.image_encoder(pixel_values=pixel_values).last_hidden_state
-
-    def feature_spec(self) -> Optional[dict]:
-        """Which encoder outputs :meth:`encode_images` returns, for the cache's key (None: the
-        last hidden state)."""
-        return None
-
-    def image_feature_shape(self) -> tuple[int, int]:
-        """(tokens, width) of one image's :meth:`encode_images` output."""
-        side = self.config.image_size // self.patch_size
-        return self.num_prefix + side * side, encoder_hidden_size(self.image_encoder)
-
-    @torch.no_grad()
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(B, T) token ids -> (B, T, D_txt) frozen features."""
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    def forward(
-        self,
-        pixel_values: Optional[Tensor] = None,
-        input_ids: Optional[Tensor] = None,
-        attention_mask: Optional[Tensor] = None,
-        image_index: Optional[Tensor] = None,
-        image_features: Optional[Tensor] = None,
-        text_features: Optional[Tensor] = None,
-    ) -> GroundingOutput:
-        """Boxes for phrases over images, each given as model inputs (pixels, token ids) or as
-        cached frozen-encoder features; ``image_index`` (B,) maps each phrase to its image
-        (default: phrase i -> image i), so an image shared by several phrases is encoded once."""
-        if image_features is None:
-            image_features = self.encode_images(pixel_values)
-        if text_features is None:
-            text_features = self.encode_text(input_ids, attention_mask)
-        if image_index is None:
-            image_index = torch.arange(text_features.shape[0], device=text_features.device)
-        return self.decode(image_features, text_features, attention_mask, image_index)
-
-    def decode(self, image_features: Tensor, text_features: Tensor, attention_mask: Tensor,
-               image_index: Optional[Tensor] = None) -> GroundingOutput:
-        raise NotImplementedError
-
-    # -- boxes ---------------------------------------------------------------------------
-
-    def to_xyxy(self, raw: Tensor) -> Tensor:
-        """Sigmoid outputs of the box head -> xyxy in [0, 1]."""
-        if self.config.box_format == "cxcywh":
-            return box_ops.box_cxcywh_to_xyxy(raw).clamp(0.0, 1.0)
-        # The seed's head predicts corners directly; order them so the box is valid.
-        x0, y0, x1, y1 = raw.unbind(-1)
-        return torch.stack([torch.minimum(x0, x1), torch.minimum(y0, y1),
-                            torch.maximum(x0, x1), torch.maximum(y0, y1)], dim=-1)
-
-    def output(self, query: Tensor, boxes: Tensor, aux_boxes: tuple = ()) -> GroundingOutput:
-        """The output of B phrases: their boxes, and the quality head's judgement of them."""
-        quality = None
-        if self.quality_head is not None:
-            quality = self.quality_head(query, box_ops.box_xyxy_to_cxcywh(boxes))
-        return GroundingOutput(boxes, quality, tuple(aux_boxes))
-
-    @torch.no_grad()
-    def init_box_bias(self, mean_box_xyxy: Tensor) -> None:
-        """Start the box head at the mean training box (its bias in logit space, DETR-style
-        prior) instead of a centered half-image box, which the loss takes hundreds of steps
-        to unlearn."""
-        box = mean_box_xyxy.float().clamp(0.0, 1.0)
-        if self.config.box_format == "cxcywh":
-            box = box_ops.box_xyxy_to_cxcywh(box)
-        last = self.head[-1]
-        last.bias.copy_(torch.logit(box.clamp(1e-3, 1 - 1e-3)).to(last.bias.dtype))
-
-    # -- bookkeeping -----------------------------------------------------------------
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """The weights a checkpoint holds: everything but the frozen encoders."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in names}
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+__all__ = ["GrounderBase", "GroundingOutput", "Grounder", "FusionGrounder", "AdapterGrounder", "build_model",
+           "build_tokenizer"]
 
 
 class Grounder(GrounderBase):
@@ -240,17 +104,7 @@ class Grounder(GrounderBase):
         return self.output(pooled, self.to_xyxy(raw))
 
 
-def _architecture(name: str) -> type:
-    """The network class of ``GrounderConfig.architecture`` (the v2 ones live in their modules)."""
-    if name == "fusion":
-        from .fusion import FusionGrounder
-
-        return FusionGrounder
-    if name == "adapter":
-        from .adapter import AdapterGrounder
-
-        return AdapterGrounder
-    return Grounder
+_ARCHITECTURES = {"decoder": Grounder, "fusion": FusionGrounder, "adapter": AdapterGrounder}
 
 
 def build_model(preset: str = DEFAULT_PRESET, weights: bool = True, config: Optional[GrounderConfig] = None,
@@ -263,7 +117,7 @@ def build_model(preset: str = DEFAULT_PRESET, weights: bool = True, config: Opti
     config = config or get_config(preset, **overrides)
     image_encoder = load_encoder(config.image_encoder, weights=weights, what="image encoder")
     text_encoder = load_encoder(config.text_encoder, weights=weights, what="text encoder")
-    return _architecture(config.architecture)(config, image_encoder, text_encoder)
+    return _ARCHITECTURES[config.architecture](config, image_encoder, text_encoder)
 
 
 def build_tokenizer(config: GrounderConfig):

@@ -31,6 +31,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def fusion_model():
+    """The fusion architecture's cache holds several taps (two DINOv3 layers, one pooled)."""
+    torch.manual_seed(0)
+    return build_model("tiny-fusion").eval()
+
+
+@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """Six small drawn JPEG/PNG images with objects near the left or right edge."""
     folder = tmp_path_factory.mktemp("cache_images")
@@ -97,7 +104,9 @@ def _loss_and_grads(model, batch):
     return out.boxes.detach(), loss.item(), grads
 
 
-def test_cached_training_step_matches_pixels(tmp_path, model, images):
+@pytest.mark.parametrize("which", ["model", "fusion_model"])
+def test_cached_training_step_matches_pixels(tmp_path, which, images, request):
+    model = request.getfixturevalue(which)
     cfg = model.config
     cache = _built_cache(tmp_path, model, images)
     records = _records(images)
@@ -108,6 +117,7 @@ def test_cached_training_step_matches_pixels(tmp_path, model, images):
     b_pix = collate([pix[i] for i in range(len(pix))])
     b_cache = collate([cached[i] for i in range(len(cached))])
     assert b_cache["image_features"].dtype == torch.float16 and "pixel_values" not in b_cache
+    assert b_cache["image_features"].shape[1:] == model.image_feature_shape()
     assert torch.equal(b_pix["input_ids"], b_cache["input_ids"]) and torch.equal(b_pix["boxes"], b_cache["boxes"])
 
     model.train()
@@ -174,13 +184,13 @@ def test_mirrored_view_is_the_encoded_mirrored_image(tmp_path, model, images):
 
 def test_grouped_cached_batches_equal_one_phrase_at_a_time(tmp_path, images):
     """Through the training pipeline (sampler + collator), for the seed's mean-pooled text
-    queries and for the [REG] query."""
-    for overrides in (dict(query="text", pos_embed="none", box_format="xyxy", quality_head=False,
-                           loss_weights={"diou": 1.0}), {}):
+    queries, the [REG] query and the fusion architecture."""
+    for preset, overrides in (("tiny", dict(query="text", pos_embed="none", box_format="xyxy", quality_head=False,
+                                            loss_weights={"diou": 1.0})), ("tiny", {}), ("tiny-fusion", {})):
         torch.manual_seed(0)
-        model = build_model("tiny", **overrides).eval()
+        model = build_model(preset, **overrides).eval()
         cfg = model.config
-        cache = _built_cache(tmp_path / cfg.query, model, images)
+        cache = _built_cache(tmp_path / f"{preset}-{cfg.query}", model, images)
         records = _records(images)
         ds = GroundingDataset(records, cfg.image_size, cfg.image_mean, cfg.image_std, feature_cache=cache)
         collate = Collator(build_tokenizer(cfg), cfg.max_text_len)
@@ -263,6 +273,33 @@ def test_fit_encodes_once_then_reuses_the_cache(synthetic_dataset, tmp_path):
     assert "Cached image features of" not in out.getvalue() and "Cached text features" not in out.getvalue()
     assert sorted(p.name for p in folder.glob("shard-*.npy")) == shards
     assert sorted(p.name for p in text_folder.glob("shard-*.npy")) == text_shards
+
+
+@pytest.mark.parametrize("preset, budget, reason", [
+    ("tiny-fusion", 200.0, None),
+    ("tiny-fusion", 1e-6, "is over cache_budget_gb=1e-06"),
+    ("tiny-adapter", 200.0, "the adapter architecture reads the phrase inside the image encoder"),
+])
+def test_fit_caches_what_it_can_and_says_why_not(synthetic_dataset, tmp_path, preset, budget, reason):
+    """The fusion caches its taps; over the disk budget, or for the adapter (whose image
+    features depend on the phrase), the images are encoded on the fly and fit says why."""
+    from fiftyone_grounding.train import fit
+
+    view = synthetic_dataset.match({"split": "train"}).limit(12)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        fit(view, preset=preset, epochs=1, batch_size=8, train_split=None, val_split=None, progress=False, cpu=True,
+            cache_dir=str(tmp_path / "features"), cache_budget_gb=budget, out_dir=str(tmp_path / "run"))
+    printed = out.getvalue()
+    assert ("Cached image features of" in printed) == (reason is None)
+    if reason is None:
+        assert "Feature cache off" not in printed
+    else:
+        assert "Feature cache off" in printed and reason in printed
+        assert not (tmp_path / "features").exists() or not [p for p in (tmp_path / "features").iterdir()
+                                                            if p.name != "text"]
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
 
 
 def test_cached_text_features_match_the_text_encoder(tmp_path, model):

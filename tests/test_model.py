@@ -49,26 +49,50 @@ def test_every_preset_builds_and_runs(preset):
         assert out.quality.shape == (2,) and torch.isfinite(out.quality).all()
 
 
-def test_frozen_encoders_get_no_gradient():
-    model = build_model("tiny")
+ARCHITECTURES = ["tiny", "tiny-fusion", "tiny-adapter"]  # decoder, fusion, adapter
+
+
+@pytest.mark.parametrize("preset", ARCHITECTURES)
+def test_frozen_encoders_get_no_gradient_and_do_not_change(preset):
+    """Every trainable weight gets a gradient from the loss; no encoder weight gets one, nor
+    changes over an optimizer step (the adapter's run inside the image encoder's blocks)."""
+    torch.manual_seed(0)
+    model = build_model(preset)
     ids, mask = tokens(model, ["the red circle", "the blue one"])
     pixels = torch.randn(2, 3, 64, 64)
     model.train()
     assert not model.image_encoder.training and not model.text_encoder.training
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if n.startswith(("image_encoder.", "text_encoder."))}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if n not in frozen}
+    assert frozen and trainable
     out = model(pixels, ids, mask)
     loss = grounding_loss(out, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
-    assert set(loss) == {"l1", "giou", "quality", "loss"}
+    expected = {"l1", "giou", "quality", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
+    assert set(loss) == expected
     loss["loss"].backward()
     for name, p in model.named_parameters():
-        if name.startswith(("image_encoder.", "text_encoder.")):
+        if name in frozen:
             assert not p.requires_grad and p.grad is None, name
         else:
             assert p.requires_grad and p.grad is not None, name
+    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2).step()
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], before) for n, before in frozen.items())
+    assert sum(not torch.equal(params[n], before) for n, before in trainable.items()) > len(trainable) // 2
 
 
-def test_grouped_images_equal_one_by_one():
+@pytest.mark.parametrize("preset", ARCHITECTURES)
+def test_grouped_images_equal_one_by_one(preset):
+    """Phrases grouped by image (each image encoded once; for the adapter, its lower blocks run
+    once) give the boxes and qualities of one phrase with its own image at a time."""
     torch.manual_seed(0)
-    model = build_model("tiny").eval()
+    model = build_model(preset).eval()
+    if preset == "tiny-adapter":  # open the adapters' gates, so that the phrase matters
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("gate"):
+                    p.fill_(0.5)
     phrases = ["the red circle", "the large blue square", "the small white triangle at the top"]
     ids, mask = tokens(model, phrases)
     images = torch.randn(2, 3, 64, 64)
@@ -79,6 +103,7 @@ def test_grouped_images_equal_one_by_one():
                   for i, j in enumerate(image_index.tolist())]
     assert torch.allclose(grouped.boxes, torch.cat([o.boxes for o in single]), atol=1e-5)
     assert torch.allclose(grouped.quality, torch.cat([o.quality for o in single]), atol=1e-5)
+    assert not torch.allclose(grouped.boxes[0], grouped.boxes[2], atol=1e-4)  # same image, other phrase
 
 
 def test_the_quality_head_learns_only_from_its_own_loss():
