@@ -337,3 +337,16 @@ def test_refcocox_trains_only_on_images_no_eval_split_holds(tmp_path, images, da
     os.rename(root / "refcocog" / "refs(umd).p", root / "refcocog" / "refs(google).p")
     with pytest.raises(SourceError, match="Google partition"):
         import_refcoco("refcocox", source=root, images_dir=images, dataset_name=dataset_name)
+
+
+def test_the_cli_offers_every_source(tmp_path, images, dataset_name, cli):
+    code, out, _ = cli("import-refcoco", "--help")
+    assert code == 0 and all(name in out for name in ("grefcoco", "refcoco-m", "refcocox", "--revision"))
+    folder = write_grefcoco(tmp_path / "grefcoco")
+    code, out, err = cli("import-refcoco", "grefcoco", "--source", folder, "--images-dir", images,
+                         "--dataset-name", dataset_name, "--no-progress")
+    assert code == 0, err
+    assert "6 expressions (train 3, val 2, testA 1)" in out
+    assert "2 expressions refer to one object, 2 to several, 2 to none" in out
+    code, _, err = cli("import-refcoco", "refcocox", "--revision", "main")
+    assert code == 2 and err.startswith("error: --revision names one Hub revision")
