@@ -207,12 +207,13 @@ def format_table(result: dict) -> str:
     """The metric table: one row per split and overall."""
     rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
     confident = any(m.get("auroc") is not None for _, m in rows)
-    head = f"{'split':<10} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}"
+    width = max([10] + [len(str(name)) for name, _ in rows])  # refcocox's splits: "refcoco+/testA"
+    head = f"{'split':<{width}} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}"
     if confident:
         head += f" | {'AUROC':>6} | {'ECE':>6} | {'Acc@50%':>7} | {'Acc@80%':>7}"
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        line = f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}"
+        line = f"{name:<{width}} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}"
         if confident:
             line += " | " + " | ".join(_fmt(m.get(k), w) for k, w in (
                 ("auroc", 6), ("ece", 6), ("acc_at_50_coverage", 7), ("acc_at_80_coverage", 7)))

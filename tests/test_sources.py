@@ -9,6 +9,7 @@ dicts (protocol 2, as Python 2 wrote it) beside a COCO ``instances.json``; gRefC
 import json
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,15 +17,18 @@ from PIL import Image
 
 import fiftyone as fo
 
+from fiftyone_grounding.config import TrainConfig
 from fiftyone_grounding.data import read_records
 from fiftyone_grounding.errors import DownloadError, SourceError
 from fiftyone_grounding.evaluate import (GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone,
                                          format_table)
 from fiftyone_grounding.refcoco import import_refcoco
 from fiftyone_grounding.refer import load_refs_pickle
+from fiftyone_grounding.train import fit
 
 from test_refcoco import IMAGES, REFS, UNC, coco_file, draw_images, make_row, make_source, save
 
+REPO = Path(__file__).resolve().parents[1]
 REF_KEYS = ("sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences", "category_id")
 CATEGORIES = [{"id": i, "name": n, "supercategory": "thing"} for i, n in ((1, "person"), (3, "car"), (18, "dog"),
                                                                           (44, "bottle"), (62, "chair"),
@@ -333,6 +337,13 @@ def test_refcocox_trains_only_on_images_no_eval_split_holds(tmp_path, images, da
     assert dataset.info["refcoco"]["splits"][:2] == ["train", "refcoco/val"]
     again = import_refcoco("refcocox", source=root, images_dir=images, dataset_name=dataset_name)
     assert again.info["refcoco"]["last_import"]["added"] == 0 and len(again) == len(dataset)
+
+    # The recipe in training/ trains on it (here with the tiny preset, one epoch on the CPU).
+    recipe = TrainConfig.from_json(REPO / "training" / "refcocox_grounder.json")
+    result = fit(dataset, recipe.merged(preset="tiny", epochs=1, batch_size=8, num_workers=0,
+                                        out_dir=str(tmp_path / "run")), cpu=True, progress=False)
+    assert (result.best_dir / "model.safetensors").is_file() and result.best_val_iou is not None
+    assert not result.skipped
 
     os.rename(root / "refcocog" / "refs(umd).p", root / "refcocog" / "refs(google).p")
     with pytest.raises(SourceError, match="Google partition"):
