@@ -96,12 +96,13 @@ def plan(hub: fo.Dataset, existing: set, max_samples: Optional[int]) -> tuple:
 def refcoco_m_samples(hub: fo.Dataset, wanted: set, label: str, stats: dict) -> Iterator[fo.Sample]:
     """One sample per wanted expression detection of the Hub copy, in the project's schema."""
     for sample in hub.iter_samples():
+        dets = [d for d in (sample[LABEL_FIELD].detections if sample[LABEL_FIELD] else []) if d.id in wanted]
+        if not dets:
+            continue
         metadata = sample.metadata
         if metadata is None or metadata.width is None:
             metadata = fo.ImageMetadata.build_for(sample.filepath)
-        for det in (sample[LABEL_FIELD].detections if sample[LABEL_FIELD] else []):
-            if det.id not in wanted:
-                continue
+        for det in dets:
             text = det.label if isinstance(det.label, str) else ""
             if not text.strip():
                 stats["empty_expressions"].append(det.id)

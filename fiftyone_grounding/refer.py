@@ -20,7 +20,6 @@ pickle runs code), before anything is called.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -49,6 +48,11 @@ class RestrictedUnpickler(pickle.Unpickler):
     imported or called.
     """
 
+    def __init__(self, file, path: str):
+        # Python 2 wrote the REFER pickles: its byte strings are text (UTF-8) here.
+        super().__init__(file, encoding="utf-8")
+        self.path = path
+
     def find_class(self, module: str, name: str):
         raise SourceError(
             f"{self.path} asks to load {module}.{name}, but a refs file holds only lists, dicts, "
@@ -59,23 +63,17 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid):
         raise SourceError(f"{self.path} holds a persistent id, which a refs file never does; it is refused.")
 
-    def __init__(self, file, path: str):
-        # Python 2 wrote the REFER pickles: its byte strings are text (UTF-8) here.
-        super().__init__(file, encoding="utf-8")
-        self.path = path
 
-
-def load_refs_pickle(path: str) -> list:
+def load_refs_pickle(path) -> list:
     """The list of ref dicts in a REFER ``refs(*).p`` file, read with :class:`RestrictedUnpickler`."""
     path = os.fspath(path)
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        refs = RestrictedUnpickler(io.BytesIO(data), path).load()
-    except SourceError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, UnicodeDecodeError,
-            MemoryError) as err:
+        with open(path, "rb") as f:
+            refs = RestrictedUnpickler(f, path).load()
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path} holds text that is not UTF-8 ({err}); it is not a REFER refs file.") from err
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            OverflowError, MemoryError, RecursionError) as err:  # what malformed opcodes raise
         raise SourceError(
             f"{path} is not a whole refs pickle ({type(err).__name__}: {err}); it may be truncated: "
             "download the REFER release again."
@@ -99,13 +97,43 @@ def _load_json(path: str):
 _REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences", "category_id")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ids(value) -> bool:
+    """An id, or a non-empty list of ids (gRefCOCO's ann_id and category_id)."""
+    return _is_int(value) or (isinstance(value, list) and bool(value) and all(_is_int(v) for v in value))
+
+
+def _check_ref(ref) -> Optional[str]:
+    """What is wrong with one ref's form, or None."""
+    missing = [k for k in _REF_KEYS if not isinstance(ref, dict) or k not in ref]
+    if missing:
+        return f"lacks {missing} (a ref has {list(_REF_KEYS)})"
+    if not (_is_int(ref["ref_id"]) and _is_int(ref["image_id"]) and _ids(ref["ann_id"]) and _ids(ref["category_id"])):
+        return "ref_id and image_id must be integers, ann_id and category_id integers or lists of them"
+    if not isinstance(ref["split"], str):
+        return "split must be a string"
+    sentences = ref["sentences"]
+    if not isinstance(sentences, list) or not all(
+        isinstance(s, dict) and _is_int(s.get("sent_id")) and isinstance(s.get("raw", s.get("sent", "")), str)
+        for s in sentences
+    ):
+        return "sentences must be a list of {raw, sent, sent_id, tokens} records"
+    sent_ids = ref.get("sent_ids")
+    if sent_ids is not None and not (isinstance(sent_ids, list) and all(_is_int(v) for v in sent_ids)):
+        return "sent_ids must be a list of integers"
+    return None
+
+
 def _check_refs(refs, path: str) -> list:
     if not isinstance(refs, list):
         raise SourceError(f"{path} holds a {type(refs).__name__}, not the list of refs a refs file holds.")
     for i, ref in enumerate(refs):
-        missing = [k for k in _REF_KEYS if not isinstance(ref, dict) or k not in ref]
-        if missing:
-            raise SourceError(f"{path}: ref {i} lacks {missing} (a ref has {list(_REF_KEYS)}): {ref!r:.200}")
+        problem = _check_ref(ref)
+        if problem:
+            raise SourceError(f"{path}: ref {i} {problem}: {ref!r:.200}")
     return refs
 
 

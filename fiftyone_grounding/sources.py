@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Union
@@ -33,8 +32,6 @@ from . import refer
 from .boxes import box_xywh_to_xyxy, box_xyxy_abs_to_rel, is_valid_xyxy
 from .config import NO_TARGET_FIELD, SOURCE_REVISIONS
 from .errors import DownloadError, InputError, SourceError
-
-logger = logging.getLogger(__name__)
 
 VARIANTS = ("refcoco", "refcoco+", "refcocog")  # the three that jxu124 and the REFER release have
 GREFCOCO = "grefcoco"
@@ -224,9 +221,12 @@ def image_record(info, image_id: int, where: str, what: str) -> Image:
     missing = [k for k in ("file_name", "width", "height", "id") if not isinstance(info, dict) or k not in info]
     if missing:
         raise SourceError(f"{where}: {what} lacks {missing}: {info!r:.200}")
-    if int(info["id"]) != int(image_id):
+    try:
+        record_id, width, height = int(info["id"]), int(info["width"]), int(info["height"])
+    except (TypeError, ValueError) as err:
+        raise SourceError(f"{where}: {what} has a non-integer id, width or height ({err}): {info!r:.200}") from err
+    if record_id != int(image_id):
         raise SourceError(f"{where}: {what} id {info['id']} differs from image_id {image_id}.")
-    width, height = int(info["width"]), int(info["height"])
     if width <= 0 or height <= 0:
         raise SourceError(f"{where}: {what} has a non-positive size {width}x{height}.")
     # COCO file names are plain names; a path part would let a row point outside images_dir.
@@ -585,7 +585,9 @@ class CombinedSource(Source):
         self.origin = {v: p.origin for v, p in parts.items()}
         self.tables = {}
         for variant, part in parts.items():
-            for table, split in part.tables.items():
+            # every split of every part, checked: the removal needs all of their images
+            for table in part.select(None):
+                split = part.tables[table]
                 self.tables[f"{variant}:{table}"] = "train" if split == "train" else f"{variant}/{split}"
         self.known = {split: split for split in self.tables.values()}
         self.eval_images = {item.image_id for table, split in self.tables.items() if split != "train"

@@ -106,6 +106,10 @@ def test_refcocog_refer_uses_umd_and_refuses_the_google_split(tmp_path, images, 
         import_refcoco("refcocog", source=folder, images_dir=images, dataset_name=dataset_name)
 
 
+def load_refs_pickle_of(data: bytes) -> list:
+    return pickle.loads(data)  # the test's own, trusted pickle
+
+
 class _RunsCode:
     def __init__(self, marker):
         self.marker = marker
@@ -136,6 +140,11 @@ def test_the_refs_unpickler_runs_nothing_and_refuses_classes_and_truncated_files
         assert not marker.exists()
     with pytest.raises(SourceError, match="asks to load"):
         load_refs_pickle(refs_path)
+
+    with open(refs_path, "wb") as f:
+        pickle.dump([{**load_refs_pickle_of(good)[0], "ann_id": "100"}], f, protocol=2)
+    with pytest.raises(SourceError, match=r"ref 0 ref_id and image_id must be integers, ann_id"):
+        import_refcoco("refcoco", source=folder, images_dir=images, dataset_name=dataset_name)
 
     with open(refs_path, "wb") as f:
         f.write(good[: len(good) // 2])
