@@ -152,6 +152,19 @@ def test_the_refs_unpickler_runs_nothing_and_refuses_classes_and_truncated_files
         import_refcoco("refcoco", source=folder, images_dir=images, dataset_name=dataset_name)
     assert not fo.dataset_exists(dataset_name)
 
+    # Corrupted and cut files: each loads as refs or is one SourceError, never another exception.
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        data = bytearray(good[: rng.integers(1, len(good))] if i % 2 else good)
+        for at in rng.integers(0, len(data), 3):
+            data[at] = rng.integers(0, 256)
+        with open(refs_path, "wb") as f:
+            f.write(data)
+        try:
+            load_refs_pickle(refs_path)
+        except SourceError:
+            pass
+
 
 def test_a_broken_refer_ref_stops_the_import_and_a_rerun_resumes(tmp_path, images, dataset_name):
     folder = write_refer(tmp_path / "refcoco")
