@@ -153,7 +153,9 @@ def load_instances(path: str) -> Instances:
     data = _load_json(path)
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data, dict) or k not in data]
     if missing:
-        raise SourceError(f"{path} lacks {missing}; it must be COCO's instances.json (images, annotations, categories).")
+        raise SourceError(
+            f"{path} lacks {missing}; it must be COCO's instances.json (images, annotations, categories)."
+        )
     try:
         return Instances(
             images={int(im["id"]): im for im in data["images"]},

@@ -507,7 +507,8 @@ class ReferSource(Source):
                 raise SourceError(f"{where}: ann_id -1 (no target) is gRefCOCO's; a {self.name} ref has one object.")
             ann_ids = []
         elif -1 in ann_ids or (not self.multi and len(ann_ids) != 1):
-            raise SourceError(f"{where}: ann_id {ref['ann_id']} is not {'one object' if not self.multi else 'a list of objects'}.")
+            kind = "a list of objects" if self.multi else "one object"
+            raise SourceError(f"{where}: ann_id {ref['ann_id']} is not {kind}.")
         boxes, categories = [], []
         for ann_id in ann_ids:
             ann = self.instances.annotations.get(ann_id)
@@ -663,7 +664,9 @@ def open_source(name: str, source=None, revision=None) -> Source:
     if name == COMBINED:
         return _open_combined(source, revision)
     if name == REFCOCO_M:
-        raise InputError("RefCOCO-M is a FiftyOne dataset, not a table source; import it with import_refcoco('refcoco-m').")
+        raise InputError(
+            "RefCOCO-M is a FiftyOne dataset, not a table source; import it with import_refcoco('refcoco-m')."
+        )
     if isinstance(revision, dict):
         raise InputError(f"revision must be a single Hub revision for {name}, e.g. 'main'.")
     if name == GREFCOCO:
