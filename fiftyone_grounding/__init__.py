@@ -8,7 +8,7 @@ Main entry points (imported lazily, so ``import fiftyone_grounding`` is cheap)::
     apply_grounding_model(view, model)    # the same boxes, faster, written in bulk
     evaluate_grounding(view, pred, gt)    # mIoU, Acc@0.5, Acc@0.75, overall and per split
     make_synthetic_dataset(...)           # the offline synthetic referring dataset
-    import_refcoco(name="refcoco", ...)   # RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne
+    import_refcoco(name="refcoco", ...)   # RefCOCO(+/g), gRefCOCO, RefCOCO-M, refcocox into FiftyOne
 """
 
 from importlib import import_module

@@ -276,9 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the preset the weights were trained with")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg into FiftyOne",
-                       description="Import a RefCOCO-family dataset (Hugging Face jxu124/*) into FiftyOne, "
-                                   "one sample per expression, with COCO train2014 images.")
+    p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "
+                                              "refcocox into FiftyOne",
+                       description="Import a RefCOCO-family dataset into FiftyOne, one sample per expression.")
     try:
         from .refcoco import add_arguments
 

@@ -323,6 +323,21 @@ PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", pos_embe
 # "expression" attribute): one small vocabulary, so that FiftyOne's evaluation has one class.
 DEFAULT_LABEL = "referent"
 
+# The boolean sample field that marks an expression referring to nothing (gRefCOCO): its
+# ground truth holds no box, and one-box training and evaluation skip it and count it.
+NO_TARGET_FIELD = "no_target"
+
+# The Hugging Face Hub revision each dataset source loads unless told otherwise. The importer's
+# column checks and tests follow these; the jxu124 datasets changed their columns between
+# revisions, so a copy saved from another revision is refused with the columns it expects.
+SOURCE_REVISIONS = {
+    "jxu124/refcoco": "main",
+    "jxu124/refcocoplus": "main",
+    "jxu124/refcocog": "main",
+    "FudanCVL/gRefCOCO": "main",
+    "Voxel51/RefCOCO-M": "main",
+}
+
 # One line per preset, for --help and the App's forms.
 PRESET_DESCRIPTIONS = {
     "grounder": "DINOv3 + BGE with the position-aware decoder (GPU)",

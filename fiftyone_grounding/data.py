@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from .augment import CACHEABLE, augment_item, hflip_boxes, parse_augment
 from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
+from .config import NO_TARGET_FIELD
 from .errors import ImageError, InputError
 from .images import load_rgb, normalize_pixels, resize_rgb
 from .text import NO_PHRASE, PhraseTokenizer, clean_phrase, swap_left_right
@@ -36,22 +37,38 @@ class GroundingRecords:
         return len(self.sample_ids)
 
 
+NO_TARGET = "no target (gRefCOCO): one-box models skip it"
+SEVERAL_TARGETS = "several targets: one-box models skip them"
+
+
 def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth") -> GroundingRecords:
-    """Bulk-read (id, filepath, phrase, first box) from a FiftyOne view, validating each row."""
+    """Bulk-read (id, filepath, phrase, box) from a FiftyOne view, validating each row.
+
+    Today's models predict one box per phrase, so a sample whose ground truth holds several boxes,
+    or none because its phrase refers to nothing (``no_target``, gRefCOCO), is skipped with its
+    reason, not trained on with a box that is not the whole answer.
+    """
     for name in (phrase_field, gt_field):
         if not view.has_field(name):
             raise InputError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
     ids, paths, phrases, bbs = view.values(
         ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
     )
+    no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * len(ids)
     records = GroundingRecords()
-    for sid, path, phrase, boxes in zip(ids, paths, phrases, bbs):
+    for sid, path, phrase, boxes, nothing in zip(ids, paths, phrases, bbs, no_target):
         text = clean_phrase(phrase)
         if text is None:
             records.skipped.append((sid, NO_PHRASE))
             continue
+        if nothing:
+            records.skipped.append((sid, NO_TARGET))
+            continue
         if not boxes:
             records.skipped.append((sid, f"no box in {gt_field!r}"))
+            continue
+        if len(boxes) > 1:
+            records.skipped.append((sid, SEVERAL_TARGETS))
             continue
         box = fiftyone_xywh_to_xyxy(boxes[0]) if len(boxes[0]) == 4 else [math.nan] * 4
         if not all(math.isfinite(v) for v in box):

@@ -3,6 +3,8 @@
 Each sample is scored alone: its first predicted box against its first valid ground-truth box,
 so a prediction is never matched with another sample's box. Samples without a valid
 ground-truth box are not scored (``unscored``); a sample without a prediction scores IoU 0.
+Today's models predict one box, so samples whose ground truth holds several boxes, or whose
+phrase refers to nothing (``no_target``, gRefCOCO), are not scored either, and counted apart.
 
 - :func:`evaluate_grounding`: mIoU, Acc@0.5, Acc@0.75 and the confidence's metrics (see
   ``confidence.py``), overall and per split, vectorized, with each sample's IoU written to a
@@ -28,6 +30,7 @@ import numpy as np
 import fiftyone.utils.eval.detection as foud
 
 from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
+from .config import NO_TARGET_FIELD
 from .confidence import COVERAGES, confidence_metrics
 from .errors import InputError
 
@@ -77,6 +80,8 @@ class SampleScores:
     pred_ids: list  # id of the first predicted box, or None (no prediction)
     gt_labels: list
     pred_labels: list
+    no_target: int = 0  # of the unscored, samples whose phrase refers to nothing (gRefCOCO)
+    several_targets: int = 0  # of the unscored, samples with several true boxes
 
     @property
     def scored(self) -> np.ndarray:
@@ -102,10 +107,17 @@ def score_samples(view, pred_field: str, gt_field: str) -> SampleScores:
         f"{pred_field}.detections.bounding_box", f"{pred_field}.detections.id", f"{pred_field}.detections.label",
         f"{pred_field}.detections.confidence"])
     n = len(ids)
+    no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * n
     ious = np.full(n, np.nan)
     out = SampleScores(list(ids), ious, [None] * n, [None] * n, [None] * n, [None] * n, [None] * n)
     pairs = []  # (sample index, predicted xyxy, true xyxy)
     for i in range(n):
+        if no_target[i]:
+            out.no_target += 1
+            continue
+        if len(gt_boxes[i] or []) > 1:
+            out.several_targets += 1
+            continue
         gt, gt_id, gt_label = _first_valid(gt_boxes[i], gt_ids[i] or [], gt_labels[i] or [])
         if gt is None:
             continue
@@ -147,7 +159,8 @@ def _metrics_of(scores: SampleScores, view, split_field: Optional[str]) -> dict:
     confidences = [scores.confidences[i] for i in np.flatnonzero(scored)]
     result = {"overall": grounding_metrics(scores.ious[scored], confidences), "splits": {},
               "missing_predictions": int(sum(1 for i in np.flatnonzero(scored) if scores.pred_ids[i] is None)),
-              "unscored": int((~scored).sum())}
+              "unscored": int((~scored).sum()), "no_target": scores.no_target,
+              "several_targets": scores.several_targets}
     if split_field and view.has_field(split_field):
         result["splits"] = _split_metrics(scores, view.values(split_field))
     return result
@@ -165,8 +178,9 @@ def evaluate_grounding(
 
     Returns ``{"overall": {miou, acc50, acc75, count, auroc, ece, acc_at_50_coverage,
     acc_at_80_coverage}, "splits": {name: {...}}, "missing_predictions": n, "unscored": n,
-    "iou_field": name}``; ``unscored`` samples have no valid ground-truth box (none, non-finite,
-    zero or negative size). The confidence metrics are None for boxes without confidences. The
+    "no_target": n, "several_targets": n, "iou_field": name}``; ``unscored`` samples have no valid
+    ground-truth box (none, non-finite, zero or negative size), several (``several_targets``) or
+    a phrase that refers to nothing (``no_target``). The confidence metrics are None for boxes without confidences. The
     IoU goes to ``iou_field`` (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
     """
     iou_field = iou_field or f"{pred_field}_iou"
@@ -193,12 +207,13 @@ def format_table(result: dict) -> str:
     """The metric table: one row per split and overall."""
     rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
     confident = any(m.get("auroc") is not None for _, m in rows)
-    head = f"{'split':<10} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}"
+    width = max([10] + [len(str(name)) for name, _ in rows])  # refcocox's splits: "refcoco+/testA"
+    head = f"{'split':<{width}} | {'count':>6} | {'mIoU':>6} | {'Acc@0.5':>7} | {'Acc@0.75':>8}"
     if confident:
         head += f" | {'AUROC':>6} | {'ECE':>6} | {'Acc@50%':>7} | {'Acc@80%':>7}"
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        line = f"{name:<10} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}"
+        line = f"{name:<{width}} | {m['count']:>6} | {m['miou']:>6.4f} | {m['acc50']:>7.4f} | {m['acc75']:>8.4f}"
         if confident:
             line += " | " + " | ".join(_fmt(m.get(k), w) for k, w in (
                 ("auroc", 6), ("ece", 6), ("acc_at_50_coverage", 7), ("acc_at_80_coverage", 7)))
@@ -208,8 +223,13 @@ def format_table(result: dict) -> str:
                      "Acc@50%/80%: Acc@0.5 of the 50%/80% most confident)")
     if result.get("missing_predictions"):
         lines.append(f"({result['missing_predictions']} samples had no prediction and count as IoU 0)")
-    if result.get("unscored"):
-        lines.append(f"({result['unscored']} samples have no valid ground-truth box and are not scored)")
+    apart = {"no_target": "refer to nothing (gRefCOCO no-target)", "several_targets": "have several true boxes"}
+    invalid = result.get("unscored", 0) - sum(result.get(k, 0) for k in apart)
+    if invalid:
+        lines.append(f"({invalid} samples have no valid ground-truth box and are not scored)")
+    for key, text in apart.items():
+        if result.get(key):
+            lines.append(f"({result[key]} samples {text}: one-box models are not scored on them)")
     return "\n".join(lines)
 
 
@@ -280,6 +300,8 @@ class GroundingEvaluation(foud.DetectionEvaluation):
         and box attributes as the bulk path, for one sample."""
         gt_label, pred_label = doc[self.gt_field], doc[self.pred_field]
         gts = gt_label.detections if gt_label is not None else []
+        if len(gts) > 1 or (doc.has_field(NO_TARGET_FIELD) and doc[NO_TARGET_FIELD]):
+            return []  # one-box scoring does not apply (as in score_samples)
         gt, gt_det = None, None
         for det in gts:
             xyxy = fiftyone_xywh_to_xyxy(det.bounding_box) if det.bounding_box is not None else None

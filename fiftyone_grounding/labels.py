@@ -46,6 +46,22 @@ def make_detections(
     return fo.Detections(detections=[det])
 
 
+def make_box_detections(
+    boxes_xyxy: Sequence[Sequence[float]],
+    expression: str,
+    label: str = DEFAULT_LABEL,
+    per_box: Optional[Sequence[dict]] = None,
+) -> fo.Detections:
+    """A ground-truth ``Detections`` of zero, one or several boxes of one expression (gRefCOCO
+    refers to none or several objects), each as :func:`make_detections` makes one; ``per_box``
+    gives each box extra fields (e.g. RefCOCO-M's ``mask``)."""
+    extras = list(per_box) if per_box is not None else [{}] * len(boxes_xyxy)
+    if len(extras) != len(boxes_xyxy):
+        raise InputError(f"per_box has {len(extras)} entries for {len(boxes_xyxy)} boxes")
+    return fo.Detections(detections=[fo.Detection(**_detection_fields(box, expression, label), **extra)
+                                     for box, extra in zip(boxes_xyxy, extras)])
+
+
 def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optional[float] = None,
                    label: str = DEFAULT_LABEL) -> dict:
     """``make_detections(box_xyxy, expression, confidence, label).to_mongo()``, built directly.

@@ -149,7 +149,8 @@ class GroundingOperator(foo.Operator):
 
 
 class ImportGroundingDataset(GroundingOperator):
-    """Create a referring-expression dataset: the synthetic shapes set, or RefCOCO."""
+    """Create a referring-expression dataset: the synthetic shapes set, or a RefCOCO-family one
+    (RefCOCO / RefCOCO+ / RefCOCOg from jxu124 or REFER files, gRefCOCO, RefCOCO-M, refcocox)."""
 
     DEFAULTS = {"source": "synthetic", "num_images": 200, "seed": 0, "variant": "refcoco",
                 "skip_missing": False}
@@ -163,8 +164,9 @@ class ImportGroundingDataset(GroundingOperator):
         sources = types.RadioGroup()
         sources.add_choice("synthetic", label="Synthetic shapes",
                            description="drawn here, no download: phrases like 'the small red circle on the left'")
-        sources.add_choice("refcoco", label="RefCOCO / RefCOCO+ / RefCOCOg",
-                           description="annotations from the Hugging Face Hub (or a saved copy), COCO train2014 images")
+        sources.add_choice("refcoco", label="RefCOCO family",
+                           description="RefCOCO / RefCOCO+ / RefCOCOg, gRefCOCO, RefCOCO-M or refcocox: annotations "
+                                       "from the Hugging Face Hub or a local folder, COCO train2014 images")
         inputs.enum("source", sources.values(), label="Source", default="synthetic", view=sources)
         source = self.param(ctx, "source")
         name_prop = inputs.str("dataset_name", label="Dataset name", default=self._dataset_name(ctx))
@@ -182,16 +184,20 @@ class ImportGroundingDataset(GroundingOperator):
                 _flag(name_prop, f"The RefCOCO importer cannot be imported ({error}); install "
                                  f"fiftyone-grounding with its dependencies.")
             variants = types.Dropdown()
-            for variant in ("refcoco", "refcoco+", "refcocog"):
-                variants.add_choice(variant, label=variant)
+            for variant, text in VARIANT_LABELS.items():
+                variants.add_choice(variant, label=variant, description=text)
             inputs.enum("variant", variants.values(), label="Variant", default="refcoco", view=variants)
             folder = inputs.str("annotations_dir", label="Annotations folder",
-                                description="written by datasets.load_dataset(ID).save_to_disk(DIR); "
-                                            "empty: download from the Hugging Face Hub")
+                                description="a REFER or gRefCOCO folder (instances.json + refs file), a "
+                                            "save_to_disk copy of jxu124's dataset, a RefCOCO-M copy, or for "
+                                            "refcocox a folder of refcoco/, refcoco+/, refcocog/; empty: download "
+                                            "from the Hugging Face Hub")
             _flag(folder, _missing_dir(ctx.params.get("annotations_dir")))
             images = inputs.str("images_dir", label="COCO train2014 folder",
                                 description="empty: fetch the needed images with FiftyOne's coco-2014 zoo dataset")
             _flag(images, _missing_dir(ctx.params.get("images_dir")))
+            if self.param(ctx, "variant") != "refcocox":
+                inputs.str("revision", label="Hub revision", description="empty: the tested revision")
             inputs.int("max_samples", min=1, label="Max expressions", description="empty: all")
             inputs.bool("skip_missing", label="Skip expressions whose image is missing", default=False)
         return _form(inputs, "Import a grounding dataset")
@@ -216,11 +222,22 @@ class ImportGroundingDataset(GroundingOperator):
             dataset = importer(self.param(ctx, "variant"), dataset_name=name,
                                source=ctx.params.get("annotations_dir") or None,
                                images_dir=ctx.params.get("images_dir") or None,
+                               revision=ctx.params.get("revision") or None,
                                max_samples=ctx.params.get("max_samples"),
                                skip_missing=self.param(ctx, "skip_missing"), progress=False)
         if not ctx.delegated:
             ctx.ops.open_dataset(dataset.name)
         return {"dataset": dataset.name, "num_samples": len(dataset)}
+
+
+VARIANT_LABELS = {
+    "refcoco": "RefCOCO (UNC splits)",
+    "refcoco+": "RefCOCO+ (UNC splits)",
+    "refcocog": "RefCOCOg (UMD splits)",
+    "grefcoco": "gRefCOCO: zero, one or several objects per expression",
+    "refcoco-m": "RefCOCO-M: RefCOCO val with pixel-accurate masks (Voxel51/RefCOCO-M, images included)",
+    "refcocox": "RefCOCO + RefCOCO+ + RefCOCOg, train minus every val/test image",
+}
 
 
 def _refcoco_importer():

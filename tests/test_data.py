@@ -69,6 +69,20 @@ def test_read_records_validates_rows(dataset_name, tmp_path):
         read_records(ds, phrase_field="caption")
 
 
+def test_read_records_skips_and_counts_what_one_box_models_cannot_learn(dataset_name, tmp_path):
+    box = [0.1, 0.1, 0.2, 0.2]
+    ds = _dataset_with_rows(dataset_name, tmp_path, [("one", box), ("two", box), ("none", None), ("plain", None)])
+    two = ds.match(fo.ViewField("expression") == "two").first()
+    two.ground_truth.detections.append(fo.Detection(label="x", bounding_box=[0.5, 0.5, 0.2, 0.2]))
+    two.save()
+    ds.set_values("no_target", [False, False, True, None])  # gRefCOCO's mark of a phrase with no object
+    rec = read_records(ds)
+    assert rec.phrases == ["one"]
+    assert sorted(r for _, r in rec.skipped) == ["no box in 'ground_truth'",
+                                                 "no target (gRefCOCO): one-box models skip it",
+                                                 "several targets: one-box models skip them"]
+
+
 def test_dataset_groups_phrases_by_image_and_collates(synthetic_dataset):
     rec = read_records(synthetic_dataset)
     ds = GroundingDataset(rec, 64, (0.5,) * 3, (0.25,) * 3, augment="flip", seed=0)

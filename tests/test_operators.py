@@ -60,6 +60,21 @@ def test_import_refcoco_form_checks_its_folders(tmp_path):
     assert "Traceback" not in str(error.value)
 
 
+def test_the_import_form_offers_every_source_and_imports_grefcoco(tmp_path, dataset_name):
+    from fiftyone_grounding.sources import NAMES
+    from test_sources import write_grefcoco
+    from test_refcoco import draw_images
+
+    ctx = ExecutionContext(request_params={"params": {"source": "refcoco", "variant": "grefcoco"}})
+    form = OperatorRegistry().get_operator(uri("import_grounding_dataset")).resolve_input(ctx)
+    variants = form.type.properties["variant"]
+    assert [c.value for c in variants.view.choices] == list(NAMES) and "revision" in form.type.properties
+    result = foo.execute_operator(uri("import_grounding_dataset"), ctx={"params": {
+        "source": "refcoco", "variant": "grefcoco", "dataset_name": dataset_name,
+        "annotations_dir": write_grefcoco(tmp_path / "grefcoco"), "images_dir": draw_images(tmp_path / "img")}})
+    assert result.result == {"dataset": dataset_name, "num_samples": 6}
+
+
 def test_train_is_delegated_by_default_and_reports_progress(dataset, tmp_path):
     out_dir = tmp_path / "run"
     result = foo.execute_operator(uri("train_grounding_model"), ctx={"dataset": dataset, "params": {

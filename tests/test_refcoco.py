@@ -285,7 +285,8 @@ def test_missing_columns_and_bad_names_fail_clearly(source, images, dataset_name
     dsd = datasets.load_from_disk(source)
     dsd["validation"] = dsd["validation"].remove_columns(["bbox", "raw_image_info"])
     with pytest.raises(
-        ValueError, match=r"split 'validation' lacks the column\(s\) \['raw_image_info', 'bbox'\]"
+        ValueError, match=r"split 'validation' lacks the column\(s\) \['raw_image_info', 'bbox'\]; the importer "
+        r"expects \[.*\], the columns of jxu124/refcoco at revision 'main'.*--revision"
     ):
         import_refcoco(source=dsd, images_dir=images, dataset_name=dataset_name)
     # The other splits do not need the broken one.
@@ -336,8 +337,10 @@ def test_partial_source_and_empty_expression(images, dataset_name):
 
 def test_hub_unreachable_says_what_to_do():
     # conftest sets HF_DATASETS_OFFLINE=1, as on a machine without network.
-    with pytest.raises(RuntimeError, match=r"save_to_disk\(PATH\)`.*pass source=PATH"):
+    with pytest.raises(RuntimeError, match=r"'jxu124/refcocog' \(revision 'main'\).*save_to_disk\(PATH\)`.*pass source=PATH"):
         import_refcoco("refcocog")
+    with pytest.raises(RuntimeError, match=r"'jxu124/refcocog' \(revision 'v2'\)"):
+        import_refcoco("refcocog", revision="v2")
 
 
 def test_zoo_request_names_exactly_the_needed_images(source, images, dataset_name):
