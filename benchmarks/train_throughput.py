@@ -42,7 +42,7 @@ from _bench_common import (Timer, device_info, ensure_albumentations, fmt_rate, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=None, help="seed | grounder | tiny (default: seed on CUDA, tiny on CPU)")
+    p.add_argument("--preset", default=None, help="any preset, e.g. seed, grounder, fusion, adapter, tiny, tiny-fusion (default: seed on CUDA, tiny on CPU)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=64, help="phrases (expressions) per step")
     p.add_argument("--phrases-per-image", type=int, default=7, help="RefCOCO: ~7 expressions per image")
@@ -119,6 +119,10 @@ def main(argv=None):
 
     model = build_model(preset, weights=False, image_size=args.image_size)
     config = model.config
+    if not model.cacheable and any(m.startswith("cached") for m in modes):
+        print(f"note: the {config.architecture} architecture reads the phrase inside the image encoder: "
+              "no cached modes")
+        modes = [m for m in modes if not m.startswith("cached")]
     model.to(device).train()
     bf16 = torch.bfloat16 if default_mixed_precision(device) == "bf16" else None
     vocab = int(model.text_encoder.config.vocab_size)
@@ -188,15 +192,19 @@ def main(argv=None):
             print(f"note: {shim}")
             if workers and torch.multiprocessing.get_start_method() != "fork":
                 workers = 0  # spawned workers would not see the stand-in module
-        cache = open_feature_cache(tmp / "features", model)
-        with Timer(device) as t_cache:
-            added = cache.build(paths, model.encode_images, config, device, batch_size=64, num_workers=workers,
-                                autocast_dtype=bf16, progress=False)
-        assert added == n_images, (added, n_images)
-        per_image = cache.nbytes_per_image()
-        print(f"feature cache: {added} images x 2 views encoded in {t_cache.seconds:.2f} s "
-              f"({added / t_cache.seconds:.1f} images/s incl. JPEG decode, {workers} workers), "
-              f"{per_image / 1024:.1f} KiB per image on disk, {cache.dir}")
+        cache, cache_info = None, None
+        if model.cacheable:
+            cache = open_feature_cache(tmp / "features", model)
+            with Timer(device) as t_cache:
+                added = cache.build(paths, model.encode_images, config, device, batch_size=64, num_workers=workers,
+                                    autocast_dtype=bf16, progress=False)
+            assert added == n_images, (added, n_images)
+            per_image = cache.nbytes_per_image()
+            print(f"feature cache: {added} images x 2 views encoded in {t_cache.seconds:.2f} s "
+                  f"({added / t_cache.seconds:.1f} images/s incl. JPEG decode, {workers} workers), "
+                  f"{per_image / 1024:.1f} KiB per image on disk, {cache.dir}")
+            cache_info = {"images": n_images, "seconds": t_cache.seconds, "images_per_s": n_images / t_cache.seconds,
+                          "bytes_per_image": per_image, "workers": workers, "resize": shim or "albumentations"}
 
         # The real text cache: every phrase of every batch encoded once (keys name the phrases).
         text_cache = None
@@ -305,7 +313,7 @@ def main(argv=None):
         "image_encoder": config.image_encoder,
         "text_encoder": config.text_encoder,
         "image_size": config.image_size,
-        "weights": "random (full-size configs, no download)" if preset != "tiny" else "random (tiny configs)",
+        "weights": "random (tiny configs)" if preset.startswith("tiny") else "random (full-size configs, no download)",
         "batch_size": B,
         "phrases_per_image": ppi,
         "images_per_step": images_per_step,
@@ -313,8 +321,7 @@ def main(argv=None):
         "timed_steps": steps,
         "repeats": repeats,
         "tokens": token_note,
-        "cache": {"images": n_images, "seconds": t_cache.seconds, "images_per_s": n_images / t_cache.seconds,
-                  "bytes_per_image": per_image, "workers": workers, "resize": shim or "albumentations"},
+        "cache": cache_info,
         "results": results,
         "ratio_vs_seed": ratios,
     }

@@ -5,9 +5,12 @@ learned [REG] token joins the image tokens (beside CLS and the registers, so DIN
 it unrotated) and the last ``k`` frozen blocks run once per phrase, each followed by a text
 cross-attention adapter: the image tokens attend to the phrase's BGE tokens through a bottleneck
 of width ``adapter_dim``, added through a gate ``tanh(g)`` that starts at 0, so the network
-starts as the frozen encoder. DINOv3's final norm, then the [REG] token -> box and quality.
+starts as the frozen encoder. DINOv3's final norm; then ``num_layers`` trained read-out layers in
+which the [REG] token attends to the adapted tokens, with 2D sine positions (the frozen blocks'
+attention was never trained to gather a box into it, and DINOv3's RoPE leaves no absolute
+position in the tokens) -> box and quality.
 
-Only the adapters, the [REG] token and the heads train; the encoders' weights never change and
+Only the adapters, the [REG] token, the read-out and the heads train; the encoders' weights never change and
 get no gradient. The image features depend on the phrase, so nothing caches: training encodes
 the images on the fly, the lower blocks once per image of a batch.
 """
@@ -22,6 +25,7 @@ from torch import Tensor, nn
 from .config import GrounderConfig
 from .encoders import encoder_hidden_size
 from .errors import ConfigError
+from .layers import CrossBlock, sine_positions_2d
 from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 
 
@@ -39,7 +43,9 @@ class TextAdapter(nn.Module):
         self.k_proj = nn.Linear(text_dim, dim)
         self.v_proj = nn.Linear(text_dim, dim)
         self.o_proj = nn.Linear(dim, image_dim)
-        self.gate = nn.Parameter(torch.zeros(1))
+        nn.init.zeros_(self.o_proj.weight)  # the output starts at zero: the network starts as the frozen encoder
+        nn.init.zeros_(self.o_proj.bias)
+        self.gate = nn.Parameter(torch.ones(1))
 
     def forward(self, x: Tensor, text: Tensor, text_padding: Tensor) -> Tensor:
         """x (B, N, D_img); text (B, T, D_txt); text_padding (B, T) True where padded."""
@@ -54,7 +60,8 @@ class TextAdapter(nn.Module):
 
 
 class AdapterGrounder(GrounderBase):
-    """A [REG] token and text adapters in the last ``adapter_layers`` frozen DINOv3 blocks."""
+    """A [REG] token and text adapters in the last ``adapter_layers`` frozen DINOv3 blocks, and a
+    read-out of the [REG] token."""
 
     cacheable = False
 
@@ -69,8 +76,20 @@ class AdapterGrounder(GrounderBase):
         nn.init.normal_(self.reg_token, std=0.02)
         self.adapters = nn.ModuleList([TextAdapter(d_img, d_txt, config.adapter_dim, config.num_heads)
                                        for _ in range(config.adapter_layers)])
+        self._positions: Optional[Tensor] = None  # (N + 1, d_img) of the read-out's memory
+        self.readout = nn.ModuleList([CrossBlock(d_img, config.num_heads, config.dim_feedforward, config.dropout)
+                                      for _ in range(config.num_layers)])
         self.head = box_head(d_img, config.head_hidden)
         self.quality_head = QualityHead(d_img, config.head_hidden) if config.quality_head else None
+
+    def positions(self, x: Tensor) -> Tensor:
+        """2D sine positions of the patch tokens (none for CLS, the registers and [REG]): the
+        read-out regresses a box, and DINOv3's RoPE leaves no absolute position in the tokens."""
+        side = int(round((x.shape[1] - self.num_prefix - 1) ** 0.5))
+        if self._positions is None or self._positions.shape[0] != x.shape[1] or self._positions.device != x.device:
+            patches = sine_positions_2d(side, side, x.shape[-1])
+            self._positions = torch.cat([patches.new_zeros(self.num_prefix + 1, x.shape[-1]), patches]).to(x.device)
+        return self._positions.to(x.dtype)
 
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -110,5 +129,8 @@ class AdapterGrounder(GrounderBase):
             x = adapter(block(x, position_embeddings=rope), text, padding)
         x = self.image_encoder.norm(x)
         query = x[:, self.num_prefix]  # (B, D_img): the [REG] token
+        memory = x if self.config.pos_embed == "none" else x + self.positions(x)
+        for block in self.readout:
+            query = block(query[:, None], memory)[:, 0]
         raw = self.head(query).float().sigmoid()
         return self.output(query, self.to_xyxy(raw))

@@ -112,7 +112,7 @@ class GrounderConfig:
     max_text_len: int = 40
     d_model: int = 512
     num_heads: int = 8
-    num_layers: int = 6
+    num_layers: int = 6  # decoder: its layers; fusion: the fusion encoder's; adapter: the [REG] read-out's
     dim_feedforward: int = 2048
     dropout: float = 0.1
     norm_first: bool = False
@@ -274,7 +274,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         refine_layers=2,
     ),
     # SwimVG's recipe on DINOv3: a [REG] token and text cross-attention adapters (width 256) in
-    # the last 6 frozen blocks; the image features depend on the phrase, so nothing caches. 384 px.
+    # the last 6 frozen blocks, one read-out layer for the [REG] token; the image features depend
+    # on the phrase, so nothing caches. 384 px.
     "adapter": dict(
         architecture="adapter",
         image_size=384,
@@ -284,7 +285,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim_feedforward=1024,
         head_hidden=256,
         query="reg",
-        pos_embed="none",
+        pos_embed="sine",
         box_format="cxcywh",
         norm_first=True,
         quality_head=True,
@@ -315,7 +316,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The tiny twins of the v2 presets: the same classes with the tiny encoders (2 DINOv3 layers).
 PRESETS["tiny-fusion"] = dict(PRESETS["tiny"], architecture="fusion", image_layers=[1, 2], level_pool=2,
                               refine_layers=2)
-PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", pos_embed="none", num_layers=1,
+PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", num_layers=1,
                                adapter_layers=1, adapter_dim=64)
 
 

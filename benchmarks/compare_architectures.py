@@ -1,0 +1,112 @@
+"""The synthetic proxy of fusion v2: the three architectures trained alike, scored per phrase kind.
+
+A synthetic proxy, not RefCOCO: the tiny twins (``tiny``: the decoder, ``tiny-fusion``,
+``tiny-adapter``) on the tiny random-weight encoders, trained on one synthetic dataset whose
+phrases are either attributes ("the small red circle") or relations that need the image read in
+the light of the phrase ("the circle to the left of the red square", same-shape distractors).
+Every preset gets the same data, epochs, batch size, learning rate, schedule and seed (the same
+step budget); the test split's Acc@0.5 and mIoU are reported per phrase kind.
+
+    python benchmarks/compare_architectures.py                     # the demo's budget: 16,000 images, 15 epochs
+    python benchmarks/compare_architectures.py --num-images 2000 --epochs 3 --presets tiny tiny-fusion
+
+It prints a Markdown table (the README's) and writes JSON with every figure, the versions and
+the machine (``--json``). Runs go under ``--out-dir`` (default ``outputs/compare``); the dataset
+is a FiftyOne dataset named ``--dataset`` (kept, to look at in the App).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import _bench_common  # noqa: F401  (puts the repository on sys.path)
+from fiftyone_grounding.demo import library_versions, machine_info
+
+PRESETS = ("tiny", "tiny-fusion", "tiny-adapter")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS, help="architectures to train")
+    p.add_argument("--num-images", type=int, default=16000, help="synthetic images (2 phrases each; 80/10/10 split)")
+    p.add_argument("--relational-fraction", type=float, default=0.5,
+                   help="share of the phrases that are relational, where the scene allows one")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of every preset")
+    p.add_argument("--batch-size", type=int, default=32, help="phrases per step")
+    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate of every preset")
+    p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order")
+    p.add_argument("--dataset", default="grounding-synthetic-relational", help="FiftyOne dataset name")
+    p.add_argument("--out-dir", default="outputs/compare", help="runs and images go here")
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from fiftyone import ViewField as F
+
+    from fiftyone_grounding.evaluate import evaluate_grounding
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.train import fit
+
+    progress = not args.no_progress
+    out = Path(args.out_dir)
+    dataset = make_synthetic_dataset(args.dataset, num_images=args.num_images, out_dir=str(out / "images"),
+                                     seed=args.seed, relational_fraction=args.relational_fraction, progress=progress)
+    test = dataset.match(F("split") == "test")
+    kinds = dataset.count_values("phrase_kind")
+    print(f"{len(dataset)} phrases ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
+          f"test {len(test)}")
+    results = {}
+    for preset in args.presets:
+        print(f"\n== {preset}: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}")
+        t0 = time.time()
+        # flips are safe on these shapes (mirror-symmetric; the phrase swaps left and right)
+        run = fit(dataset, preset=preset, out_dir=str(out / preset), epochs=args.epochs, batch_size=args.batch_size,
+                  lr=args.lr, seed=args.seed, augment="flip", progress=progress, cpu=True)
+        train_s = time.time() - t0
+        model = GroundingModel.from_checkpoint(run.best_dir, device="cpu")
+        field = f"pred_{preset.replace('-', '_')}"
+        test.apply_model(model, label_field=field, prompt_field="expression", batch_size=64, num_workers=0,
+                         progress=progress)
+        scores = evaluate_grounding(test, field, split_field="phrase_kind", print_table=False)
+        results[preset] = {
+            "parameters": model.model.num_parameters(), "trainable": model.model.num_parameters(trainable_only=True),
+            "train_seconds": round(train_s, 1), "epochs": len(run.history),
+            "overall": _figures(scores["overall"]),
+            **{kind: _figures(scores["splits"][kind]) for kind in sorted(scores["splits"])},
+        }
+    table = format_table(results)
+    print("\n" + table)
+    summary = {"command": "python benchmarks/compare_architectures.py " + " ".join(argv or []),
+               "args": vars(args), "results": results, "table": table,
+               "versions": library_versions(), "machine": machine_info()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _figures(m: dict) -> dict:
+    return {"acc50": m["acc50"], "miou": m["miou"], "count": m["count"]}
+
+
+def format_table(results: dict) -> str:
+    rows = ["| preset | trainable | attribute Acc@0.5 / mIoU | relational Acc@0.5 / mIoU | all Acc@0.5 | "
+            "train time |", "|---|---:|---:|---:|---:|---:|"]
+    for preset, r in results.items():
+        def pair(kind):
+            return f"{r[kind]['acc50']:.3f} / {r[kind]['miou']:.3f}" if kind in r else "-"
+
+        rows.append(f"| `{preset}` | {r['trainable']:,} | {pair('attribute')} | {pair('relational')} | "
+                    f"{r['overall']['acc50']:.3f} | {r['train_seconds'] / 60:.1f} min |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
