@@ -4,15 +4,18 @@ SwimVG's recipe on DINOv3: the first ``L - k`` blocks run as they are, once per 
 learned [REG] token joins the image tokens (beside CLS and the registers, so DINOv3's RoPE leaves
 it unrotated) and the last ``k`` frozen blocks run once per phrase, each followed by a text
 cross-attention adapter: the image tokens attend to the phrase's BGE tokens through a bottleneck
-of width ``adapter_dim``, added through a gate ``tanh(g)`` that starts at 0, so the network
-starts as the frozen encoder. DINOv3's final norm; then ``num_layers`` trained read-out layers in
-which the [REG] token attends to the adapted tokens, with 2D sine positions (the frozen blocks'
-attention was never trained to gather a box into it, and DINOv3's RoPE leaves no absolute
-position in the tokens) -> box and quality.
+of width ``adapter_dim``, added through a learned gate ``tanh(g)``. The adapters' output
+projections start at zero, so the network starts as the frozen encoder (a gate starting at 0
+would too, but it leaves every other adapter weight without a gradient until it opens).
 
-Only the adapters, the [REG] token, the read-out and the heads train; the encoders' weights never change and
-get no gradient. The image features depend on the phrase, so nothing caches: training encodes
-the images on the fly, the lower blocks once per image of a batch.
+DINOv3's final norm; then ``num_layers`` trained read-out layers in which the [REG] token attends
+to the adapted tokens, with 2D sine positions (the frozen blocks' attention was never trained to
+gather a box into it, and DINOv3's RoPE leaves no absolute position in the tokens) -> box and
+quality.
+
+Only the adapters, the [REG] token, the read-out and the heads train; the encoders' weights never
+change and get no gradient. The image features depend on the phrase, so nothing caches: training
+encodes the images on the fly, the lower blocks once per image of a batch.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 
 
 class TextAdapter(nn.Module):
-    """Image tokens attend to text tokens through a bottleneck; the result enters through a gate
-    that starts closed (``tanh(0) = 0``)."""
+    """Image tokens attend to text tokens through a bottleneck; the result, zero at the start
+    (zero-initialised output projection), enters through a learned gate ``tanh(g)``, g from 1."""
 
     def __init__(self, image_dim: int, text_dim: int, dim: int, heads: int):
         super().__init__()
