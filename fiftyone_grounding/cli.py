@@ -60,6 +60,13 @@ def cmd_summary(args) -> None:
 
     overrides = {"image_size": args.image_size, "image_encoder": args.image_encoder,
                  "text_encoder": args.text_encoder}
+    if args.preset == "all":
+        print(f"{'preset':<14} {'architecture':<12} {'px':>5} {'total params':>14} {'trainable':>12}")
+        for preset in PRESETS:
+            model = build_model(preset, weights=False, **overrides)
+            print(f"{preset:<14} {model.config.architecture:<12} {model.config.image_size:>5} "
+                  f"{model.num_parameters():>14,} {model.num_parameters(trainable_only=True):>12,}")
+        return
     model = build_model(args.preset, weights=False, **overrides)
     print(f"preset {args.preset!r}: image encoder {model.config.image_encoder}, "
           f"text encoder {model.config.text_encoder}, {model.config.image_size} px")
@@ -208,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("summary", help="print total and trainable parameters of a preset (no download)")
-    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS), help=_PRESETS_TEXT + _DEFAULT)
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS) + ["all"],
+                   help=_PRESETS_TEXT + "; all: one line per preset" + _DEFAULT)
     p.add_argument("--image-size", type=int, help="input resolution in pixels (default: the preset's)")
     p.add_argument("--image-encoder", help="vits16 | vits16plus | vitb16 | vitl16, a Hub id or a folder")
     p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder")

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fiftyone_grounding.cli import main
+from fiftyone_grounding.config import PRESETS
 
 COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert", "migrate-labels"]
 
@@ -61,6 +62,11 @@ def test_summary_prints_seed_counts(capsys):
     main(["summary", "--preset", "seed"])
     out = capsys.readouterr().out
     assert "total params:     144,968,836" in out and "trainable params: 25,948,420" in out
+    main(["summary", "--preset", "all"])  # one line per preset, the real encoder configs
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(rows) == set(PRESETS)
+    assert rows["seed"][-2:] == ["144,968,836", "25,948,420"]
+    assert rows["fusion"][1:3] == ["fusion", "384"] and rows["adapter"][1:3] == ["adapter", "384"]
 
 
 def test_predict_writes_crop_and_boxed_image(tiny_checkpoint, tmp_path, capsys):

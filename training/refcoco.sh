@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full RefCOCO recipe: import -> train -> evaluate on the test splits.
 #
-#   bash training/refcoco.sh [seed|grounder|tiny] [COCO_TRAIN2014_DIR]
+#   bash training/refcoco.sh [seed|grounder|fusion|adapter|tiny] [COCO_TRAIN2014_DIR]
 #
 # Without COCO_TRAIN2014_DIR only the needed COCO images are fetched through FiftyOne's zoo.
 # Environment:
