@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 import fiftyone as fo
 
-from .config import DEFAULT_LABEL
+from .config import DEFAULT_LABEL, NO_TARGET_FIELD
 from .errors import InputError
-from .labels import declare_expression_attribute, make_detections
+from .labels import declare_expression_attribute, make_box_detections, make_detections
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -101,7 +101,16 @@ RELATIONS: dict[str, tuple[int, int]] = {
 RELATION_TOLERANCE = 0.1
 RELATION_MARGIN = 0.04  # the target passes the tolerance by this much, the others fall short by it
 RELATION_WORDS: list[str] = ["to", "of", "above", "below"]
-KINDS = ("attribute", "relational")  # the phrase_kind field of the synthetic datasets
+
+# Phrases of several objects ("all the red shapes", "every small circle", "the two squares",
+# "both blue objects") and of none ("the green triangle" where this image has no green triangle
+# but has green things or triangles: deceptive, as gRefCOCO's no-target phrases).
+PLURALS: dict[str, str] = {"circle": "circles", "square": "squares", "triangle": "triangles",
+                           NOUN_WITHOUT_SHAPE: "shapes"}
+COUNT_WORDS: dict[str, int] = {"two": 2, "three": 3, "both": 2}
+SEVERAL_WORDS: list[str] = ["all", "every", "objects"] + list(COUNT_WORDS) + list(PLURALS.values())
+# the phrase_kind field of the synthetic datasets
+KINDS = ("attribute", "relational", "several", "none")
 
 LOOKALIKE_FRACTION = 0.35
 REDUNDANT_ATTRIBUTE_PROB = 0.25
@@ -258,6 +267,14 @@ def resolve(objects: list[dict], phrase: str) -> list[int]:
     identifies its target iff the result is ``[target]``. Raises ``ValueError`` for words
     outside :data:`VOCABULARY` and :data:`RELATION_WORDS`.
     """
+    words = phrase.lower().split()
+    quantifier = next((w for w in words if w in ("all", "every") or w in COUNT_WORDS), None)
+    if quantifier is not None:  # "all the red shapes", "the two squares": every match, or the count's
+        singular = {plural: noun for noun, plural in PLURALS.items()}
+        singular["objects"] = NOUN_WITHOUT_SHAPE
+        rest = " ".join(singular.get(w, w) for w in words if w != quantifier and w not in ("all", "every"))
+        found = resolve(objects, rest if rest.startswith("the ") else "the " + rest)
+        return found if quantifier not in COUNT_WORDS or len(found) == COUNT_WORDS[quantifier] else []
     relation = relation_of(phrase)
     if relation is not None:
         head, tail = f" {' '.join(phrase.lower().split())} ".split(f" {relation} ", 1)
@@ -268,7 +285,7 @@ def resolve(objects: list[dict], phrase: str) -> list[int]:
                 and _relation_gap(objects, i, anchors[0], relation) > RELATION_TOLERANCE]
     attributes: dict[str, str] = {}
     spatial: list[str] = []
-    for word in phrase.lower().split():
+    for word in words:
         if word not in VOCABULARY:
             raise ValueError(f"word {word!r} of {phrase!r} is not in VOCABULARY")
         for key, names in (("size", SIZES), ("color", COLORS), ("shape", SHAPES)):
@@ -380,6 +397,74 @@ def describe_relational(objects: list[dict], target: int, rng: np.random.Generat
     return " ".join(words + _words(objects[anchor], anchor_keys[int(rng.integers(len(anchor_keys)))]))
 
 
+def describe_several(objects: list[dict], rng: np.random.Generator) -> Optional[tuple[list[int], str]]:
+    """A phrase of several objects and the objects it denotes (all of them), or None where no
+    description (at most two attributes, no spatial word) matches two objects or more."""
+    found = []
+    for keys in _attribute_subsets():
+        if not keys or len(keys) == len(ATTRIBUTES):
+            continue
+        for combo in sorted({tuple(o[k] for k in keys) for o in objects}):
+            wanted = dict(zip(keys, combo))
+            group = [i for i, o in enumerate(objects) if _matches(o, wanted)]
+            if len(group) >= 2:
+                found.append((wanted, group))
+    if not found:
+        return None
+    wanted, group = found[int(rng.integers(len(found)))]
+    adjectives = [wanted[k] for k in ("size", "color") if k in wanted]
+    noun = wanted.get("shape", NOUN_WITHOUT_SHAPE)
+    forms = [["all", "the"] + adjectives + [PLURALS[noun]], ["every"] + adjectives + [noun]]
+    forms += [["the", w] + adjectives + [PLURALS[noun]] for w, n in COUNT_WORDS.items() if n == len(group) and w != "both"]
+    forms += [["both"] + adjectives + [PLURALS[noun]]] if len(group) == 2 else []
+    return group, " ".join(forms[int(rng.integers(len(forms)))])
+
+
+def describe_absent(objects: list[dict], rng: np.random.Generator) -> Optional[str]:
+    """A phrase of no object in this image, made to deceive: a colour and shape (and sometimes
+    a size) that no object has together, though some object has the colour or the shape."""
+    present = {(o["color"], o["shape"]) for o in objects}
+    colors, shapes = {o["color"] for o in objects}, {o["shape"] for o in objects}
+    pairs = [(c, sh) for c in COLORS for sh in SHAPES if (c, sh) not in present and (c in colors or sh in shapes)]
+    if not pairs:
+        return None
+    color, shape = pairs[int(rng.integers(len(pairs)))]
+    size = [list(SIZES)[int(rng.integers(len(SIZES)))]] if rng.random() < REDUNDANT_ATTRIBUTE_PROB else []
+    return " ".join(["the"] + size + [color, shape])
+
+
+def generate_grec_example(
+    rng: np.random.Generator,
+    image_size: int = 64,
+    expressions_per_image: int = 2,
+    min_objects: int = 2,
+    max_objects: int = 4,
+    lookalike_fraction: float = LOOKALIKE_FRACTION,
+    relational_fraction: float = 0.0,
+    several_fraction: float = 0.0,
+    none_fraction: float = 0.0,
+) -> tuple[Image.Image, list[dict], list[tuple[list[int], str, str]]]:
+    """:func:`generate_example`, with phrases that denote several objects or none: each phrase
+    becomes one of no object with probability ``none_fraction`` and, otherwise, one of several
+    with probability ``several_fraction`` where the scene allows. Returns (targets, phrase,
+    kind) triples, ``kind`` one of :data:`KINDS`. With both fractions at 0 it draws exactly what
+    :func:`generate_example` draws."""
+    image, objects, expressions = generate_example(rng, image_size, expressions_per_image, min_objects, max_objects,
+                                                   lookalike_fraction, relational_fraction)
+    out = []
+    for target, phrase in expressions:
+        single = ([target], phrase, "relational" if relation_of(phrase) else "attribute")
+        item = single
+        if none_fraction > 0 and rng.random() < none_fraction:
+            absent = describe_absent(objects, rng)
+            item = ([], absent, "none") if absent else single
+        elif several_fraction > 0 and rng.random() < several_fraction:
+            several = describe_several(objects, rng)
+            item = (several[0], several[1], "several") if several else single
+        out.append(single if any(item[1] == phrase for _, phrase, _ in out) else item)  # one phrase once
+    return image, objects, out
+
+
 def generate_example(
     rng: np.random.Generator,
     image_size: int = 64,
@@ -455,6 +540,8 @@ def make_synthetic_dataset(
     lookalike_fraction: float = LOOKALIKE_FRACTION,
     label: str = DEFAULT_LABEL,
     relational_fraction: float = 0.0,
+    several_fraction: float = 0.0,
+    none_fraction: float = 0.0,
 ) -> fo.Dataset:
     """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
 
@@ -466,6 +553,11 @@ def make_synthetic_dataset(
     ``relational_fraction`` of the phrases where the scene allows) and ``metadata``. Images
     are PNGs under ``out_dir`` (default ``<fo.config.default_dataset_dir>/<name>``); splits
     are by image.
+
+    With ``several_fraction`` or ``none_fraction`` (generalized grounding, as gRefCOCO; see
+    :func:`generate_grec_example`) some phrases denote several objects or none: their
+    ``ground_truth`` holds that many boxes, and every sample gets gRefCOCO's fields
+    ``no_target``, ``ann_ids`` and ``categories`` (``phrase_kind`` "several" or "none").
 
     Image ``i`` depends only on ``(seed, i)``, so the same seed gives the same
     phrases, boxes and pixels. An existing dataset ``name`` is returned unchanged
@@ -495,10 +587,11 @@ def make_synthetic_dataset(
 
     samples = []
     ann_id = ref_id = 0
+    grec = several_fraction > 0 or none_fraction > 0
     for image_id in tqdm(range(num_images), desc="synthetic images", disable=not progress):
-        image, objects, expressions = generate_example(
+        image, objects, expressions = generate_grec_example(
             image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction,
-            relational_fraction,
+            relational_fraction, several_fraction, none_fraction,
         )
         filepath = os.path.join(out_dir, f"{image_id:06d}.png")
         image.save(filepath)
@@ -513,23 +606,30 @@ def make_synthetic_dataset(
         # Object ids are dataset-wide: the first object of this image gets the next free id.
         first_ann_id = ann_id
         ann_id += len(objects)
-        for target, phrase in expressions:
-            target_obj = objects[target]
+        for targets, phrase, kind in expressions:
+            shapes = sorted({objects[t]["shape"] for t in targets})
+            fields = dict(ann_id=first_ann_id + targets[0] if len(targets) == 1 else None,
+                          category=shapes[0] if len(shapes) == 1 else None)
+            if grec:
+                fields.update(ann_ids=[first_ann_id + t for t in targets],
+                              categories=[objects[t]["shape"] for t in targets],
+                              **{NO_TARGET_FIELD: not targets})
+            boxes = [objects[t]["box_xyxy"] for t in targets]
             samples.append(
                 fo.Sample(
                     filepath=filepath,
                     tags=[split],
                     metadata=metadata,
                     expression=phrase,
-                    ground_truth=make_detections(target_obj["box_xyxy"], phrase, label=label),
+                    ground_truth=(make_detections(boxes[0], phrase, label=label) if len(boxes) == 1
+                                  else make_box_detections(boxes, phrase, label=label)),
                     split=split,
                     image_id=image_id,
                     ref_id=ref_id,
-                    ann_id=first_ann_id + target,
-                    # One sentence per referred object here, so sentence and ref ids coincide.
+                    # One sentence per referred object (or set) here, so sentence and ref ids coincide.
                     sent_id=ref_id,
-                    category=target_obj["shape"],
-                    phrase_kind="relational" if relation_of(phrase) else "attribute",
+                    phrase_kind=kind,
+                    **fields,
                 )
             )
             ref_id += 1
@@ -548,6 +648,8 @@ def make_synthetic_dataset(
         max_objects=max_objects,
         lookalike_fraction=lookalike_fraction,
         relational_fraction=relational_fraction,
+        several_fraction=several_fraction,
+        none_fraction=none_fraction,
         out_dir=out_dir,
         vocabulary=VOCABULARY,
     )

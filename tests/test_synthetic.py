@@ -335,3 +335,65 @@ def test_the_dataset_records_each_phrases_kind(dataset_name, tmp_path):
     assert set(kinds.values()) == {"attribute", "relational"}
     assert all((syn.relation_of(p) is not None) == (k == "relational") for p, k in kinds.items())
     assert ds.info["synthetic"]["relational_fraction"] == 0.8
+
+
+# ---------------------------------------------------------------- several objects, or none
+
+
+@pytest.fixture(scope="module")
+def grec_examples():
+    return list(syn.generate_grec_example(syn.image_rng(3, i), several_fraction=0.4, none_fraction=0.25)
+                for i in range(400))
+
+
+def test_phrases_of_several_objects_or_none_denote_exactly_their_targets(grec_examples):
+    kinds = {k: 0 for k in syn.KINDS}
+    for _, objects, expressions in grec_examples:
+        assert len({p for _, p, _ in expressions}) == len(expressions)  # a phrase once per image
+        for targets, phrase, kind in expressions:
+            kinds[kind] += 1
+            assert syn.resolve(objects, phrase) == targets, (objects, phrase)
+            assert (kind == "none") == (targets == []) and (kind == "several") == (len(targets) >= 2)
+            if kind == "none":  # deceptive: the image has the colour or the shape, not both together
+                words = set(phrase.split())
+                assert any(o["color"] in words or o["shape"] in words for o in objects), phrase
+    assert kinds["several"] >= 150 and kinds["none"] >= 100 and kinds["attribute"] >= 200, kinds
+
+
+def test_several_and_none_words_are_the_tiny_tokenizers(grec_examples):
+    from fiftyone_grounding.encoders import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny:bert")
+    used = set()
+    for _, _, expressions in grec_examples:
+        for _, phrase, _ in expressions:
+            used.update(phrase.split())
+            assert tokenizer.tokenize(phrase) == phrase.split(), phrase
+    assert {"all", "every", "both", "two", "circles", "squares", "triangles", "shapes"} <= used
+    assert used <= set(syn.VOCABULARY) | set(syn.SEVERAL_WORDS)
+
+
+def test_quantified_phrases_resolve_by_their_count():
+    objects = [_obj("square", "red", "small", (0.0, 0.0, 0.1, 0.1)), _obj("square", "blue", "small", (0.5, 0.5, 0.6, 0.6)),
+               _obj("circle", "red", "large", (0.2, 0.6, 0.5, 0.9))]
+    assert syn.resolve(objects, "the two squares") == [0, 1] == syn.resolve(objects, "both small objects")
+    assert syn.resolve(objects, "the three squares") == [] and syn.resolve(objects, "all the red shapes") == [0, 2]
+    assert syn.resolve(objects, "every red square") == [0] and syn.resolve(objects, "the blue circle") == []
+
+
+def test_without_several_or_none_the_grec_stream_is_the_plain_one():
+    for image_id in range(40):
+        _, objects, plain = syn.generate_example(syn.image_rng(5, image_id))
+        _, same, grec = syn.generate_grec_example(syn.image_rng(5, image_id))
+        assert same == objects and [(t[0], p) for t, p, _ in grec] == plain
+
+
+def test_the_grec_dataset_has_grefcocos_fields(dataset_name, tmp_path):
+    ds = _make(dataset_name, tmp_path, several_fraction=0.5, none_fraction=0.3)
+    rows = zip(*ds.values(["ground_truth", "phrase_kind", "no_target", "ann_ids", "categories", "category"]))
+    seen = set()
+    for gt, kind, no_target, ann_ids, categories, category in rows:
+        seen.add(kind)
+        assert len(gt.detections) == len(ann_ids) == len(categories) and no_target == (kind == "none")
+        assert category == (categories[0] if len(set(categories)) == 1 else None)
+    assert {"several", "none", "attribute"} <= seen
