@@ -51,6 +51,8 @@ def box_safe_crop(image: np.ndarray, boxes_xyxy: np.ndarray, rng: np.random.Gene
     returns the crop and the boxes in its normalized coordinates."""
     height, width = image.shape[:2]
     union = boxes_xyxy.astype(np.float64)  # (float32 would round an edge into the pixel before)
+    if not len(union):  # no box to keep (a phrase of nothing): the crop holds the image's centre
+        union = np.array([[0.5, 0.5, 0.5, 0.5]])
     x0, x1 = _crop_span(width, union[:, 0].min() * width, union[:, 2].max() * width, rng, min_crop)
     y0, y1 = _crop_span(height, union[:, 1].min() * height, union[:, 3].max() * height, rng, min_crop)
     scale = np.array([width, height, width, height], dtype=np.float64)

@@ -21,11 +21,28 @@ from .encoders import encoder_hidden_size, num_prefix_tokens, patch_size
 
 
 class GroundingOutput(NamedTuple):
-    """What a model returns for B phrases."""
+    """What a model returns for B phrases.
+
+    One-box models fill ``boxes`` (and ``quality``). Multi-box models (``num_queries`` Q > 0)
+    fill ``query_boxes`` and ``scores`` (each query's box and the logit of its being one of the
+    phrase's objects), ``exists`` (the logit of the phrase's referring to anything), and
+    ``boxes`` with each phrase's best box; their earlier stages are ``aux_boxes`` (B, Q, 4) and
+    ``aux_scores`` (B, Q)."""
 
     boxes: Tensor  # (B, 4) normalized xyxy in [0, 1]
     quality: Optional[Tensor] = None  # (B,) logits of each box's predicted IoU; None without a quality head
     aux_boxes: tuple = ()  # (B, 4) xyxy boxes of the earlier refinement stages (deep supervision)
+    query_boxes: Optional[Tensor] = None  # (B, Q, 4) xyxy
+    scores: Optional[Tensor] = None  # (B, Q) logits
+    exists: Optional[Tensor] = None  # (B,) logits
+    aux_scores: tuple = ()  # (B, Q) logits of the earlier stages
+
+    def box_confidences(self) -> Optional[Tensor]:
+        """(B, Q) probabilities of a multi-box output: P(the phrase refers to something) x
+        P(this box is one of its objects); None for one-box outputs."""
+        if self.scores is None:
+            return None
+        return self.scores.float().sigmoid() * self.exists.float().sigmoid()[:, None]
 
 
 class QualityHead(nn.Module):

@@ -92,7 +92,10 @@ BOX_FORMATS = ("xyxy", "cxcywh")
 QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 BOX_LOSS_TERMS = ("l1", "giou", "diou")
-LOSS_TERMS = BOX_LOSS_TERMS + ("quality",)  # quality: BCE of the quality head against the box's IoU
+# quality: BCE of the quality head against the box's IoU; score: focal loss of each box query's
+# score (multi-box heads); exist: BCE of the phrase's existence score (multi-box heads)
+LOSS_TERMS = BOX_LOSS_TERMS + ("quality", "score", "exist")
+MULTI_BOX_TERMS = ("score", "exist")
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -137,6 +140,11 @@ class GrounderConfig:
     # `adapter_dim`
     adapter_layers: int = 0
     adapter_dim: int = 0
+    # fusion: 0, one box per phrase from [REG]; N > 0, N box queries, each a box and a score, and an
+    # existence score of the phrase: zero, one or several boxes (those whose score passes
+    # score_thresh, the official gRefCOCO scorer's 0.7 by default)
+    num_queries: int = 0
+    score_thresh: float = 0.7
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -197,6 +205,16 @@ class GrounderConfig:
             (self.architecture != "adapter" or (self.adapter_layers >= 1 and self.adapter_dim >= 8),
              "the adapter architecture needs adapter_layers >= 1 and adapter_dim >= 8"),
             (self.architecture != "fusion" or self.refine_layers >= 0, "refine_layers must be >= 0"),
+            (_int_in(self.num_queries, 0, 300), "num_queries must be an integer in [0, 300]"),
+            (self.num_queries == 0 or (self.architecture == "fusion" and self.refine_layers >= 1
+                                       and not self.quality_head),
+             "num_queries > 0 needs the fusion architecture with refine_layers >= 1 (its query decoder) and no "
+             "quality head (each box's score is its confidence)"),
+            ((self.num_queries > 0) == all(self.loss_weights.get(k, 0) > 0 for k in MULTI_BOX_TERMS)
+             and (self.num_queries > 0 or not any(k in self.loss_weights for k in MULTI_BOX_TERMS)),
+             "num_queries > 0 needs loss_weights 'score' and 'exist' > 0, and only then may they be given"),
+            (isinstance(self.score_thresh, (int, float)) and 0.0 <= self.score_thresh <= 1.0,
+             "score_thresh must be a number in [0, 1]"),
             (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0
              and all(math.isfinite(v) for v in self.image_mean + self.image_std),
              "image_mean/image_std must have 3 finite values, std > 0"),
@@ -313,9 +331,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
     ),
 }
+# Generalized grounding: zero, one or several boxes per phrase (gRefCOCO). The fusion encoder,
+# then 10 box queries through 3 decoder layers (self-attention among the queries, cross-attention
+# to the fused image tokens; deep supervision, Hungarian matching at every layer).
+PRESETS["fusion-multi"] = dict(PRESETS["fusion"], quality_head=False, refine_layers=3, num_queries=10,
+                               loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 # The tiny twins of the v2 presets: the same classes with the tiny encoders (2 DINOv3 layers).
 PRESETS["tiny-fusion"] = dict(PRESETS["tiny"], architecture="fusion", image_layers=[1, 2], level_pool=2,
                               refine_layers=2)
+PRESETS["tiny-fusion-multi"] = dict(PRESETS["tiny-fusion"], quality_head=False, refine_layers=3, num_queries=10,
+                                    loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", num_layers=1,
                                adapter_layers=1, adapter_dim=64)
 
@@ -348,6 +373,8 @@ PRESET_DESCRIPTIONS = {
     "tiny": "small random-weight encoders, trains on a CPU (offline demo, tests)",
     "tiny-fusion": "the fusion architecture on the tiny encoders (tests, CPU)",
     "tiny-adapter": "the adapter architecture on the tiny encoders (tests, CPU)",
+    "fusion-multi": "fusion v2 with 10 box queries: zero, one or several boxes per phrase (gRefCOCO; GPU)",
+    "tiny-fusion-multi": "fusion-multi on the tiny encoders (tests, CPU, demo --task grec)",
 }
 
 # The preset used wherever none is named (fit, the CLI, the train operator): the strongest

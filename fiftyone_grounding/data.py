@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,23 +30,33 @@ class GroundingRecords:
     sample_ids: list[str] = field(default_factory=list)
     filepaths: list[str] = field(default_factory=list)
     phrases: list[str] = field(default_factory=list)
-    boxes: list[list[float]] = field(default_factory=list)  # normalized xyxy
+    boxes: list[list[float]] = field(default_factory=list)  # normalized xyxy (the first box; NaN: none)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
+    # every true box of each phrase (read with several=True): zero, one or several
+    targets: Optional[list[list[list[float]]]] = None
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    def mean_box(self) -> list[float]:
+        """The mean of every true box (the box head's starting point)."""
+        boxes = [b for t in self.targets for b in t] if self.targets is not None else self.boxes
+        return np.asarray(boxes, dtype=np.float64).mean(0).tolist() if boxes else [0.25, 0.25, 0.75, 0.75]
 
 
 NO_TARGET = "no target (gRefCOCO): one-box models skip it"
 SEVERAL_TARGETS = "several targets: one-box models skip them"
 
 
-def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth") -> GroundingRecords:
+def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth",
+                 several: bool = False) -> GroundingRecords:
     """Bulk-read (id, filepath, phrase, box) from a FiftyOne view, validating each row.
 
-    Today's models predict one box per phrase, so a sample whose ground truth holds several boxes,
-    or none because its phrase refers to nothing (``no_target``, gRefCOCO), is skipped with its
-    reason, not trained on with a box that is not the whole answer.
+    One-box models predict one box per phrase, so by default a sample whose ground truth holds
+    several boxes, or none because its phrase refers to nothing (``no_target``, gRefCOCO), is
+    skipped with its reason, not trained on with a box that is not the whole answer. With
+    ``several=True`` (multi-box models) they are read too, every box into ``targets`` (none for a
+    no-target phrase); a sample with no box that is not marked ``no_target`` is still skipped.
     """
     for name in (phrase_field, gt_field):
         if not view.has_field(name):
@@ -55,33 +65,42 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
         ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
     )
     no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * len(ids)
-    records = GroundingRecords()
+    records = GroundingRecords(targets=[] if several else None)
     for sid, path, phrase, boxes, nothing in zip(ids, paths, phrases, bbs, no_target):
         text = clean_phrase(phrase)
         if text is None:
             records.skipped.append((sid, NO_PHRASE))
             continue
-        if nothing:
+        if nothing and not several:
             records.skipped.append((sid, NO_TARGET))
             continue
-        if not boxes:
+        boxes = [] if nothing else (boxes or [])
+        if not boxes and not nothing:
             records.skipped.append((sid, f"no box in {gt_field!r}"))
             continue
-        if len(boxes) > 1:
+        if len(boxes) > 1 and not several:
             records.skipped.append((sid, SEVERAL_TARGETS))
             continue
-        box = fiftyone_xywh_to_xyxy(boxes[0]) if len(boxes[0]) == 4 else [math.nan] * 4
-        if not all(math.isfinite(v) for v in box):
-            records.skipped.append((sid, "box has non-finite coordinates"))
-            continue
-        box = [min(max(v, 0.0), 1.0) for v in box]  # partly outside the image: clipped
-        if not is_valid_xyxy(box):
-            records.skipped.append((sid, "box has zero or negative area"))
+        clean, problem = [], None
+        for raw in boxes:
+            box = fiftyone_xywh_to_xyxy(raw) if raw is not None and len(raw) == 4 else [math.nan] * 4
+            if not all(math.isfinite(v) for v in box):
+                problem = "box has non-finite coordinates"
+                break
+            box = [min(max(v, 0.0), 1.0) for v in box]  # partly outside the image: clipped
+            if not is_valid_xyxy(box):
+                problem = "box has zero or negative area"
+                break
+            clean.append(box)
+        if problem is not None:
+            records.skipped.append((sid, problem))
             continue
         records.sample_ids.append(sid)
         records.filepaths.append(path)
         records.phrases.append(text)
-        records.boxes.append(box)
+        records.boxes.append(clean[0] if clean else [math.nan] * 4)
+        if several:
+            records.targets.append(clean)
     return records
 
 
@@ -150,7 +169,7 @@ class GroundingDataset(Dataset):
             image = load_rgb(r.filepaths[rows[0]])
         except ImageError as e:
             return {"skipped": [(sid, str(e)) for sid in ids]}
-        boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
+        boxes, sizes = self._boxes(rows)
         phrases = [r.phrases[i] for i in rows]
         # Per-item randomness from (seed, epoch, index): the same augmentation whatever
         # the number of workers or processes, so a resumed run repeats itself exactly.
@@ -158,10 +177,29 @@ class GroundingDataset(Dataset):
         image, boxes, phrases = augment_item(image, boxes, phrases, self.parts, rng)
         return {
             "pixel_values": normalize_pixels(resize_rgb(image, self.image_size), self.mean, self.std),  # (3, S, S)
-            "boxes": torch.from_numpy(boxes),  # (k, 4)
+            **self._box_fields(boxes, sizes),
             "phrases": phrases,
             "sample_ids": ids,
         }
+
+    def _boxes(self, rows: list[int]) -> tuple[np.ndarray, Optional[list[int]]]:
+        """The boxes of these phrases as one (M, 4) array (what augmentation moves), and how many
+        belong to each phrase (None: one each)."""
+        r = self.records
+        if r.targets is None:
+            return np.asarray([r.boxes[i] for i in rows], dtype=np.float32), None
+        sizes = [len(r.targets[i]) for i in rows]
+        return np.asarray([b for i in rows for b in r.targets[i]], dtype=np.float32).reshape(-1, 4), sizes
+
+    @staticmethod
+    def _box_fields(boxes: np.ndarray, sizes: Optional[list[int]]) -> dict:
+        """``boxes`` (k, 4): each phrase's first box (NaN where it has none); with several boxes
+        per phrase also ``targets``, each phrase's (g, 4) boxes."""
+        if sizes is None:
+            return {"boxes": torch.from_numpy(boxes)}
+        targets = [torch.from_numpy(t) for t in np.split(boxes, np.cumsum(sizes)[:-1])]
+        first = torch.stack([t[0] if len(t) else torch.full((4,), float("nan")) for t in targets])
+        return {"boxes": first, "targets": targets}
 
 
     def _cached_item(self, index: int, rows: list[int], ids: list[str], epoch: int) -> dict:
@@ -170,7 +208,7 @@ class GroundingDataset(Dataset):
         error = self.feature_cache.error(path)
         if error is not None or path not in self.feature_cache:
             return {"skipped": [(sid, error or "image not in the feature cache") for sid in ids]}
-        boxes = np.asarray([r.boxes[i] for i in rows], dtype=np.float32)
+        boxes, sizes = self._boxes(rows)
         phrases = [r.phrases[i] for i in rows]
         rng = np.random.default_rng([self.seed, epoch, index])
         view = int("flip" in self.parts and rng.random() < 0.5)
@@ -178,7 +216,7 @@ class GroundingDataset(Dataset):
             boxes, phrases = hflip_boxes(boxes), [swap_left_right(p) for p in phrases]
         return {
             "image_features": self.feature_cache.get(path, view),  # (T, D) float16
-            "boxes": torch.from_numpy(boxes),
+            **self._box_fields(boxes, sizes),
             "phrases": phrases,
             "sample_ids": ids,
         }
@@ -217,4 +255,6 @@ class Collator:
             phrases=phrases,
             **text,
         )
+        if "targets" in items[0]:
+            batch["targets"] = [t for it in items for t in it["targets"]]  # B tensors (g, 4)
         return batch

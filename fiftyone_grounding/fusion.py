@@ -7,6 +7,14 @@ level embedding) -> image tokens``; ``phrase -> BGE -> tokens -> Linear -> text 
 the current box and moves it, every stage's box is trained: deep supervision) -> the box and its
 quality.
 
+With ``num_queries`` Q > 0 (``fusion-multi``) the box decoder is DETR's instead: Q box queries
+(learned, plus the fused [REG] token) through ``refine_layers`` decoder layers (self-attention
+among the queries, cross-attention to the fused image tokens), each layer moving every query's
+box and scoring it; an existence score for the whole phrase comes from [REG]. Training matches
+queries to the true boxes by the Hungarian algorithm at every layer (``losses.py``); a phrase
+gets every box whose confidence (score x existence) passes ``score_thresh``, none when it
+refers to nothing.
+
 The DINOv3 taps depend on the image alone, so they are what the feature cache holds
 (:meth:`FusionGrounder.encode_images`): the last tap at full resolution with its CLS and register
 tokens, the others average-pooled ``level_pool`` x ``level_pool`` (fewer tokens for the encoder).
@@ -23,7 +31,8 @@ from torch import Tensor, nn
 from .config import GrounderConfig
 from .encoders import encoder_hidden_size
 from .errors import ConfigError
-from .layers import MLP, Block, CrossBlock, sine_box_embedding, sine_positions_2d
+from .layers import MLP, Block, CrossBlock, DecoderBlock, sine_box_embedding, sine_positions_2d
+from . import boxes as box_ops
 from .base import GrounderBase, GroundingOutput, QualityHead, box_head
 
 
@@ -58,14 +67,30 @@ class FusionGrounder(GrounderBase):
         self.blocks = nn.ModuleList([Block(d, config.num_heads, config.dim_feedforward, config.dropout)
                                      for _ in range(config.num_layers)])
         self.ln_f = nn.LayerNorm(d)
-        self.head = box_head(d, config.head_hidden)  # the first box, from [REG]
-        self.box_embed = MLP(d, d, out=d)  # the current box, as a query position
-        self.refine = nn.ModuleList([CrossBlock(d, config.num_heads, config.dim_feedforward, config.dropout)
-                                     for _ in range(config.refine_layers)])
-        self.deltas = nn.ModuleList([box_head(d, config.head_hidden) for _ in range(config.refine_layers)])
-        for delta in self.deltas:  # refinement starts as the identity
-            nn.init.zeros_(delta[-1].weight)
-            nn.init.zeros_(delta[-1].bias)
+        self.multi = config.num_queries > 0
+        if self.multi:
+            q = config.num_queries
+            self.box_embed = MLP(d, d, out=d)  # the current box, as a query position
+            self.query_content = nn.Parameter(torch.zeros(q, d))
+            nn.init.normal_(self.query_content, std=0.02)
+            # each query's first box, in logit space: centres spread over the image (set again from
+            # the training boxes by init_box_bias)
+            self.query_anchor = nn.Parameter(_inverse_sigmoid(_spread_boxes(q)))
+            self.refine = nn.ModuleList([DecoderBlock(d, config.num_heads, config.dim_feedforward, config.dropout,
+                                                      norm_first=True) for _ in range(config.refine_layers)])
+            self.deltas = nn.ModuleList([box_head(d, config.head_hidden) for _ in range(config.refine_layers)])
+            self.score_heads = nn.ModuleList([nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+                                              for _ in range(config.refine_layers)])
+            self.exist_head = nn.Linear(d, 1)  # from the fused [REG] token
+        else:  # (the order the weights were always drawn in)
+            self.head = box_head(d, config.head_hidden)  # the first box, from [REG]
+            self.box_embed = MLP(d, d, out=d)  # the current box, as a query position
+            self.refine = nn.ModuleList([CrossBlock(d, config.num_heads, config.dim_feedforward, config.dropout)
+                                         for _ in range(config.refine_layers)])
+            self.deltas = nn.ModuleList([box_head(d, config.head_hidden) for _ in range(config.refine_layers)])
+            for delta in self.deltas:  # refinement starts as the identity
+                nn.init.zeros_(delta[-1].weight)
+                nn.init.zeros_(delta[-1].bias)
         self.quality_head = QualityHead(d, config.head_hidden) if config.quality_head else None
         self._pos_cache: dict[tuple, Tensor] = {}
 
@@ -140,6 +165,8 @@ class FusionGrounder(GrounderBase):
             x = block(x, padding)
         x = self.ln_f(x)
         query, memory = x[:, 0], x[:, 1 + text.shape[1]:]  # (B, d), (B, N, d)
+        if self.multi:
+            return self._decode_queries(query, memory)
         raw = self.head(query).float().sigmoid()  # (B, 4) cxcywh
         stages = [raw]
         for block, delta in zip(self.refine, self.deltas):
@@ -149,3 +176,49 @@ class FusionGrounder(GrounderBase):
             stages.append(raw)
         boxes = [self.to_xyxy(s) for s in stages]
         return self.output(query, boxes[-1], aux_boxes=boxes[:-1])
+
+    def _decode_queries(self, reg: Tensor, memory: Tensor) -> GroundingOutput:
+        """DETR's decoder on the fused tokens: reg (B, d) the fused [REG], memory (B, N, d)."""
+        batch, d = reg.shape
+        queries = (reg[:, None] + self.query_content.to(reg.dtype)[None])  # (B, Q, d)
+        raw = self.query_anchor.float().sigmoid()[None].expand(batch, -1, -1)  # (B, Q, 4) cxcywh
+        no_padding = torch.zeros(queries.shape[:2], dtype=torch.bool, device=reg.device)
+        per_phrase = torch.arange(batch, device=reg.device)
+        stages, scores = [], []
+        for k, (block, delta, score) in enumerate(zip(self.refine, self.deltas, self.score_heads)):
+            position = self.box_embed(sine_box_embedding(raw.detach(), d).to(queries.dtype))
+            queries = block(queries + position, no_padding, memory, per_phrase)
+            # each layer moves the box it was given (detached: DETR's iterative refinement); the
+            # first one's gradient also reaches the queries' first boxes, which are learned
+            raw = (_inverse_sigmoid(raw if k == 0 else raw.detach()) + delta(queries).float()).sigmoid()
+            stages.append(self.to_xyxy(raw))
+            scores.append(score(queries).squeeze(-1).float())
+        exists = self.exist_head(reg).squeeze(-1).float()
+        confidence = scores[-1].sigmoid()  # the best box of each phrase, for one-box readers
+        best = stages[-1].gather(1, confidence.argmax(1)[:, None, None].expand(-1, 1, 4))[:, 0]
+        return GroundingOutput(best, None, tuple(stages[:-1]), stages[-1], scores[-1], exists, tuple(scores[:-1]))
+
+    @torch.no_grad()
+    def init_box_bias(self, mean_box_xyxy: Tensor) -> None:
+        """One-box: the first box starts at the mean training box. Multi-box: the queries' first
+        boxes take the mean box's size, their centres spread over the image."""
+        if not self.multi:
+            return super().init_box_bias(mean_box_xyxy)
+        mean = box_ops.box_xyxy_to_cxcywh(mean_box_xyxy.float().clamp(0.0, 1.0))
+        anchors = _spread_boxes(self.config.num_queries)
+        anchors[:, 2:] = mean[2:].clamp(0.02, 0.98)
+        self.query_anchor.copy_(_inverse_sigmoid(anchors).to(self.query_anchor.dtype))
+
+
+def _spread_boxes(count: int) -> Tensor:
+    """``count`` (cx, cy, w, h) boxes whose centres cover the image (a Halton sequence), 0.2 wide."""
+    def halton(i: int, base: int) -> float:
+        f, r = 1.0, 0.0
+        while i > 0:
+            f /= base
+            r += f * (i % base)
+            i //= base
+        return r
+
+    centres = torch.tensor([[halton(i + 1, 2), halton(i + 1, 3)] for i in range(count)])
+    return torch.cat([0.1 + 0.8 * centres, torch.full((count, 2), 0.2)], 1)

@@ -33,13 +33,18 @@ def hungarian_match(boxes_xyxy: Tensor, score_logits: Tensor, truths: Sequence[T
                     weights: dict[str, float]) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each phrase b: (query indices, truth indices) of its least-cost assignment.
 
-    boxes_xyxy (B, Q, 4), score_logits (B, Q), ``truths[b]`` (G_b, 4) with G_b <= Q."""
-    out = []
-    for b, truth in enumerate(truths):
-        if len(truth) == 0:
-            out.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
-            continue
-        cost = match_cost(boxes_xyxy[b], score_logits[b], truth, weights).cpu().numpy()
-        rows, cols = linear_sum_assignment(cost)
-        out.append((rows.astype(np.int64), cols.astype(np.int64)))
+    boxes_xyxy (B, Q, 4), score_logits (B, Q), ``truths[b]`` (G_b, 4) with G_b <= Q. The costs of
+    the whole batch are computed at once on the device and read once (DETR's way)."""
+    sizes = [len(t) for t in truths]
+    if not sum(sizes):
+        return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in truths]
+    batch, queries = score_logits.shape
+    everything = torch.cat([t.to(boxes_xyxy.device) for t in truths])  # (sum G, 4)
+    cost = match_cost(boxes_xyxy.reshape(-1, 4), score_logits.reshape(-1), everything, weights)
+    cost = cost.view(batch, queries, -1).cpu().numpy()  # (B, Q, sum G)
+    out, start = [], 0
+    for b, size in enumerate(sizes):
+        rows, cols = linear_sum_assignment(cost[b, :, start:start + size]) if size else ([], [])
+        out.append((np.asarray(rows, np.int64), np.asarray(cols, np.int64)))
+        start += size
     return out

@@ -204,10 +204,10 @@ def fit(
     is_main = accelerator.is_main_process
     set_seed(cfg.seed)
 
-    splits = _read_splits(view, cfg)
+    splits = _read_splits(view, cfg, several=model_config.num_queries > 0)
     model = build_model(config=model_config, weights=weights)
     if resume_dir is None:
-        model.init_box_bias(torch.tensor(splits.train.boxes).mean(0))
+        model.init_box_bias(torch.tensor(splits.train.mean_box()))
     loaders = _build_loaders(model, splits, cfg, accelerator, mp, progress and is_main)
     model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -263,16 +263,18 @@ def _train_config(config, options: dict) -> TrainConfig:
     return TrainConfig.from_dict({**base, **options})
 
 
-def _read_splits(view, cfg: TrainConfig) -> _Splits:
+def _read_splits(view, cfg: TrainConfig, several: bool = False) -> _Splits:
+    """The train and val records; ``several``: with the phrases of no or several boxes (multi-box models)."""
     train_view = _split_view(view, cfg.split_field, cfg.train_split)
-    train = read_records(train_view, cfg.phrase_field, cfg.gt_field)
+    train = read_records(train_view, cfg.phrase_field, cfg.gt_field, several)
     if len(train) == 0:
         raise InputError(f"No trainable samples in the {cfg.train_split or 'whole'} split"
                          + (f"; the first skipped: {train.skipped[:5]}" if train.skipped else "")
                          + f". Check {cfg.phrase_field!r} and {cfg.gt_field!r}, or pass train_split=")
     val = None
     if cfg.val_split:
-        val = read_records(_split_view(view, cfg.split_field, cfg.val_split), cfg.phrase_field, cfg.gt_field)
+        val = read_records(_split_view(view, cfg.split_field, cfg.val_split), cfg.phrase_field, cfg.gt_field,
+                           several)
         val = val if len(val) else None
     return _Splits(train, val, list(train.skipped) + (list(val.skipped) if val else []))
 
@@ -462,7 +464,28 @@ def _build_text_cache(model: Grounder, tokenizer, tokenize, accelerator, mp: str
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    def move(v):
+        if torch.is_tensor(v):
+            return v.to(device, non_blocking=True)
+        if isinstance(v, list) and v and torch.is_tensor(v[0]):  # targets: a tensor per phrase
+            return [t.to(device, non_blocking=True) for t in v]
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
+
+
+def loss_target(batch: dict):
+    """What ``grounding_loss`` compares with: every phrase's boxes where the batch has them
+    (multi-box training), else the one box of each."""
+    return batch["targets"] if "targets" in batch else batch["boxes"]
+
+
+def _iou_with_first_box(pred: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(IoU sum, count) of each phrase's predicted box with its first true box, over the phrases
+    that have one (a no-target phrase's first box is NaN)."""
+    has = torch.isfinite(boxes).all(-1)
+    iou = box_iou(pred.float(), torch.nan_to_num(boxes.float()))
+    return (iou * has).sum(), has.sum()
 
 
 def forward_batch(model, batch: dict):
@@ -487,7 +510,7 @@ def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: flo
     with _autocast(batch["attention_mask"].device, autocast_dtype):
         out = forward_batch(model, batch)
     pred = out.boxes
-    loss = grounding_loss(out, batch["boxes"], loss_weights)["loss"]
+    loss = grounding_loss(out, loss_target(batch), loss_weights)["loss"]
     optimizer.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)
@@ -527,7 +550,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
 
     model.train()
     device = accelerator.device
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, iou * n, n
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, iou sum, n, n with a box
     pending: list[tuple[int, torch.Tensor, list]] = []  # (step, loss, sample ids) not yet checked
     skipped: list = []
 
@@ -558,22 +581,23 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
                                 accelerator=accelerator, autocast_dtype=autocast_dtype)
         with torch.no_grad():
             n = pred.shape[0]
-            iou = box_iou(pred.float(), batch["boxes"].float()).mean()
+            iou_sum, with_box = _iou_with_first_box(pred, batch["boxes"])
             sums[0] += loss.double() * n  # Python numbers go in as kernel arguments:
-            sums[1] += iou.double() * n  # no host-to-device copy, no wait
+            sums[1] += iou_sum.double()  # no host-to-device copy, no wait
             sums[2] += n
+            sums[3] += with_box.double()
         pending.append((step, loss, batch["sample_ids"]))
         if len(pending) >= SYNC_EVERY:
             check()
             if show_progress:
-                loss_sum, iou_sum, count = sums.tolist()
-                bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / count:.3f}", refresh=False)
+                loss_sum, iou_sum, count, with_box = sums.tolist()
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / max(with_box, 1):.3f}", refresh=False)
         if progress_callback is not None and step % 10 == 0:
             progress_callback((epoch + (step + 1) / max(1, len(loader))) / epochs,
                               f"epoch {epoch + 1}/{epochs}, step {step + 1}/{len(loader)}")
     check()
-    loss_sum, iou_sum, count = accelerator.reduce(sums, "sum").tolist()
-    return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(count, 1), "skipped": skipped}
+    loss_sum, iou_sum, count, with_box = accelerator.reduce(sums, "sum").tolist()
+    return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(with_box, 1), "skipped": skipped}
 
 
 @torch.no_grad()
@@ -584,7 +608,7 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_d
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
     module = accelerator.unwrap_model(model)
     module.eval()
-    loss_sum = iou_sum = count = 0.0
+    loss_sum = iou_sum = count = with_box = 0.0
     skipped: list = []
     logits, ious = [], []
     for batch in loader:
@@ -596,18 +620,19 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_d
             out = forward_batch(module, batch)
         pred = out.boxes
         n = pred.shape[0]
-        loss_sum += grounding_loss(out, batch["boxes"], config.loss_weights)["loss"].item() * n
-        iou = box_iou(pred.float(), batch["boxes"].float())
-        iou_sum += iou.sum().item()
+        loss_sum += grounding_loss(out, loss_target(batch), config.loss_weights)["loss"].item() * n
+        batch_iou, batch_with_box = _iou_with_first_box(pred, batch["boxes"])
+        iou_sum += batch_iou.item()
+        with_box += batch_with_box.item()
         count += n
         if keep_quality and out.quality is not None:
             logits.extend(out.quality.float().tolist())
-            ious.extend(iou.tolist())
-    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count], device=accelerator.device), "sum")
-    loss_sum, iou_sum, count = totals.tolist()
+            ious.extend(box_iou(pred.float(), batch["boxes"].float()).tolist())
+    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count, with_box], device=accelerator.device), "sum")
+    loss_sum, iou_sum, count, with_box = totals.tolist()
     result = {"skipped": skipped, "quality": (logits, ious)} if keep_quality else {"skipped": skipped}
     if count:
-        result.update(loss=loss_sum / count, iou=iou_sum / count)
+        result.update(loss=loss_sum / count, iou=iou_sum / max(with_box, 1))
     return result
 
 

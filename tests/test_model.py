@@ -28,7 +28,8 @@ def test_seed_parameter_counts():
 
 # the real presets on the tiny encoders (2 DINOv3 layers): their own code, at a size a test can run
 ON_TINY_ENCODERS = {"image_encoder": "tiny:dinov3", "text_encoder": "tiny:bert", "image_size": 64}
-TINY_OVERRIDES = {"fusion": {"image_layers": [1, 2]}, "adapter": {"adapter_layers": 2}}
+TINY_OVERRIDES = {"fusion": {"image_layers": [1, 2]}, "fusion-multi": {"image_layers": [1, 2]},
+                  "adapter": {"adapter_layers": 2}}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -43,13 +44,24 @@ def test_every_preset_builds_and_runs(preset):
     assert boxes.shape == (2, 4)
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
-    assert (out.quality is None) == (preset == "seed")
-    assert len(out.aux_boxes) == model.config.refine_layers  # a box from every earlier stage
+    multi = model.config.num_queries > 0
+    assert (out.quality is None) == (preset == "seed" or multi)
     if out.quality is not None:
         assert out.quality.shape == (2,) and torch.isfinite(out.quality).all()
+    if not multi:
+        assert len(out.aux_boxes) == model.config.refine_layers  # a box from every earlier stage
+        return
+    q = model.config.num_queries  # every query's box and score at every decoder layer, and the existence
+    assert out.query_boxes.shape == (2, q, 4) and out.scores.shape == (2, q) and out.exists.shape == (2,)
+    assert ((out.query_boxes >= 0) & (out.query_boxes <= 1)).all()
+    assert len(out.aux_boxes) == len(out.aux_scores) == model.config.refine_layers - 1
+    confidence = out.box_confidences()
+    assert ((confidence >= 0) & (confidence <= 1)).all()
+    best = out.query_boxes[torch.arange(2), confidence.argmax(1)]
+    assert torch.equal(best, out.boxes)  # boxes: each phrase's most confident box
 
 
-ARCHITECTURES = ["tiny", "tiny-fusion", "tiny-adapter"]  # decoder, fusion, adapter
+ARCHITECTURES = ["tiny", "tiny-fusion", "tiny-adapter", "tiny-fusion-multi"]  # decoder, fusion, adapter, multi-box
 
 
 @pytest.mark.parametrize("preset", ARCHITECTURES)
@@ -67,8 +79,13 @@ def test_frozen_encoders_get_no_gradient_and_do_not_change(preset):
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if n not in frozen}
     assert frozen and trainable
     out = model(pixels, ids, mask)
-    loss = grounding_loss(out, torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2), model.config.loss_weights)
-    expected = {"l1", "giou", "quality", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
+    if model.config.num_queries:  # two boxes for the first phrase, none for the second
+        target = [torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.4]]), torch.zeros(0, 4)]
+        expected = {"l1", "giou", "score", "exist", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers - 1)}
+    else:
+        target = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2)
+        expected = {"l1", "giou", "quality", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
+    loss = grounding_loss(out, target, model.config.loss_weights)
     assert set(loss) == expected
     loss["loss"].backward()
     for name, p in model.named_parameters():
@@ -101,7 +118,9 @@ def test_grouped_images_equal_one_by_one(preset):
         single = [model(images[j:j + 1], ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())])
                   for i, j in enumerate(image_index.tolist())]
     assert torch.allclose(grouped.boxes, torch.cat([o.boxes for o in single]), atol=1e-5)
-    assert torch.allclose(grouped.quality, torch.cat([o.quality for o in single]), atol=1e-5)
+    for name in ("quality", "query_boxes", "scores", "exists"):
+        if getattr(grouped, name) is not None:
+            assert torch.allclose(getattr(grouped, name), torch.cat([getattr(o, name) for o in single]), atol=1e-5)
     assert not torch.allclose(grouped.boxes[0], grouped.boxes[2], atol=1e-4)  # same image, other phrase
 
 

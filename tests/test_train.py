@@ -26,7 +26,8 @@ def test_schedule_warms_up_then_decays():
     assert f(10) == pytest.approx(1.0) and f(55) < f(20) and f(99) < 0.02
 
 
-@pytest.mark.parametrize("preset, lr", [("tiny", 3e-3), ("tiny-fusion", 1e-3), ("tiny-adapter", 3e-3)])
+@pytest.mark.parametrize("preset, lr", [("tiny", 3e-3), ("tiny-fusion", 1e-3), ("tiny-adapter", 3e-3),
+                                        ("tiny-fusion-multi", 1e-3)])
 def test_training_steps_lower_the_loss(synthetic_dataset, preset, lr):
     """fit's own step (train_step), 60 times on one batch of 8 expressions, for each architecture."""
     torch.manual_seed(0)
