@@ -9,6 +9,11 @@ phrase refers to nothing (``no_target``, gRefCOCO), are not scored either, and c
 - :func:`evaluate_grounding`: mIoU, Acc@0.5, Acc@0.75 and the confidence's metrics (see
   ``confidence.py``), overall and per split, vectorized, with each sample's IoU written to a
   field in one bulk write.
+- :func:`evaluate_grec`: generalized grounding (a phrase may refer to no object, one or
+  several; gRefCOCO): ``grec.py``'s scorer, exactly as the official one, on every sample's
+  predicted boxes and their confidences: Pr@(F1=1, IoU>=0.5), N-acc, T-acc, overall, per split
+  and over a sweep of the score threshold, each sample's F1 written to a field.
+  :func:`evaluate_grounding` adds it where the view has such phrases.
 - :func:`evaluate_in_fiftyone`: the same scores as a FiftyOne evaluation run
   (:class:`GroundingEvaluationConfig`, method ``"grounding"``), written in bulk: TP/FP/FN on every
   sample and box as FiftyOne's detection evaluation writes them, the sample IoU field, a mAP over
@@ -29,6 +34,7 @@ import numpy as np
 
 import fiftyone.utils.eval.detection as foud
 
+from . import grec
 from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
 from .config import NO_TARGET_FIELD
 from .confidence import COVERAGES, confidence_metrics
@@ -49,6 +55,14 @@ METRICS = (
     ("ece", "confidence ECE", True),
 ) + tuple((f"acc_at_{round(c * 100)}_coverage", f"Acc@0.5, {round(c * 100)}% most confident", False)
           for c in COVERAGES)
+
+
+# The generalized grounding metrics (gRefCOCO's official scorer, grec.py).
+GREC_METRICS = (
+    ("pr_f1", "Pr@(F1=1, IoU>=0.5)", False),
+    ("n_acc", "N-acc (no-target phrases with no box)", False),
+    ("t_acc", "T-acc (target phrases with a box)", False),
+)
 
 
 def grounding_metrics(ious, confidences: Optional[Sequence] = None) -> dict:
@@ -178,7 +192,8 @@ def evaluate_grounding(
 
     Returns ``{"overall": {miou, acc50, acc75, count, auroc, ece, acc_at_50_coverage,
     acc_at_80_coverage}, "splits": {name: {...}}, "missing_predictions": n, "unscored": n,
-    "no_target": n, "several_targets": n, "iou_field": name}``; ``unscored`` samples have no valid
+    "no_target": n, "several_targets": n, "iou_field": name}``, and ``"grec"`` (:func:`evaluate_grec`)
+    where the view holds phrases of no object or several; ``unscored`` samples have no valid
     ground-truth box (none, non-finite, zero or negative size), several (``several_targets``) or
     a phrase that refers to nothing (``no_target``). The confidence metrics are None for boxes without confidences. The
     IoU goes to ``iou_field`` (default ``"<pred_field>_iou"``) so the App can sort and filter by it.
@@ -187,9 +202,95 @@ def evaluate_grounding(
     scores = score_samples(view, pred_field, gt_field)
     _write_sample_values(view, iou_field, scores.ids, [None if np.isnan(v) else float(v) for v in scores.ious])
     result = {**_metrics_of(scores, view, split_field), "iou_field": iou_field}
+    if has_generalized_phrases(view, gt_field):
+        result["grec"] = evaluate_grec(view, pred_field, gt_field, split_field)
     if print_table:
         print(format_table(result))
+        if "grec" in result:
+            print(format_grec_table(result["grec"]))
     return result
+
+
+def has_generalized_phrases(view, gt_field: str = "ground_truth") -> bool:
+    """Whether ``view`` holds phrases of no object (``no_target``) or of several boxes."""
+    from fiftyone import ViewField as F
+
+    if view.has_field(NO_TARGET_FIELD) and view.match(F(NO_TARGET_FIELD) == True).count():  # noqa: E712
+        return True
+    return bool(view.match(F(f"{gt_field}.detections").length() > 1).count())
+
+
+def grec_expressions(view, pred_field: str, gt_field: str) -> tuple[list, list]:
+    """(sample ids, ``grec.Expression`` per sample) of a view, in one bulk read. A predicted box
+    without a confidence (a model without a quality head) counts as certain; a sample not marked
+    ``no_target`` whose ground truth holds no valid box is left out (None)."""
+    for name in (pred_field, gt_field):
+        if not view.has_field(name):
+            raise InputError(f"The dataset has no field {name!r}; its fields: {sorted(view.get_field_schema())}")
+    ids, gt_boxes, pred_boxes, pred_confs = view.values(
+        ["id", f"{gt_field}.detections.bounding_box", f"{pred_field}.detections.bounding_box",
+         f"{pred_field}.detections.confidence"])
+    no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * len(ids)
+
+    def valid(boxes) -> list:
+        out = []
+        for box in boxes or []:
+            xyxy = fiftyone_xywh_to_xyxy(box) if box is not None and len(box) == 4 else None
+            if xyxy is not None and is_valid_xyxy(xyxy):
+                out.append(xyxy)
+        return out
+
+    expressions = []
+    for gts, preds, confs, nothing in zip(gt_boxes, pred_boxes, pred_confs, no_target):
+        truths = [] if nothing else valid(gts)
+        if not truths and not nothing:
+            expressions.append(None)
+            continue
+        kept = [(b, 1.0 if c is None else float(c)) for b, c in zip(preds or [], confs or [])
+                if b is not None and len(b) == 4 and is_valid_xyxy(fiftyone_xywh_to_xyxy(b))]
+        expressions.append(grec.Expression.of([fiftyone_xywh_to_xyxy(b) for b, _ in kept], [c for _, c in kept],
+                                              truths, bool(nothing)))
+    return list(ids), expressions
+
+
+def evaluate_grec(view, pred_field: str = "predictions", gt_field: str = "ground_truth",
+                  split_field: Optional[str] = "split", score_thresh: float = grec.SCORE_THRESH,
+                  f1_field: Optional[str] = None, thresholds: Sequence[float] = grec.SWEEP) -> dict:
+    """Generalized grounding metrics of a view (see ``grec.py``): ``{"overall": {pr_f1, n_acc,
+    t_acc, count, no_target, several_targets, score_thresh}, "splits": {...}, "sweep": [...],
+    "unscored": n, "f1_field": name}``. Each scored sample's F1 goes to ``f1_field`` (default
+    ``"<pred_field>_f1"``): sort by it in the App to see the phrases that were missed."""
+    f1_field = f1_field or f"{pred_field}_f1"
+    ids, expressions = grec_expressions(view, pred_field, gt_field)
+    scored = [i for i, e in enumerate(expressions) if e is not None]
+    judged = {i: grec.score_expression(expressions[i], score_thresh) for i in scored}
+    _write_sample_values(view, f1_field, [ids[i] for i in scored], [judged[i].f1 for i in scored])
+    chosen = [expressions[i] for i in scored]
+    result = {"overall": grec.grec_metrics(chosen, score_thresh), "splits": {},
+              "sweep": grec.threshold_sweep(chosen, thresholds), "unscored": len(ids) - len(scored),
+              "f1_field": f1_field}
+    if split_field and view.has_field(split_field):
+        splits = view.values(split_field)
+        for name in sorted({splits[i] for i in scored if splits[i] is not None}, key=str):
+            result["splits"][name] = grec.grec_metrics([expressions[i] for i in scored if splits[i] == name],
+                                                       score_thresh)
+    return result
+
+
+def format_grec_table(result: dict) -> str:
+    """The generalized grounding table: one row per split and overall, then the sweep."""
+    rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
+    width = max([10] + [len(str(name)) for name, _ in rows])
+    head = f"{'split':<{width}} | {'count':>6} | {'no-target':>9} | {'Pr@F1=1':>7} | {'N-acc':>6} | {'T-acc':>6}"
+    lines = [head, "-" * len(head)]
+    for name, m in rows:
+        lines.append(f"{name:<{width}} | {m['count']:>6} | {m['no_target']:>9} | {_fmt(m['pr_f1'], 7)} | "
+                     f"{_fmt(m['n_acc'], 6)} | {_fmt(m['t_acc'], 6)}")
+    lines.append(f"(boxes kept at confidence >= {result['overall']['score_thresh']:g}, matched at GIoU >= 0.5; "
+                 "Pr@F1=1: the share of phrases with every true box found and nothing else)")
+    lines.append("sweep of the threshold: " + ", ".join(
+        f"{r['score_thresh']:g}: {_fmt(r['pr_f1'], 0).strip()}" for r in result["sweep"]))
+    return "\n".join(lines)
 
 
 def _write_sample_values(view, field: str, ids: list, values: list) -> None:

@@ -74,3 +74,56 @@ def test_the_threshold_sweep_trades_no_target_accuracy_for_target_accuracy():
     n_acc, t_acc = [r["n_acc"] for r in sweep], [r["t_acc"] for r in sweep]
     assert n_acc == sorted(n_acc) and t_acc == sorted(t_acc, reverse=True)
     assert [r["score_thresh"] for r in sweep] == [0.2, 0.5, 0.8] and sweep[0]["several_targets"] == 20
+
+
+def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, tmp_path):
+    """On a synthetic dataset of phrases of no, one and several objects: the truth itself as the
+    prediction scores 1; dropping a box of each several-target phrase fails exactly those; a box
+    on every no-target phrase fails those; a box below the threshold is not kept."""
+    import fiftyone as fo
+
+    from fiftyone_grounding.evaluate import evaluate_grec, evaluate_grounding, format_grec_table
+    from fiftyone_grounding.labels import make_box_detections
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(dataset_name, num_images=40, out_dir=str(tmp_path), seed=4, several_fraction=0.5,
+                                none_fraction=0.3, persistent=False, progress=False)
+    kinds = ds.values("phrase_kind")
+    truths = ds.values("ground_truth")
+
+    def write(field, make):
+        values = {}
+        for sid, gt, phrase, kind in zip(ds.values("id"), truths, ds.values("expression"), kinds):
+            boxes, confs = make(gt, kind)
+            det = make_box_detections(boxes, phrase)
+            for d, c in zip(det.detections, confs):
+                d.confidence = c
+            values[sid] = det
+        ds.set_values(field, values, key_field="id")
+
+    def boxes_of(gt):
+        return [[x, y, x + w, y + h] for x, y, w, h in (d.bounding_box for d in gt.detections)]
+
+    write("perfect", lambda gt, kind: (boxes_of(gt), [0.9] * len(gt.detections)))
+    perfect = evaluate_grec(ds, "perfect", split_field=None)["overall"]
+    assert perfect["pr_f1"] == perfect["n_acc"] == perfect["t_acc"] == 1.0
+    assert perfect["count"] == len(ds) and perfect["no_target"] == kinds.count("none") > 0
+
+    write("drop_one", lambda gt, kind: (boxes_of(gt)[:1], [0.9] * min(1, len(gt.detections))))
+    dropped = evaluate_grec(ds, "drop_one", split_field=None)["overall"]
+    assert dropped["pr_f1"] == pytest.approx(1 - kinds.count("several") / len(ds))
+
+    full = [0.1, 0.1, 0.9, 0.9]
+    write("always", lambda gt, kind: (boxes_of(gt) or [full], [0.9] * max(1, len(gt.detections))))
+    always = evaluate_grec(ds, "always", split_field=None)
+    assert always["overall"]["n_acc"] == 0.0 and always["overall"]["t_acc"] == 1.0
+    assert ds.values("always_f1") == [0.0 if k == "none" else 1.0 for k in kinds]
+
+    write("unsure", lambda gt, kind: (boxes_of(gt) or [full], [0.5] * max(1, len(gt.detections))))
+    unsure = evaluate_grec(ds, "unsure", split_field=None)
+    assert unsure["overall"]["n_acc"] == 1.0 and unsure["overall"]["t_acc"] == 0.0  # nothing kept at 0.7
+    assert [r["t_acc"] for r in unsure["sweep"] if r["score_thresh"] <= 0.5] == [1.0, 1.0, 1.0]
+    assert "Pr@F1=1" in format_grec_table(unsure)
+
+    both = evaluate_grounding(ds, "perfect", print_table=False)  # the one-box table skips them; grec scores all
+    assert both["grec"]["overall"]["pr_f1"] == 1.0 and both["no_target"] + both["several_targets"] > 0
