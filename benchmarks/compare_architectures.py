@@ -42,12 +42,18 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="grounding-synthetic-relational", help="FiftyOne dataset name")
     p.add_argument("--out-dir", default="outputs/compare", help="runs and images go here")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is steadier on a shared CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from fiftyone import ViewField as F
 
     from fiftyone_grounding.evaluate import evaluate_grounding

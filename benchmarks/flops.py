@@ -12,7 +12,7 @@ The time is on paper: ``FLOPs of a --batch-size step / (--peak-tflops x --utiliz
 default an H200's dense bf16 peak (989 TFLOP/s) at 35% utilization; the real figure comes from
 ``benchmarks/train_throughput.py`` on the GPU.
 
-    python benchmarks/flops.py                                  # grounder, fusion, adapter
+    python benchmarks/flops.py                                  # grounder, fusion, adapter, fusion-multi
     python benchmarks/flops.py --presets fusion --phrases-per-image 7 --json flops.json
 """
 
@@ -48,7 +48,8 @@ def _register_cpu_attention() -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=["grounder", "fusion", "adapter"], help="presets to count")
+    p.add_argument("--presets", nargs="+", default=["grounder", "fusion", "adapter", "fusion-multi"],
+                   help="presets to count")
     p.add_argument("--phrases-per-image", type=int, default=7, help="phrases of the one image counted")
     p.add_argument("--text-len", type=int, default=12, help="tokens per phrase, CLS and SEP included")
     p.add_argument("--batch-size", type=int, default=64, help="expressions per step, for the step time")
@@ -113,16 +114,17 @@ def main(argv=None) -> dict:
                 "gflops_per_expression": per_expression / 1e9,
                 "gflops_by_part_per_expression": {k: v / args.phrases_per_image / 1e9 for k, v in parts.items()},
                 "expected_step_ms": 1000 * step_s,
-                "expected_refcoco_epoch_min": step_s * REFCOCO_TRAIN_EXPRESSIONS / args.batch_size / 60,
+                "expected_refcoco_epoch_s": step_s * REFCOCO_TRAIN_EXPRESSIONS / args.batch_size,
             })
             r = rows[-1]
             split = ", ".join(f"{k} {v:.3g}" for k, v in r["gflops_by_part_per_expression"].items())
             print(f"{preset:<9} {cfg.image_size} px, image features {r['image_features']:<7}: "
                   f"{r['gflops_per_expression']:7.3g} GFLOPs per expression ({split}); "
                   f"expected {r['expected_step_ms']:6.3g} ms per step of {args.batch_size}, "
-                  f"{r['expected_refcoco_epoch_min']:5.1f} min per RefCOCO epoch")
+                  f"{r['expected_refcoco_epoch_s']:5.0f} s per RefCOCO epoch")
     print(f"(forward + backward of a training step, {args.phrases_per_image} phrases of {args.text_len} tokens per "
-          f"image; times at {args.utilization:.0%} of {args.peak_tflops:g} TFLOP/s)")
+          f"image; times at {args.utilization:.0%} of {args.peak_tflops:g} TFLOP/s, compute only: a step this small "
+          "that waits on kernel launches or data loading takes longer)")
     payload = {"benchmark": "flops", "phrases_per_image": args.phrases_per_image, "text_len": args.text_len,
                "batch_size": args.batch_size, "peak_tflops": args.peak_tflops, "utilization": args.utilization,
                "rows": rows}

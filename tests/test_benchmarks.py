@@ -11,15 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+# the options every benchmark gets here: the CPU, one thread (what a script has of them)
+COMMON = {"evaluate_throughput": ["--device", "cpu"], "flops": [], "compare_architectures": ["--threads", "1"]}
 
 
 def run_benchmark(script, tmp_path, *args):
     out = tmp_path / f"{script}.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    threads = [] if script == "evaluate_throughput" else ["--threads", "1"]  # (no torch there)
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--device", "cpu",
-                           *threads, "--json", str(out), *args],
+    common = COMMON.get(script, ["--device", "cpu", "--threads", "1"])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *common,
+                           "--json", str(out), *args],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
@@ -33,6 +39,44 @@ def test_train_throughput_runs_every_mode(tmp_path):
     assert set(rates) == {"seed", "grouped", "cached", "cached_text"}
     assert all(rate > 0 for rate in rates.values())
     assert "cached_text" in stdout
+
+
+def test_train_throughput_of_an_architecture_that_cannot_cache(tmp_path):
+    result, stdout = run_benchmark("train_throughput", tmp_path, "--preset", "tiny-adapter", "--batch-size", "14",
+                                   "--steps", "1", "--warmup", "1", "--repeats", "1", "--modes", "grouped,cached")
+    assert set(result["results"]) == {"grouped"} and result["cache"] is None
+    assert "no cached modes" in stdout
+
+
+def test_flops_counts_every_part_of_a_training_step(tmp_path):
+    result, stdout = run_benchmark("flops", tmp_path, "--presets", "tiny", "tiny-fusion", "tiny-adapter",
+                                   "tiny-fusion-multi")
+    rows = {(r["preset"], r["image_features"]): r for r in result["rows"]}
+    assert set(rows) == {("tiny", "cached"), ("tiny", "encoded"), ("tiny-fusion", "cached"),
+                         ("tiny-fusion", "encoded"), ("tiny-adapter", "encoded"), ("tiny-fusion-multi", "cached"),
+                         ("tiny-fusion-multi", "encoded")}
+    for (preset, features), r in rows.items():
+        parts = r["gflops_by_part_per_expression"]
+        assert sum(parts.values()) == pytest.approx(r["gflops_per_expression"])
+        assert ("image_encoder" in parts) == (features == "encoded") and r["expected_step_ms"] > 0
+    # the encoder's share is what the cache saves; the adapter runs its upper blocks per phrase
+    fusion = rows[("tiny-fusion", "encoded")]["gflops_by_part_per_expression"]
+    assert rows[("tiny-fusion", "encoded")]["gflops_per_expression"] - rows[("tiny-fusion", "cached")][
+        "gflops_per_expression"] == pytest.approx(fusion["image_encoder"])
+    adapter = rows[("tiny-adapter", "encoded")]["gflops_by_part_per_expression"]
+    assert adapter["image_encoder"] > rows[("tiny", "encoded")]["gflops_by_part_per_expression"]["image_encoder"]
+
+
+def test_compare_architectures_trains_each_alike_and_scores_each_kind(tmp_path, dataset_name):
+    result, stdout = run_benchmark("compare_architectures", tmp_path, "--presets", "tiny", "tiny-adapter",
+                                   "--num-images", "30", "--epochs", "1", "--relational-fraction", "0.9",
+                                   "--dataset", dataset_name, "--out-dir", str(tmp_path / "out"), "--no-progress")
+    results = result["results"]
+    assert set(results) == {"tiny", "tiny-adapter"} and result["args"]["epochs"] == 1
+    for r in results.values():
+        assert r["epochs"] == 1 and r["overall"]["count"] == r["attribute"]["count"] + r["relational"]["count"]
+        assert 0 <= r["relational"]["acc50"] <= 1
+    assert "| `tiny-adapter` |" in stdout and result["table"] in stdout
 
 
 def test_apply_throughput_paths_write_the_same_boxes(tmp_path):
