@@ -40,7 +40,7 @@ def test_every_recipe_is_a_valid_training_config(path):
     from fiftyone_grounding.config import PRESETS, TrainConfig
 
     recipe = TrainConfig.from_json(path)  # unknown keys and bad values are refused here
-    assert recipe.preset in PRESETS and path.stem.endswith(recipe.preset)
+    assert recipe.preset in PRESETS and path.stem.endswith(recipe.preset.replace("-", "_"))
     if recipe.preset in ("fusion", "adapter"):  # the papers' recipe: long, box-preserving scale, no flips
         assert 60 <= recipe.epochs <= 90 and recipe.warmup_frac > 0
         assert recipe.augment == "scale+color" and not recipe.cache_features

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The full RefCOCO recipe: import -> train -> evaluate on the test splits.
 #
-#   bash training/refcoco.sh [seed|grounder|fusion|adapter|tiny] [COCO_TRAIN2014_DIR]
+#   bash training/refcoco.sh [seed|grounder|fusion|adapter|fusion-multi|tiny] [COCO_TRAIN2014_DIR]
 #
 # Without COCO_TRAIN2014_DIR only the needed COCO images are fetched through FiftyOne's zoo.
 # Environment:
 #   NPROC=8            train on 8 GPUs with torchrun (no code change)
 #   REFCOCO_NAME=N     refcoco (default: RefCOCO, tested on testA, testB) or refcocox (RefCOCO +
 #                      RefCOCO+ + RefCOCOg, train minus every val/test image; recipe
-#                      training/refcocox_<preset>.json, tested on each source's test splits)
+#                      training/refcocox_<preset>.json, tested on each source's test splits) or
+#                      grefcoco (phrases of no, one or several objects: fusion-multi, tiny-fusion-multi;
+#                      tested on val, testA, testB with the GREC metrics too)
 #   REFCOCO_SOURCE=P   annotations saved with datasets' save_to_disk, or REFER folders (for
 #                      refcocox: a folder holding refcoco/, refcoco+/, refcocog/), else the Hub
 #   REFCOCO_DATASET=D  FiftyOne dataset name (default: the name)
@@ -21,12 +23,13 @@ NPROC="${NPROC:-1}"
 NAME="${REFCOCO_NAME:-refcoco}"
 DATASET="${REFCOCO_DATASET:-$NAME}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
-RECIPE="$HERE/${NAME}_${PRESET}.json"
+RECIPE="$HERE/${NAME}_${PRESET//-/_}.json"  # fusion-multi: grefcoco_fusion_multi.json
 [ -f "$RECIPE" ] || { echo "No recipe $RECIPE (recipes: $(cd "$HERE" && ls ./*.json | tr '\n' ' '))" >&2; exit 2; }
 case "$NAME" in
   refcoco) TEST_SPLITS=(testA testB) ;;
   refcocox) TEST_SPLITS=(refcoco/testA refcoco/testB refcoco+/testA refcoco+/testB refcocog/test) ;;
-  *) echo "REFCOCO_NAME must be refcoco or refcocox, not $NAME" >&2; exit 2 ;;
+  grefcoco) TEST_SPLITS=(val testA testB) ;;
+  *) echo "REFCOCO_NAME must be refcoco, refcocox or grefcoco, not $NAME" >&2; exit 2 ;;
 esac
 
 IMPORT_ARGS=("$NAME" --dataset-name "$DATASET")
