@@ -118,15 +118,19 @@ def cmd_apply(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate_grounding, evaluate_in_fiftyone, format_table
+    from .evaluate import evaluate_grounding, evaluate_in_fiftyone, format_grec_table, format_table
 
     view = cmd_apply(args) if args.checkpoint else _split_view(_load_view(args), args)
     if args.eval_key:
         result = evaluate_in_fiftyone(view, args.label_field, args.gt_field, eval_key=args.eval_key,
                                       split_field=args.split_field)
         print(format_table(result))
+        if "grec" in result:
+            print(format_grec_table(result["grec"]))
+        per_sample = (f"each sample's F1 in {result['grec']['f1_field']!r}" if "grec" in result
+                      else f"each sample's IoU in {result['iou_field']!r}")
         print(f"mAP (IoU 0.50:0.95) {result['mAP'] if result['mAP'] is not None else '-'}; evaluation "
-              f"{args.eval_key!r} is in the App's Model Evaluation panel, each sample's IoU in {result['iou_field']!r}")
+              f"{args.eval_key!r} is in the App's Model Evaluation panel, {per_sample}")
     else:
         result = evaluate_grounding(view, args.label_field, args.gt_field, split_field=args.split_field)
     if args.json:

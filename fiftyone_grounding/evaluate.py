@@ -598,6 +598,10 @@ def evaluate_in_fiftyone(
 ) -> dict:
     """A grounding evaluation run under ``eval_key``, visible in the App's Model Evaluation panel.
 
+    Where the view has phrases of no or several objects (:func:`has_generalized_phrases`), the
+    run is FiftyOne's COCO evaluation (``method="coco"``, mAP computed) and the result also holds
+    ``"grec"`` (:func:`evaluate_grec`), whose Pr@F1=1, N-acc and T-acc are the run's custom metrics.
+
     Writes, in bulk: ``<eval_key>`` / ``_id`` / ``_iou`` on the scored boxes, ``<eval_key>_tp``,
     ``_fp``, ``_fn`` and the sample IoU ``<eval_key>_iou`` on the scored samples. The run's
     results hold a mAP and mAR over IoU 0.50:0.95 and the grounding metrics (this plugin's
@@ -605,6 +609,9 @@ def evaluate_in_fiftyone(
     ``scenario_fields`` that the view has become the panel's scenarios. Returns
     :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``, ``fn`` and ``eval_key``.
     """
+    if has_generalized_phrases(view, gt_field):
+        return _evaluate_grec_in_fiftyone(view, pred_field, gt_field, eval_key, split_field, scenario_fields,
+                                          custom_metrics)
     scores = score_samples(view, pred_field, gt_field)
     config = GroundingEvaluationConfig(pred_field, gt_field, custom_metrics=list(METRIC_URIS) + list(custom_metrics or []))
     method = config.build()
@@ -620,6 +627,27 @@ def evaluate_in_fiftyone(
     register_scenarios(view, [f for f in scenario_fields if view.has_field(f)])
     metrics = {**_metrics_of(scores, view, split_field), "iou_field": iou_field_of(eval_key)}
     return {**metrics, "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
+
+
+def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: str, split_field: Optional[str],
+                               scenario_fields: Sequence[str], custom_metrics) -> dict:
+    """FiftyOne's COCO evaluation of the boxes, with the GREC metrics as the run's custom metrics."""
+    results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, method="coco",
+                                       compute_mAP=True, custom_metrics=list(custom_metrics or []) or None,
+                                       progress=False)
+    generalized = evaluate_grec(view, pred_field, gt_field, split_field)
+    results.custom_metrics = dict(results.custom_metrics or {})
+    for key, label, lower_is_better in GREC_METRICS:
+        value = generalized["overall"][key]
+        if value is not None:
+            results.custom_metrics[metric_uri(key)] = {"key": key, "value": value, "label": label,
+                                                       "lower_is_better": lower_is_better}
+    results.save()
+    register_scenarios(view, [f for f in scenario_fields if view.has_field(f)])
+    scores = score_samples(view, pred_field, gt_field)
+    counts = {name: int(sum(v or 0 for v in view.values(f"{eval_key}_{name}"))) for name in ("tp", "fp", "fn")}
+    return {**_metrics_of(scores, view, split_field), "iou_field": None, "grec": generalized,
+            "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
 
 
 def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvaluationConfig

@@ -127,3 +127,34 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
 
     both = evaluate_grounding(ds, "perfect", print_table=False)  # the one-box table skips them; grec scores all
     assert both["grec"]["overall"]["pr_f1"] == 1.0 and both["no_target"] + both["several_targets"] > 0
+
+
+def test_the_fiftyone_run_of_generalized_phrases_is_cocos_with_the_grec_metrics(dataset_name, tmp_path):
+    """FiftyOne's own COCO evaluation counts every box (and the boxes of phrases of nothing):
+    the truth as the prediction is all TP; a box on every no-target phrase is an FP each."""
+    from fiftyone_grounding.evaluate import evaluate_in_fiftyone
+    from fiftyone_grounding.labels import make_box_detections
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(dataset_name, num_images=30, out_dir=str(tmp_path), seed=6, several_fraction=0.5,
+                                none_fraction=0.3, persistent=False, progress=False)
+    values = {}
+    for sid, gt, phrase, kind in zip(ds.values("id"), ds.values("ground_truth"), ds.values("expression"),
+                                     ds.values("phrase_kind")):
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (d.bounding_box for d in gt.detections)]
+        det = make_box_detections(boxes or [[0.1, 0.1, 0.5, 0.5]], phrase)
+        for d in det.detections:
+            d.confidence = 0.9
+        values[sid] = det
+    ds.set_values("pred", values, key_field="id")
+    result = evaluate_in_fiftyone(ds, "pred", "ground_truth", eval_key="g")
+    boxes = sum(len(gt.detections) for gt in ds.values("ground_truth"))
+    nothing = ds.values("phrase_kind").count("none")
+    assert (result["tp"], result["fp"], result["fn"]) == (boxes, nothing, 0) and 0 < result["mAP"] <= 1
+    assert result["grec"]["overall"]["n_acc"] == 0.0 and result["grec"]["overall"]["t_acc"] == 1.0
+    info = ds.get_evaluation_info("g")
+    assert info.config.method == "coco"
+    metrics = ds.load_evaluation_results("g").custom_metrics
+    assert metrics["@fiftyone-grounding/grounding/pr_f1"]["value"] == pytest.approx(1 - nothing / len(ds))
+    ds.delete_evaluation("g")
+    assert not ds.has_field("g_tp")
