@@ -150,9 +150,14 @@ def cmd_predict(args) -> None:
     from .predict import predict_and_crop
 
     out = predict_and_crop(args.image, args.phrase, args.checkpoint, out_dir=args.out_dir, device=args.device)
-    x0, y0, x1, y1 = out["box_pixels"]
-    print(f"box (pixels, xyxy): {x0:.1f} {y0:.1f} {x1:.1f} {y1:.1f}")
-    print(f"crop: {out['crop_path']}\nannotated image: {out['annotated_path']}")
+    if not out["boxes"]:
+        print(f"no box: the model finds nothing that {args.phrase!r} refers to in {args.image}")
+        return
+    for box in out["boxes"]:
+        x0, y0, x1, y1 = box["box_pixels"]
+        confidence = f", confidence {box['confidence']:.3f}" if box["confidence"] is not None else ""
+        print(f"box (pixels, xyxy): {x0:.1f} {y0:.1f} {x1:.1f} {y1:.1f}{confidence}; crop: {box['crop_path']}")
+    print(f"annotated image: {out['annotated_path']}")
 
 
 def cmd_convert(args) -> None:

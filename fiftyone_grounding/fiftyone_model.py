@@ -97,17 +97,24 @@ def collate_items(items: list[dict]) -> dict:
 
 
 class BoxPrediction(NamedTuple):
-    """The boxes of a batch on the CPU, and the confidence of each (None without a quality head)."""
+    """The boxes of a batch on the CPU, and the confidence of each (None without a quality head).
+
+    A multi-box model also gives ``sets``: each phrase's kept boxes (k, 4) and their confidences
+    (k,), the most confident first, k maybe 0; ``boxes`` is then each phrase's best box."""
 
     boxes: torch.Tensor  # (B, 4) normalized xyxy
     confidences: Optional[np.ndarray] = None  # (B,) in [0, 1]
+    sets: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
 
 
 def batch_labels(batch: dict, prediction: Optional[BoxPrediction], make_label: Callable) -> list:
     """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence)``,
     None where the item was skipped. ``prediction``: the boxes of its valid items."""
     out: list = [None] * batch["size"]
-    if prediction is not None:
+    if prediction is not None and prediction.sets is not None:
+        for i, phrase, (boxes, confidences) in zip(batch["valid"], batch["phrases"], prediction.sets):
+            out[i] = make_label(boxes.tolist(), phrase, confidences.tolist())
+    elif prediction is not None:
         confidences = (prediction.confidences.tolist() if prediction.confidences is not None
                        else [None] * len(batch["valid"]))
         for i, phrase, box, confidence in zip(batch["valid"], batch["phrases"], prediction.boxes.tolist(),
@@ -132,10 +139,12 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
     def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
                  mixed_precision: str = "auto", label: str = DEFAULT_LABEL,
-                 confidence_thresh: Optional[float] = None):
+                 confidence_thresh: Optional[float] = None, score_thresh: Optional[float] = None):
         """``label``: the label of every box (the phrase goes to its ``expression`` attribute);
         ``confidence_thresh``: boxes less confident than this are not written (as FiftyOne's
-        ``apply_model(confidence_thresh=...)``, which also works)."""
+        ``apply_model(confidence_thresh=...)``, which also works). ``score_thresh``: a multi-box
+        model's boxes are kept from this confidence (default: its config's, 0.7, the official
+        gRefCOCO scorer's); lower it to sweep the threshold in evaluation."""
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self._device).eval()
         self.config = model.config
@@ -147,6 +156,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             use_bf16 = mixed_precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.labels = LabelMaker(label=label, confidence_thresh=confidence_thresh)
+        self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
         self.forward_calls = 0  # number of batched forward passes, for inspection
         self._run_skips: list[tuple[str, str]] = []  # what an apply_model run skipped, logged at its end
 
@@ -266,15 +276,29 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             out = self.model(pixel_values, ids, mask, image_index)
-        # boxes and quality logits side by side: one copy to the host
-        result = out.boxes.float() if out.quality is None else torch.cat([out.boxes.float(), out.quality[:, None]], 1)
+        # boxes and quality logits (or every query's box and confidence) side by side: one copy to the host
+        if out.scores is not None:
+            result = torch.cat([out.query_boxes.float(), out.box_confidences()[..., None]], -1)  # (B, Q, 5)
+        elif out.quality is None:
+            result = out.boxes.float()
+        else:
+            result = torch.cat([out.boxes.float(), out.quality[:, None]], 1)
         self.forward_calls += 1
         calibration = self.model.calibration
+        score_thresh = self.score_thresh
 
         def split(values: torch.Tensor) -> BoxPrediction:
+            if values.ndim == 3:  # a multi-box model: each phrase's boxes at or above the threshold
+                sets = []
+                for row in values.numpy():
+                    row = row[np.argsort(-row[:, 4], kind="stable")]
+                    row = row[row[:, 4] >= score_thresh]
+                    sets.append((row[:, :4], row[:, 4]))
+                best = values[torch.arange(len(values)), values[..., 4].argmax(1), :4]
+                return BoxPrediction(best, None, sets)
             if out.quality is None:
                 return BoxPrediction(values)
-            return BoxPrediction(values[:, :4], calibration(values[:, 4].numpy()))
+            return BoxPrediction(values[:, :4], calibration(values[:, 4].numpy()), None)
 
         if not cuda:
             prediction = split(result.cpu())

@@ -78,20 +78,24 @@ def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optio
     return {"_cls": "Detections", "detections": [det]}
 
 
-EMPTY_DOC = {"_cls": "Detections", "detections": []}
-
-
 def _detection_fields(box_xyxy: Sequence[float], expression: str, label: str) -> dict:
     box = [min(max(float(v), 0.0), 1.0) for v in box_xyxy]
     return {"label": label, "bounding_box": xyxy_to_fiftyone_xywh(box), EXPRESSION_ATTR: expression_text(expression)}
+
+
+def _several(box_xyxy) -> bool:
+    """Whether a model output is a list of boxes (a multi-box model's) rather than one box."""
+    return len(box_xyxy) == 0 or not isinstance(box_xyxy[0], (int, float)) and hasattr(box_xyxy[0], "__len__")
 
 
 @dataclass(frozen=True)
 class LabelMaker:
     """Model output -> FiftyOne labels, the way every apply path writes them.
 
-    ``confidence_thresh`` works as in FiftyOne's ``apply_model``: a box whose confidence is
-    below it, or None, is dropped, and the sample gets an empty ``Detections``.
+    A one-box model gives a box and its confidence, a multi-box model a list of boxes (maybe
+    empty) and a list of confidences: either becomes one ``Detections``. ``confidence_thresh``
+    works as in FiftyOne's ``apply_model``: a box whose confidence is below it, or None, is
+    dropped (a sample whose boxes all are gets an empty ``Detections``).
     """
 
     label: str = DEFAULT_LABEL
@@ -104,16 +108,20 @@ class LabelMaker:
     def keeps(self, confidence: Optional[float]) -> bool:
         return self.confidence_thresh is None or (confidence is not None and confidence >= self.confidence_thresh)
 
-    def detections(self, box_xyxy, expression: str, confidence: Optional[float]) -> fo.Detections:
-        if not self.keeps(confidence):
-            return fo.Detections()
-        return make_detections(box_xyxy, expression, confidence=confidence, label=self.label)
+    def _kept(self, box_xyxy, confidence) -> list[tuple]:
+        pairs = list(zip(box_xyxy, confidence)) if _several(box_xyxy) else [(box_xyxy, confidence)]
+        return [(box, c) for box, c in pairs if self.keeps(c)]
 
-    def doc(self, box_xyxy, expression: str, confidence: Optional[float]) -> dict:
+    def detections(self, box_xyxy, expression: str, confidence) -> fo.Detections:
+        kept = self._kept(box_xyxy, confidence)
+        return fo.Detections(detections=[fo.Detection(**_detection_fields(box, expression, self.label), confidence=c)
+                                         for box, c in kept])
+
+    def doc(self, box_xyxy, expression: str, confidence) -> dict:
         """The database form of :meth:`detections`, for bulk writes."""
-        if not self.keeps(confidence):
-            return dict(EMPTY_DOC, detections=[])
-        return detections_doc(box_xyxy, expression, confidence=confidence, label=self.label)
+        kept = self._kept(box_xyxy, confidence)
+        return {"_cls": "Detections", "detections": [detections_doc(box, expression, c, self.label)["detections"][0]
+                                                      for box, c in kept]}
 
 
 def first_box_xyxy(label) -> Optional[list[float]]:

@@ -77,11 +77,33 @@ def test_predict_writes_crop_and_boxed_image(tiny_checkpoint, tmp_path, capsys):
     main(["predict", str(path), "the red circle", "--checkpoint", str(tiny_checkpoint),
           "--out-dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
-    x0, y0, x1, y1 = (float(v) for v in out.split("xyxy): ")[1].split()[:4])
+    x0, y0, x1, y1 = (float(v) for v in out.split("xyxy): ")[1].split(",")[0].split(";")[0].split())
     assert 0 <= x0 <= x1 <= 128 and 0 <= y0 <= y1 <= 96
     assert Image.open(tmp_path / "out" / "scene_box.png").size == (128, 96)
     crop = Image.open(tmp_path / "out" / "scene_crop.png")
     assert crop.size == (max(1, round(x1) - round(x0)), max(1, round(y1) - round(y0)))
+
+
+@pytest.mark.parametrize("score_thresh, boxes", [(0.0, 10), (1.0, 0)])
+def test_predict_writes_every_box_of_a_multi_box_model_or_says_there_is_none(tmp_path, capsys, score_thresh,
+                                                                             boxes):
+    """A multi-box checkpoint whose threshold keeps every query's box, or none."""
+    from fiftyone_grounding.checkpoint import save_checkpoint
+    from fiftyone_grounding.model import build_model
+
+    torch.manual_seed(0)
+    save_checkpoint(build_model("tiny-fusion-multi", score_thresh=score_thresh), tmp_path / "ckpt")
+    image = Image.new("RGB", (128, 96), (24, 24, 24))
+    path = tmp_path / "scene.png"
+    image.save(path)
+    main(["predict", str(path), "all the red shapes", "--checkpoint", str(tmp_path / "ckpt"),
+          "--out-dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert out.count("box (pixels, xyxy)") == boxes and ("no box" in out) == (boxes == 0)
+    crops = sorted((tmp_path / "out").glob("scene_crop*.png")) if boxes else []
+    assert len(crops) == boxes and (tmp_path / "out" / "scene_box.png").exists() == (boxes > 0)
+    confidences = [float(line.split("confidence ")[1].split(";")[0]) for line in out.splitlines() if "confidence" in line]
+    assert confidences == sorted(confidences, reverse=True)  # the most confident first
 
 
 def test_demo_end_to_end_small(tmp_path, dataset_name):
