@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from .demo import DEMO_DEFAULTS, TASKS
 from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_LABEL, DEFAULT_PRESET, NUM_WORKERS_TEXT, PRESET_DESCRIPTIONS,
                      PRESETS, WORKER_TYPES, TrainConfig)
 from .errors import GroundingError, InputError
@@ -52,7 +53,7 @@ def cmd_demo(args) -> None:
 
     run_demo(out_dir=args.out_dir, dataset_name=args.dataset_name, num_images=args.num_images,
              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-             json_path=args.json, overwrite=args.overwrite, progress=not args.no_progress)
+             json_path=args.json, overwrite=args.overwrite, progress=not args.no_progress, task=args.task)
 
 
 def cmd_summary(args) -> None:
@@ -211,10 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline main job: synthetic data, train tiny on CPU, apply, evaluate",
                        description="Generate a synthetic referring-expression dataset into FiftyOne, train the "
                                    "'tiny' preset on the CPU, apply it to the test split and print mIoU/Acc.")
-    p.add_argument("--out-dir", default="outputs/demo", help="images, checkpoints and curves go here" + _DEFAULT)
-    p.add_argument("--dataset-name", default="grounding-synthetic-demo", help="FiftyOne dataset name" + _DEFAULT)
-    p.add_argument("--num-images", type=int, default=16000, help="synthetic images, 2 expressions each" + _DEFAULT)
-    p.add_argument("--epochs", type=int, default=15, help="training epochs" + _DEFAULT)
+    p.add_argument("--task", choices=TASKS, default="rec",
+                   help="rec: one box per phrase, the 'tiny' preset; grec: phrases of no, one or several objects, "
+                        "'tiny-fusion-multi' against the one-box 'tiny', gRefCOCO's metrics" + _DEFAULT)
+    for flag, kind, what in (("--out-dir", str, "images, checkpoints and curves go here"),
+                             ("--dataset-name", str, "FiftyOne dataset name"),
+                             ("--num-images", int, "synthetic images, 2 expressions each"),
+                             ("--epochs", int, "training epochs")):
+        key = flag[2:].replace("-", "_")
+        p.add_argument(flag, type=kind, help=f"{what} (default: {DEMO_DEFAULTS['rec'][key]}; "
+                                             f"grec: {DEMO_DEFAULTS['grec'][key]})")
     p.add_argument("--batch-size", type=int, default=32, help="phrases per step" + _DEFAULT)
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate, cosine schedule with warm-up" + _DEFAULT)
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order" + _DEFAULT)

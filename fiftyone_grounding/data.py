@@ -44,7 +44,7 @@ class GroundingRecords:
         return np.asarray(boxes, dtype=np.float64).mean(0).tolist() if boxes else [0.25, 0.25, 0.75, 0.75]
 
 
-NO_TARGET = "no target (gRefCOCO): one-box models skip it"
+NO_TARGET = "no target (the phrase refers to nothing): one-box models skip it"
 SEVERAL_TARGETS = "several targets: one-box models skip them"
 
 

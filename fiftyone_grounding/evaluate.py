@@ -324,7 +324,7 @@ def format_table(result: dict) -> str:
                      "Acc@50%/80%: Acc@0.5 of the 50%/80% most confident)")
     if result.get("missing_predictions"):
         lines.append(f"({result['missing_predictions']} samples had no prediction and count as IoU 0)")
-    apart = {"no_target": "refer to nothing (gRefCOCO no-target)", "several_targets": "have several true boxes"}
+    apart = {"no_target": "refer to nothing (no_target)", "several_targets": "have several true boxes"}
     invalid = result.get("unscored", 0) - sum(result.get(k, 0) for k in apart)
     if invalid:
         lines.append(f"({invalid} samples have no valid ground-truth box and are not scored)")

@@ -106,6 +106,20 @@ def test_predict_writes_every_box_of_a_multi_box_model_or_says_there_is_none(tmp
     assert confidences == sorted(confidences, reverse=True)  # the most confident first
 
 
+def test_the_grec_demo_end_to_end_small(tmp_path, dataset_name):
+    """demo --task grec: both models trained, applied and scored as gRefCOCO's scorer, per kind."""
+    out = tmp_path / "grec.json"
+    main(["demo", "--task", "grec", "--out-dir", str(tmp_path / "demo"), "--dataset-name", dataset_name,
+          "--num-images", "60", "--epochs", "1", "--json", str(out), "--no-progress"])
+    result = json.loads(out.read_text())
+    assert set(result["test"]) == {"multi", "one_box"}
+    for scores in result["test"].values():
+        assert set(scores["overall"]) >= {"pr_f1", "n_acc", "t_acc", "count", "no_target"}
+        assert set(scores["by_kind"]) == {"attribute", "several", "none"}
+        assert [r["score_thresh"] for r in scores["sweep"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    assert 0 <= result["no_target_with_a_box"] <= 1 and "Pr@F1=1" in result["table"]
+
+
 def test_demo_end_to_end_small(tmp_path, dataset_name):
     out = tmp_path / "metrics.json"
     main(["demo", "--out-dir", str(tmp_path / "demo"), "--dataset-name", dataset_name, "--num-images", "60",

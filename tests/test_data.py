@@ -79,7 +79,7 @@ def test_read_records_skips_and_counts_what_one_box_models_cannot_learn(dataset_
     rec = read_records(ds)
     assert rec.phrases == ["one"]
     assert sorted(r for _, r in rec.skipped) == ["no box in 'ground_truth'",
-                                                 "no target (gRefCOCO): one-box models skip it",
+                                                 "no target (the phrase refers to nothing): one-box models skip it",
                                                  "several targets: one-box models skip them"]
 
 

@@ -232,7 +232,7 @@ def test_grefcoco_keeps_zero_one_or_several_boxes_and_one_box_models_skip_and_co
     records = read_records(dataset)
     assert sorted(records.phrases) == ["Man on the left", "left person"]
     reasons = sorted(reason for _, reason in records.skipped)
-    assert reasons == ["no target (gRefCOCO): one-box models skip it"] * 2 + \
+    assert reasons == ["no target (the phrase refers to nothing): one-box models skip it"] * 2 + \
         ["several targets: one-box models skip them"] * 2
 
     # Evaluation scores the one-target samples only, and says why the others are not scored.
