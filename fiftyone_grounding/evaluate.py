@@ -599,7 +599,8 @@ def evaluate_in_fiftyone(
     """A grounding evaluation run under ``eval_key``, visible in the App's Model Evaluation panel.
 
     Where the view has phrases of no or several objects (:func:`has_generalized_phrases`), the
-    run is FiftyOne's COCO evaluation (``method="coco"``, mAP computed) and the result also holds
+    run is FiftyOne's COCO evaluation (``method="coco"``, mAP computed when every predicted box has a
+    confidence, else ``None``) and the result also holds
     ``"grec"`` (:func:`evaluate_grec`), whose Pr@F1=1, N-acc and T-acc are the run's custom metrics.
 
     Writes, in bulk: ``<eval_key>`` / ``_id`` / ``_iou`` on the scored boxes, ``<eval_key>_tp``,
@@ -632,8 +633,10 @@ def evaluate_in_fiftyone(
 def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: str, split_field: Optional[str],
                                scenario_fields: Sequence[str], custom_metrics) -> dict:
     """FiftyOne's COCO evaluation of the boxes, with the GREC metrics as the run's custom metrics."""
+    # FiftyOne's PR curves need a confidence on every box; boxes written without one get no mAP
+    scored = view.count(f"{pred_field}.detections") == view.count(f"{pred_field}.detections.confidence")
     results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, method="coco",
-                                       compute_mAP=True, custom_metrics=list(custom_metrics or []) or None,
+                                       compute_mAP=scored, custom_metrics=list(custom_metrics or []) or None,
                                        progress=False)
     generalized = evaluate_grec(view, pred_field, gt_field, split_field)
     results.custom_metrics = dict(results.custom_metrics or {})
@@ -647,7 +650,8 @@ def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: s
     scores = score_samples(view, pred_field, gt_field)
     counts = {name: int(sum(v or 0 for v in view.values(f"{eval_key}_{name}"))) for name in ("tp", "fp", "fn")}
     return {**_metrics_of(scores, view, split_field), "iou_field": None, "grec": generalized,
-            "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
+            "mAP": results.mAP() if scored else None, "mAR": results.mAR() if scored else None, **counts,
+            "eval_key": eval_key}
 
 
 def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvaluationConfig

@@ -83,6 +83,49 @@ def test_read_records_skips_and_counts_what_one_box_models_cannot_learn(dataset_
                                                  "several targets: one-box models skip them"]
 
 
+def test_multi_box_models_read_every_box_and_the_phrases_of_nothing(dataset_name, tmp_path):
+    box = [0.1, 0.1, 0.2, 0.2]
+    ds = _dataset_with_rows(dataset_name, tmp_path, [("one", box), ("two", box), ("none", None), ("plain", None)])
+    two = ds.match(fo.ViewField("expression") == "two").first()
+    two.ground_truth.detections.append(fo.Detection(label="x", bounding_box=[0.5, 0.5, 0.2, 0.2]))
+    two.save()
+    ds.set_values("no_target", [False, False, True, None])
+    rec = read_records(ds, several=True)
+    assert rec.phrases == ["one", "two", "none"]
+    assert rec.targets == [[[0.1, 0.1, 0.30000000000000004, 0.30000000000000004]],
+                           [[0.1, 0.1, 0.30000000000000004, 0.30000000000000004], [0.5, 0.5, 0.7, 0.7]], []]
+    assert np.isnan(rec.boxes[2]).all() and rec.boxes[1] == rec.targets[1][0]
+    assert [r for _, r in rec.skipped] == ["no box in 'ground_truth'"]  # no box and not marked no_target
+    assert rec.mean_box() == pytest.approx(np.mean([b for t in rec.targets for b in t], 0).tolist())
+
+
+def test_several_boxes_per_phrase_go_through_augmentation_and_the_collator(dataset_name, tmp_path):
+    """Every box of every phrase of an image goes through the box-preserving crop and the flip
+    (``test_augment.py`` checks that the crop keeps boxes whole); the collator hands each phrase's
+    boxes over, none for a phrase of nothing, and its first box (NaN for none) beside them."""
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(dataset_name, num_images=30, out_dir=str(tmp_path), seed=2, several_fraction=0.6,
+                                none_fraction=0.3, persistent=False, progress=False)
+    rec = read_records(ds, several=True)
+    assert len(rec) == len(ds) and any(len(t) > 1 for t in rec.targets) and any(not t for t in rec.targets)
+    plain = GroundingDataset(rec, 64, (0.5,) * 3, (0.25,) * 3)
+    moved = GroundingDataset(rec, 64, (0.5,) * 3, (0.25,) * 3, augment="scale+flip", seed=1)
+    collate = Collator(load_tokenizer("tiny:bert"), 16)
+    changed = 0
+    for index in range(len(plain)):
+        a, b = plain[index], moved[index]
+        assert [len(t) for t in a["targets"]] == [len(t) for t in b["targets"]]
+        for tb in b["targets"]:
+            assert ((tb >= 0) & (tb <= 1)).all() and (tb[:, 2:] > tb[:, :2]).all()
+        changed += not all(torch.equal(ta, tb) for ta, tb in zip(a["targets"], b["targets"]))
+        batch = collate([b])
+        assert len(batch["targets"]) == len(b["phrases"]) == batch["boxes"].shape[0]
+        for t, first in zip(batch["targets"], batch["boxes"]):
+            assert torch.equal(first, t[0]) if len(t) else torch.isnan(first).all()
+    assert changed > len(plain) // 4  # the augmentation did move boxes
+
+
 def test_dataset_groups_phrases_by_image_and_collates(synthetic_dataset):
     rec = read_records(synthetic_dataset)
     ds = GroundingDataset(rec, 64, (0.5,) * 3, (0.25,) * 3, augment="flip", seed=0)

@@ -158,3 +158,28 @@ def test_the_fiftyone_run_of_generalized_phrases_is_cocos_with_the_grec_metrics(
     assert metrics["@fiftyone-grounding/grounding/pr_f1"]["value"] == pytest.approx(1 - nothing / len(ds))
     ds.delete_evaluation("g")
     assert not ds.has_field("g_tp")
+
+
+def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(dataset_name, tmp_path):
+    """fit reads them all (scale augmentation included, with phrases that have no box); the
+    checkpoint loads; apply writes each phrase's boxes from the threshold, none below it."""
+    from fiftyone_grounding.apply import apply_grounding_model
+    from fiftyone_grounding.data import NO_TARGET, SEVERAL_TARGETS
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.train import fit
+
+    ds = make_synthetic_dataset(dataset_name, num_images=24, out_dir=str(tmp_path / "images"), seed=8,
+                                several_fraction=0.5, none_fraction=0.3, persistent=False, progress=False)
+    result = fit(ds, preset="tiny-fusion-multi", epochs=1, batch_size=16, augment="scale+flip", val_split=None,
+                 out_dir=str(tmp_path / "run"), progress=False, cpu=True)
+    assert not {why for _, why in result.skipped} & {NO_TARGET, SEVERAL_TARGETS}
+    assert np.isfinite(result.history[0]["train_loss"])
+    every = GroundingModel.from_checkpoint(result.best_dir, device="cpu", score_thresh=0.0)
+    apply_grounding_model(ds, every, label_field="every", prompt_field="expression")
+    assert [len(d) for d in ds.values("every.detections")] == [10] * len(ds)
+    confidences = ds.values("every.detections.confidence")
+    assert all(c == sorted(c, reverse=True) for c in confidences)  # the most confident first
+    nothing = GroundingModel.from_checkpoint(result.best_dir, device="cpu", score_thresh=1.0)
+    ds.apply_model(nothing, label_field="nothing", prompt_field="expression")
+    assert [len(d.detections) for d in ds.values("nothing")] == [0] * len(ds)
