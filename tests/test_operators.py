@@ -1,5 +1,6 @@
 """The plugin's operators, run through FiftyOne's own executor (``foo.execute_operator``)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -335,3 +336,40 @@ def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
     assert dataset.load_evaluation_results("coco").custom_metrics == results.custom_metrics
     dataset.delete_evaluation("coco")
     assert not dataset.has_field("coco_tp") and dataset.list_evaluations() == []
+
+
+# -- models kept loaded between runs -----------------------------------------------------------------
+
+
+def test_a_second_run_reuses_the_loaded_model_until_it_is_released(dataset, tiny_checkpoint, tmp_path, monkeypatch):
+    """The operators load models through ``zoo.cached_model``: the second execution does not
+    build the encoders again (counted at ``model.load_encoder``, which every load goes through),
+    a checkpoint written again is loaded again, and the release operator frees them."""
+    import fiftyone_grounding.model as model_module
+    from fiftyone_grounding import zoo
+
+    loads = []
+    real = model_module.load_encoder
+    monkeypatch.setattr(model_module, "load_encoder", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    zoo.release_models()
+    apply = foo.get_operator("@fiftyone-grounding/grounding/apply_grounding_model")
+    before = zoo.model_cache_info()
+    for field in ("first", "second"):
+        assert apply(dataset.limit(4), model=str(tiny_checkpoint), label_field=field).result["num_predictions"] == 4
+    info = zoo.model_cache_info()
+    assert len(loads) == 2  # the image and the text encoder, once
+    assert (info["misses"] - before["misses"], info["hits"] - before["hits"]) == (1, 1)
+    assert info["models"] == [str(tiny_checkpoint.resolve())]
+    assert dataset.values("first.detections.bounding_box")[:4] == dataset.values("second.detections.bounding_box")[:4]
+
+    release = foo.get_operator("@fiftyone-grounding/grounding/release_grounding_models")
+    assert release().result == {"released": 1} and zoo.model_cache_info()["models"] == []
+    apply(dataset.limit(4), model=str(tiny_checkpoint), label_field="third")
+    assert len(loads) == 4  # loaded again after the release
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    zoo.cached_model(copy)
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())  # the same folder written again
+    zoo.cached_model(copy)
+    assert len(loads) == 8 and len(zoo.model_cache_info()["models"]) == zoo.MODEL_CACHE_SIZE
