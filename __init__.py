@@ -1,9 +1,11 @@
 """fiftyone-grounding as a FiftyOne plugin (``fiftyone.yml``) and a remote model-zoo source (``manifest.json``).
 
-FiftyOne imports this file in two roles: the plugin entry point (``register(p)``) and the
-zoo-source module (``download_model`` / ``load_model``). Everything here delegates to the
-``fiftyone_grounding`` package: the installed one, or the copy beside this file when the
-repository was fetched by ``fiftyone plugins download`` or ``foz.register_zoo_model_source``.
+FiftyOne imports this file in two roles: the plugin entry point (``register(p)``: the operators
+and the grounding panel) and the zoo-source module (``download_model`` / ``load_model``, and
+``resolve_input`` / ``parse_parameters``, with which FiftyOne's "Apply zoo model" operator asks
+for the phrase source). Everything here delegates to the ``fiftyone_grounding`` package: the
+installed one, or the copy beside this file when the repository was fetched by ``fiftyone
+plugins download`` or ``foz.register_zoo_model_source``.
 """
 
 import os
@@ -29,9 +31,25 @@ def load_model(model_name, model_path, **kwargs):
     return zoo.load_model(model_name, model_path, **kwargs)
 
 
-def register(p):
-    """Register this plugin's operators (plugin hook)."""
-    from fiftyone_grounding.operators import OPERATORS
+def resolve_input(model_name, ctx):
+    """The model's options in the "Apply zoo model" form: the phrase field or one typed phrase,
+    and a confidence threshold (remote-zoo hook)."""
+    from fiftyone_grounding.operators import zoo_model_inputs
 
-    for operator in OPERATORS:
+    return zoo_model_inputs(ctx)
+
+
+def parse_parameters(model_name, ctx, params):
+    """Turn that form's values into ``load_model`` keyword arguments, in place (remote-zoo hook)."""
+    from fiftyone_grounding.operators import parse_zoo_parameters
+
+    parse_zoo_parameters(ctx, params)
+
+
+def register(p):
+    """Register this plugin's operators and panel (plugin hook)."""
+    from fiftyone_grounding.operators import OPERATORS
+    from fiftyone_grounding.panels import PANELS
+
+    for operator in OPERATORS + PANELS:
         p.register(operator)

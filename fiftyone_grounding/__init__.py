@@ -6,6 +6,7 @@ Main entry points (imported lazily, so ``import fiftyone_grounding`` is cheap)::
     fit(view, preset=..., out_dir=...)    # train on a FiftyOne dataset or view (options: TrainConfig)
     GroundingModel.from_checkpoint(dir)   # a FiftyOne model for dataset.apply_model(...)
     apply_grounding_model(view, model)    # the same boxes, faster, written in bulk
+    search_phrase(view, "a dog", model)   # every image ranked by where the phrase is
     evaluate_grounding(view, pred, gt)    # mIoU, Acc@0.5, Acc@0.75, overall and per split
     make_synthetic_dataset(...)           # the offline synthetic referring dataset
     import_refcoco(name="refcoco", ...)   # RefCOCO(+/g), gRefCOCO, RefCOCO-M, refcocox into FiftyOne
@@ -32,6 +33,9 @@ _EXPORTS = {
     "ground_phrase": "apply",
     "apply_grounding_model": "apply",
     "load_grounding_model": "zoo",
+    "release_models": "zoo",
+    "search_phrase": "search",
+    "checkpoint_of": "runs",
     "register_local_source": "zoo",
     "grounding_metrics": "evaluate",
     "make_synthetic_dataset": "synthetic",

@@ -1,10 +1,12 @@
 """The fast apply path: a grounding model over a whole view, written back in bulk.
 
 :func:`apply_grounding_model` (each sample's own phrase) and :func:`ground_phrase` (one typed
-phrase for every image) share one loop: one query for ids, paths and phrases, samples grouped
-by image wherever they are in the view, batches packed by image, one batch in flight on a GPU,
+phrase for every image; ``search.search_phrase`` ranks by it) share one loop: one query for ids,
+paths and phrases, samples grouped by image wherever they are in the view, batches packed by
+image (from pixels, or from a feature cache's frozen features), one batch in flight on a GPU,
 and a :class:`LabelWriter` that writes the labels by sample id in the background, so an
-interrupted run keeps what it wrote.
+interrupted run keeps what it wrote. Each written field is recorded on the dataset with the
+checkpoint that wrote it (``runs.record_labels``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .batching import GroupBatchSampler
-from .config import WORKER_TYPES, default_apply_batch_size, default_num_workers
+from .config import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD, WORKER_TYPES, default_apply_batch_size, default_num_workers
 from .errors import InputError
 from .fiftyone_model import GroundingModel, batch_labels, collate_items, log_skipped
 from .images import resized_pixels
 from .labels import LabelMaker
+from .runs import record_labels
 from .text import NO_PHRASE, clean_phrase
 
 
@@ -85,20 +88,26 @@ class LabelWriter:
 
 
 class ImageGroups(torch.utils.data.Dataset):
-    """Inference items are images: each decoded and resized once, with its samples' phrases."""
+    """Inference items are images: each decoded and resized once (or its frozen features read
+    from ``features``, a feature cache holding every one of them), with its samples' phrases."""
 
-    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int):
+    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int, features=None):
         self.groups = groups  # [(filepath, [(sample id, phrase), ...]), ...]
         self.image_size = image_size
+        self.features = features
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, index: int) -> list[dict]:
         path, members = self.groups[index]
-        pixels, error = resized_pixels(path, self.image_size)
-        return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, "pixel_values": pixels}
-                for sid, phrase in members]
+        if self.features is not None:
+            image = {"image_features": self.features.get(path, 0)}  # (N, D) float16, the unmirrored view
+            error = None
+        else:
+            pixels, error = resized_pixels(path, self.image_size)
+            image = {"pixel_values": pixels}
+        return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, **image} for sid, phrase in members]
 
 
 def collate_groups(groups: list[list[dict]]) -> dict:
@@ -132,8 +141,9 @@ def thread_loader(items: ImageGroups, batches, threads: int, prefetch: int = 4):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _loader(items: ImageGroups, batches: GroupBatchSampler, model: GroundingModel, num_workers: Optional[int],
+def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_workers: Optional[int],
             worker_type: str):
+    batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
     workers = default_num_workers(model.device) if num_workers is None else num_workers
     if worker_type == "thread":
         return thread_loader(items, batches, workers)  # predict_boxes pins the pixels
@@ -144,12 +154,25 @@ def _loader(items: ImageGroups, batches: GroupBatchSampler, model: GroundingMode
     ))
 
 
+def _chained(loaders: list):
+    """The batches of each loader in turn; every loader is closed at the end (also on an error)."""
+    try:
+        for loader in loaders:
+            yield from loader
+    finally:
+        for loader in loaders:
+            if hasattr(loader, "close"):
+                loader.close()
+
+
 def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: Optional[int] = None,
             num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0], progress=None,
             progress_callback=None, write_every: int = 1024, overlap: Optional[bool] = None,
-            confidence_thresh: Optional[float] = None) -> dict:
+            confidence_thresh: Optional[float] = None, features=None, record: Optional[dict] = None) -> dict:
     """Predict and write a box for each ``(sample id, filepath, phrase)`` of ``rows``; the loop
-    that both public functions run. Returns ``{"processed", "skipped"}``."""
+    that the public functions run. ``features``: a feature cache; the images it holds are read
+    from it, the others decoded. ``record``: how the phrases were chosen, recorded on the dataset
+    with the model's checkpoint (None: not recorded). Returns ``{"processed", "skipped"}``."""
     import fiftyone.core.utils as fou
 
     if batch_size is None:
@@ -171,9 +194,11 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
     declare_detections_field(dataset, label_field)
 
-    items = ImageGroups(list(groups.items()), model.config.image_size)
-    batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
-    loader = _loader(items, batches, model, num_workers, worker_type)
+    cached = [g for g in groups.items() if features is not None and g[0] in features]
+    decoded = [g for g in groups.items() if features is None or g[0] not in features]
+    loader = _chained([_loader(ImageGroups(part, model.config.image_size, source), batch_size, model, num_workers,
+                               worker_type)
+                       for part, source in ((cached, features), (decoded, None)) if part])
     if overlap is None:
         overlap = model.device.type == "cuda"
     done, total = len(skipped), len(rows)
@@ -205,7 +230,8 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
             # objects costs more than the model.
             for batch in loader:
                 skipped.extend(batch["errors"])
-                queued = (batch, model.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"])
+                queued = (batch, model.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"],
+                                                     image_features=batch["image_features"])
                           if batch["valid"] else None)
                 if in_flight is not None:
                     settle()
@@ -219,15 +245,17 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
                 if in_flight is not None:
                     writer.add(in_flight[0]["ids"], labels_of(*in_flight))
             finally:
-                if hasattr(loader, "close"):
-                    loader.close()
+                loader.close()
     log_skipped(skipped)
     _redeclare_if_dropped(dataset, label_field)
+    if record is not None:
+        record_labels(view, label_field, model.source, **record,
+                      confidence_thresh=model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh)
     return {"processed": total, "skipped": skipped}
 
 
 def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
-                          prompt_field: str = "expression", batch_size: Optional[int] = None,
+                          prompt_field: Optional[str] = None, batch_size: Optional[int] = None,
                           num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0],
                           skip_existing: bool = False, progress: Optional[bool] = None,
                           progress_callback: Optional[Callable[[float, str], None]] = None,
@@ -236,6 +264,10 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
     write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
     operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
+
+    - ``prompt_field`` (default: the model's load-time phrase source, else ``"expression"``): a
+      model loaded with ``prompt="..."`` and no ``prompt_field`` here grounds that one phrase
+      in every image, as :func:`ground_phrase` does.
 
     - Reads ids, file paths and phrases in one query, groups the samples by image (each image
       decoded and encoded once per batch, wherever its samples are in the view), runs
@@ -261,30 +293,40 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
     Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
     """
     todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
-    if not todo.has_field(prompt_field):
-        raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
-    rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
+    if prompt_field is None and model.prompt is not None and model.prompt_field is None:
+        ids, paths = todo.values(["id", "filepath"])
+        rows = [(sid, path, model.prompt) for sid, path in zip(ids, paths)]
+        record = {"phrase": model.prompt}
+    else:
+        prompt_field = prompt_field or model.prompt_field or DEFAULT_PROMPT_FIELD
+        if not todo.has_field(prompt_field):
+            raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
+        rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
+        record = {"prompt_field": prompt_field}
     return _ground(view, model, label_field, rows, batch_size=batch_size, num_workers=num_workers,
                    worker_type=worker_type, progress=progress, progress_callback=progress_callback,
-                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh)
+                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh, record=record)
 
 
-def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = "grounded",
+def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = GROUNDED_FIELD,
                   batch_size: Optional[int] = None, progress: Optional[bool] = None,
                   progress_callback: Optional[Callable[[float, str], None]] = None,
-                  confidence_thresh: Optional[float] = None) -> int:
+                  confidence_thresh: Optional[float] = None, features=None, record: bool = True) -> int:
     """Find one typed ``phrase`` in every image of ``view``; writes a one-box ``Detections`` each
     (an unreadable image gets none, and loses what the field held).
 
+    ``features``: a feature cache to read the images it holds from (``search.search_phrase``
+    passes one); ``record=False``: do not record the field on the dataset (the panel's preview).
     Returns how many boxes were written (``confidence_thresh`` drops the less confident ones).
     """
     text = clean_phrase(phrase)
     if text is None:
-        raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'")
+        raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'.")
     ids, paths = view.values(["id", "filepath"])
     run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)],
                   batch_size=batch_size, progress=progress, progress_callback=progress_callback,
-                  confidence_thresh=confidence_thresh)
+                  confidence_thresh=confidence_thresh, features=features,
+                  record={"phrase": text} if record else None)
     if run["skipped"]:  # no stale box of another phrase on the samples that got none
         view._root_dataset.set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
     return view.count(f"{label_field}.detections")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import uuid
+import weakref
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -231,9 +232,32 @@ class FeatureCache(_ShardedStore):
         return len(paths)
 
 
+_MODEL_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its cache key
+
+
+def model_cache_key(model) -> str:
+    """The feature-cache key of a grounding model (a ``GrounderBase``), hashed once per model
+    object (its encoder's weights are hashed: about a second for DINOv3 ViT-B)."""
+    if model not in _MODEL_KEYS:
+        _MODEL_KEYS[model] = cache_key(model.config, model.image_encoder, model.feature_spec())
+    return _MODEL_KEYS[model]
+
+
 def open_feature_cache(root: os.PathLike, model) -> FeatureCache:
     """The image-feature cache of a grounding model (a ``GrounderBase``) under ``root``."""
-    return FeatureCache(root, cache_key(model.config, model.image_encoder, model.feature_spec()))
+    return FeatureCache(root, model_cache_key(model))
+
+
+def find_feature_cache(root: os.PathLike, model) -> Optional[FeatureCache]:
+    """The model's image-feature cache under ``root`` if one was built (by training), else None
+    (nothing is created); always None for an architecture whose image features depend on the
+    phrase (``adapter``)."""
+    if not model.cacheable:
+        return None
+    folder = Path(root) / model_cache_key(model)
+    if not (folder / "index.json").is_file():
+        return None
+    return FeatureCache(root, folder.name)
 
 
 # -- text features ---------------------------------------------------------------------------

@@ -52,9 +52,15 @@ def atomic_write_dir(path: PathLike, write: Callable[[Path], None]) -> Path:
     return path
 
 
+BEST_DIR = "best"  # the checkpoint a training run keeps: <run folder>/best
+
+
 def resolve_checkpoint_dir(path: PathLike) -> Path:
-    """The checkpoint folder at ``path`` (or the one a kill mid-swap left beside it)."""
+    """The checkpoint folder at ``path`` (or the one a kill mid-swap left beside it); a training
+    run's folder (``out_dir``, holding ``best/`` and ``last/``) means its ``best/``."""
     path = Path(path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / BEST_DIR).is_dir():
+        path = path / BEST_DIR
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise CheckpointError(

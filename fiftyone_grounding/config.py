@@ -349,6 +349,15 @@ PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", num_laye
 # "expression" attribute): one small vocabulary, so that FiftyOne's evaluation has one class.
 DEFAULT_LABEL = "referent"
 
+# The sample field with each sample's referring expression, wherever none is named.
+DEFAULT_PROMPT_FIELD = "expression"
+
+# Where typed phrases' boxes go: ground_phrase's field, search_phrase's field, the grounding
+# panel's preview of the current sample (its "keep" button copies the box to GROUNDED_FIELD).
+GROUNDED_FIELD = "grounded"
+SEARCH_FIELD = "search"
+PREVIEW_FIELD = "grounding_preview"
+
 # The boolean sample field that marks an expression referring to nothing (gRefCOCO): its
 # ground truth holds no box, and one-box training and evaluation skip it and count it.
 NO_TARGET_FIELD = "no_target"
@@ -409,7 +418,7 @@ class TrainConfig:
     warmup_frac: float = 0.05  # share of the steps spent warming up, then cosine decay
     grad_clip: float = 1.0  # max gradient norm; 0: no clipping
     augment: str = "none"  # "none", or augment.PARTS joined by "+", e.g. "scale+color"
-    phrase_field: str = "expression"
+    phrase_field: str = DEFAULT_PROMPT_FIELD
     gt_field: str = "ground_truth"
     split_field: str = "split"
     train_split: Optional[str] = "train"  # None: train on the whole view
@@ -544,6 +553,11 @@ APPLY_BATCH_SIZE = {"cuda": 256, "cpu": 64}  # phrases per forward pass when app
 APPLY_BATCH_SIZE_TEXT = f"{APPLY_BATCH_SIZE['cuda']} on a GPU, {APPLY_BATCH_SIZE['cpu']} on the CPU"
 MAX_WORKERS = 8
 NUM_WORKERS_TEXT = f"{MAX_WORKERS} on a GPU, 0 on the CPU"
+
+
+# Grounding networks kept loaded in one process (the App's server), by checkpoint: the operators,
+# the panel and the zoo hooks reuse them, so a second run starts at once (zoo.release_models frees them).
+MODEL_CACHE_SIZE = 2
 
 
 def default_apply_batch_size(device) -> int:

@@ -39,6 +39,7 @@ from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
 from .config import NO_TARGET_FIELD
 from .confidence import COVERAGES, confidence_metrics
 from .errors import InputError
+from .runs import checkpoint_of, record_evaluation
 
 THRESHOLDS = (0.5, 0.75)
 MAP_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
@@ -607,8 +608,10 @@ def evaluate_in_fiftyone(
     ``_fp``, ``_fn`` and the sample IoU ``<eval_key>_iou`` on the scored samples. The run's
     results hold a mAP and mAR over IoU 0.50:0.95 and the grounding metrics (this plugin's
     ``EvaluationMetric`` operators, plus any ``custom_metrics`` URIs). The fields of
-    ``scenario_fields`` that the view has become the panel's scenarios. Returns
-    :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``, ``fn`` and ``eval_key``.
+    ``scenario_fields`` that the view has become the panel's scenarios. The run is also
+    recorded as the custom run ``eval_<eval_key>`` with the checkpoint that wrote ``pred_field``
+    (``runs.py``). Returns :func:`evaluate_grounding`'s dict plus ``mAP``, ``tp``, ``fp``,
+    ``fn``, ``eval_key`` and ``checkpoint``.
     """
     if has_generalized_phrases(view, gt_field):
         return _evaluate_grec_in_fiftyone(view, pred_field, gt_field, eval_key, split_field, scenario_fields,
@@ -627,7 +630,11 @@ def evaluate_in_fiftyone(
     method.add_fields_to_sidebar_group(view, eval_key, omit_fields=(pred_field, gt_field))
     register_scenarios(view, [f for f in scenario_fields if view.has_field(f)])
     metrics = {**_metrics_of(scores, view, split_field), "iou_field": iou_field_of(eval_key)}
-    return {**metrics, "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
+    out = {**metrics, "mAP": results.mAP(), "mAR": results.mAR(), **counts, "eval_key": eval_key}
+    written = [iou_field_of(eval_key)] + [f"{eval_key}_{name}" for name in ("tp", "fp", "fn")]
+    record_evaluation(view, eval_key, pred_field, gt_field, written,
+                      {"mAP": out["mAP"], **{key: out["overall"][key] for key, _, _ in METRICS}})
+    return {**out, "checkpoint": checkpoint_of(view, pred_field)}
 
 
 def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: str, split_field: Optional[str],

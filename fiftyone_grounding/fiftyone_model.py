@@ -6,12 +6,19 @@ FiftyOne drops ``batch_size`` to 1 for ``ragged_batches=True`` models), reads ea
 sample's OWN phrase inside the data loader item (so it cannot drift to another sample),
 and writes no prediction where the phrase is missing or empty or the image unreadable.
 
+The phrase source can also be set when the model is loaded, so that ``apply_model`` needs no
+other argument (FiftyOne's "Apply zoo model" operator passes none):
+``GroundingModel.from_checkpoint(path, prompt_field="expression")`` (each sample's own phrase)
+or ``prompt="the red car"`` (one phrase for every sample). ``apply_model(prompt_field=...)``
+wins over both.
+
 Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
 faster path over whole datasets is ``apply.apply_grounding_model``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -20,7 +27,7 @@ import torch
 import fiftyone.core.models as fom
 import fiftyone.utils.torch as fout
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint_dir
 from .config import DEFAULT_LABEL
 from .errors import InputError
 from .images import normalize_pixels_batch, resize_rgb, resized_pixels, rgb_tensor
@@ -45,20 +52,22 @@ def log_skipped(skipped: Sequence[tuple[str, str]]) -> None:
 
 
 class GroundingGetItem(fout.GetItem):
-    """Loads one sample for inference: its image and its own phrase, together."""
+    """Loads one sample for inference: its image and its own phrase, together (or, with
+    ``prompt``, the one phrase of every sample)."""
 
-    def __init__(self, image_size: int, field_mapping=None):
+    def __init__(self, image_size: int, field_mapping=None, prompt: Optional[str] = None):
         self.image_size = image_size
+        self.prompt = prompt
         self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
         super().__init__(field_mapping=field_mapping)
 
     @property
     def required_keys(self):
-        return ["id", "filepath", PROMPT_KEY]
+        return ["id", "filepath"] + ([PROMPT_KEY] if self.prompt is None else [])
 
     def __call__(self, d: dict) -> dict:
-        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": clean_phrase(d.get(PROMPT_KEY)),
-                "error": None}
+        phrase = self.prompt if self.prompt is not None else clean_phrase(d.get(PROMPT_KEY))
+        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": phrase, "error": None}
         if item["phrase"] is None:
             item["error"] = NO_PHRASE
             return item
@@ -74,24 +83,28 @@ class GroundingGetItem(fout.GetItem):
 
 
 def collate_items(items: list[dict]) -> dict:
-    """Inference items (``id``, ``filepath``, ``phrase``, ``error``, ``pixel_values``) -> a
-    batch that stacks each distinct image once and maps every phrase to it."""
+    """Inference items (``id``, ``filepath``, ``phrase``, ``error``, and ``pixel_values`` or the
+    cached ``image_features``) -> a batch that stacks each distinct image once and maps every
+    phrase to it. The items of a batch hold one kind of image input."""
     valid = [i for i, it in enumerate(items) if it.get("error") is None]
+    kind = "image_features" if valid and "image_features" in items[valid[0]] else "pixel_values"
     image_of: dict[str, int] = {}
-    pixels, index = [], []
+    images, index = [], []
     for i in valid:
         path = items[i]["filepath"]
         if path not in image_of:
-            image_of[path] = len(pixels)
-            pixels.append(items[i]["pixel_values"])
+            image_of[path] = len(images)
+            images.append(items[i][kind])
         index.append(image_of[path])
+    stacked = torch.stack(images) if images else None
     return {
         "size": len(items),
         "ids": [it["id"] for it in items],
         "valid": valid,
         "phrases": [items[i]["phrase"] for i in valid],
         "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
-        "pixel_values": torch.stack(pixels) if pixels else None,  # (I, S, S, 3) uint8
+        "pixel_values": stacked if kind == "pixel_values" else None,  # (I, S, S, 3) uint8
+        "image_features": stacked if kind == "image_features" else None,  # (I, N, D) float16
         "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
     }
 
@@ -134,17 +147,33 @@ class PendingBoxes:
         return self._wait()
 
 
+def phrase_source(prompt_field: Optional[str] = None, prompt: Optional[str] = None) -> tuple:
+    """``(prompt_field, prompt)`` checked: at most one of them, no empty ones."""
+    if prompt_field is not None and prompt is not None:
+        raise InputError("Give prompt_field (each sample's own phrase) or prompt (one phrase for every sample), "
+                         "not both.")
+    if prompt_field is not None and (not isinstance(prompt_field, str) or not prompt_field.strip()):
+        raise InputError(f"prompt_field must name the sample field with the phrases, got {prompt_field!r}.")
+    if prompt is not None and clean_phrase(prompt) is None:
+        raise InputError("The prompt is empty: type the phrase to find, e.g. prompt='the red car'.")
+    return (prompt_field.strip() if prompt_field else None), clean_phrase(prompt)
+
+
 class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
 
     def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
                  mixed_precision: str = "auto", label: str = DEFAULT_LABEL,
-                 confidence_thresh: Optional[float] = None, score_thresh: Optional[float] = None):
+                 confidence_thresh: Optional[float] = None, score_thresh: Optional[float] = None,
+                 prompt_field: Optional[str] = None, prompt: Optional[str] = None, source: Optional[str] = None):
         """``label``: the label of every box (the phrase goes to its ``expression`` attribute);
         ``confidence_thresh``: boxes less confident than this are not written (as FiftyOne's
-        ``apply_model(confidence_thresh=...)``, which also works). ``score_thresh``: a multi-box
+        ``apply_model(confidence_thresh=...)``, which also works); ``score_thresh``: a multi-box
         model's boxes are kept from this confidence (default: its config's, 0.7, the official
-        gRefCOCO scorer's); lower it to sweep the threshold in evaluation."""
+        gRefCOCO scorer's); lower it to sweep the threshold in evaluation. ``prompt_field`` (each
+        sample's phrase) or ``prompt`` (one phrase for all): the phrases ``apply_model`` grounds
+        when it is given no ``prompt_field``; ``source``: the checkpoint folder or zoo name the
+        network came from (recorded with the fields it writes)."""
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self._device).eval()
         self.config = model.config
@@ -155,17 +184,49 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         else:
             use_bf16 = mixed_precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.labels = LabelMaker(label=label, confidence_thresh=confidence_thresh)
         self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
+        self.source = str(source) if source is not None else None
         self.forward_calls = 0  # number of batched forward passes, for inspection
+        self._set_options(label=label, confidence_thresh=confidence_thresh, prompt_field=prompt_field, prompt=prompt)
+
+    def _set_options(self, label: str, confidence_thresh: Optional[float], prompt_field: Optional[str],
+                     prompt: Optional[str]) -> None:
+        self.labels = LabelMaker(label=label, confidence_thresh=confidence_thresh)
+        self.prompt_field, self.prompt = phrase_source(prompt_field, prompt)
         self._run_skips: list[tuple[str, str]] = []  # what an apply_model run skipped, logged at its end
 
     # -- construction ------------------------------------------------------------------
 
     @classmethod
     def from_checkpoint(cls, path, device=None, **kwargs) -> "GroundingModel":
-        """Load a checkpoint folder (``config.json`` + ``model.safetensors``)."""
-        return cls(load_checkpoint(path), device=device, **kwargs)
+        """Load a checkpoint folder (``config.json`` + ``model.safetensors``), or a training run's
+        folder (its ``best/``). ``kwargs``: the options of ``GroundingModel``, e.g.
+        ``prompt_field="expression"`` or ``prompt="the red car"``."""
+        folder = resolve_checkpoint_dir(path)
+        kwargs.setdefault("source", str(folder))
+        return cls(load_checkpoint(folder), device=device, **kwargs)
+
+    def with_options(self, **options) -> "GroundingModel":
+        """A model that shares this one's network and tokenizer (nothing is loaded again) with
+        other options: ``prompt_field``, ``prompt``, ``confidence_thresh``, ``score_thresh``,
+        ``label``, ``source``; those not given keep this model's values."""
+        unknown = sorted(set(options) - {"prompt_field", "prompt", "confidence_thresh", "score_thresh", "label",
+                                         "source"})
+        if unknown:
+            raise InputError(f"Unknown GroundingModel options {unknown}: use prompt_field, prompt, confidence_thresh, "
+                             f"score_thresh, label or source.")
+        current = {"label": self.labels.label, "confidence_thresh": self.labels.confidence_thresh,
+                   "prompt_field": self.prompt_field, "prompt": self.prompt}
+        if "prompt_field" in options or "prompt" in options:  # a new phrase source replaces the old one
+            current.update(prompt_field=None, prompt=None)
+        clone = copy.copy(self)
+        if options.get("score_thresh") is not None:
+            clone.score_thresh = float(options.pop("score_thresh"))
+        options.pop("score_thresh", None)
+        source = options.pop("source", self.source)
+        clone.source = str(source) if source is not None else None
+        clone._set_options(**{**current, **options})
+        return clone
 
     @classmethod
     def from_preset(cls, preset: str, weights: bool = True, device=None, **overrides) -> "GroundingModel":
@@ -215,7 +276,16 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         return collate_items(batch)
 
     def build_get_item(self, field_mapping=None):
-        return GroundingGetItem(self.config.image_size, field_mapping=field_mapping)
+        """The data loader's item: ``apply_model(prompt_field=...)`` wins, then the load-time
+        ``prompt_field``, then the load-time ``prompt``."""
+        mapping = dict(field_mapping or {})
+        if PROMPT_KEY not in mapping and self.prompt_field is not None:
+            mapping[PROMPT_KEY] = self.prompt_field
+        if PROMPT_KEY not in mapping and self.prompt is None:
+            raise InputError("This grounding model has no phrases to find: pass apply_model(..., "
+                             "prompt_field='expression'), or load it with prompt_field=... or prompt='...'.")
+        prompt = None if PROMPT_KEY in mapping else self.prompt
+        return GroundingGetItem(self.config.image_size, field_mapping=mapping, prompt=prompt)
 
     def __enter__(self):
         self._run_skips = []
@@ -228,10 +298,12 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         return False
 
     def predict(self, arg, phrase: Optional[str] = None):
-        """One image (uint8 HWC array or PIL image) and its phrase -> ``Detections`` (None
-        for an empty phrase)."""
+        """One image (uint8 HWC array or PIL image) and its phrase (default: the load-time
+        ``prompt``) -> ``Detections`` (None for an empty phrase)."""
         if isinstance(arg, dict):
             return self.predict_all([arg])[0]
+        if phrase is None:
+            phrase = self.prompt
         if phrase is None:
             raise InputError("GroundingModel.predict needs a phrase: predict(image, phrase)")
         image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
@@ -247,18 +319,22 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self._run_skips.extend(batch["errors"])
         prediction = None
         if batch["valid"]:
-            prediction = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"]).result()
+            prediction = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"],
+                                            image_features=batch["image_features"]).result()
         return batch_labels(batch, prediction, self.labels.detections)
 
     @torch.inference_mode()
-    def predict_boxes(self, pixel_values: torch.Tensor, phrases: Sequence[str],
-                      image_index: Optional[torch.Tensor] = None) -> PendingBoxes:
+    def predict_boxes(self, pixel_values: Optional[torch.Tensor], phrases: Sequence[str],
+                      image_index: Optional[torch.Tensor] = None,
+                      image_features: Optional[torch.Tensor] = None) -> PendingBoxes:
         """Queue the boxes of ``phrases`` over images: resized uint8 (I, S, S, 3), or model
-        input (I, 3, S, S) already normalized; ``image_index`` (B,) maps each phrase to its
-        image (default: phrase i -> image i). On a GPU this returns once the work is queued,
-        so the caller can prepare the next batch or write the last one's labels meanwhile;
-        ``.result()`` waits for the (B, 4) boxes on the CPU and their confidences (the
-        calibrated quality head; None for a model without one)."""
+        input (I, 3, S, S) already normalized, or (with ``pixel_values=None``) the frozen image
+        features of a feature cache, ``image_features`` (I, N, D); ``image_index`` (B,) maps
+        each phrase to its image (default: phrase i -> image i). A phrase that several images
+        share is encoded once. On a GPU this returns once the work is queued, so the caller
+        can prepare the next batch or write the last one's labels meanwhile; ``.result()``
+        waits for the (B, 4) boxes on the CPU and their confidences (the calibrated quality
+        head; None for a model without one)."""
         cuda = self._device.type == "cuda"
 
         def to_device(t: torch.Tensor) -> torch.Tensor:
@@ -266,16 +342,27 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             pin = cuda and t.device.type == "cpu" and not t.is_pinned()
             return (t.pin_memory() if pin else t).to(self._device, non_blocking=True)
 
-        tokens = self.tokenize(phrases)
-        pixel_values = to_device(pixel_values)
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+        unique = list(dict.fromkeys(phrases))
+        tokens = self.tokenize(unique)
+        if pixel_values is not None:
+            pixel_values = to_device(pixel_values)
+            if pixel_values.dtype == torch.uint8:
+                pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+        if image_features is not None:
+            image_features = to_device(image_features)
         ids, mask = to_device(tokens["input_ids"]), to_device(tokens["attention_mask"])
         if image_index is not None:
             image_index = to_device(image_index)
         with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            out = self.model(pixel_values, ids, mask, image_index)
+            text_features = None
+            if len(unique) < len(phrases):  # e.g. one searched phrase over every image: its text encoded once
+                position = {phrase: i for i, phrase in enumerate(unique)}
+                order = to_device(torch.tensor([position[p] for p in phrases], dtype=torch.long))  # (B,)
+                text_features = self.model.encode_text(ids, mask).index_select(0, order)  # (B, T, D_txt)
+                ids, mask = None, mask.index_select(0, order)
+            out = self.model(pixel_values, ids, mask, image_index, image_features=image_features,
+                             text_features=text_features)
         # boxes and quality logits (or every query's box and confidence) side by side: one copy to the host
         if out.scores is not None:
             result = torch.cat([out.query_boxes.float(), out.box_confidences()[..., None]], -1)  # (B, Q, 5)

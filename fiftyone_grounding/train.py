@@ -14,6 +14,7 @@ step is :func:`train_step`), :func:`evaluate_loss` and the saves.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from .batching import GroupBatchSampler
 from .boxes import box_iou
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resolve_checkpoint_dir, save_checkpoint
+from .checkpoint import (BEST_DIR, CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resolve_checkpoint_dir,
+                         save_checkpoint)
 from .config import GrounderConfig, TrainConfig, default_num_workers
 from .data import Collator, GroundingDataset, GroundingRecords, read_records
 from .errors import CheckpointError, InputError, TrainingError
@@ -56,8 +58,7 @@ class FitResult:
 
     @property
     def best_val_iou(self) -> Optional[float]:
-        vals = [h["val_iou"] for h in self.history if h.get("val_iou") is not None]
-        return max(vals) if vals else None
+        return _best_val_iou(self.history)
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0.01) -> Callable[[int], float]:
@@ -186,13 +187,17 @@ def fit(
     (only ``flip`` comes from the cache) and ``cache_budget_gb`` allow; else the images are
     encoded on the fly, once per image of each batch. ``cpu`` trains on the CPU even where a GPU is; ``weights=False``
     uses random encoder weights (timing). Returns the paths and per-epoch history.
+
+    A run on a FiftyOne view is recorded on its dataset as a custom run (``runs.py``: key
+    ``train_<run folder>``, with this config, the view, the checkpoint folder, its best val IoU
+    and whether it completed or failed).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     cfg = _train_config(config, options)
     out = Path(cfg.resolved_out_dir())
-    last_dir, best_dir = out / "last", out / "best"
+    last_dir, best_dir = out / "last", out / BEST_DIR
     resume_dir = _resume_dir(last_dir) if resume else None
     if resume_dir is not None:
         model_config = GrounderConfig.from_json(resume_dir / CONFIG_NAME)
@@ -205,54 +210,99 @@ def fit(
     set_seed(cfg.seed)
 
     splits = _read_splits(view, cfg, several=model_config.num_queries > 0)
-    model = build_model(config=model_config, weights=weights)
-    if resume_dir is None:
-        model.init_box_bias(torch.tensor(splits.train.mean_box()))
-    loaders = _build_loaders(model, splits, cfg, accelerator, mp, progress and is_main)
-    model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    total_steps = cfg.epochs * len(loaders.sampler)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_frac * total_steps)))
-    state = _resume(resume_dir, model, optimizer, scheduler, is_main) if resume_dir else _RunState()
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.to_json(out / TRAIN_CONFIG_NAME)
-        _print_start(accelerator.unwrap_model(model), splits, loaders, accelerator, mp)
-
-    skipped = list(splits.skipped)
-    autocast_dtype = AUTOCAST_DTYPES[mp]
-    for epoch in range(state.start_epoch, cfg.epochs):
-        # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
-        set_seed(cfg.seed + epoch)
-        loaders.sampler.set_epoch(epoch)
-        loaders.train_set.set_epoch(epoch)
-        t0 = time.time()
-        train_stats = train_one_epoch(model, loaders.train, optimizer, scheduler, accelerator, model_config,
-                                      cfg.grad_clip, epoch, cfg.epochs, autocast_dtype, progress and is_main,
-                                      progress_callback)
-        skipped.extend(train_stats.pop("skipped"))
-        val_stats = (evaluate_loss(model, loaders.val, accelerator, model_config, autocast_dtype)
-                     if loaders.val is not None else {})
-        skipped.extend(val_stats.pop("skipped", []))
-        skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
-        row = {"epoch": epoch + 1, **train_stats,
-               "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
-               "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
-        state.history.append(row)
+    with _recorded(view, cfg, out, best_dir, is_main) as run:
+        model = build_model(config=model_config, weights=weights)
+        if resume_dir is None:
+            model.init_box_bias(torch.tensor(splits.train.mean_box()))
+        loaders = _build_loaders(model, splits, cfg, accelerator, mp, progress and is_main)
+        model.to(accelerator.device)  # before the optimizer, so that AdamW can be fused on a GPU
+        optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+        total_steps = cfg.epochs * len(loaders.sampler)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_frac * total_steps)))
+        state = _resume(resume_dir, model, optimizer, scheduler, is_main) if resume_dir else _RunState()
+        run.history = state.history
+        model, optimizer = accelerator.prepare(model, optimizer)
         if is_main:
-            print(_table_row(row))
-            _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, out, epoch, row, state)
-        accelerator.wait_for_everyone()
-    if loaders.val is not None:
-        _calibrate_best(model, loaders.val, accelerator, model_config, autocast_dtype, best_dir)
-    if is_main:
-        _write_metrics(out, state.history, state.best_score)
-        _print_skipped(skipped)
-    accelerator.end_training()
-    return FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=state.history, skipped=skipped,
-                     model=accelerator.unwrap_model(model).eval())
+            out.mkdir(parents=True, exist_ok=True)
+            cfg.to_json(out / TRAIN_CONFIG_NAME)
+            _print_start(accelerator.unwrap_model(model), splits, loaders, accelerator, mp)
+
+        skipped = list(splits.skipped)
+        autocast_dtype = AUTOCAST_DTYPES[mp]
+        for epoch in range(state.start_epoch, cfg.epochs):
+            # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
+            set_seed(cfg.seed + epoch)
+            loaders.sampler.set_epoch(epoch)
+            loaders.train_set.set_epoch(epoch)
+            t0 = time.time()
+            train_stats = train_one_epoch(model, loaders.train, optimizer, scheduler, accelerator, model_config,
+                                          cfg.grad_clip, epoch, cfg.epochs, autocast_dtype, progress and is_main,
+                                          progress_callback)
+            skipped.extend(train_stats.pop("skipped"))
+            val_stats = (evaluate_loss(model, loaders.val, accelerator, model_config, autocast_dtype)
+                         if loaders.val is not None else {})
+            skipped.extend(val_stats.pop("skipped", []))
+            skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
+            row = {"epoch": epoch + 1, **train_stats,
+                   "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
+                   "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
+            state.history.append(row)
+            if is_main:
+                print(_table_row(row))
+                _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, out, epoch, row, state)
+            accelerator.wait_for_everyone()
+        if loaders.val is not None:
+            _calibrate_best(model, loaders.val, accelerator, model_config, autocast_dtype, best_dir)
+        if is_main:
+            _write_metrics(out, state.history, state.best_score)
+            _print_skipped(skipped)
+        accelerator.end_training()
+        result = FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=state.history,
+                           skipped=skipped, model=accelerator.unwrap_model(model).eval())
+        run.finish(result)
+    return result
+
+
+class _RecordedRun:
+    """The record of a training run on its dataset (``runs.py``): ``history`` is the run's
+    (filled as the epochs go), :meth:`finish` closes it."""
+
+    def __init__(self, view, key: Optional[str]):
+        self.view, self.key = view, key
+        self.history: list[dict] = []
+
+    def end(self, error: Optional[str] = None) -> None:
+        if self.key is not None:
+            from .runs import record_training_end
+
+            record_training_end(self.view, self.key, _best_val_iou(self.history), len(self.history), error=error)
+
+    def finish(self, result: FitResult) -> None:
+        self.history = result.history
+        self.end()
+
+
+@contextlib.contextmanager
+def _recorded(view, cfg: TrainConfig, out: Path, best_dir: Path, is_main: bool):
+    """Record the run on ``view``'s dataset as running (main process, FiftyOne views only), and
+    as failed, with the error, if it stops with one."""
+    from .runs import record_training_start
+
+    key = None
+    if is_main and hasattr(view, "_root_dataset"):
+        key = record_training_start(view, cfg.to_dict(), out, best_dir)
+    run = _RecordedRun(view, key)
+    try:
+        yield run
+    except BaseException as e:
+        run.end(error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _best_val_iou(history: list[dict]) -> Optional[float]:
+    vals = [h["val_iou"] for h in history if h.get("val_iou") is not None]
+    return max(vals) if vals else None
 
 
 def _train_config(config, options: dict) -> TrainConfig:
@@ -351,7 +401,7 @@ def _save_epoch(model: Grounder, optimizer, scheduler, out: Path, epoch: int, ro
     score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
     if score > state.best_score:
         state.best_score = score
-        save_checkpoint(model, out / "best", extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
+        save_checkpoint(model, out / BEST_DIR, extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
     _save_last(model, optimizer, scheduler, out / "last", epoch, state.history, state.best_score)
     _write_metrics(out, state.history, state.best_score)
 

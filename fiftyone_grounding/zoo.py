@@ -6,11 +6,17 @@ delegates FiftyOne's ``download_model`` / ``load_model`` calls to the functions 
     import fiftyone.zoo as foz
 
     foz.register_zoo_model_source("https://github.com/<org>/fiftyone-grounding")
-    model = foz.load_zoo_model("fiftyone-grounding/tiny-synthetic-demo")
-    dataset.apply_model(model, label_field="predictions", prompt_field="expression")
+    model = foz.load_zoo_model("fiftyone-grounding/tiny-synthetic-demo", prompt_field="expression")
+    dataset.apply_model(model, label_field="predictions")     # or prompt="the red car": one phrase for all
 
 ``foz.register_zoo_model_source`` only takes GitHub repositories and archive URLs;
-offline, :func:`register_local_source` registers a local clone the same way.
+offline, :func:`register_local_source` registers a local clone the same way. FiftyOne's
+"Apply zoo model" operator asks for the phrase source through the root ``__init__.py``'s
+``resolve_input`` / ``parse_parameters`` (built in ``operators.zoo_model_inputs``).
+
+Loaded networks are kept in this process by checkpoint (:func:`cached_model`, the
+``config.MODEL_CACHE_SIZE`` most recently used): the App's operators and panel, and the zoo
+hooks, start at once the second time; :func:`release_models` frees them.
 
 Models (a trained checkpoint folder each: ``config.json`` + ``model.safetensors``):
 
@@ -24,10 +30,12 @@ Models (a trained checkpoint folder each: ``config.json`` + ``model.safetensors`
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
 import shutil
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -35,6 +43,8 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, load_config, resolve_checkpoint_dir
+from .confidence import CALIBRATION_NAME
+from .config import MODEL_CACHE_SIZE
 from .errors import CheckpointError, ConfigError, DownloadError, InputError
 
 SOURCE_NAME = "fiftyone-grounding"
@@ -192,12 +202,74 @@ def download_model(model_name: str, model_path: str) -> None:
 def load_model(model_name: str, model_path: str, device=None, **kwargs):
     """The ``GroundingModel`` of a downloaded zoo model (FiftyOne's remote-zoo hook).
 
-    ``kwargs`` (e.g. ``mixed_precision="bf16"``) go to ``GroundingModel``.
+    ``kwargs`` go to ``GroundingModel``: ``prompt_field="expression"`` (each sample's phrase) or
+    ``prompt="the red car"`` (one phrase for every sample), ``confidence_thresh``,
+    ``mixed_precision="bf16"``, ... The network comes from :func:`cached_model`.
     """
+    _entry(model_name)
+    kwargs.setdefault("source", model_name)
+    return cached_model(_zoo_checkpoint_dir(model_path), device=device, **kwargs)
+
+
+# -- the networks kept loaded in this process ----------------------------------------------------
+
+_MODELS: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()  # key -> GroundingModel
+_MODELS_LOCK = threading.Lock()
+_STATS = {"hits": 0, "misses": 0}
+
+
+def _cache_key(folder: Path, device, mixed_precision: str) -> tuple:
+    """A checkpoint's identity: its folder, and its files' sizes and times (a checkpoint written
+    again in the same folder is loaded again), the device and the precision."""
+    import torch
+
+    stamp = tuple((name, p.stat().st_size, p.stat().st_mtime_ns)
+                  for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME) if (p := folder / name).exists())
+    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return str(folder.resolve()), stamp, str(device), mixed_precision
+
+
+def cached_model(checkpoint, device=None, mixed_precision: str = "auto", **options):
+    """The ``GroundingModel`` of a checkpoint folder (or a training run's folder), its network
+    loaded once per process and kept for the next call (the ``config.MODEL_CACHE_SIZE`` most
+    recently used). Each call returns its own ``GroundingModel`` on the shared network, with
+    ``options`` (``prompt_field``, ``prompt``, ``confidence_thresh``, ``label``, ``source``)."""
     from .fiftyone_model import GroundingModel
 
-    _entry(model_name)
-    return GroundingModel.from_checkpoint(_zoo_checkpoint_dir(model_path), device=device, **kwargs)
+    folder = resolve_checkpoint_dir(Path(checkpoint).expanduser())
+    key = _cache_key(folder, device, mixed_precision)
+    with _MODELS_LOCK:  # one load at a time: two runs asking for one checkpoint load it once
+        model = _MODELS.get(key)
+        if model is None:
+            _STATS["misses"] += 1
+            model = GroundingModel.from_checkpoint(folder, device=device, mixed_precision=mixed_precision)
+            _MODELS[key] = model
+            while len(_MODELS) > MODEL_CACHE_SIZE:
+                _MODELS.popitem(last=False)
+        else:
+            _STATS["hits"] += 1
+            _MODELS.move_to_end(key)
+    options.setdefault("source", str(folder))
+    return model.with_options(**options)
+
+
+def model_cache_info() -> dict:
+    """``hits`` and ``misses`` of :func:`cached_model` (a miss loads the encoders and the
+    checkpoint), and the checkpoints kept (``models``, least recently used first)."""
+    with _MODELS_LOCK:
+        return {**_STATS, "models": [key[0] for key in _MODELS], "max_size": MODEL_CACHE_SIZE}
+
+
+def release_models() -> int:
+    """Forget every kept network (their memory is freed once no run uses them); returns how many."""
+    import torch
+
+    with _MODELS_LOCK:
+        count = len(_MODELS)
+        _MODELS.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return count
 
 
 def model_error(model: str) -> Optional[str]:
@@ -224,19 +296,18 @@ def model_error(model: str) -> Optional[str]:
     return None
 
 
-def load_grounding_model(model: str, device=None):
-    """A ``GroundingModel`` from a checkpoint folder or a zoo model name."""
+def load_grounding_model(model: str, device=None, **options):
+    """A ``GroundingModel`` from a checkpoint folder, a training run's folder or a zoo model name,
+    its network kept loaded for the next call (:func:`cached_model`); ``options`` as there."""
     import fiftyone.zoo as foz
-
-    from .fiftyone_model import GroundingModel
 
     error = model_error(model)
     if error:
         raise InputError(error)
     model = model.strip()
     if Path(model).expanduser().exists():
-        return GroundingModel.from_checkpoint(Path(model).expanduser(), device=device)
-    return foz.load_zoo_model(model, device=device)
+        return cached_model(model, device=device, **options)
+    return foz.load_zoo_model(model, device=device, **options)
 
 
 def register_local_source(source_dir: Optional[str] = None, overwrite: bool = False) -> str:

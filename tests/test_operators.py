@@ -1,5 +1,6 @@
 """The plugin's operators, run through FiftyOne's own executor (``foo.execute_operator``)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,13 +8,15 @@ import yaml
 
 import fiftyone as fo
 import fiftyone.operators as foo
+import fiftyone.operators.types as types
 from fiftyone import ViewField as F
 from fiftyone.operators.delegated import DelegatedOperationService
-from fiftyone.operators.executor import ExecutionContext, ExecutionError, ExecutionRunState
+from fiftyone.operators.executor import ExecutionContext, ExecutionError, ExecutionRunState, Executor
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.plugins.context import build_plugin_contexts
 
 from fiftyone_grounding.labels import expression_text, make_detections
+from fiftyone_grounding.operators import shown_results
 from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV, register_local_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +25,18 @@ PLUGIN = "@fiftyone-grounding/grounding"
 
 def uri(name: str) -> str:
     return f"{PLUGIN}/{name}"
+
+
+def execute(name: str, **ctx):
+    """Run an operator immediately through FiftyOne's executor: ``(results, App messages)``, the
+    results as the App shows them (a streaming operator returns them in its ``show_output``)."""
+    execution = foo.execute_operator(uri(name), ctx=ctx)
+    requests = execution.executor.to_json()["requests"]
+    return shown_results(execution), requests
+
+
+def request_names(requests) -> list[str]:
+    return [r["operator_uri"] for r in requests]
 
 
 @pytest.fixture(autouse=True)
@@ -35,22 +50,61 @@ def dataset(synthetic_dataset, dataset_name):
     return synthetic_dataset.clone(dataset_name)
 
 
-def test_plugin_registers_the_operators_that_fiftyone_yml_lists():
-    listed = yaml.safe_load((REPO_ROOT / "fiftyone.yml").read_text())["operators"]
+def test_plugin_registers_the_operators_and_panels_that_fiftyone_yml_lists():
+    manifest = yaml.safe_load((REPO_ROOT / "fiftyone.yml").read_text())
     contexts = [c for c in build_plugin_contexts() if c.name == PLUGIN]
     assert len(contexts) == 1 and not contexts[0].errors, contexts[0].errors if contexts else "plugin not found"
-    registered = {op.name for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN}
-    assert registered == set(listed)
+    registered = {op.name: op for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN}
+    assert set(registered) == set(manifest["operators"]) | set(manifest["panels"])
+    assert {name for name, op in registered.items() if isinstance(op, foo.Panel)} == set(manifest["panels"])
+    assert manifest["author"] and "grounding" in manifest["tags"]
+
+
+# MEDIUM where fields are written, HIGH where datasets or files are created, LOW for the rest
+RISK = {"import_grounding_dataset": "HIGH", "train_grounding_model": "HIGH", "apply_grounding_model": "MEDIUM",
+        "evaluate_grounding_model": "MEDIUM", "ground_phrase": "MEDIUM", "search_phrase": "MEDIUM",
+        "release_grounding_models": "LOW"}
+
+
+def test_operators_are_configured_like_fiftyones_own():
+    """Icons that exist in the plugin folder, a declared risk level, the App's Execute / Schedule
+    choice (training scheduled by default) and progress streamed from immediate runs."""
+    registered = {op.name: op for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN}
+    for name, risk in RISK.items():
+        config = registered[name].config
+        assert config.risk_level == types.RiskLevel[risk], name
+        for icon in (config.light_icon, config.dark_icon):
+            assert (REPO_ROOT / icon.lstrip("/")).is_file(), (name, icon)
+        assert config.light_icon != config.dark_icon
+        assert config.allow_immediate_execution and config.allow_delegated_execution, name
+        assert config.default_choice_to_delegated == (name == "train_grounding_model"), name
+        assert config.execute_as_generator, name
+    panel = registered["grounding_panel"].config
+    assert panel.surfaces == "modal" and panel.light_icon and panel.dark_icon
+    metrics = [op for op in registered.values() if isinstance(op, foo.EvaluationMetric)]
+    assert metrics and all(op.config.risk_level == types.RiskLevel.LOW for op in metrics)
+
+
+def test_requirements_txt_lists_what_the_package_needs():
+    """``fiftyone plugins requirements --install`` reads requirements.txt: the package's own
+    dependencies without FiftyOne."""
+    import tomllib
+
+    from fiftyone.core.utils import load_requirements
+
+    listed = load_requirements(str(REPO_ROOT / "requirements.txt"))
+    declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(listed) == sorted(d for d in declared if not d.startswith("fiftyone"))
 
 
 def test_import_synthetic_dataset(dataset_name, tmp_path):
-    result = foo.execute_operator(uri("import_grounding_dataset"), ctx={"params": {
-        "source": "synthetic", "dataset_name": dataset_name, "num_images": 3, "images_dir": str(tmp_path)}})
-    assert result.result == {"dataset": dataset_name, "num_samples": 6}
+    results, requests = execute("import_grounding_dataset", params={
+        "source": "synthetic", "dataset_name": dataset_name, "num_images": 3, "images_dir": str(tmp_path)})
+    assert results == {"dataset": dataset_name, "num_samples": 6}
     dataset = fo.load_dataset(dataset_name)
     assert dataset.persistent
     assert {"expression", "ground_truth", "split"} <= set(dataset.get_field_schema())
-    assert [r["operator_uri"] for r in result.executor.to_json()["requests"]] == ["open_dataset"]
+    assert [n for n in request_names(requests) if n != "set_progress"] == ["open_dataset", "show_output"]
 
 
 def test_import_refcoco_form_checks_its_folders(tmp_path):
@@ -69,16 +123,25 @@ def test_the_import_form_offers_every_source_and_imports_grefcoco(tmp_path, data
     form = OperatorRegistry().get_operator(uri("import_grounding_dataset")).resolve_input(ctx)
     variants = form.type.properties["variant"]
     assert [c.value for c in variants.view.choices] == list(NAMES) and "revision" in form.type.properties
-    result = foo.execute_operator(uri("import_grounding_dataset"), ctx={"params": {
+    results, _ = execute("import_grounding_dataset", params={
         "source": "refcoco", "variant": "grefcoco", "dataset_name": dataset_name,
-        "annotations_dir": write_grefcoco(tmp_path / "grefcoco"), "images_dir": draw_images(tmp_path / "img")}})
-    assert result.result == {"dataset": dataset_name, "num_samples": 6}
+        "annotations_dir": write_grefcoco(tmp_path / "grefcoco"), "images_dir": draw_images(tmp_path / "img")})
+    assert results == {"dataset": dataset_name, "num_samples": 6}
 
 
-def test_train_is_delegated_by_default_and_reports_progress(dataset, tmp_path):
+def test_a_scheduled_training_reports_progress_and_is_recorded_on_the_dataset(dataset, tmp_path):
+    """Scheduled as the App's Schedule button does (``request_delegation``; the form has no
+    checkbox of its own), run by FiftyOne's delegated service: progress on the run, the result
+    stored, and the training recorded on the dataset with its config, view and checkpoint."""
     out_dir = tmp_path / "run"
-    result = foo.execute_operator(uri("train_grounding_model"), ctx={"dataset": dataset, "params": {
-        "preset": "tiny", "epochs": 1, "batch_size": 8, "out_dir": str(out_dir)}})
+    view = dataset.match(F("split") != "test")
+    form = OperatorRegistry().get_operator(uri("train_grounding_model")).resolve_type(
+        ExecutionContext(request_params={"dataset_name": dataset.name, "params": {}}), "inputs")
+    assert "delegate" not in form.type.properties and "view_target" in form.type.properties
+    result = foo.execute_operator(uri("train_grounding_model"), ctx={"view": view, "request_delegation": True,
+                                                                     "params": {"preset": "tiny", "epochs": 1,
+                                                                                "batch_size": 8,
+                                                                                "out_dir": str(out_dir)}})
     assert result.delegated
     service = DelegatedOperationService()
     operation = service.get(result.result["id"])
@@ -87,27 +150,84 @@ def test_train_is_delegated_by_default_and_reports_progress(dataset, tmp_path):
         service.execute_operation(operation)
         done = service.get(operation.id)
         assert done.run_state == ExecutionRunState.COMPLETED, done.result
-        assert done.result.result["checkpoint"] == str(out_dir / "best")
+        results = done.result.result
+        assert results["checkpoint"] == str(out_dir / "best")
         assert 0 < done.status.progress <= 1 and done.status.label.startswith("epoch 1/1")
         assert (out_dir / "best" / "model.safetensors").is_file()
     finally:
         service.delete_operation(operation.id)
+    info = dataset.get_run_info(results["run_key"])
+    assert info.config.method == "fiftyone_grounding.train" and info.config.status == "completed"
+    assert info.config.checkpoint == results["checkpoint"] and info.config.epochs_done == 1
+    assert info.config.best_val_iou == pytest.approx(results["best_val_iou"])
+    assert info.config.train_config["preset"] == "tiny" and info.config.train_config["out_dir"] == str(out_dir)
+    assert dataset.load_run_view(results["run_key"]).values("id") == view.values("id")
 
 
 def test_apply_to_a_view_or_the_selected_samples(dataset, tiny_checkpoint):
+    from fiftyone_grounding.runs import checkpoint_of
+
     view = dataset.match(F("split") == "val")
-    result = foo.execute_operator(uri("apply_grounding_model"), ctx={"view": view, "params": {
-        "model": str(tiny_checkpoint), "label_field": "pred"}})
-    assert result.result == {"label_field": "pred", "num_predictions": len(view), "num_skipped": 0}
+    results, requests = execute("apply_grounding_model", view=view, params={
+        "model": str(tiny_checkpoint), "label_field": "pred"})
+    assert results == {"label_field": "pred", "num_predictions": len(view), "num_skipped": 0,
+                       "checkpoint": str(tiny_checkpoint)}
     assert dataset.count("pred.detections") == len(view) < len(dataset)
     assert view.values("pred.detections.expression") == [[expression_text(e)] for e in view.values("expression")]
     assert view.distinct("pred.detections.label") == ["referent"]
+    assert checkpoint_of(dataset, "pred") == str(tiny_checkpoint)
+    assert dataset.load_run_view("labels_pred").values("id") == view.values("id")
 
     selected = dataset.values("id")[:3]
-    foo.execute_operator(uri("apply_grounding_model"), ctx={
-        "dataset": dataset, "selected": selected, "params": {
-            "model": str(tiny_checkpoint), "label_field": "pred_selected", "view_target": "SELECTED_SAMPLES"}})
+    execute("apply_grounding_model", dataset=dataset, selected=selected, params={
+        "model": str(tiny_checkpoint), "label_field": "pred_selected", "view_target": "SELECTED_SAMPLES"})
     assert dataset.exists("pred_selected.detections").values("id") == selected
+
+
+def test_an_immediate_run_streams_its_progress_and_a_scheduled_one_touches_no_app(dataset, tiny_checkpoint):
+    """Immediate: set_progress messages as the batches finish (rising to 1), then the reload and
+    the output. Delegated: no App messages, the results returned, progress to the run record."""
+    results, requests = execute("apply_grounding_model", dataset=dataset, params={
+        "model": str(tiny_checkpoint), "label_field": "pred", "batch_size": 16})
+    names = request_names(requests)
+    progress = [r["params"]["progress"] for r in requests if r["operator_uri"] == "set_progress"]
+    assert names[-2:] == ["reload_dataset", "show_output"] and set(names[:-2]) == {"set_progress"}
+    assert progress[0] == 0 and progress[-1] == 1.0 and progress == sorted(progress) and len(progress) >= 3
+    assert results["num_predictions"] == len(dataset)
+
+    reported = []
+    ctx = ExecutionContext(request_params={"dataset_name": dataset.name, "delegated": True, "params": {
+        "model": str(tiny_checkpoint), "label_field": "pred_delegated", "batch_size": 16}},
+        executor=Executor(), set_progress=lambda op_id, progress: reported.append(progress.progress))
+    delegated = OperatorRegistry().get_operator(uri("apply_grounding_model")).execute(ctx)
+    assert delegated["num_predictions"] == len(dataset) and ctx.executor.to_json()["requests"] == []
+    assert reported[-1] == 1.0 and len(reported) >= 3
+
+
+def test_grouped_datasets_are_processed_as_their_active_slice(synthetic_dataset, dataset_name, tiny_checkpoint):
+    """``apply_model`` refuses grouped collections: every operator works on the App's active
+    slice (``target_view(require_flat=True)``), and the form's target says so."""
+    grouped = fo.Dataset(dataset_name)
+    grouped.add_group_field("group", default="left")
+    samples = []
+    for path, expression in zip(*synthetic_dataset.limit(6).values(["filepath", "expression"])):
+        group = fo.Group()
+        samples += [fo.Sample(filepath=path, expression=expression, group=group.element("left")),
+                    fo.Sample(filepath=path, expression=expression, group=group.element("right"))]
+    grouped.add_samples(samples)
+    params = {"model": str(tiny_checkpoint), "label_field": "pred"}
+    for name in ("apply_grounding_model", "ground_phrase", "search_phrase"):
+        ctx = ExecutionContext(request_params={"dataset_name": dataset_name, "group_slice": "right",
+                                               "params": {**params, "phrase": "the red circle"}})
+        form = OperatorRegistry().get_operator(uri(name)).resolve_type(ctx, "inputs")
+        # the system's target selector, offering flat targets only: the active slice
+        choices = form.type.properties["view_target"].to_json()["view"]["choices"]
+        assert any("current slice (right)" in (c["description"] or "") for c in choices if not c["disabled"]), name
+        assert not any(p.invalid for p in form.type.properties.values()), name
+    results, _ = execute("apply_grounding_model", dataset=grouped, group_slice="right", params=params)
+    assert results["num_predictions"] == 6
+    assert grouped.select_group_slices("right").count("pred.detections") == 6
+    assert grouped.select_group_slices("left").count("pred.detections") == 0
 
 
 def test_operators_can_be_called_from_python(dataset, tiny_checkpoint):
@@ -157,8 +277,7 @@ def test_evaluate_shows_fiftyone_and_grounding_metrics(dataset):
                                        for (x, y, w, h), e in zip(
                                            [b[0] for b in dataset.values("ground_truth.detections.bounding_box")],
                                            dataset.values("expression"))])
-    result = foo.execute_operator(uri("evaluate_grounding_model"), ctx={"dataset": dataset, "params": {
-        "eval_key": "ground"}}).result
+    result, _ = execute("evaluate_grounding_model", dataset=dataset, params={"eval_key": "ground"})
     n = len(dataset)
     assert result["mAP"] == pytest.approx(1.0)
     assert (result["tp"], result["fp"], result["fn"], result["count"]) == (n, 0, 0, n)
@@ -174,25 +293,27 @@ def test_evaluate_shows_fiftyone_and_grounding_metrics(dataset):
     assert result["auroc"] is None and result["ece"] == 0.0
 
 
-def test_ground_phrase_on_the_selected_samples(dataset, tiny_checkpoint):
+def test_ground_phrase_on_the_target_samples_keeps_the_users_view(dataset, tiny_checkpoint):
     selected = dataset.values("id")[5:8]
-    result = foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "selected": selected, "params": {
-        "phrase": "  the small red circle ", "model": str(tiny_checkpoint)}})
-    assert result.result == {"label_field": "grounded", "num_boxes": 3}
+    results, requests = execute("ground_phrase", dataset=dataset, selected=selected, params={
+        "phrase": "  the small red circle ", "model": str(tiny_checkpoint), "view_target": "SELECTED_SAMPLES"})
+    assert results == {"label_field": "grounded", "num_boxes": 3}
     grounded = dataset.exists("grounded")
     assert grounded.values("id") == selected
     assert grounded.values("grounded.detections.expression") == [["the small red circle"]] * 3
-    set_view = [r for r in result.executor.to_json()["requests"] if r["operator_uri"] == "set_view"]
-    assert len(set_view) == 1 and fo.DatasetView._build(dataset, set_view[0]["params"]["view"]).values("id") == selected
+    assert "set_view" not in request_names(requests) and "reload_dataset" in request_names(requests)
+
+    view = dataset.match(F("split") == "val")  # the current view, the App's default target
+    results, _ = execute("ground_phrase", view=view, params={"phrase": "the blue square",
+                                                              "model": str(tiny_checkpoint), "label_field": "blue"})
+    assert results["num_boxes"] == len(view) == dataset.count("blue.detections")
 
 
-def test_ground_phrase_needs_a_selection_and_a_phrase(dataset, tiny_checkpoint):
-    with pytest.raises(ExecutionError, match="Select the samples to search first"):
+def test_ground_phrase_needs_a_phrase(dataset, tiny_checkpoint):
+    with pytest.raises(ExecutionError, match="The phrase is empty") as error:
         foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "params": {
-            "phrase": "the red circle", "model": str(tiny_checkpoint)}})
-    with pytest.raises(ExecutionError, match="The phrase is empty"):
-        foo.execute_operator(uri("ground_phrase"), ctx={"dataset": dataset, "selected": dataset.values("id")[:1],
-                                                         "params": {"phrase": "  ", "model": str(tiny_checkpoint)}})
+            "phrase": "  ", "model": str(tiny_checkpoint)}})
+    assert "Traceback" not in str(error.value)
 
 
 def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
@@ -215,3 +336,40 @@ def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
     assert dataset.load_evaluation_results("coco").custom_metrics == results.custom_metrics
     dataset.delete_evaluation("coco")
     assert not dataset.has_field("coco_tp") and dataset.list_evaluations() == []
+
+
+# -- models kept loaded between runs -----------------------------------------------------------------
+
+
+def test_a_second_run_reuses_the_loaded_model_until_it_is_released(dataset, tiny_checkpoint, tmp_path, monkeypatch):
+    """The operators load models through ``zoo.cached_model``: the second execution does not
+    build the encoders again (counted at ``model.load_encoder``, which every load goes through),
+    a checkpoint written again is loaded again, and the release operator frees them."""
+    import fiftyone_grounding.model as model_module
+    from fiftyone_grounding import zoo
+
+    loads = []
+    real = model_module.load_encoder
+    monkeypatch.setattr(model_module, "load_encoder", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    zoo.release_models()
+    apply = foo.get_operator("@fiftyone-grounding/grounding/apply_grounding_model")
+    before = zoo.model_cache_info()
+    for field in ("first", "second"):
+        assert apply(dataset.limit(4), model=str(tiny_checkpoint), label_field=field).result["num_predictions"] == 4
+    info = zoo.model_cache_info()
+    assert len(loads) == 2  # the image and the text encoder, once
+    assert (info["misses"] - before["misses"], info["hits"] - before["hits"]) == (1, 1)
+    assert info["models"] == [str(tiny_checkpoint.resolve())]
+    assert dataset.values("first.detections.bounding_box")[:4] == dataset.values("second.detections.bounding_box")[:4]
+
+    release = foo.get_operator("@fiftyone-grounding/grounding/release_grounding_models")
+    assert release().result == {"released": 1} and zoo.model_cache_info()["models"] == []
+    apply(dataset.limit(4), model=str(tiny_checkpoint), label_field="third")
+    assert len(loads) == 4  # loaded again after the release
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_checkpoint, copy)
+    zoo.cached_model(copy)
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())  # the same folder written again
+    zoo.cached_model(copy)
+    assert len(loads) == 8 and len(zoo.model_cache_info()["models"]) == zoo.MODEL_CACHE_SIZE

@@ -369,3 +369,109 @@ def test_a_confidence_threshold_keeps_the_same_boxes_on_every_path(dataset, mode
     assert 0 < view.count("fast.detections") < len(view)
     assert ground_phrase(view, "the red circle", model, confidence_thresh=2.0) == 0
     assert view.count("grounded.detections") == 0 and len(view.exists("grounded")) == len(view)
+
+
+# -- the phrase source at load time, and FiftyOne's "Apply zoo model" operator ---------------------
+
+
+def test_a_phrase_field_given_at_load_time_needs_no_apply_model_argument(dataset, tiny_checkpoint):
+    """``from_checkpoint(RUN_DIR, prompt_field=...)``: the run folder means its best/, and
+    ``apply_model`` with no other argument writes what ``apply_model(prompt_field=...)`` writes;
+    a sample without a phrase still gets no box."""
+    ids = dataset.values("id")
+    dataset.set_values("expression", {ids[2]: None, ids[9]: "  "}, key_field="id")
+    view = dataset.limit(24)
+    plain = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
+    view.apply_model(plain, label_field="per_call", prompt_field="expression", batch_size=8)
+    loaded = GroundingModel.from_checkpoint(tiny_checkpoint.parent, device="cpu", prompt_field="expression")
+    assert loaded.source == str(tiny_checkpoint)  # the run folder's best/
+    view.apply_model(loaded, label_field="at_load", batch_size=8)
+    per_call, at_load = view.values(["per_call.detections.bounding_box", "at_load.detections.bounding_box"])
+    assert at_load[2] is None and at_load[9] is None and sum(b is not None for b in at_load) == 22
+    for a, b in zip(per_call, at_load):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_one_prompt_for_every_sample_and_the_per_call_field_wins(dataset, model):
+    view = dataset.limit(10)
+    view.set_values("expression", [None] + view.values("expression")[1:])
+    everywhere = model.with_options(prompt="  the large blue square ")
+    assert everywhere.model is model.model  # nothing loaded again
+    view.apply_model(everywhere, label_field="prompted", batch_size=4)
+    assert view.values("prompted.detections.expression") == [["the large blue square"]] * 10  # the phrase-less one too
+    view.apply_model(everywhere, label_field="own", prompt_field="expression", batch_size=4)
+    own = view.values("own.detections.expression")
+    assert own[0] is None and own[1:] == [[expression_text(e)] for e in view.values("expression")[1:]]
+    single = everywhere.predict(load_rgb(view.first().filepath))  # predict() uses it too
+    assert single.detections[0].expression == "the large blue square"
+    with pytest.raises(ValueError, match="has no phrases to find: pass apply_model"):
+        view.apply_model(model, label_field="none", batch_size=4)
+    with pytest.raises(ValueError, match="not both"):
+        model.with_options(prompt="a", prompt_field="expression")
+    with pytest.raises(ValueError, match="The prompt is empty"):
+        GroundingModel(model.model, device="cpu", prompt="   ")
+
+
+def test_the_zoo_loads_a_model_with_its_phrase_source(zoo_dir, dataset, tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))
+    register_local_source(str(REPO_ROOT))
+    view = dataset.limit(6)
+    view.apply_model(foz.load_zoo_model(DEMO, prompt_field="expression", cache=False), label_field="field")
+    assert view.values("field.detections.expression") == [[expression_text(e)] for e in view.values("expression")]
+    model = foz.load_zoo_model(DEMO, prompt="the red circle", confidence_thresh=0.0, cache=False)
+    assert model.source == DEMO and model.labels.confidence_thresh == 0.0
+    view.apply_model(model, label_field="phrase")
+    assert view.values("phrase.detections.expression") == [["the red circle"]] * 6
+
+
+def _zoo_operator_ctx(dataset, remote_params) -> "ExecutionContext":
+    from fiftyone.operators.executor import ExecutionContext
+
+    return ExecutionContext(request_params={"dataset_name": dataset.name, "params": {
+        "model": DEMO, "label_field": "zoo", "remote_params": remote_params}})
+
+
+def _apply_like_the_zoo_operator(ctx, view):
+    """What ``@voxel51/zoo/apply_zoo_model`` does in execute() for a remote model (fiftyone-plugins
+    ``plugins/zoo/__init__.py``): its ``remote_params`` through the source's ``parse_parameters``,
+    ``load_zoo_model(model, **kwargs)``, then ``apply_model`` without a prompt field."""
+    zoo_model = foz.get_zoo_model(ctx.params["model"])
+    assert isinstance(zoo_model, foz.RemoteZooModel)
+    kwargs = ctx.params.get("remote_params", {})
+    zoo_model.parse_parameters(ctx, kwargs)
+    model = foz.load_zoo_model(ctx.params["model"], **kwargs)
+    view.apply_model(model, label_field=ctx.params["label_field"], confidence_thresh=None, store_logits=False,
+                     batch_size=None, num_workers=0, skip_failures=True, output_dir=None, rel_dir=None)
+
+
+def test_the_zoo_operators_form_and_parameters_apply_per_sample_or_typed_phrases(zoo_dir, dataset, tiny_checkpoint,
+                                                                                  monkeypatch):
+    """The zoo source's resolve_input / parse_parameters, called as FiftyOne's Apply zoo model
+    operator calls them (through ``RemoteZooModel``): the form offers the dataset's text fields
+    (and flags a wrong one), and the model it loads grounds each sample's phrase, or one phrase."""
+    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))
+    register_local_source(str(REPO_ROOT))
+    zoo_model = foz.get_zoo_model(DEMO)
+
+    form = zoo_model.resolve_input(_zoo_operator_ctx(dataset, {}))
+    fields = form.type.properties
+    assert set(fields) >= {"phrase_source", "prompt_field", "confidence_thresh"}
+    text_fields = sorted(n for n, f in dataset.get_field_schema().items() if isinstance(f, fo.StringField))
+    assert [c.value for c in fields["prompt_field"].view.choices] == text_fields and "expression" in text_fields
+    assert fields["prompt_field"].default == "expression" and not fields["prompt_field"].invalid
+    wrong = zoo_model.resolve_input(_zoo_operator_ctx(dataset, {"prompt_field": "ground_truth"})).type.properties
+    assert wrong["prompt_field"].invalid and "not a text field" in wrong["prompt_field"].error_message
+    typed = zoo_model.resolve_input(_zoo_operator_ctx(dataset, {"phrase_source": "phrase", "prompt": " "}))
+    assert typed.type.properties["prompt"].invalid and "prompt_field" not in typed.type.properties
+
+    view = dataset.limit(8)
+    _apply_like_the_zoo_operator(_zoo_operator_ctx(view, {}), view)  # the form's defaults
+    assert view.values("zoo.detections.expression") == [[expression_text(e)] for e in view.values("expression")]
+    ctx = _zoo_operator_ctx(view, {"phrase_source": "phrase", "prompt": " the green triangle", "confidence_thresh": None})
+    ctx.params["label_field"] = "zoo_typed"
+    _apply_like_the_zoo_operator(ctx, view)
+    assert view.values("zoo_typed.detections.expression") == [["the green triangle"]] * 8
+    with pytest.raises(ValueError, match="The phrase is empty"):
+        _apply_like_the_zoo_operator(_zoo_operator_ctx(view, {"phrase_source": "phrase", "prompt": ""}), view)

@@ -1,0 +1,105 @@
+"""What trained, wrote and scored what, recorded on the dataset as FiftyOne custom runs.
+
+FiftyOne keeps custom runs with the dataset (``dataset.list_runs()``, ``get_run_info(key)``,
+``load_run_view(key)``): each holds a config and the view it ran on. This package records
+
+- every training run on a FiftyOne view (``fit``, the train operator): key ``train_<run folder>``,
+  method ``fiftyone_grounding.train``, with the training config, the run folder, its ``best/``
+  checkpoint, the best validation IoU and the run's status (running, completed, failed);
+- every field its apply paths write (``apply_grounding_model``, ``ground_phrase``,
+  ``search_phrase``, the operators and the panel): key ``labels_<field>``, method
+  ``fiftyone_grounding.labels``, with the checkpoint (or zoo model) that wrote it and the phrase
+  source; a later write to the field replaces the record;
+- every grounding evaluation (``evaluate_in_fiftyone``): key ``eval_<eval key>``, method
+  ``fiftyone_grounding.evaluate``, with the fields it compared, the fields it wrote and the
+  checkpoint behind the predictions.
+
+:func:`checkpoint_of` answers "which checkpoint wrote this field?".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Optional
+
+TRAIN_METHOD = "fiftyone_grounding.train"
+LABELS_METHOD = "fiftyone_grounding.labels"
+EVALUATE_METHOD = "fiftyone_grounding.evaluate"
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_]")
+
+
+def _key(prefix: str, name: str) -> str:
+    """A run key (a Python identifier) for ``name``."""
+    return f"{prefix}_{_NOT_KEY.sub('_', str(name))}"
+
+
+def training_run_key(out_dir) -> str:
+    """``train_<folder name>_<6 hex digits of its full path>``: one key per run folder (a resumed
+    run keeps its key, two folders of the same name get two)."""
+    from pathlib import Path
+
+    path = Path(out_dir).expanduser().resolve()
+    return _key("train", f"{path.name}_{hashlib.sha256(str(path).encode()).hexdigest()[:6]}")
+
+
+def labels_run_key(label_field: str) -> str:
+    return _key("labels", label_field)
+
+
+def evaluation_run_key(eval_key: str) -> str:
+    return _key("eval", eval_key)
+
+
+def _register(samples, key: str, method: str, **config) -> None:
+    samples.register_run(key, samples.init_run(method=method, **config), overwrite=True)
+
+
+def _update(samples, key: str, method: str, **config) -> None:
+    dataset = samples._root_dataset
+    if not dataset.has_run(key):
+        return
+    current = {k: v for k, v in dataset.get_run_info(key).config.serialize().items()
+               if k not in ("cls", "type", "method")}
+    dataset.update_run_config(key, dataset.init_run(method=method, **{**current, **config}))
+
+
+def record_training_start(view, train_config: dict, out_dir, best_dir) -> str:
+    """Record a training run on ``view`` as started; returns its key."""
+    key = training_run_key(out_dir)
+    _register(view, key, TRAIN_METHOD, status="running", out_dir=str(out_dir), checkpoint=str(best_dir),
+              best_val_iou=None, epochs_done=0, train_config=train_config, error=None)
+    return key
+
+
+def record_training_end(view, key: str, best_val_iou: Optional[float], epochs_done: int,
+                        error: Optional[str] = None) -> None:
+    """Record how the training run ``key`` ended: its best val IoU, or the error that stopped it."""
+    _update(view, key, TRAIN_METHOD, status="failed" if error else "completed", error=error,
+            best_val_iou=None if best_val_iou is None else float(best_val_iou), epochs_done=int(epochs_done))
+
+
+def record_labels(view, label_field: str, model_source: Optional[str], **how) -> str:
+    """Record that ``model_source`` (a checkpoint folder or zoo name) wrote ``label_field`` on
+    ``view``; ``how``: the phrase source (``prompt_field=...`` or ``phrase=...``) and options.
+    Returns the run key."""
+    key = labels_run_key(label_field)
+    _register(view, key, LABELS_METHOD, label_field=label_field, checkpoint=model_source, **how)
+    return key
+
+
+def record_evaluation(view, eval_key: str, pred_field: str, gt_field: str, fields: list, metrics: dict) -> str:
+    """Record a grounding evaluation, with the checkpoint that wrote ``pred_field``."""
+    key = evaluation_run_key(eval_key)
+    _register(view, key, EVALUATE_METHOD, eval_key=eval_key, pred_field=pred_field, gt_field=gt_field,
+              checkpoint=checkpoint_of(view, pred_field), fields=list(fields), metrics=metrics)
+    return key
+
+
+def checkpoint_of(samples, label_field: str) -> Optional[str]:
+    """The checkpoint (or zoo model) that last wrote ``label_field`` through this package, or None."""
+    dataset = samples._root_dataset
+    key = labels_run_key(label_field)
+    if not dataset.has_run(key):
+        return None
+    return getattr(dataset.get_run_info(key).config, "checkpoint", None)
