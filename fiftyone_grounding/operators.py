@@ -478,7 +478,7 @@ class ApplyGroundingModel(GroundingOperator):
     @property
     def config(self):
         return _config("apply_grounding_model", "Grounding: apply a model", RiskLevel.MEDIUM,
-                       description="Writes one box per sample to a Detections field")
+                       description="Writes the boxes of each sample's phrase to a Detections field")
 
     def resolve_input(self, ctx):
         inputs = types.Object()

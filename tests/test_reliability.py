@@ -43,6 +43,7 @@ from fiftyone_grounding.evaluate import evaluate_grounding, evaluate_in_fiftyone
 from fiftyone_grounding.fiftyone_model import GroundingModel
 from fiftyone_grounding.images import MAX_IMAGE_PIXELS, load_rgb
 from fiftyone_grounding.labels import MAX_EXPRESSION_CHARS
+from fiftyone_grounding.operators import shown_results
 from fiftyone_grounding.predict import predict_and_crop
 from fiftyone_grounding.train import fit
 from fiftyone_grounding.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
@@ -407,7 +408,7 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
     # The operator and the CLI take the same option; with nothing left they do nothing.
     result = foo.execute_operator("@fiftyone-grounding/grounding/apply_grounding_model", ctx={"dataset": ds, "params": {
         "model": str(tiny_checkpoint), "label_field": "pred", "skip_existing": True}})
-    assert result.result["num_predictions"] == len(ds)
+    assert shown_results(result)["num_predictions"] == len(ds)
     cli_main(["apply", "--dataset", dataset_name, "--checkpoint", str(tiny_checkpoint), "--label-field", "pred",
               "--skip-existing", "--device", "cpu"])
     assert ds.values("pred.detections.bounding_box") == reference
