@@ -312,8 +312,9 @@ def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = G
                   batch_size: Optional[int] = None, progress: Optional[bool] = None,
                   progress_callback: Optional[Callable[[float, str], None]] = None,
                   confidence_thresh: Optional[float] = None, features=None, record: bool = True) -> int:
-    """Find one typed ``phrase`` in every image of ``view``; writes a one-box ``Detections`` each
-    (an unreadable image gets none, and loses what the field held).
+    """Find one typed ``phrase`` in every image of ``view``; writes its boxes as a ``Detections``
+    each (one box, or a multi-box model's zero or more; an unreadable image gets none, and loses
+    what the field held).
 
     ``features``: a feature cache to read the images it holds from (``search.search_phrase``
     passes one); ``record=False``: do not record the field on the dataset (the panel's preview).

@@ -656,9 +656,12 @@ def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: s
     register_scenarios(view, [f for f in scenario_fields if view.has_field(f)])
     scores = score_samples(view, pred_field, gt_field)
     counts = {name: int(sum(v or 0 for v in view.values(f"{eval_key}_{name}"))) for name in ("tp", "fp", "fn")}
+    mAP = results.mAP() if scored else None
+    record_evaluation(view, eval_key, pred_field, gt_field, [f"{eval_key}_{name}" for name in ("tp", "fp", "fn")],
+                      {"mAP": mAP, **{key: generalized["overall"][key] for key, _, _ in GREC_METRICS}})
     return {**_metrics_of(scores, view, split_field), "iou_field": None, "grec": generalized,
-            "mAP": results.mAP() if scored else None, "mAR": results.mAR() if scored else None, **counts,
-            "eval_key": eval_key}
+            "mAP": mAP, "mAR": results.mAR() if scored else None, **counts, "eval_key": eval_key,
+            "checkpoint": checkpoint_of(view, pred_field)}
 
 
 def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvaluationConfig

@@ -109,3 +109,11 @@ def test_evaluate_throughput_times_every_step(tmp_path):
     assert result["mAP"] == result["fiftyone_loop_mAP"]  # the bulk run and FiftyOne's loop agree
     assert result["panel"]["matrix_shape"] == [2, 2] and result["panel"]["classes"] == ["referent"]
     assert 0 < result["metrics"]["auroc"] <= 1 and result["peak_rss_mib"] > result["baseline_rss_mib"]
+
+
+def test_search_throughput_times_the_cold_and_the_cached_search(tmp_path):
+    result, stdout = run_benchmark("search_throughput", tmp_path, "--images", "12", "--batch-size", "8",
+                                   "--repeats", "1")
+    assert set(result["results"]) == {"cold", "cached"} and result["boxes"] == 12
+    assert all(r["images_per_s"] > 0 for r in result["results"].values())
+    assert "100,000 images take" in stdout

@@ -250,6 +250,7 @@ def test_grefcoco_keeps_zero_one_or_several_boxes_and_one_box_models_skip_and_co
     # Phrases of no or several objects make it FiftyOne's COCO run; boxes without a confidence get no mAP.
     grec = evaluate_in_fiftyone(dataset, "predictions", eval_key="grec")
     assert grec["mAP"] is None and grec["grec"]["overall"]["count"] == 6 and "grec" in dataset.list_evaluations()
+    assert dataset.get_run_info("eval_grec").config.metrics["n_acc"] == grec["grec"]["overall"]["n_acc"]
     dataset.delete_evaluation("grec")
     one_box = dataset.match(F("no_target") == False).match(F("ground_truth.detections").length() == 1)
     fast = evaluate_in_fiftyone(one_box, "predictions", eval_key="fast")
