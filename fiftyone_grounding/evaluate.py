@@ -256,16 +256,19 @@ def grec_expressions(view, pred_field: str, gt_field: str) -> tuple[list, list]:
 
 def evaluate_grec(view, pred_field: str = "predictions", gt_field: str = "ground_truth",
                   split_field: Optional[str] = "split", score_thresh: float = grec.SCORE_THRESH,
-                  f1_field: Optional[str] = None, thresholds: Sequence[float] = grec.SWEEP) -> dict:
+                  f1_field: Optional[str] = None, thresholds: Sequence[float] = grec.SWEEP,
+                  write: bool = True) -> dict:
     """Generalized grounding metrics of a view (see ``grec.py``): ``{"overall": {pr_f1, n_acc,
     t_acc, count, no_target, several_targets, score_thresh}, "splits": {...}, "sweep": [...],
     "unscored": n, "f1_field": name}``. Each scored sample's F1 goes to ``f1_field`` (default
-    ``"<pred_field>_f1"``): sort by it in the App to see the phrases that were missed."""
+    ``"<pred_field>_f1"``; nothing is written with ``write=False``): sort by it in the App to
+    see the phrases that were missed."""
     f1_field = f1_field or f"{pred_field}_f1"
     ids, expressions = grec_expressions(view, pred_field, gt_field)
     scored = [i for i, e in enumerate(expressions) if e is not None]
-    judged = {i: grec.score_expression(expressions[i], score_thresh) for i in scored}
-    _write_sample_values(view, f1_field, [ids[i] for i in scored], [judged[i].f1 for i in scored])
+    if write:
+        judged = {i: grec.score_expression(expressions[i], score_thresh) for i in scored}
+        _write_sample_values(view, f1_field, [ids[i] for i in scored], [judged[i].f1 for i in scored])
     chosen = [expressions[i] for i in scored]
     result = {"overall": grec.grec_metrics(chosen, score_thresh), "splits": {},
               "sweep": grec.threshold_sweep(chosen, thresholds), "unscored": len(ids) - len(scored),
@@ -492,13 +495,19 @@ class GroundingEvaluation(foud.DetectionEvaluation):
 
 
 def metric_value(samples, results, key: str):
-    """Metric ``key`` of ``METRICS`` for a detection run's ``results`` on ``samples`` (the
-    ``EvaluationMetric`` operators' computation), scored once per results object."""
-    cached = getattr(results, "_grounding_metrics", None)
+    """Metric ``key`` of ``METRICS`` or ``GREC_METRICS`` for a detection run's ``results`` on
+    ``samples`` (the ``EvaluationMetric`` operators' computation), scored once per results
+    object; the GREC ones count every box of a phrase of zero, one or several objects."""
+    generalized = key in {k for k, _, _ in GREC_METRICS}
+    attr = "_grec_metrics" if generalized else "_grounding_metrics"
+    cached = getattr(results, attr, None)
     if cached is None:
-        scores = score_samples(samples, results.config.pred_field, results.config.gt_field)
-        cached = _metrics_of(scores, samples, None)["overall"]
-        results._grounding_metrics = cached
+        pred_field, gt_field = results.config.pred_field, results.config.gt_field
+        if generalized:
+            cached = evaluate_grec(samples, pred_field, gt_field, split_field=None, thresholds=(), write=False)["overall"]
+        else:
+            cached = _metrics_of(score_samples(samples, pred_field, gt_field), samples, None)["overall"]
+        setattr(results, attr, cached)
     return cached.get(key)
 
 
@@ -516,6 +525,7 @@ def metric_uri(key: str) -> str:
 
 
 METRIC_URIS = tuple(metric_uri(key) for key, _, _ in METRICS)
+GREC_METRIC_URIS = tuple(metric_uri(key) for key, _, _ in GREC_METRICS)
 
 
 def _status(iou: float, has_pred: bool, threshold: float) -> str:

@@ -41,7 +41,7 @@ import fiftyone.operators.types as types
 from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_PROMPT_FIELD, GROUNDED_FIELD, PRESET_DESCRIPTIONS, SEARCH_FIELD,
                      TrainConfig)
 from .errors import GroundingError, InputError
-from .evaluate import METRICS
+from .evaluate import GREC_METRICS, METRICS
 from .text import clean_phrase
 
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -199,6 +199,7 @@ class GroundingOperator(foo.Operator):
             yield ctx.ops.notify(str(e), variant="error")
             raise
         yield from self.after(ctx, results)
+        ctx.request_params["results"] = results  # as the App passes them to resolve_output
         outputs = self.resolve_output(ctx)
         if outputs is not None:
             yield ctx.ops.show_output(outputs.to_json(), results)
@@ -557,12 +558,14 @@ class EvaluateGroundingModel(GroundingOperator):
         return {"eval_key": metrics["eval_key"], "iou_field": metrics["iou_field"], "mAP": metrics["mAP"],
                 **{key: overall[key] for key, _, _ in METRICS}, "count": overall["count"], "tp": metrics["tp"],
                 "fp": metrics["fp"], "fn": metrics["fn"], "splits": metrics["splits"],
-                "checkpoint": metrics["checkpoint"]}
+                "checkpoint": metrics["checkpoint"],
+                **({key: metrics["grec"]["overall"][key] for key, _, _ in GREC_METRICS} if "grec" in metrics else {})}
 
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.float("mAP", label="mAP (IoU 0.50:0.95, ranked by the confidence)")
-        for key, label, _ in METRICS:
+        generalized = [m for m in GREC_METRICS if m[0] in (ctx.results or {})]  # phrases of 0 or several objects
+        for key, label, _ in generalized + [m for m in METRICS if not generalized]:
             outputs.float(key, label=label)
         for name, label in (("count", "Expressions"), ("tp", "True positives (IoU >= 0.5)"),
                             ("fp", "False positives"), ("fn", "False negatives")):
@@ -580,12 +583,13 @@ class GroundingMetric(foo.EvaluationMetric):
     KEY = ""
     LABEL = ""
     LOWER_IS_BETTER = False
+    DESCRIPTION = "{label} of each sample's first predicted box against its first true box"
 
     @property
     def config(self):
         config = foo.EvaluationMetricConfig(
             name=self.KEY, label=self.LABEL, eval_types=["detection"], lower_is_better=self.LOWER_IS_BETTER,
-            description=f"{self.LABEL} of each sample's first predicted box against its first true box",
+            description=self.DESCRIPTION.format(label=self.LABEL),
             unlisted=True,  # a metric of evaluation runs, not an operation of the operator browser
             risk_level=RiskLevel.LOW)  # computes a number from the run's results, writes nothing
         # FiftyOne reads this flag from the config's kwargs when it stores the value
@@ -598,9 +602,14 @@ class GroundingMetric(foo.EvaluationMetric):
         return metric_value(samples, results, self.KEY)
 
 
+GREC_DESCRIPTION = ("{label}: gRefCOCO's official scorer over every box of phrases of zero, one or several "
+                    "objects (boxes kept at confidence >= 0.7)")
 METRIC_OPERATORS = tuple(
     type(f"GroundingMetric_{key}", (GroundingMetric,), {"KEY": key, "LABEL": label, "LOWER_IS_BETTER": lower})
-    for key, label, lower in METRICS)
+    for key, label, lower in METRICS) + tuple(
+    type(f"GroundingMetric_{key}", (GroundingMetric,), {"KEY": key, "LABEL": label, "LOWER_IS_BETTER": lower,
+                                                        "DESCRIPTION": GREC_DESCRIPTION})
+    for key, label, lower in GREC_METRICS)
 
 
 class GroundPhrase(GroundingOperator):

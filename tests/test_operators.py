@@ -338,6 +338,45 @@ def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
     assert not dataset.has_field("coco_tp") and dataset.list_evaluations() == []
 
 
+def test_the_generalized_metrics_serve_fiftyones_coco_evaluation_and_the_evaluate_operator(dataset_name):
+    """Phrases of no, one and several objects: Pr@F1=1, N-acc and T-acc chosen for FiftyOne's own
+    COCO evaluation (as the App's form offers them) are gRefCOCO's scorer's values, and the
+    evaluate operator shows them."""
+    from fiftyone_grounding.evaluate import GREC_METRIC_URIS, evaluate_grec
+
+    def boxes(*xyxys, confidences=None):
+        return fo.Detections(detections=[
+            fo.Detection(label="referent", bounding_box=[x0, y0, x1 - x0, y1 - y0],
+                         confidence=None if confidences is None else confidences[i])
+            for i, (x0, y0, x1, y1) in enumerate(xyxys)])
+
+    a, b, c = [0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9], [0.0, 0.6, 0.3, 0.95]
+    ds = fo.Dataset(dataset_name)
+    ds.add_samples([
+        fo.Sample(filepath=f"/img/{i}.jpg", no_target=not gt, ground_truth=boxes(*gt), predictions=pred)
+        for i, (gt, pred) in enumerate([
+            ([a], boxes(a, confidences=[0.9])),                              # found
+            ([a, b], boxes(a, b, confidences=[0.95, 0.8])),                  # both found
+            ([a, b], boxes(a, c, confidences=[0.9, 0.9])),                   # one wrong
+            ([], boxes(confidences=[])),                                     # nothing, no box: right
+            ([], boxes(c, confidences=[0.75])),                              # nothing, a box: wrong
+            ([], boxes(c, confidences=[0.5])),                               # below 0.7: no box
+        ])])
+    expected = evaluate_grec(ds, "predictions", "ground_truth", split_field=None, write=False)["overall"]
+    # F1=1 on 0, 1, 3 (nothing found where nothing is) and 5; N-acc 2 of 3; T-acc 3 of 3
+    assert (expected["pr_f1"], expected["n_acc"], expected["t_acc"]) == pytest.approx((4 / 6, 2 / 3, 1.0))
+    results = ds.evaluate_detections("predictions", gt_field="ground_truth", eval_key="coco", method="coco",
+                                     compute_mAP=True, custom_metrics=list(GREC_METRIC_URIS))
+    computed = {m["key"]: m["value"] for m in results.custom_metrics.values()}
+    assert computed == pytest.approx({key: expected[key] for key in ("pr_f1", "n_acc", "t_acc")})
+    assert not ds.has_field("predictions_f1")  # a metric writes nothing
+    ds.delete_evaluation("coco")
+
+    shown, _ = execute("evaluate_grounding_model", dataset=ds, params={"eval_key": "grec"})
+    assert {key: shown[key] for key in ("pr_f1", "n_acc", "t_acc")} == pytest.approx(computed)
+    assert shown["mAP"] == pytest.approx(ds.load_evaluation_results("grec").mAP())
+
+
 # -- models kept loaded between runs -----------------------------------------------------------------
 
 
