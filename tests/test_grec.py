@@ -183,3 +183,15 @@ def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(datas
     nothing = GroundingModel.from_checkpoint(result.best_dir, device="cpu", score_thresh=1.0)
     ds.apply_model(nothing, label_field="nothing", prompt_field="expression")
     assert [len(d.detections) for d in ds.values("nothing")] == [0] * len(ds)
+
+    # phrase search: the images where the phrase finds nothing above the threshold sort last
+    from fiftyone_grounding.search import search_phrase
+
+    phrase = "all the red shapes"
+    tops = [max(c) for c in search_phrase(ds, phrase, every, label_field="found", use_cache=False,
+                                          progress=False).values("found.detections.confidence")]
+    some = every.with_options(score_thresh=float(np.median(tops)))
+    ranked = search_phrase(ds, phrase, some, label_field="found_some", use_cache=False, progress=False)
+    counts = [len(d.detections) for d in ranked.values("found_some")]
+    first_empty = counts.index(0)
+    assert 0 < first_empty and all(counts[:first_empty]) and not any(counts[first_empty:])
