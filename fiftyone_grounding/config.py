@@ -448,7 +448,7 @@ class TrainConfig:
                    "(brightness/contrast/saturation), flip (mirrored, left/right swapped in the phrase; harmful to "
                    "grounding by most papers). Only flip works from the feature cache",
         "phrase_field": "sample field with the referring phrase",
-        "gt_field": "Detections field with the one true box",
+        "gt_field": "Detections field with the true boxes (one per phrase; any number for multi-box presets)",
         "split_field": "sample field naming each sample's split",
         "train_split": "value of the split field to train on (empty: the whole view)",
         "val_split": "value of the split field to validate on and pick best/ by (empty: none)",

@@ -408,7 +408,7 @@ class TrainGroundingModel(GroundingOperator):
         inputs.int("batch_size", min=1, label="Batch size", default=self.DEFAULTS["batch_size"])
         inputs.float("lr", min=0.0, label="Learning rate", default=self.DEFAULTS["lr"])
         self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text", "the referring expression")
-        self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "one true box per sample")
+        self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "the true boxes (one per sample; any number for multi-box presets)")
         split_prop = inputs.str("split_field", label="Split field", default=self.DEFAULTS["split_field"])
         inputs.str("train_split", label="Train split", default=self.DEFAULTS["train_split"],
                    description="empty: train on the whole view")
