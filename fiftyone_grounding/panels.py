@@ -65,7 +65,9 @@ class GroundingPanel(foo.Panel):
             self._ground(ctx)
 
     def on_change_phrase(self, ctx):
-        ctx.panel.state.phrase = ctx.params.get("value")
+        # The App has put the typed value in the panel's state already: setting it again here
+        # would, with the events of several typing pauses in flight, put an older phrase back
+        # into the box as their replies come in.
         self._ground(ctx)
 
     def on_change_model(self, ctx):
@@ -161,7 +163,8 @@ class GroundingPanel(foo.Panel):
         panel.str("phrase", label="Phrase", on_change=self.on_change_phrase,
                   description="what to find on this sample, e.g. 'the small red circle on the left'")
         if state.result:
-            panel.md(_format_result(state.result, state.gt_field), name="result")
+            # not name="result": a view shows the panel state's value of its name (the result dict)
+            panel.md(_format_result(state.result, state.gt_field), name="result_line")
         if state.message:
             panel.md(state.message, name="message")
         buttons = panel.h_stack("actions", align_x="left", gap=2)

@@ -81,7 +81,9 @@ def ground_in_sample(samples, sample_id: str, phrase: str, model: GroundingModel
     sample = samples.select(sample_id)
     if len(sample) == 0:
         raise InputError(f"No sample {sample_id!r} here: open a sample of this dataset.")
-    ground_phrase(sample, phrase, model, label_field=preview_field, batch_size=1, record=False)
+    # no progress bar: a shown one captures sys.stdout, which is not safe in the App server's
+    # threads, where the panel's events (one per typing pause) can run at once
+    ground_phrase(sample, phrase, model, label_field=preview_field, batch_size=1, record=False, progress=False)
     fields = [f"{preview_field}.detections.bounding_box", f"{preview_field}.detections.confidence"]
     has_truth = bool(gt_field) and samples.has_field(gt_field)
     if has_truth:

@@ -1,5 +1,5 @@
-"""The real FiftyOne App in headless Chromium: this plugin's operators, and its evaluation in the
-Model Evaluation panel.
+"""The real FiftyOne App in headless Chromium: this plugin's operators, its evaluation in the
+Model Evaluation panel, and its grounding panel in the sample modal.
 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; skipped without it). With
 ``FOG_SAVE_SCREENSHOTS=1`` the screenshots are also copied into ``docs/`` for the README.
@@ -7,6 +7,7 @@ Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; skipped without it
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import time
@@ -16,6 +17,7 @@ import pytest
 
 import fiftyone as fo
 
+from fiftyone_grounding.config import GROUNDED_FIELD, PREVIEW_FIELD
 from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV
 from fiftyone_grounding.operators import OPERATORS
 
@@ -164,3 +166,97 @@ def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
         # a scenario is there (without one the tab offers to create one): the split field's
         expect(page.get_by_text("Scenario:", exact=True)).to_be_visible()
         expect(page.get_by_text("Prediction Statistics", exact=True)).to_be_visible()
+
+
+def _modal_sample_id(page, other_than=None) -> str:
+    """The id of the sample the modal shows (the page's ``?id=``), once it is not ``other_than``."""
+    from urllib.parse import parse_qs, urlparse
+
+    page.wait_for_url(lambda url: parse_qs(urlparse(url).query).get("id", [other_than])[0] != other_than)
+    return parse_qs(urlparse(page.url).query)["id"][0]
+
+
+def _open_grounding_panel(page):
+    """The '+' of the modal's tab bar -> Grounding. Returns the panel's content.
+
+    The App opens the modal panels of plugins as tabs of a new modal (then the '+' is gone): that
+    tab is closed first, so the panel is opened as a user opens it after closing it."""
+    from playwright.sync_api import expect
+
+    modal = page.locator('[data-cy="modal"]')
+    tab = modal.locator('[data-cy="panel-tab-grounding_panel"]')
+    new_panel = modal.get_by_role("button", name="New panel")
+    expect(tab.or_(new_panel).first).to_be_visible()
+    if tab.count():
+        tab.get_by_role("button", name="Close").click()
+        expect(tab).to_have_count(0)
+    new_panel.click()
+    page.get_by_text("Grounding", exact=True).click()
+    panel = modal.locator('[data-cy="panel-content-grounding_panel"]')
+    expect(panel.get_by_text("Phrase", exact=True)).to_be_visible()
+    return panel
+
+
+def _poll(read, seconds: float = 30):
+    """``read()`` once it is truthy (the App server writes as it answers), or its last value."""
+    deadline = time.time() + seconds
+    value = read()
+    while not value and time.time() < deadline:
+        time.sleep(0.5)
+        value = read()
+    return value
+
+
+def _boxes(dataset, sample_id: str, field: str) -> list:
+    dataset.reload()
+    label = dataset[sample_id][field] if dataset.has_field(field) else None
+    return label.detections if label is not None else []
+
+
+def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_modal(app, tmp_path):
+    """In a sample's modal: the Grounding panel (opened from the tab bar's '+') grounds a typed
+    phrase (its line: confidence and IoU with the ground truth; the box in the preview field),
+    Keep moves the box into the kept field, and the phrase follows the modal to the next sample
+    (whose preview gets a box, the previous preview being cleared)."""
+    from playwright.sync_api import expect
+
+    phrase = "the red circle"
+    result_line = re.compile(rf"^{re.escape(phrase)} · confidence \d\.\d\d · IoU with ground_truth \d\.\d\d$")
+    dataset, url = app
+    with _app_page(url) as page:
+        page.locator('[data-cy="looker"]').first.click()
+        expect(page.locator('[data-cy="modal"]')).to_be_visible()
+        first = _modal_sample_id(page)
+        panel = _open_grounding_panel(page)
+
+        # the panel's text box sends its value when typing pauses: fill() is one such pause
+        panel.get_by_text("Phrase", exact=True).locator("xpath=following::input[1]").fill(phrase)
+        line = panel.locator("p", has=page.locator("strong", has_text=phrase))
+        expect(line).to_have_text(result_line)
+        page.wait_for_timeout(2_000)  # only for the picture: let the modal redraw the sample
+        _save(page, tmp_path, "app_grounding_panel.png")
+
+        preview = _poll(lambda: _boxes(dataset, first, PREVIEW_FIELD))
+        assert len(preview) == 1 and preview[0].expression == phrase
+        assert preview[0].confidence is not None
+        assert f"confidence {preview[0].confidence:.2f}" in line.inner_text()
+
+        panel.get_by_role("button", name="Keep").click()
+        expect(panel.get_by_text(f"Kept in {GROUNDED_FIELD}", exact=False)).to_be_visible()
+        kept = _poll(lambda: _boxes(dataset, first, GROUNDED_FIELD))
+        assert [(d.expression, d.confidence, d.bounding_box) for d in kept] == \
+            [(phrase, preview[0].confidence, preview[0].bounding_box)]
+        assert _boxes(dataset, first, PREVIEW_FIELD) == []
+
+        # the next sample (the focus is on Keep, not in the text box): the phrase follows
+        page.keyboard.press("ArrowRight")
+        second = _modal_sample_id(page, other_than=first)
+        expect(line).to_have_text(result_line)  # Keep had cleared the line: this is the new sample's
+        next_preview = _poll(lambda: _boxes(dataset, second, PREVIEW_FIELD))
+        assert [d.expression for d in next_preview] == [phrase] and next_preview[0].confidence is not None
+
+        page.keyboard.press("ArrowRight")  # and on: the previous sample's preview is cleared
+        third = _modal_sample_id(page, other_than=second)
+        assert [d.expression for d in _poll(lambda: _boxes(dataset, third, PREVIEW_FIELD))] == [phrase]
+        assert _poll(lambda: not _boxes(dataset, second, PREVIEW_FIELD))
+        assert [d.expression for d in _boxes(dataset, first, GROUNDED_FIELD)] == [phrase]
