@@ -5,7 +5,9 @@ sample the modal shows, with the chosen model, and draws the box (``config.PREVI
 with its confidence, and its IoU with the ground-truth box where the sample has one. **Keep**
 moves the box into a field, **Clear** removes it, **Search the dataset** opens the search
 operator with the phrase. Moving to another sample grounds the phrase there (and clears the
-previous sample's preview).
+previous sample's preview). A multi-box model draws every box it keeps (none where the phrase
+refers to nothing). The first time on a dataset the panel declares its preview field and asks to
+reopen the sample: FiftyOne's open modal does not see fields added after it opened.
 
 FiftyOne's panel text boxes send their value when typing pauses (there is no Enter event),
 so the phrase is grounded then; the model comes from ``zoo.cached_model`` and is loaded once.
@@ -28,11 +30,18 @@ confidence, and its IoU with the ground truth when the sample has one. **Keep** 
 field; **Search the dataset** ranks every image by the phrase."""
 
 
+# The App's modal reads the dataset's fields when it opens: a field added while it is open is not drawn
+FIRST_USE = ("This dataset now has the preview field `{preview}` that this panel draws its boxes in: close "
+             "this sample and open it again (once) to see them.")
+
+
 def _format_result(result: dict, gt_field) -> str:
     """One line: the phrase, the box's confidence, its IoU with the ground truth."""
     if not result.get("boxes"):
         return f"**{result['phrase']}**: no box (below the confidence threshold, or the image cannot be read)"
     parts = [f"**{result['phrase']}**"]
+    if result["boxes"] > 1:  # a multi-box model: the figures are its most confident box's
+        parts.append(f"{result['boxes']} boxes, the most confident:")
     if result.get("confidence") is not None:
         parts.append(f"confidence {result['confidence']:.2f}")
     if result.get("iou") is not None:
@@ -61,6 +70,13 @@ class GroundingPanel(foo.Panel):
         if state.gt_field is None:
             detections = fields_of_kind(ctx.dataset, "Detections")
             state.gt_field = GT_FIELD if GT_FIELD in detections else None
+        samples = self._samples(ctx)
+        if not samples.has_field(PREVIEW_FIELD):  # declared before the modal draws: it then knows the field
+            from .apply import declare_detections_field
+
+            declare_detections_field(samples._root_dataset, PREVIEW_FIELD)
+            ctx.ops.reload_dataset()
+            state.message = FIRST_USE.format(preview=PREVIEW_FIELD)
         if clean_phrase(state.phrase):
             self._ground(ctx)
 
@@ -139,7 +155,6 @@ class GroundingPanel(foo.Panel):
         if (state.result or {}).get("sample_id") not in (None, ctx.current_sample):
             self._clear_previous(ctx)
         samples = self._samples(ctx)
-        had_field = samples.has_field(PREVIEW_FIELD)
         try:
             model = load_grounding_model(state.model)
             result = ground_in_sample(samples, ctx.current_sample, phrase, model, gt_field=state.gt_field)
@@ -148,12 +163,9 @@ class GroundingPanel(foo.Panel):
             return
         state.result = {**result, "sample_id": ctx.current_sample, "model": model.source}
         state.message = None
-        if not had_field:
-            ctx.ops.reload_dataset()  # a new field: the App learns its schema
-        else:
-            ctx.ops.reload_samples()
-        if PREVIEW_FIELD not in (ctx.active_fields or []):
-            ctx.ops.set_active_fields(fields=list(ctx.active_fields or []) + [PREVIEW_FIELD])
+        ctx.ops.reload_samples()
+        # the modal's own active fields (the App sets those while the modal is open)
+        ctx.ops.set_active_fields(fields=list(dict.fromkeys(list(ctx.active_fields or []) + [PREVIEW_FIELD])))
 
     # -- layout ------------------------------------------------------------------------------
 

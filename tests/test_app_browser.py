@@ -214,7 +214,8 @@ def _boxes(dataset, sample_id: str, field: str) -> list:
 
 
 def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_modal(app, tmp_path):
-    """In a sample's modal: the Grounding panel (opened from the tab bar's '+') grounds a typed
+    """The first time on a dataset, the panel adds its preview field and asks to reopen the sample
+    (the open modal read the fields before). Then, in a sample's modal: the Grounding panel (opened from the tab bar's '+') grounds a typed
     phrase (its line: confidence and IoU with the ground truth; the box in the preview field),
     Keep moves the box into the kept field, and the phrase follows the modal to the next sample
     (whose preview gets a box, the previous preview being cleared)."""
@@ -224,8 +225,18 @@ def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_mod
     result_line = re.compile(rf"^{re.escape(phrase)} · confidence \d\.\d\d · IoU with ground_truth \d\.\d\d$")
     dataset, url = app
     with _app_page(url) as page:
+        # the first modal on a dataset: the panel adds its preview field and says to reopen the sample
         page.locator('[data-cy="looker"]').first.click()
-        expect(page.locator('[data-cy="modal"]')).to_be_visible()
+        modal = page.locator('[data-cy="modal"]')
+        expect(_open_grounding_panel(page).get_by_text("close this sample and open it again", exact=False)
+               ).to_be_visible()
+        dataset.reload()
+        assert dataset.has_field(PREVIEW_FIELD)
+        page.mouse.click(150, 300)  # the sample's image has the focus: Escape closes the modal
+        page.keyboard.press("Escape")
+        expect(modal).to_have_count(0)
+        page.locator('[data-cy="looker"]').first.click()
+        expect(modal).to_be_visible()
         first = _modal_sample_id(page)
         panel = _open_grounding_panel(page)
 
@@ -233,6 +244,8 @@ def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_mod
         panel.get_by_text("Phrase", exact=True).locator("xpath=following::input[1]").fill(phrase)
         line = panel.locator("p", has=page.locator("strong", has_text=phrase))
         expect(line).to_have_text(result_line)
+        # the reopened modal knows the preview field: its sidebar lists it, shown
+        expect(modal.locator(f'[data-cy="sidebar-field-{PREVIEW_FIELD}"]')).to_be_visible()
         page.wait_for_timeout(2_000)  # only for the picture: let the modal redraw the sample
         _save(page, tmp_path, "app_grounding_panel.png")
 
