@@ -145,6 +145,10 @@ class GrounderConfig:
     # score_thresh, the official gRefCOCO scorer's 0.7 by default)
     num_queries: int = 0
     score_thresh: float = 0.7
+    # multi-box: the queries start from the num_queries image tokens that a head scores most likely
+    # to be one of the phrase's objects (their boxes and features; Deformable DETR's two-stage /
+    # DINO's query selection), the proposals trained as one more stage of the set loss
+    query_selection: bool = False
     image_mean: tuple[float, float, float] = IMAGENET_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -215,6 +219,8 @@ class GrounderConfig:
              "num_queries > 0 needs loss_weights 'score' and 'exist' > 0, and only then may they be given"),
             (isinstance(self.score_thresh, (int, float)) and 0.0 <= self.score_thresh <= 1.0,
              "score_thresh must be a number in [0, 1]"),
+            (isinstance(self.query_selection, bool) and (not self.query_selection or self.num_queries > 0),
+             "query_selection must be true or false, and true only with num_queries > 0"),
             (len(self.image_mean) == 3 and len(self.image_std) == 3 and min(self.image_std) > 0
              and all(math.isfinite(v) for v in self.image_mean + self.image_std),
              "image_mean/image_std must have 3 finite values, std > 0"),
@@ -332,14 +338,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 # Generalized grounding: zero, one or several boxes per phrase (gRefCOCO). The fusion encoder,
-# then 10 box queries through 3 decoder layers (self-attention among the queries, cross-attention
-# to the fused image tokens; deep supervision, Hungarian matching at every layer).
+# then 10 box queries, started from the 10 image tokens most likely to be one of the phrase's
+# objects, through 3 decoder layers (self-attention among the queries, cross-attention to the
+# fused image tokens; deep supervision, Hungarian matching at every layer).
 PRESETS["fusion-multi"] = dict(PRESETS["fusion"], quality_head=False, refine_layers=3, num_queries=10,
-                               loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
+                               query_selection=True, loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 # The tiny twins of the v2 presets: the same classes with the tiny encoders (2 DINOv3 layers).
 PRESETS["tiny-fusion"] = dict(PRESETS["tiny"], architecture="fusion", image_layers=[1, 2], level_pool=2,
                               refine_layers=2)
 PRESETS["tiny-fusion-multi"] = dict(PRESETS["tiny-fusion"], quality_head=False, refine_layers=3, num_queries=10,
+                                    query_selection=True,
                                     loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", num_layers=1,
                                adapter_layers=1, adapter_dim=64)

@@ -54,7 +54,9 @@ def test_every_preset_builds_and_runs(preset):
     q = model.config.num_queries  # every query's box and score at every decoder layer, and the existence
     assert out.query_boxes.shape == (2, q, 4) and out.scores.shape == (2, q) and out.exists.shape == (2,)
     assert ((out.query_boxes >= 0) & (out.query_boxes <= 1)).all()
-    assert len(out.aux_boxes) == len(out.aux_scores) == model.config.refine_layers - 1
+    # one stage per decoder layer before the last, and the selected proposals
+    stages = model.config.refine_layers - 1 + int(model.config.query_selection)
+    assert len(out.aux_boxes) == len(out.aux_scores) == stages
     confidence = out.box_confidences()
     assert ((confidence >= 0) & (confidence <= 1)).all()
     best = out.query_boxes[torch.arange(2), confidence.argmax(1)]
@@ -81,7 +83,8 @@ def test_frozen_encoders_get_no_gradient_and_do_not_change(preset):
     out = model(pixels, ids, mask)
     if model.config.num_queries:  # two boxes for the first phrase, none for the second
         target = [torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.4]]), torch.zeros(0, 4)]
-        expected = {"l1", "giou", "score", "exist", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers - 1)}
+        stages = model.config.refine_layers - 1 + int(model.config.query_selection)
+        expected = {"l1", "giou", "score", "exist", "loss"} | {f"aux{k}" for k in range(stages)}
     else:
         target = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2)
         expected = {"l1", "giou", "quality", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
@@ -122,6 +125,29 @@ def test_grouped_images_equal_one_by_one(preset):
         if getattr(grouped, name) is not None:
             assert torch.allclose(getattr(grouped, name), torch.cat([getattr(o, name) for o in single]), atol=1e-5)
     assert not torch.allclose(grouped.boxes[0], grouped.boxes[2], atol=1e-4)  # same image, other phrase
+
+
+def test_query_selection_starts_the_queries_from_the_phrases_most_likely_tokens():
+    """With query_selection (the multi presets), the queries start at the top-scored patch tokens:
+    the proposals are one more trained stage (their scores are those tokens' and get a gradient
+    from the set loss), the decoder's first boxes are the proposals (detached); without it the
+    learned anchors start the decoder as before."""
+    torch.manual_seed(0)
+    model = build_model("tiny-fusion-multi")
+    assert model.config.query_selection and not hasattr(model, "query_anchor")
+    ids, mask = tokens(model, ["the red circle", "all the squares"])
+    out = model(torch.randn(2, 3, 64, 64), ids, mask)
+    q = model.config.num_queries
+    proposals, proposal_scores = out.aux_boxes[0], out.aux_scores[0]
+    assert proposals.shape == (2, q, 4) and proposal_scores.shape == (2, q)
+    assert (proposal_scores[:, :-1] >= proposal_scores[:, 1:]).all()  # the top tokens, most likely first
+    target = [torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.tensor([[0.5, 0.5, 0.9, 0.9], [0.0, 0.6, 0.3, 0.95]])]
+    grounding_loss(out, target, model.config.loss_weights)["aux0"].backward()
+    assert model.token_score[1].weight.grad.abs().sum() > 0 and model.token_box[-1].weight.grad.abs().sum() > 0
+    plain = build_model("tiny-fusion-multi", query_selection=False)
+    assert not hasattr(plain, "token_score") and plain.query_anchor.shape == (q, 4)
+    out = plain(torch.randn(2, 3, 64, 64), ids, mask)
+    assert len(out.aux_boxes) == plain.config.refine_layers - 1
 
 
 def test_the_quality_head_learns_only_from_its_own_loss():
