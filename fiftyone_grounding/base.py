@@ -44,6 +44,13 @@ class GroundingOutput(NamedTuple):
             return None
         return self.scores.float().sigmoid() * self.exists.float().sigmoid()[:, None]
 
+    def box_confidence_logits(self) -> Optional[Tensor]:
+        """(B, Q) logits of :meth:`box_confidences` (what a checkpoint's calibration maps to the
+        confidence); None for one-box outputs."""
+        if self.scores is None:
+            return None
+        return torch.logit(self.box_confidences().clamp(1e-6, 1 - 1e-6))
+
 
 class QualityHead(nn.Module):
     """Predicts the IoU of a box with the true box, from the query that produced it and the box

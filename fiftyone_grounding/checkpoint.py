@@ -1,5 +1,6 @@
 """Checkpoints: a folder with ``config.json`` + ``model.safetensors`` (trainable weights only),
-and ``calibration.json`` (the confidence's calibration) for models with a quality head.
+and ``calibration.json`` (the confidence's calibration) for models with a quality head or box
+queries.
 
 The frozen encoders are named by id/path in the config, not copied. Nothing here
 unpickles: weights are safetensors, everything else JSON; ``convert_checkpoint`` reads an
@@ -89,7 +90,7 @@ def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None,
     def write(tmp: Path) -> None:
         model.config.to_json(tmp / CONFIG_NAME)
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if model.quality_head is not None:
+        if model.quality_head is not None or model.config.num_queries:
             model.calibration.save(tmp)
         if extra is not None:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))

@@ -363,9 +363,9 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
                 ids, mask = None, mask.index_select(0, order)
             out = self.model(pixel_values, ids, mask, image_index, image_features=image_features,
                              text_features=text_features)
-        # boxes and quality logits (or every query's box and confidence) side by side: one copy to the host
+        # boxes and quality logits (or every query's box and confidence logit) side by side: one copy to the host
         if out.scores is not None:
-            result = torch.cat([out.query_boxes.float(), out.box_confidences()[..., None]], -1)  # (B, Q, 5)
+            result = torch.cat([out.query_boxes.float(), out.box_confidence_logits()[..., None]], -1)  # (B, Q, 5)
         elif out.quality is None:
             result = out.boxes.float()
         else:
@@ -376,11 +376,12 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
         def split(values: torch.Tensor) -> BoxPrediction:
             if values.ndim == 3:  # a multi-box model: each phrase's boxes at or above the threshold
+                boxes, confidences = values[..., :4].numpy(), calibration(values[..., 4].numpy())  # (B, Q)
                 sets = []
-                for row in values.numpy():
-                    row = row[np.argsort(-row[:, 4], kind="stable")]
-                    row = row[row[:, 4] >= score_thresh]
-                    sets.append((row[:, :4], row[:, 4]))
+                for row_boxes, row_conf in zip(boxes, confidences):
+                    order = np.argsort(-row_conf, kind="stable")
+                    order = order[row_conf[order] >= score_thresh]
+                    sets.append((row_boxes[order], row_conf[order]))
                 best = values[torch.arange(len(values)), values[..., 4].argmax(1), :4]
                 return BoxPrediction(best, None, sets)
             if out.quality is None:

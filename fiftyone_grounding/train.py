@@ -414,7 +414,7 @@ def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, auto
     from .confidence import fit_calibration
 
     module = accelerator.unwrap_model(model)
-    if module.quality_head is None:
+    if module.quality_head is None and not config.num_queries:
         return
     kept = {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
     load_trainable_weights(module, best_dir / WEIGHTS_NAME)
@@ -429,7 +429,8 @@ def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, auto
         calibration = fit_calibration(logits, ious)
         calibration.save(best_dir)
         module.calibration = calibration
-        print(f"Confidence: {calibration.method} calibration on {calibration.fitted_on} validation expressions "
+        what = "validation boxes (every query's)" if config.num_queries else "validation expressions"
+        print(f"Confidence: {calibration.method} calibration on {calibration.fitted_on} {what} "
               f"(expected calibration error there {calibration.val_ece:.4f})")
     accelerator.wait_for_everyone()
 
@@ -536,6 +537,29 @@ def _iou_with_first_box(pred: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.
     has = torch.isfinite(boxes).all(-1)
     iou = box_iou(pred.float(), torch.nan_to_num(boxes.float()))
     return (iou * has).sum(), has.sum()
+
+
+def matched_queries(query_boxes: torch.Tensor, truths) -> torch.Tensor:
+    """(B, Q) 1.0 where a query's box is matched to one of its phrase's true boxes as gRefCOCO's
+    scorer matches (greedily, best GIoU first, each box once, GIoU >= 0.5), else 0.0: what a
+    multi-box model's confidence is calibrated to."""
+    from .boxes import generalized_box_iou
+    from .grec import IOU_THRESH
+
+    flags = torch.zeros(query_boxes.shape[:2])
+    for b, truth in enumerate(truths):
+        if len(truth) == 0:
+            continue
+        giou = generalized_box_iou(query_boxes[b].detach().float().cpu()[:, None], truth.float().cpu()[None])  # (Q, n)
+        for _ in range(min(giou.shape)):
+            best = int(giou.argmax())
+            i, j = divmod(best, giou.shape[1])
+            if giou[i, j] < IOU_THRESH:
+                break
+            flags[b, i] = 1.0
+            giou[i, :] = -2.0
+            giou[:, j] = -2.0
+    return flags
 
 
 def forward_batch(model, batch: dict):
@@ -675,7 +699,10 @@ def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_d
         iou_sum += batch_iou.item()
         with_box += batch_with_box.item()
         count += n
-        if keep_quality and out.quality is not None:
+        if keep_quality and out.scores is not None:  # every query's box: right (1) where it finds a true box
+            logits.extend(out.box_confidence_logits().flatten().tolist())
+            ious.extend(matched_queries(out.query_boxes, loss_target(batch)).flatten().tolist())
+        elif keep_quality and out.quality is not None:
             logits.extend(out.quality.float().tolist())
             ious.extend(box_iou(pred.float(), batch["boxes"].float()).tolist())
     totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count, with_box], device=accelerator.device), "sum")

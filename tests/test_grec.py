@@ -195,3 +195,31 @@ def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(datas
     counts = [len(d.detections) for d in ranked.values("found_some")]
     first_empty = counts.index(0)
     assert 0 < first_empty and all(counts[:first_empty]) and not any(counts[first_empty:])
+
+
+def test_multi_box_confidences_are_calibrated_to_the_scorers_matches():
+    """matched_queries flags the queries gRefCOCO's scorer would match (greedy, GIoU >= 0.5, each
+    true box once: a duplicate is not matched); a checkpoint's calibration maps every query's
+    confidence logit, so the score threshold applies to the calibrated confidence."""
+    import torch
+
+    from fiftyone_grounding.confidence import Calibration
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.train import matched_queries
+
+    truth = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]])
+    queries = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.12, 0.1, 0.4, 0.42], [0.0, 0.0, 0.05, 0.05],
+                             [0.52, 0.5, 0.9, 0.88]],
+                            [[0.1, 0.1, 0.4, 0.4]] * 4])
+    flags = matched_queries(queries, [truth, torch.zeros(0, 4)])
+    assert flags.tolist() == [[1.0, 0.0, 0.0, 1.0], [0.0] * 4]
+
+    torch.manual_seed(0)
+    model = GroundingModel(build_model("tiny-fusion-multi"), device="cpu", score_thresh=0.0)
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    raw = model.predict(image, "the red circle").detections
+    model.model.calibration = Calibration("platt", a=1.0, b=-50.0)  # every confidence near 0
+    assert [d.confidence for d in model.predict(image, "the red circle").detections] == \
+        pytest.approx([0.0] * len(raw), abs=1e-12)
+    assert len(model.with_options(score_thresh=0.5).predict(image, "the red circle").detections) == 0
