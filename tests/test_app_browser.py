@@ -39,19 +39,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def app_port(synthetic_dataset, tiny_checkpoint, grounding_plugin_dir):
+    """One App server for this module's tests (started once: about 15 s), on loopback, with this
+    plugin and the tiny checkpoint as the default model of the forms. Yields its port."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FIFTYONE_DO_NOT_TRACK", "true")
+        env.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))  # read by the App's server process
+        first = synthetic_dataset.limit(2).clone()
+        port = _free_port()
+        session = fo.launch_app(first, remote=True, address="127.0.0.1", port=port)
+        try:
+            yield port
+        finally:
+            session.close()
+            first.delete()
+
+
 @pytest.fixture
-def app(synthetic_dataset, dataset_name, tiny_checkpoint, grounding_plugin_dir, monkeypatch):
-    """The App serving 20 synthetic samples on loopback, with this plugin and the tiny checkpoint
-    as the default model of the forms. Yields (dataset, URL of its page)."""
+def app(app_port, synthetic_dataset, dataset_name):
+    """A dataset of 20 synthetic samples of its own and the URL of its page in the App. Yields
+    (dataset, URL)."""
     dataset = synthetic_dataset.limit(20).clone(dataset_name)
-    monkeypatch.setenv("FIFTYONE_DO_NOT_TRACK", "true")
-    monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))  # read by the App's server process
-    port = _free_port()
-    session = fo.launch_app(dataset, remote=True, address="127.0.0.1", port=port)
-    try:
-        yield dataset, f"http://127.0.0.1:{port}/datasets/{dataset_name}"
-    finally:
-        session.close()
+    yield dataset, f"http://127.0.0.1:{app_port}/datasets/{dataset_name}"
 
 
 def _save(page, tmp_path: Path, name: str) -> None:
