@@ -145,6 +145,12 @@ class GrounderBase(nn.Module):
 
     # -- boxes ---------------------------------------------------------------------------
 
+    @property
+    def has_confidence(self) -> bool:
+        """Whether its boxes carry a confidence to calibrate: a quality head, or box queries with
+        scores (the seed has neither)."""
+        return self.quality_head is not None or self.config.num_queries > 0
+
     def to_xyxy(self, raw: Tensor) -> Tensor:
         """Sigmoid outputs of the box head -> xyxy in [0, 1]."""
         if self.config.box_format == "cxcywh":

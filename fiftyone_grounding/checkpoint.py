@@ -90,7 +90,7 @@ def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None,
     def write(tmp: Path) -> None:
         model.config.to_json(tmp / CONFIG_NAME)
         save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        if model.quality_head is not None or model.config.num_queries:
+        if model.has_confidence:
             model.calibration.save(tmp)
         if extra is not None:
             (tmp / "info.json").write_text(json.dumps(extra, indent=2))

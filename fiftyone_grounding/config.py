@@ -263,6 +263,12 @@ def field_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+
+# What the v2 presets (fusion, adapter) share: 384 px, d=256, [REG] query, sine positions, the quality head.
+_V2 = dict(image_size=384, d_model=256, num_heads=8, dim_feedforward=1024, head_hidden=256, query="reg",
+           pos_embed="sine", box_format="cxcywh", norm_first=True, quality_head=True,
+           loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0})
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The original notebook, reproduced exactly: 144,968,836 params, 25,948,420 trainable.
     "seed": dict(),
@@ -279,44 +285,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fusion v2 (CLIP-VG's recipe on DINOv3): layers 3, 6, 9, 12 (the first three pooled 2x2), a
     # 6-layer bidirectional encoder over [REG; text; image], 2 box-refinement layers with deep
     # supervision; image features stay text-independent, so they cache. 384 px.
-    "fusion": dict(
-        architecture="fusion",
-        image_size=384,
-        d_model=256,
-        num_heads=8,
-        num_layers=6,
-        dim_feedforward=1024,
-        head_hidden=256,
-        query="reg",
-        pos_embed="sine",
-        box_format="cxcywh",
-        norm_first=True,
-        quality_head=True,
-        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
-        image_layers=[3, 6, 9, 12],
-        level_pool=2,
-        refine_layers=2,
-    ),
+    "fusion": dict(_V2, architecture="fusion", num_layers=6, image_layers=[3, 6, 9, 12], level_pool=2,
+                   refine_layers=2),
     # SwimVG's recipe on DINOv3: a [REG] token and text cross-attention adapters (width 256) in
     # the last 6 frozen blocks, one read-out layer for the [REG] token; the image features depend
     # on the phrase, so nothing caches. 384 px.
-    "adapter": dict(
-        architecture="adapter",
-        image_size=384,
-        d_model=256,
-        num_heads=8,
-        num_layers=1,
-        dim_feedforward=1024,
-        head_hidden=256,
-        query="reg",
-        pos_embed="sine",
-        box_format="cxcywh",
-        norm_first=True,
-        quality_head=True,
-        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
-        adapter_layers=6,
-        adapter_dim=256,
-    ),
+    "adapter": dict(_V2, architecture="adapter", num_layers=1, adapter_layers=6, adapter_dim=256),
     # Same classes, small configs: tests and the offline demo on a CPU.
     "tiny": dict(
         image_encoder=TINY_IMAGE_ENCODER,

@@ -220,9 +220,9 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         if "prompt_field" in options or "prompt" in options:  # a new phrase source replaces the old one
             current.update(prompt_field=None, prompt=None)
         clone = copy.copy(self)
-        if options.get("score_thresh") is not None:
-            clone.score_thresh = float(options.pop("score_thresh"))
-        options.pop("score_thresh", None)
+        score_thresh = options.pop("score_thresh", None)
+        if score_thresh is not None:
+            clone.score_thresh = float(score_thresh)
         source = options.pop("source", self.source)
         clone.source = str(source) if source is not None else None
         clone._set_options(**{**current, **options})

@@ -61,6 +61,21 @@ class ExpressionScore:
     no_target: bool
 
 
+def greedy_matches(giou: np.ndarray, iou_thresh: float = IOU_THRESH) -> list[tuple[int, int]]:
+    """The scorer's matching of predicted boxes (rows) to true boxes (columns) by their GIoU:
+    the best remaining pair first, neither box matched again, while the pair reaches ``iou_thresh``."""
+    giou = np.array(giou, dtype=np.float64)  # a copy: matched rows and columns are zeroed
+    pairs = []
+    for _ in range(min(giou.shape) if giou.size else 0):
+        i, j = np.unravel_index(int(np.argmax(giou)), giou.shape)  # the best remaining pair
+        if giou[i, j] < iou_thresh:
+            break
+        pairs.append((int(i), int(j)))
+        giou[i, :] = 0.0  # as the scorer does: neither box matches again (0 < iou_thresh)
+        giou[:, j] = 0.0
+    return pairs
+
+
 def score_expression(e: Expression, score_thresh: float = SCORE_THRESH,
                      iou_thresh: float = IOU_THRESH) -> ExpressionScore:
     """The official scorer's judgement of one expression."""
@@ -70,14 +85,7 @@ def score_expression(e: Expression, score_thresh: float = SCORE_THRESH,
         f1 = 0.0 if len(kept) else 1.0
         return ExpressionScore(len(kept), 0, len(kept), 0, f1, f1 >= 1.0, True)
     giou = generalized_box_iou(kept[:, None, :], e.truths[None, :, :]) if len(kept) else np.zeros((0, len(e.truths)))
-    tp = 0
-    for _ in range(min(len(kept), len(e.truths))):
-        i, j = np.unravel_index(int(np.argmax(giou)), giou.shape)  # the best remaining pair
-        if giou[i, j] < iou_thresh:
-            break
-        tp += 1
-        giou[i, :] = 0.0  # as the scorer does: neither box matches again (0 < iou_thresh)
-        giou[:, j] = 0.0
+    tp = len(greedy_matches(giou, iou_thresh))
     fp, fn = len(kept) - tp, len(e.truths) - tp
     f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
     return ExpressionScore(len(kept), tp, fp, fn, f1, f1 >= 1.0, False)

@@ -51,7 +51,7 @@ def search_phrase(view, phrase: str, model: GroundingModel, label_field: str = S
     and encoded; the adapter architecture reads the phrase inside the image encoder and always
     encodes. ``confidence_thresh`` drops the less confident boxes.
     """
-    if model.model.quality_head is None and not model.config.num_queries:  # a multi-box model scores its boxes
+    if not model.model.has_confidence:
         raise InputError("This model has no confidence (it was trained without a quality head), so it cannot rank "
                          "images by a phrase: use ground_phrase, or a model trained with this version.")
     features = None

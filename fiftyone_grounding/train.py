@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from .batching import GroupBatchSampler
-from .boxes import box_iou
+from .boxes import box_iou, generalized_box_iou
 from .checkpoint import (BEST_DIR, CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resolve_checkpoint_dir,
                          save_checkpoint)
 from .config import GrounderConfig, TrainConfig, default_num_workers
@@ -408,13 +408,13 @@ def _save_epoch(model: Grounder, optimizer, scheduler, out: Path, epoch: int, ro
 
 def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, autocast_dtype, best_dir: Path) -> None:
     """Fit the confidence's calibration of ``best/`` on the validation split and save it there
-    (models with a quality head). The model in memory keeps the weights training left it with."""
+    (models whose boxes carry a confidence). The model in memory keeps the weights training left it with."""
     from accelerate.utils import gather_object
 
     from .confidence import fit_calibration
 
     module = accelerator.unwrap_model(model)
-    if module.quality_head is None and not config.num_queries:
+    if not module.has_confidence:
         return
     kept = {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
     load_trainable_weights(module, best_dir / WEIGHTS_NAME)
@@ -541,24 +541,17 @@ def _iou_with_first_box(pred: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.
 
 def matched_queries(query_boxes: torch.Tensor, truths) -> torch.Tensor:
     """(B, Q) 1.0 where a query's box is matched to one of its phrase's true boxes as gRefCOCO's
-    scorer matches (greedily, best GIoU first, each box once, GIoU >= 0.5), else 0.0: what a
+    scorer matches (``grec.greedy_matches``: GIoU >= 0.5, each box once), else 0.0: what a
     multi-box model's confidence is calibrated to."""
-    from .boxes import generalized_box_iou
-    from .grec import IOU_THRESH
+    from .grec import greedy_matches
 
     flags = torch.zeros(query_boxes.shape[:2])
     for b, truth in enumerate(truths):
-        if len(truth) == 0:
-            continue
-        giou = generalized_box_iou(query_boxes[b].detach().float().cpu()[:, None], truth.float().cpu()[None])  # (Q, n)
-        for _ in range(min(giou.shape)):
-            best = int(giou.argmax())
-            i, j = divmod(best, giou.shape[1])
-            if giou[i, j] < IOU_THRESH:
-                break
-            flags[b, i] = 1.0
-            giou[i, :] = -2.0
-            giou[:, j] = -2.0
+        if len(truth):
+            boxes = query_boxes[b].detach().float().cpu()
+            giou = generalized_box_iou(boxes[:, None], truth.float().cpu()[None]).numpy()  # (Q, n)
+            for i, _ in greedy_matches(giou):
+                flags[b, i] = 1.0
     return flags
 
 
