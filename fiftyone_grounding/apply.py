@@ -249,7 +249,7 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     log_skipped(skipped)
     _redeclare_if_dropped(dataset, label_field)
     if record is not None:
-        record_labels(view, label_field, model.source, **record,
+        record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
                       confidence_thresh=model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh)
     return {"processed": total, "skipped": skipped}
 

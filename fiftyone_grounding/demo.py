@@ -24,7 +24,8 @@ DEMO_DEFAULTS = {
 GREC_FRACTIONS = dict(several_fraction=0.3, none_fraction=0.2)  # of the phrases, where the scene allows
 
 
-VERSIONED = ("torch", "transformers", "numpy", "pillow", "opencv-python-headless", "albumentations", "fiftyone")
+# torchvision resizes the images (images.py), scipy matches the multi-box queries (matching.py)
+VERSIONED = ("torch", "torchvision", "transformers", "numpy", "scipy", "pillow", "fiftyone")
 
 
 def library_versions() -> dict[str, str]:
@@ -163,7 +164,9 @@ def run_grec_demo(
     or several ("all the red shapes", "the two squares"; "the green triangle" where there is
     none), ``tiny-fusion-multi`` and the one-box ``tiny`` trained alike on it (the one-box model
     skips the phrases it cannot learn), both applied to the test split and scored as gRefCOCO's
-    official scorer does (``evaluate.evaluate_grec``). Arguments left None take ``DEMO_DEFAULTS["grec"]``."""
+    official scorer does (``evaluate.evaluate_grec``). The multi-box model writes only its boxes
+    >= 0.7, so its threshold sweep has no rows below 0.7 (None). Arguments left None take
+    ``DEMO_DEFAULTS["grec"]``."""
     from fiftyone import ViewField as F
 
     from .evaluate import evaluate_grec
@@ -189,12 +192,15 @@ def run_grec_demo(
                         batch_size=batch_size, lr=lr, seed=seed, augment="flip", resume=not overwrite,
                         progress=progress, cpu=True)
     print(f"[4/5] Applying both to the test split ({len(test)} expressions)")
+    written_from = {}  # the confidence each field's boxes were written from: the thresholds its sweep answers
     for key, run in runs.items():
         model = GroundingModel.from_checkpoint(run.best_dir, device="cpu")
         test.apply_model(model, label_field=f"pred_{key}", prompt_field="expression", batch_size=64, num_workers=0,
                          progress=progress)
+        written_from[key] = model.applied_score_thresh or 0.0  # FiftyOne's apply_model keeps no record of it
     print("[5/5] Scoring as gRefCOCO's official scorer (boxes at confidence >= 0.7, GIoU >= 0.5, F1 = 1)")
-    scores = {key: evaluate_grec(test, f"pred_{key}", split_field="phrase_kind") for key in runs}
+    scores = {key: evaluate_grec(test, f"pred_{key}", split_field="phrase_kind", applied_thresh=written_from[key])
+              for key in runs}
     table = format_grec_demo(scores)
     print(table)
     nothing = scores["multi"]["splits"].get("none", {})

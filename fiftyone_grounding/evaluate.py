@@ -12,7 +12,8 @@ phrase refers to nothing (``no_target``, gRefCOCO), are not scored either, and c
 - :func:`evaluate_grec`: generalized grounding (a phrase may refer to no object, one or
   several; gRefCOCO): ``grec.py``'s scorer, exactly as the official one, on every sample's
   predicted boxes and their confidences: Pr@(F1=1, IoU>=0.5), N-acc, T-acc, overall, per split
-  and over a sweep of the score threshold, each sample's F1 written to a field.
+  and over a sweep of the score threshold (only the thresholds the stored boxes answer: none
+  below the confidence they were written from), each sample's F1 written to a field.
   :func:`evaluate_grounding` adds it where the view has such phrases.
 - :func:`evaluate_in_fiftyone`: the same scores as a FiftyOne evaluation run
   (:class:`GroundingEvaluationConfig`, method ``"grounding"``), written in bulk: TP/FP/FN on every
@@ -39,7 +40,7 @@ from .boxes import box_iou, fiftyone_xywh_to_xyxy, is_valid_xyxy
 from .config import NO_TARGET_FIELD
 from .confidence import COVERAGES, confidence_metrics
 from .errors import InputError
-from .runs import checkpoint_of, record_evaluation
+from .runs import checkpoint_of, record_evaluation, written_from
 
 THRESHOLDS = (0.5, 0.75)
 MAP_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
@@ -254,35 +255,78 @@ def grec_expressions(view, pred_field: str, gt_field: str) -> tuple[list, list]:
     return list(ids), expressions
 
 
+def boxes_written_from(view, pred_field: str, score_thresh: float = grec.SCORE_THRESH,
+                       applied_thresh: Optional[float] = None) -> tuple[float, str]:
+    """``(confidence, source)``: the confidence from which the boxes of ``pred_field`` were
+    written, so the lowest score threshold they answer (a multi-box model writes only its boxes
+    >= its ``score_thresh``, 0.7 by default: the boxes a threshold of 0.5 would add were never
+    stored). In order:
+
+    - ``applied_thresh``, where given (``source`` "given");
+    - the field's record (``runs.written_from``: every apply path of this package records the
+      ``score_thresh`` of a multi-box model and the ``confidence_thresh``; ``source`` "record");
+    - else (FiftyOne's own ``apply_model``, imported predictions; ``source`` "assumed") the
+      lower of ``score_thresh`` and the lowest stored confidence. A threshold below the lowest
+      stored confidence cannot tell a box below it from a box never written, so it is not
+      answered, except the evaluation's own ``score_thresh``: like any scorer of exported
+      predictions, an evaluation trusts that the boxes it is given are those its threshold
+      keeps. With no confidence stored at all, every threshold keeps every box: 0.0.
+    """
+    if applied_thresh is not None:
+        return float(applied_thresh), "given"
+    recorded = written_from(view, pred_field)
+    if recorded is not None:
+        return recorded, "record"
+    lowest, _ = view.bounds(f"{pred_field}.detections.confidence")
+    return (0.0 if lowest is None else min(float(lowest), float(score_thresh))), "assumed"
+
+
 def evaluate_grec(view, pred_field: str = "predictions", gt_field: str = "ground_truth",
                   split_field: Optional[str] = "split", score_thresh: float = grec.SCORE_THRESH,
                   f1_field: Optional[str] = None, thresholds: Sequence[float] = grec.SWEEP,
-                  write: bool = True) -> dict:
+                  write: bool = True, applied_thresh: Optional[float] = None) -> dict:
     """Generalized grounding metrics of a view (see ``grec.py``): ``{"overall": {pr_f1, n_acc,
-    t_acc, count, no_target, several_targets, score_thresh}, "splits": {...}, "sweep": [...],
-    "unscored": n, "f1_field": name}``. Each scored sample's F1 goes to ``f1_field`` (default
-    ``"<pred_field>_f1"``; nothing is written with ``write=False``): sort by it in the App to
-    see the phrases that were missed."""
+    t_acc, count, no_target, several_targets, score_thresh, answered}, "splits": {...}, "sweep":
+    [...], "unscored": n, "f1_field": name, "written_from": confidence, "written_from_source": how
+    it is known}``. Each scored sample's F1 goes to ``f1_field`` (default ``"<pred_field>_f1"``;
+    nothing is written with ``write=False``): sort by it in the App to see the phrases that were
+    missed.
+
+    Only the thresholds the stored boxes answer are scored: at a threshold below the confidence
+    the boxes were written from (:func:`boxes_written_from`: ``applied_thresh`` where given, else
+    the field's record, else the lower of ``score_thresh`` and the lowest stored confidence),
+    the rates are None and ``answered`` False, in the sweep and, where ``score_thresh`` itself is
+    below it, overall, per split and in the F1 field (None). To sweep lower, apply the model
+    with a lower ``score_thresh``."""
     f1_field = f1_field or f"{pred_field}_f1"
     ids, expressions = grec_expressions(view, pred_field, gt_field)
+    lowest, source = boxes_written_from(view, pred_field, score_thresh, applied_thresh)
     scored = [i for i, e in enumerate(expressions) if e is not None]
     if write:
+        answered = grec.answers(score_thresh, lowest)
         judged = {i: grec.score_expression(expressions[i], score_thresh) for i in scored}
-        _write_sample_values(view, f1_field, [ids[i] for i in scored], [judged[i].f1 for i in scored])
+        _write_sample_values(view, f1_field, [ids[i] for i in scored],
+                             [judged[i].f1 if answered else None for i in scored])
     chosen = [expressions[i] for i in scored]
-    result = {"overall": grec.grec_metrics(chosen, score_thresh), "splits": {},
-              "sweep": grec.threshold_sweep(chosen, thresholds), "unscored": len(ids) - len(scored),
-              "f1_field": f1_field}
+    result = {"overall": grec.grec_metrics(chosen, score_thresh, written_from=lowest), "splits": {},
+              "sweep": grec.threshold_sweep(chosen, thresholds, written_from=lowest),
+              "unscored": len(ids) - len(scored), "f1_field": f1_field, "written_from": lowest,
+              "written_from_source": source}
     if split_field and view.has_field(split_field):
         splits = view.values(split_field)
         for name in sorted({splits[i] for i in scored if splits[i] is not None}, key=str):
             result["splits"][name] = grec.grec_metrics([expressions[i] for i in scored if splits[i] == name],
-                                                       score_thresh)
+                                                       score_thresh, written_from=lowest)
     return result
 
 
+_WRITTEN_FROM = {"given": "as given", "record": "the field's record",
+                 "assumed": "no record: the lower of the threshold and the lowest stored confidence"}
+
+
 def format_grec_table(result: dict) -> str:
-    """The generalized grounding table: one row per split and overall, then the sweep."""
+    """The generalized grounding table: one row per split and overall, then the sweep ("-": a
+    threshold the stored boxes cannot answer, with a note saying why)."""
     rows = [(name, m) for name, m in result["splits"].items()] + [("overall", result["overall"])]
     width = max([10] + [len(str(name)) for name, _ in rows])
     head = f"{'split':<{width}} | {'count':>6} | {'no-target':>9} | {'Pr@F1=1':>7} | {'N-acc':>6} | {'T-acc':>6}"
@@ -294,6 +338,16 @@ def format_grec_table(result: dict) -> str:
                  "Pr@F1=1: the share of phrases with every true box found and nothing else)")
     lines.append("sweep of the threshold: " + ", ".join(
         f"{r['score_thresh']:g}: {_fmt(r['pr_f1'], 0).strip()}" for r in result["sweep"]))
+    unanswered = [r["score_thresh"] for r in result["sweep"] + [result["overall"]] if not r.get("answered", True)]
+    if unanswered:
+        source = result.get("written_from_source")
+        below = ", ".join(f"{t:g}" for t in sorted(set(unanswered)))
+        why = ("a box below it cannot be told from a box never written" if source == "assumed"
+               else "the boxes they would keep were never stored")
+        lines.append(f"(the boxes {'are taken as' if source == 'assumed' else 'were'} written from confidence "
+                     f"{result['written_from']:g} ({_WRITTEN_FROM.get(source, source)}): the thresholds below it "
+                     f"({below}) are not scored, since {why}; apply the model with a lower score_thresh to "
+                     "score them)")
     return "\n".join(lines)
 
 
@@ -303,7 +357,8 @@ def _write_sample_values(view, field: str, ids: list, values: list) -> None:
 
     dataset = view._root_dataset
     if not dataset.has_field(field):
-        kind = fo.IntField if values and all(isinstance(v, int) for v in values if v is not None) else fo.FloatField
+        known = [v for v in values if v is not None]
+        kind = fo.IntField if known and all(isinstance(v, int) for v in known) else fo.FloatField
         dataset.add_sample_field(field, kind)
     dataset.set_values(field, dict(zip(ids, values)), key_field="id", validate=False)
 
@@ -613,6 +668,9 @@ def evaluate_in_fiftyone(
     run is FiftyOne's COCO evaluation (``method="coco"``, mAP computed when every predicted box has a
     confidence, else ``None``) and the result also holds
     ``"grec"`` (:func:`evaluate_grec`), whose Pr@F1=1, N-acc and T-acc are the run's custom metrics.
+    FiftyOne's TP/FP/FN and mAP count every stored box (a field applied with a lower
+    ``score_thresh`` than 0.7 counts its low boxes there), the GREC metrics only the boxes the
+    official threshold keeps.
 
     Writes, in bulk: ``<eval_key>`` / ``_id`` / ``_iou`` on the scored boxes, ``<eval_key>_tp``,
     ``_fp``, ``_fn`` and the sample IoU ``<eval_key>_iou`` on the scored samples. The run's

@@ -14,6 +14,11 @@ A phrase may refer to no object, one or several. The official scorer (henghuidin
 expressions with no box kept; ``T-acc`` the share of target expressions with at least one box
 kept (the scorer's TN / (TN + FP), whose names swap the usual roles). Boxes are normalized xyxy;
 GIoU does not depend on the scale. Pure numpy: no torch, no FiftyOne.
+
+Stored boxes answer only the thresholds at or above the confidence they were written from
+(``written_from``): a multi-box model writes only its boxes >= its ``score_thresh``, so at a
+lower threshold the boxes the scorer would keep were never stored, and the rates are None
+(``answered`` False) rather than a copy of the row at ``written_from``.
 """
 
 from __future__ import annotations
@@ -91,16 +96,24 @@ def score_expression(e: Expression, score_thresh: float = SCORE_THRESH,
     return ExpressionScore(len(kept), tp, fp, fn, f1, f1 >= 1.0, False)
 
 
+def answers(score_thresh: float, written_from: float = 0.0) -> bool:
+    """Whether boxes written from confidence ``written_from`` answer ``score_thresh`` (a rounding
+    slack of 1e-9: 0.1 * 3 answers 0.3)."""
+    return score_thresh >= written_from - 1e-9
+
+
 def grec_metrics(expressions: Iterable[Expression], score_thresh: float = SCORE_THRESH,
-                 iou_thresh: float = IOU_THRESH) -> dict:
+                 iou_thresh: float = IOU_THRESH, written_from: float = 0.0) -> dict:
     """``pr_f1`` (Pr@(F1=1, IoU>=0.5)), ``n_acc``, ``t_acc`` and the counts behind them; a rate
-    is None where it has no expressions to count."""
+    is None where it has no expressions to count, and every rate is None (``answered`` False)
+    where ``score_thresh`` is below ``written_from``, the confidence the boxes were written from."""
     scores = [score_expression(e, score_thresh, iou_thresh) for e in expressions]
     no_target = [s for s in scores if s.no_target]
     target = [s for s in scores if not s.no_target]
+    answered = answers(score_thresh, written_from)
 
     def rate(hits: int, n: int) -> Optional[float]:
-        return hits / n if n else None
+        return hits / n if n and answered else None
 
     return {
         "pr_f1": rate(sum(s.correct for s in scores), len(scores)),
@@ -110,11 +123,13 @@ def grec_metrics(expressions: Iterable[Expression], score_thresh: float = SCORE_
         "no_target": len(no_target),
         "several_targets": sum(s.tp + s.fn > 1 for s in target),
         "score_thresh": score_thresh,
+        "answered": answered,
     }
 
 
 def threshold_sweep(expressions: Sequence[Expression], thresholds: Sequence[float] = SWEEP,
-                    iou_thresh: float = IOU_THRESH) -> list[dict]:
-    """:func:`grec_metrics` at each score threshold (the trade-off between N-acc and T-acc)."""
+                    iou_thresh: float = IOU_THRESH, written_from: float = 0.0) -> list[dict]:
+    """:func:`grec_metrics` at each score threshold (the trade-off between N-acc and T-acc); the
+    thresholds below ``written_from`` get None rates (the boxes they would keep were not written)."""
     expressions = list(expressions)
-    return [grec_metrics(expressions, t, iou_thresh) for t in thresholds]
+    return [grec_metrics(expressions, t, iou_thresh, written_from) for t in thresholds]

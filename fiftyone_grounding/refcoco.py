@@ -25,6 +25,11 @@ The import runs in three steps, so that it fails early and can be resumed:
    list of the missing ones before anything is written (unless ``skip_missing=True``);
 3. add: parse and check the full rows and add the samples in chunks, so an interrupted import
    keeps every chunk added before it stopped and the next call continues from there.
+
+A row whose expressions cannot be told apart (its sentences' sent_ids differ from its
+``sent_ids``, or a sent_id repeats in it or repeats an earlier row's) is skipped and counted in
+the import's summary (``skipped_bad_refs``), and the import goes on; any other fault of a row
+stops it.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import fiftyone.core.utils as fou
 
 from . import refcoco_m
 from .config import DEFAULT_LABEL, NO_TARGET_FIELD, SOURCE_REVISIONS
-from .errors import DownloadError, InputError, MissingImagesError, SourceError
+from .errors import DownloadError, InputError, MissingImagesError
 from .labels import declare_expression_attribute, make_box_detections
 from .sources import (  # noqa: F401  (re-exported: the importer's public names)
     COCO_CATEGORIES,
@@ -74,6 +79,7 @@ class _Plan:
     rows: list  # of sources.Planned
     selected: int  # expressions in the selection (splits, max_samples)
     already_present: int  # of those, expressions the dataset already has
+    bad_refs: list  # (where and why, expressions) of the rows skipped for repeated sent_ids
 
     @property
     def new(self) -> int:
@@ -84,28 +90,30 @@ class _Plan:
 
 
 def _plan(source: Source, tables: list, existing: set, max_samples: Optional[int]) -> _Plan:
-    """Which rows hold new expressions, reading only what says so (sent_ids, image ids)."""
-    rows, seen, n_selected, n_present = [], set(), 0, 0
+    """Which rows hold new expressions, reading only what says so (sent_ids, image ids). A row
+    whose sent_ids repeat (in the row, or an earlier row's) is skipped and counted: the sent_id
+    is the import's identity of an expression, so a repeat would silently drop one."""
+    rows, seen, bad, n_selected, n_present = [], set(), [], 0, 0
     for table in tables:
         split = source.tables[table]
         for item in source.plan_items(table):
             where = source.where(table, item.index)
             keys = [source.key(table, s) for s in item.sent_ids]
+            repeated = sorted({k for k in keys if k in seen or keys.count(k) > 1}, key=str)
+            seen.update(keys)
+            if repeated:
+                bad.append((f"{where}: sent_id(s) {repeated} occur more than once in the source", len(keys)))
+                continue
             if max_samples is not None:
                 keys = keys[: max_samples - n_selected]
-            # The key is the import's identity of an expression; a repeat would silently drop one.
-            repeated = [k for k in keys if k in seen]
-            if repeated or len(set(keys)) != len(keys):
-                raise SourceError(f"{where}: sent_id(s) {repeated or keys} occur more than once in the source.")
-            seen.update(keys)
             n_selected += len(keys)
             new = tuple(k for k in keys if k not in existing)
             n_present += len(keys) - len(new)
             if new:
                 rows.append(Planned(table, split, item.index, new, source.image(table, item, where)))
             if max_samples is not None and n_selected >= max_samples:
-                return _Plan(rows, n_selected, n_present)
-    return _Plan(rows, n_selected, n_present)
+                return _Plan(rows, n_selected, n_present, bad)
+    return _Plan(rows, n_selected, n_present, bad)
 
 
 def coco_zoo_request(image_ids: Iterable[int]) -> dict:
@@ -228,10 +236,14 @@ def _missing_images(needed: dict, where: str, dataset_name: str, missing_report:
 
 
 def _samples(source: Source, rows: list, images_dir: str, stats: dict, label: str):
-    """Yield one ``fo.Sample`` per planned expression, reading the planned rows in full."""
+    """Yield one ``fo.Sample`` per planned expression, reading the planned rows in full; a row
+    the source says to skip (``Ref.problem``) goes to ``stats["bad_refs"]``."""
     for table in dict.fromkeys(r.table for r in rows):
         group = [r for r in rows if r.table == table]
         for planned, ref in zip(group, source.refs(table, group)):
+            if ref.problem:
+                stats["bad_refs"].append((ref.problem, len(planned.keys)))
+                continue
             filepath = os.path.join(images_dir, planned.image.file_name)
             wanted = set(planned.keys)
             for sent_id, text in ref.expressions:
@@ -354,7 +366,7 @@ def import_refcoco(
         plan.rows = [r for r in plan.rows if r.image.file_name not in lost]
 
     dataset = _open_dataset(dataset, dataset_name, name, src.info())
-    stats = {"empty_expressions": []}
+    stats = {"empty_expressions": [], "bad_refs": list(plan.bad_refs)}
     added = _add_in_chunks(dataset, _samples(src, plan.rows, images_dir, stats, label), plan.new, chunk_size, progress)
     return _finish(dataset, name, plan.selected, plan.already_present, added, missing, stats)
 
@@ -386,7 +398,7 @@ def _import_refcoco_m(dataset_name, splits, images_dir, max_samples, skip_missin
         origin = refcoco_m.HUB_ID if source is None else os.path.abspath(os.fspath(source))
         info = {"format": "fiftyone-hub", "hub_id": refcoco_m.HUB_ID, "revision": revision, "source": origin}
         dataset = _open_dataset(dataset, dataset_name, REFCOCO_M, info)
-        stats = {"empty_expressions": []}
+        stats = {"empty_expressions": [], "bad_refs": []}
         samples = refcoco_m.refcoco_m_samples(hub, wanted, label, stats)
         added = _add_in_chunks(dataset, samples, len(wanted), chunk_size, progress)
     finally:
@@ -415,6 +427,10 @@ def _finish(dataset: fo.Dataset, name: str, selected: int, present: int, added: 
     if stats["empty_expressions"]:
         logger.warning("Skipped %d expressions with no text, e.g. %s", len(stats["empty_expressions"]),
                        stats["empty_expressions"][:20])
+    bad_refs = stats.get("bad_refs", [])
+    if bad_refs:
+        logger.warning("Skipped %d refs (%d expressions) whose expressions cannot be told apart, e.g. %s",
+                       len(bad_refs), sum(n for _, n in bad_refs), [why for why, _ in bad_refs[:5]])
     schema = dataset.get_field_schema()
     present_splits = set(dataset.distinct("split")) if "split" in schema else set()
     record = dict(dataset.info["refcoco"])
@@ -426,6 +442,9 @@ def _finish(dataset: fo.Dataset, name: str, selected: int, present: int, added: 
         missing_images=len(missing.files),
         skipped_missing_image=missing.expressions,
         skipped_empty=len(stats["empty_expressions"]),
+        skipped_bad_refs=len(bad_refs),  # rows whose sent_ids disagree with their sentences or repeat
+        skipped_bad_ref_expressions=sum(n for _, n in bad_refs),
+        bad_refs=[why for why, _ in bad_refs[:20]],  # the first ones: where and why
         missing_report=missing.report,
     )
     if NO_TARGET_FIELD in schema:
@@ -572,6 +591,9 @@ def run_from_args(args) -> int:
         t = record["targets"]
         print(f"Targets: {t['one']} expressions refer to one object, {t['several']} to several, {t['none']} to "
               "none (one-box training and evaluation skip the last two kinds)")
+    if last.get("skipped_bad_refs"):
+        print(f"Skipped {last['skipped_bad_refs']} refs ({last['skipped_bad_ref_expressions']} expressions) whose "
+              f"sent_ids disagree with their sentences or repeat, e.g. {last['bad_refs'][0]}")
     if last["missing_images"]:
         print(
             f"Skipped {last['skipped_missing_image']} expressions of {last['missing_images']} missing "

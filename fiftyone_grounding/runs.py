@@ -8,13 +8,16 @@ FiftyOne keeps custom runs with the dataset (``dataset.list_runs()``, ``get_run_
   checkpoint, the best validation IoU and the run's status (running, completed, failed);
 - every field its apply paths write (``apply_grounding_model``, ``ground_phrase``,
   ``search_phrase``, the operators and the panel): key ``labels_<field>``, method
-  ``fiftyone_grounding.labels``, with the checkpoint (or zoo model) that wrote it and the phrase
-  source; a later write to the field replaces the record;
+  ``fiftyone_grounding.labels``, with the checkpoint (or zoo model) that wrote it, the phrase
+  source and the thresholds below which no box was written (``score_thresh``: a multi-box
+  model's, None for a one-box model; ``confidence_thresh``); a later write to the field replaces
+  the record;
 - every grounding evaluation (``evaluate_in_fiftyone``): key ``eval_<eval key>``, method
   ``fiftyone_grounding.evaluate``, with the fields it compared, the fields it wrote and the
   checkpoint behind the predictions.
 
-:func:`checkpoint_of` answers "which checkpoint wrote this field?".
+:func:`checkpoint_of` answers "which checkpoint wrote this field?", :func:`written_from` "from which
+confidence were its boxes written?".
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def record_training_end(view, key: str, best_val_iou: Optional[float], epochs_do
 
 def record_labels(view, label_field: str, model_source: Optional[str], **how) -> str:
     """Record that ``model_source`` (a checkpoint folder or zoo name) wrote ``label_field`` on
-    ``view``; ``how``: the phrase source (``prompt_field=...`` or ``phrase=...``) and options.
+    ``view``; ``how``: the phrase source (``prompt_field=...`` or ``phrase=...``) and options, among
+    them the apply paths' ``score_thresh`` and ``confidence_thresh`` (:func:`written_from`).
     Returns the run key."""
     key = labels_run_key(label_field)
     _register(view, key, LABELS_METHOD, label_field=label_field, checkpoint=model_source, **how)
@@ -103,3 +107,20 @@ def checkpoint_of(samples, label_field: str) -> Optional[str]:
     if not dataset.has_run(key):
         return None
     return getattr(dataset.get_run_info(key).config, "checkpoint", None)
+
+
+def written_from(samples, label_field: str) -> Optional[float]:
+    """The confidence from which the boxes of ``label_field`` were written, from its record: the
+    higher of the ``score_thresh`` (a multi-box model's) and the ``confidence_thresh`` that the
+    apply path recorded (0.0: every box was written). None where no record says: the field was
+    not written by this package's apply paths (e.g. FiftyOne's own ``apply_model``), or before
+    they recorded ``score_thresh``."""
+    dataset = samples._root_dataset
+    key = labels_run_key(label_field)
+    if not dataset.has_run(key):
+        return None
+    config = dataset.get_run_info(key).config
+    if not hasattr(config, "score_thresh"):
+        return None
+    return max(float(getattr(config, "score_thresh", None) or 0.0),
+               float(getattr(config, "confidence_thresh", None) or 0.0))

@@ -10,7 +10,10 @@ gRefCOCO zero or several objects) with all of its expressions. A table is a Hugg
   can skip what a dataset already holds before it reads anything else;
 - :meth:`Source.image`: the COCO image record of a row that will be imported;
 - :meth:`Source.refs`: the planned rows in full, checked, as :class:`Ref` (sample fields, boxes,
-  expressions).
+  expressions). A row whose expressions cannot be told apart (:func:`sent_ids_problem`: its
+  sentences' sent_ids differ from its ``sent_ids`` column, or one repeats) comes back with its
+  ``problem`` and nothing else: the import skips and counts it and goes on. Any other fault of a
+  row stops the import.
 
 Sources: :class:`JxuSource` (``jxu124/refcoco``, ``refcocoplus``, ``refcocog`` from the Hub or
 saved with ``save_to_disk``), :class:`ReferSource` (the original REFER files, and gRefCOCO's) and
@@ -139,11 +142,17 @@ class Planned:
 
 @dataclass
 class Ref:
-    """A checked row: its sample fields, its boxes (relative xyxy; zero or more) and expressions."""
+    """A checked row: its sample fields, its boxes (relative xyxy; zero or more) and expressions;
+    or, with ``problem`` (where and why), a row to skip, of which nothing else was read."""
 
     fields: dict
     boxes: list
     expressions: list  # (sent_id, raw text)
+    problem: Optional[str] = None
+
+    @classmethod
+    def skipped(cls, where: str, problem: str) -> "Ref":
+        return cls({}, [], [], f"{where}: {problem}")
 
 
 def split_order(name: str) -> list:
@@ -258,7 +267,7 @@ def category_name(category_id, where: str) -> str:
 
 
 def expressions(row, where: str) -> list:
-    """(sent_id, raw text) of each expression of a ref, checked against its ``sent_ids``."""
+    """(sent_id, raw text) of each expression of a ref (see :func:`sent_ids_problem` for their ids)."""
     pairs = []
     sentences = row["sentences"] or []
     for sentence in sentences:
@@ -270,11 +279,21 @@ def expressions(row, where: str) -> list:
         # "raw" is the annotator's text; "sent" its lower-cased, cleaned form.
         text = sentence.get("raw") or sentence.get("sent") or ""
         pairs.append((int(sentence["sent_id"]), str(text)))
+    return pairs
+
+
+def sent_ids_problem(row, pairs: list) -> Optional[str]:
+    """Why the expressions ``pairs`` of a ref cannot be imported, or None: the sent_ids of its
+    sentences differ from its ``sent_ids`` column (another order, other ids: which text is which
+    listed expression is not known), or a sent_id repeats in the ref (one would replace the other)."""
     found = [s for s, _ in pairs]
     listed = row.get("sent_ids")
     if listed is not None and found != [int(s) for s in listed]:
-        raise SourceError(f"{where}: the sent_ids of sentences {found} differ from the sent_ids column {listed}.")
-    return pairs
+        return f"the sent_ids of sentences {found} differ from the sent_ids column {list(listed)}"
+    repeated = sorted({s for s in found if found.count(s) > 1})
+    if repeated:
+        return f"sent_id(s) {repeated} occur more than once in its sentences"
+    return None
 
 
 def _sent_ids(row) -> tuple:
@@ -392,8 +411,13 @@ class JxuSource(Source):
         rows = self.dsd[table].select_columns(list(REQUIRED_COLUMNS)).select([p.index for p in planned])
         for p, row in zip(planned, rows):
             where = f"{self.where(table, p.index)} (ref_id {row['ref_id']})"
+            pairs = expressions(row, where)
+            problem = sent_ids_problem(row, pairs)
+            if problem:
+                yield Ref.skipped(where, problem)
+                continue
             fields, box = _row_fields(row, p, where)
-            yield Ref(fields, [box], expressions(row, where))
+            yield Ref(fields, [box], pairs)
 
 
 def _json_field(raw, column: str, where: str):
@@ -501,6 +525,10 @@ class ReferSource(Source):
             yield self._ref(ref, p.image, where)
 
     def _ref(self, ref: dict, image: Image, where: str) -> Ref:
+        pairs = expressions(ref, where)
+        problem = sent_ids_problem(ref, pairs)
+        if problem:
+            return Ref.skipped(where, problem)
         ann_ids = _as_list(ref["ann_id"])
         if ann_ids == [-1]:
             if not self.multi:
@@ -529,7 +557,7 @@ class ReferSource(Source):
                     f"{where}: category_id {category_id} differs from its annotation's ({categories[0]})."
                 )
             fields.update(ann_id=ann_ids[0], category=categories[0])
-        return Ref(fields, boxes, expressions(ref, where))
+        return Ref(fields, boxes, pairs)
 
 
 def open_refer(name: str, folder, origin: Optional[str] = None, hub_id: Optional[str] = None,

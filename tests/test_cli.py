@@ -117,6 +117,10 @@ def test_the_grec_demo_end_to_end_small(tmp_path, dataset_name):
         assert set(scores["overall"]) >= {"pr_f1", "n_acc", "t_acc", "count", "no_target"}
         assert set(scores["by_kind"]) == {"attribute", "several", "none"}
         assert [r["score_thresh"] for r in scores["sweep"]] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # the multi-box model wrote its boxes from 0.7: no sweep row below it; the one-box model wrote every box
+    assert [r["answered"] for r in result["test"]["multi"]["sweep"]] == [False] * 4 + [True] * 3
+    assert all(r["pr_f1"] is None for r in result["test"]["multi"]["sweep"][:4])
+    assert all(r["answered"] for r in result["test"]["one_box"]["sweep"])
     assert 0 <= result["no_target_with_a_box"] <= 1 and "Pr@F1=1" in result["table"]
 
 

@@ -122,7 +122,8 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
     write("unsure", lambda gt, kind: (boxes_of(gt) or [full], [0.5] * max(1, len(gt.detections))))
     unsure = evaluate_grec(ds, "unsure", split_field=None)
     assert unsure["overall"]["n_acc"] == 1.0 and unsure["overall"]["t_acc"] == 0.0  # nothing kept at 0.7
-    assert [r["t_acc"] for r in unsure["sweep"] if r["score_thresh"] <= 0.5] == [1.0, 1.0, 1.0]
+    # no record of the field: the stored boxes answer 0.5 (their lowest confidence) and up, not 0.3 or 0.4
+    assert [r["t_acc"] for r in unsure["sweep"] if r["score_thresh"] <= 0.5] == [None, None, 1.0]
     assert "Pr@F1=1" in format_grec_table(unsure)
 
     both = evaluate_grounding(ds, "perfect", print_table=False)  # the one-box table skips them; grec scores all
@@ -223,3 +224,160 @@ def test_multi_box_confidences_are_calibrated_to_the_scorers_matches():
     assert [d.confidence for d in model.predict(image, "the red circle").detections] == \
         pytest.approx([0.0] * len(raw), abs=1e-12)
     assert len(model.with_options(score_thresh=0.5).predict(image, "the red circle").detections) == 0
+
+
+# -- the thresholds the stored boxes answer ---------------------------------------------------------------
+
+
+def test_a_sweep_has_no_rows_below_the_confidence_the_boxes_were_written_from():
+    """Below ``written_from`` every rate is None (not a copy of the row at it); at and above it
+    the rows are those of the unrestricted sweep."""
+    expressions = [Expression.of([A, B], [0.9, 0.75], [A, B]), Expression.of([C], [0.8], [], True),
+                   Expression.of([A], [0.95], [A])]
+    free = threshold_sweep(expressions)
+    bound = threshold_sweep(expressions, written_from=0.7)
+    for row, plain in zip(bound, free):
+        if row["score_thresh"] < 0.7:
+            assert not row["answered"] and row["pr_f1"] is row["n_acc"] is row["t_acc"] is None
+            assert row["count"] == plain["count"] and row["no_target"] == plain["no_target"]
+        else:
+            assert row == plain and row["answered"]
+    assert grec_metrics(expressions, 0.3 * 1.0, written_from=0.1 * 3)["answered"]  # rounding is not a gap
+
+
+def _phrases_dataset(name):
+    """Six phrases (no, one and two true boxes) with hand-made boxes: ``at_07`` as a model applied
+    at 0.7 writes them, ``at_03`` as the same model applied at 0.3 (its boxes >= 0.7 the same)."""
+    import fiftyone as fo
+
+    def dets(*pairs):
+        return fo.Detections(detections=[fo.Detection(label="referent", bounding_box=[x0, y0, x1 - x0, y1 - y0],
+                                                      confidence=c) for (x0, y0, x1, y1), c in pairs])
+
+    rows = [  # (truth, boxes >= 0.7, boxes in [0.3, 0.7))
+        ([A], [(A, 0.9)], []),
+        ([A, B], [(A, 0.95)], [(B, 0.55)]),  # the second box is found from 0.5 down
+        ([A, C], [(A, 0.9)], [(C, 0.6)]),
+        ([], [], [(C, 0.35)]),  # a box on a phrase of nothing from 0.35 down
+        ([], [], []),
+        ([B], [(B, 0.8)], [(C, 0.45)]),
+    ]
+    ds = fo.Dataset(name)
+    ds.add_samples([fo.Sample(filepath=f"/img/{i}.jpg", expression=f"phrase {i}", no_target=not truth,
+                              ground_truth=dets(*[(t, None) for t in truth]), at_07=dets(*high),
+                              at_03=dets(*high, *low))
+                    for i, (truth, high, low) in enumerate(rows)])
+    return ds
+
+
+def test_evaluate_grec_scores_only_the_thresholds_the_recorded_apply_answers(dataset_name):
+    """A field written at 0.7 (its record says so): the 0.5 row is None, not a copy of the 0.7
+    row; the same model applied at 0.3: the 0.5 row is real and differs. The table says why."""
+    from fiftyone_grounding.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.runs import record_labels
+
+    ds = _phrases_dataset(dataset_name)
+    record_labels(ds, "at_07", "ckpt", prompt_field="expression", score_thresh=0.7, confidence_thresh=None)
+    record_labels(ds, "at_03", "ckpt", prompt_field="expression", score_thresh=0.3, confidence_thresh=None)
+    high, low = (evaluate_grec(ds, field, split_field=None) for field in ("at_07", "at_03"))
+    assert (high["written_from"], high["written_from_source"]) == (0.7, "record")
+    row = {r["score_thresh"]: r for r in high["sweep"]}
+    assert row[0.5]["pr_f1"] is None and row[0.5]["n_acc"] is None and not row[0.5]["answered"]
+    assert row[0.7]["pr_f1"] == pytest.approx(4 / 6) and high["overall"]["pr_f1"] == pytest.approx(4 / 6)
+    copied = {r["score_thresh"]: r for r in evaluate_grec(ds, "at_07", split_field=None, applied_thresh=0.0,
+                                                          write=False)["sweep"]}
+    assert copied[0.5]["pr_f1"] == copied[0.7]["pr_f1"]  # what the sweep reported before: a copy
+
+    lows = {r["score_thresh"]: r for r in low["sweep"]}
+    assert all(r["answered"] for r in low["sweep"])
+    # from 0.5 down phrases 1 and 2 find their second box; at 0.3 phrases 3 and 5 get a box too many
+    assert lows[0.5]["pr_f1"] == pytest.approx(6 / 6) and lows[0.5]["pr_f1"] != lows[0.7]["pr_f1"]
+    assert lows[0.3]["n_acc"] == 0.5 and lows[0.3]["pr_f1"] == pytest.approx(4 / 6)
+    assert low["overall"] == high["overall"]  # at 0.7 both fields hold the same boxes
+
+    table = format_grec_table(high)
+    assert "0.5: -" in table and "0.7: 0.6667" in table
+    assert "written from confidence 0.7 (the field's record)" in table and "0.3, 0.4, 0.5, 0.6" in table
+    assert "not scored" not in format_grec_table(low)
+
+
+def test_evaluate_grec_below_the_written_threshold_scores_nothing_and_says_so(dataset_name):
+    """Asked for 0.5 on boxes written from 0.7, the overall and per-sample F1 are None, not the
+    0.7 figures; an explicit applied_thresh wins over the record."""
+    from fiftyone_grounding.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.runs import record_labels
+
+    ds = _phrases_dataset(dataset_name)
+    record_labels(ds, "at_07", "ckpt", prompt_field="expression", score_thresh=0.7, confidence_thresh=None)
+    result = evaluate_grec(ds, "at_07", split_field=None, score_thresh=0.5)
+    assert result["overall"]["pr_f1"] is None and not result["overall"]["answered"]
+    assert result["overall"]["count"] == 6 and ds.values("at_07_f1") == [None] * 6
+    assert "Pr@F1=1" in format_grec_table(result) and "not scored" in format_grec_table(result)
+    given = evaluate_grec(ds, "at_07", split_field=None, score_thresh=0.5, applied_thresh=0.5, write=False)
+    assert (given["written_from"], given["written_from_source"]) == (0.5, "given") and given["overall"]["answered"]
+    # a one-box model's record (no score threshold) with a confidence_thresh of 0.4
+    record_labels(ds, "at_03", "ckpt", prompt_field="expression", score_thresh=None, confidence_thresh=0.4)
+    assert evaluate_grec(ds, "at_03", split_field=None, write=False)["written_from"] == 0.4
+
+
+def test_without_a_record_the_lowest_stored_confidence_bounds_the_sweep(dataset_name):
+    """No record (FiftyOne's apply_model, imported boxes): the boxes answer the evaluation's own
+    threshold and every threshold down to their lowest confidence, nothing below; boxes without
+    confidences answer every threshold."""
+    import fiftyone as fo
+
+    from fiftyone_grounding.evaluate import evaluate_grec
+
+    ds = _phrases_dataset(dataset_name)
+    high = evaluate_grec(ds, "at_07", split_field=None, write=False)  # lowest stored: 0.8
+    assert (high["written_from"], high["written_from_source"]) == (0.7, "assumed")
+    assert [r["answered"] for r in high["sweep"]] == [False] * 4 + [True] * 3
+    low = evaluate_grec(ds, "at_03", split_field=None, write=False)  # lowest stored: 0.35
+    assert low["written_from"] == 0.35
+    assert [r["score_thresh"] for r in low["sweep"] if not r["answered"]] == [0.3]
+    for sample in ds.iter_samples(autosave=True):
+        sample["plain"] = fo.Detections(detections=[d.copy() for d in sample.ground_truth.detections])
+    plain = evaluate_grec(ds, "plain", split_field=None, write=False)
+    assert plain["written_from"] == 0.0 and all(r["answered"] and r["pr_f1"] == 1.0 for r in plain["sweep"])
+
+
+def test_every_apply_path_records_the_threshold_its_boxes_were_written_from(dataset_name, tmp_path):
+    """apply_grounding_model records a multi-box model's score_thresh (None for a one-box model,
+    with the confidence_thresh), and evaluate_grec reads it: a field applied at 0.3 has the rows
+    of a field of every box from 0.3 up, the field applied at 0.7 none below 0.7. FiftyOne's own
+    apply_model keeps no record: the sweep falls back to the stored confidences."""
+    import torch
+
+    from fiftyone_grounding.apply import apply_grounding_model
+    from fiftyone_grounding.evaluate import evaluate_grec
+    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.runs import written_from
+    from fiftyone_grounding.synthetic import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(dataset_name, num_images=12, out_dir=str(tmp_path), seed=3, several_fraction=0.5,
+                                none_fraction=0.3, persistent=False, progress=False)
+    torch.manual_seed(0)
+    multi = GroundingModel(build_model("tiny-fusion-multi"), device="cpu", score_thresh=0.0)
+    for field, thresh in (("every", 0.0), ("at_03", 0.3), ("at_07", 0.7)):
+        apply_grounding_model(ds, multi.with_options(score_thresh=thresh), label_field=field,
+                              prompt_field="expression", num_workers=0)
+        assert written_from(ds, field) == thresh
+    every, low, high = (evaluate_grec(ds, f, split_field=None, write=False) for f in ("every", "at_03", "at_07"))
+    assert low["written_from_source"] == high["written_from_source"] == "record"
+    for r_every, r_low, r_high in zip(every["sweep"], low["sweep"], high["sweep"]):
+        assert r_low == r_every  # every row of the field applied at 0.3 is real
+        assert r_high == (r_every if r_every["score_thresh"] >= 0.7 else {
+            **r_every, "pr_f1": None, "n_acc": None, "t_acc": None, "answered": False})
+
+    one_box = GroundingModel(build_model("tiny"), device="cpu")
+    assert one_box.applied_score_thresh is None and multi.applied_score_thresh == 0.0
+    apply_grounding_model(ds, one_box, label_field="one", prompt_field="expression", num_workers=0)
+    assert written_from(ds, "one") == 0.0
+    apply_grounding_model(ds, one_box, label_field="one_sure", prompt_field="expression", num_workers=0,
+                          confidence_thresh=0.4)
+    assert written_from(ds, "one_sure") == 0.4
+    ds.apply_model(multi.with_options(score_thresh=0.7), label_field="fo_apply", prompt_field="expression")
+    assert written_from(ds, "fo_apply") is None
+    assert evaluate_grec(ds, "fo_apply", split_field=None, write=False)["written_from_source"] == "assumed"
+

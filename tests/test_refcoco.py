@@ -310,14 +310,43 @@ def test_inconsistent_columns_fail_clearly(images, dataset_name):
     dsd["testB"] = dsd["testB"].map(lambda r: {"bbox": json.loads(r["raw_anns"])["bbox"]})
     with pytest.raises(ValueError, match=r"bbox \[3.0, 3.0, 34.0, 27.0\] \(xyxy\) disagrees with raw_anns"):
         import_refcoco(source=dsd, images_dir=images, dataset_name=dataset_name, splits=["testB"])
-    # Expressions whose sent_id is not the one in sent_ids.
-    dsd["test"] = dsd["test"].map(lambda r: {"sent_ids": r["sent_ids"][::-1]})
-    with pytest.raises(ValueError, match=r"sent_ids of sentences \[11, 12\] differ from the sent_ids column"):
-        import_refcoco(source=dsd, images_dir=images, dataset_name=dataset_name, splits=["testA"])
     # A row filed under another split.
     dsd["validation"] = dsd["validation"].map(lambda r: {"split": "train"})
     with pytest.raises(ValueError, match="split column says 'train' but the row is in split 'validation'"):
         import_refcoco(source=dsd, images_dir=images, dataset_name=dataset_name, splits=["val"])
+
+
+def test_a_row_whose_sent_ids_disagree_or_repeat_is_skipped_counted_and_the_import_goes_on(
+        tmp_path, images, dataset_name, capsys):
+    """Rows whose expressions cannot be told apart are skipped and counted in the summary: sent_ids
+    in another order than the sentences, a sent_id that an earlier row holds, one that repeats in
+    its own row. Every other row imports, and a rerun skips the same rows again."""
+    refs = [r if r[1] != 5 else (*r[:6], [9]) for r in REFS]  # ref 5 repeats ref 4's sent_id 9
+    refs = [r if r[1] != 7 else (*r[:6], [13, 13]) for r in refs]  # ref 7 lists sent_id 13 twice
+    dsd = make_source(refs)
+    dsd["test"] = dsd["test"].map(lambda r: {"sent_ids": r["sent_ids"][::-1]})  # ref 6: [12, 11]
+    path = save(dsd, tmp_path / "refcoco_bad")
+    dataset = import_refcoco(source=path, images_dir=images, dataset_name=dataset_name)
+    assert sorted(dataset.values("sent_id")) == list(range(10))  # refs 0-4 whole
+    assert dataset.count_values("split") == {"train": 8, "val": 2}
+    assert dataset.info["refcoco"]["splits"] == ["train", "val"]
+    last = dataset.info["refcoco"]["last_import"]
+    assert (last["added"], last["skipped_bad_refs"], last["skipped_bad_ref_expressions"]) == (10, 3, 5)
+    reasons = " | ".join(last["bad_refs"])
+    assert "split 'validation' row 1: sent_id(s) [9] occur more than once in the source" in reasons
+    assert "split 'testB' row 0: sent_id(s) [13] occur more than once" in reasons
+    assert "split 'test' row 0 (ref_id 6): the sent_ids of sentences [11, 12] differ from the sent_ids column " \
+           "[12, 11]" in reasons
+    texts = dict(zip(dataset.values("sent_id"), dataset.values("expression")))
+    assert texts[9] == raw_text(9, 44)  # the first row of sent_id 9 keeps it
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run_from_args(parser.parse_args(["refcoco", "--source", path, "--images-dir", images,
+                                            "--dataset-name", dataset_name, "--no-progress"])) == 0
+    out = capsys.readouterr().out
+    assert "This run added 0; 10 were already present." in out
+    assert "Skipped 3 refs (5 expressions) whose sent_ids disagree with their sentences or repeat" in out
 
 
 def test_partial_source_and_empty_expression(images, dataset_name):

@@ -184,6 +184,29 @@ def test_a_broken_refer_ref_stops_the_import_and_a_rerun_resumes(tmp_path, image
 # ---------------------------------------------------------------- gRefCOCO
 
 
+def test_a_refer_ref_whose_sent_ids_disagree_or_repeat_is_skipped_and_counted(tmp_path, images, dataset_name):
+    """In the refs pickle (read by the strict unpickler, as released): a ref whose sent_ids are in
+    another order than its sentences, one whose sentences repeat a sent_id, one that repeats an
+    earlier ref's sent_id are skipped and counted; the other refs import."""
+    rows = [make_row(UNC, *ref) for ref in REFS]
+    refs = [{k: r[k] for k in REF_KEYS} for r in rows]
+    refs[1]["sent_ids"] = [2, 4, 3]  # sentences 2, 3, 4
+    refs[3]["sentences"] = [dict(refs[3]["sentences"][0]), dict(refs[3]["sentences"][0])]  # sent_id 6 twice
+    refs[5]["sent_ids"], refs[5]["sentences"][0]["sent_id"] = [8], 8  # ref 4 holds sent_id 8
+    folder = tmp_path / "refer" / "refcoco"
+    write_instances(folder, [json.loads(r["raw_anns"]) for r in rows])
+    with open(folder / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f, protocol=2)
+    dataset = import_refcoco("refcoco", source=str(folder), images_dir=images, dataset_name=dataset_name)
+    assert sorted(dataset.values("sent_id")) == [0, 1, 5, 8, 9, 11, 12, 13]
+    last = dataset.info["refcoco"]["last_import"]
+    assert (last["added"], last["skipped_bad_refs"], last["skipped_bad_ref_expressions"]) == (8, 3, 6)
+    reasons = " | ".join(last["bad_refs"])
+    assert "sent_ids of sentences [2, 3, 4] differ from the sent_ids column [2, 4, 3]" in reasons
+    assert "sent_ids of sentences [6, 6] differ from the sent_ids column [6, 7]" in reasons
+    assert "split 'val' ref 1: sent_id(s) [8] occur more than once in the source" in reasons
+
+
 def write_grefcoco(folder):
     """gRefCOCO as released: one target, three targets, and no target (ann_id [-1])."""
     anns = [
