@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import GrounderConfig
-from .encoders import encoder_hidden_size
+from .encoders import dinov3_blocks, dinov3_embed, encoder_hidden_size
 from .errors import ConfigError
 from .layers import CrossBlock, sine_positions_2d
 from .base import GrounderBase, GroundingOutput, QualityHead, box_head
@@ -70,7 +70,7 @@ class AdapterGrounder(GrounderBase):
 
     def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
         super().__init__(config, image_encoder, text_encoder)
-        blocks = image_encoder.model.layer
+        blocks = dinov3_blocks(image_encoder)
         if config.adapter_layers > len(blocks):
             raise ConfigError(f"adapter_layers {config.adapter_layers} > the image encoder's {len(blocks)} blocks")
         d_img, d_txt = encoder_hidden_size(image_encoder), encoder_hidden_size(text_encoder)
@@ -98,11 +98,8 @@ class AdapterGrounder(GrounderBase):
     def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """The text-independent part, once per image: the embeddings and the blocks before the
         adapted ones -> (I, N, D_img) tokens, and DINOv3's RoPE (cos, sin) for them."""
-        encoder = self.image_encoder
-        pixel_values = pixel_values.to(encoder.embeddings.patch_embeddings.weight.dtype)
-        hidden = encoder.embeddings(pixel_values)
-        rope = encoder.rope_embeddings(pixel_values)
-        for block in encoder.model.layer[:self.first_adapted]:
+        hidden, rope = dinov3_embed(self.image_encoder, pixel_values)
+        for block in dinov3_blocks(self.image_encoder)[:self.first_adapted]:
             hidden = block(hidden, position_embeddings=rope)
         return hidden, rope
 
@@ -127,7 +124,7 @@ class AdapterGrounder(GrounderBase):
         x = torch.cat([x[:, :self.num_prefix], reg, x[:, self.num_prefix:]], dim=1)  # [REG] among the prefix
         text = text_features.to(x.dtype)
         padding = ~attention_mask.bool()
-        blocks = self.image_encoder.model.layer[self.first_adapted:]
+        blocks = dinov3_blocks(self.image_encoder)[self.first_adapted:]
         for block, adapter in zip(blocks, self.adapters):
             x = adapter(block(x, position_embeddings=rope), text, padding)
         x = self.image_encoder.norm(x)

@@ -2,8 +2,9 @@
 
 The encoders are frozen, so their outputs are a pure function of (image, encoder,
 resolution). Features are stored as float16 in memory-mapped ``.npy`` shards under a
-folder keyed by encoder id + encoder config + encoder weights (SHA-256) + resolution +
-normalization: change any of those and a new folder is used (the old one is never read).
+folder keyed by encoder id + encoder config + encoder weights (SHA-256) + the transformers major
+version + resolution + resize method + normalization: change any of those and a new folder is used
+(the old one is never read).
 New images are appended as new shards, so one cache serves runs on different subsets of a
 dataset.
 
@@ -28,10 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .encoders import transformers_major
 from .errors import ImageError, TrainingError
-from .images import load_rgb, preprocess_image
+from .images import RESIZE_METHOD, load_rgb, preprocess_image
 
-CACHE_VERSION = 2  # 2: the key covers the encoder's weights too
+# 2: the key covers the encoder's weights too; 3: and the transformers major version and the resize
+CACHE_VERSION = 3
 VIEWS = ("original", "hflip")
 
 
@@ -48,12 +51,13 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 
 
 def _key(encoder_name: str, encoder: torch.nn.Module, **more) -> str:
-    """Digest of an encoder (id, config without volatile fields, weights) and ``more``."""
+    """Digest of an encoder (id, config without volatile fields, weights, the transformers major
+    version that runs it: 4.x and 5.x compute differently) and ``more``."""
     encoder_config = encoder.config.to_dict()
-    encoder_config.pop("transformers_version", None)
+    encoder_config.pop("transformers_version", None)  # the version that saved it, not the one running
     encoder_config.pop("_name_or_path", None)
     payload = {"version": CACHE_VERSION, "encoder": encoder_name, "encoder_config": encoder_config,
-               "encoder_weights": weights_fingerprint(encoder), **more}
+               "encoder_weights": weights_fingerprint(encoder), "transformers": transformers_major(), **more}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -64,6 +68,7 @@ def cache_key(config, image_encoder, features: Optional[dict] = None) -> str:
     return _key(
         config.image_encoder, image_encoder,
         image_size=config.image_size,
+        resize=RESIZE_METHOD,
         mean=list(config.image_mean),
         std=list(config.image_std),
         views=list(VIEWS),

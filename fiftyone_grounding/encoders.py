@@ -16,12 +16,13 @@ import os
 import shutil
 import string
 from pathlib import Path
+from typing import Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
-from .errors import EncoderUnavailableError, InputError
+from .errors import ConfigError, EncoderUnavailableError, InputError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 # Whole-word tokens of the tiny tokenizer: the words of the synthetic phrases (other words
@@ -42,6 +43,14 @@ def home_dir() -> Path:
     return Path(os.environ.get("FIFTYONE_GROUNDING_HOME", Path.home() / ".cache" / "fiftyone_grounding"))
 
 
+def transformers_major() -> int:
+    """The installed transformers' major version: DINOv3's module layout and its
+    ``hidden_states`` convention changed from 4.x to 5.x (see :func:`dinov3_taps`)."""
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def _model_classes(model_type: str):
     from transformers import BertConfig, BertModel, DINOv3ViTConfig, DINOv3ViTModel
 
@@ -59,10 +68,12 @@ def _config_from_dict(values: dict):
 
 def tiny_encoder_dir(name: str) -> Path:
     """The local folder of a ``tiny:*`` encoder, generated on first use. Its name carries a
-    digest of the config and vocabulary, so a changed definition is generated anew."""
+    digest of the config, the vocabulary and the transformers major version (4.x and 5.x draw
+    different random weights from the same seed; each loads the other's folder, but a folder
+    must name one set of weights), so a changed definition is generated anew."""
     if name not in TINY_ENCODER_CONFIGS:
         raise InputError(f"Unknown tiny encoder {name!r}; known: {sorted(TINY_ENCODER_CONFIGS)}")
-    definition = json.dumps([TINY_ENCODER_CONFIGS[name], tiny_vocabulary()], sort_keys=True)
+    definition = json.dumps([TINY_ENCODER_CONFIGS[name], tiny_vocabulary(), transformers_major()], sort_keys=True)
     digest = hashlib.sha256(definition.encode()).hexdigest()[:8]
     path = home_dir() / "encoders" / f"{name.replace(':', '-')}-{digest}"
     if not (path / "config.json").exists():
@@ -110,7 +121,18 @@ def _write_tiny_encoder(name: str, path: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = model_cls(_config_from_dict(config))
-    model.save_pretrained(tmp)
+    # The config and the weights written file by file: under torch.distributed, transformers 5's
+    # save_pretrained writes only on rank 0, and the process generating may be another rank (it
+    # would leave an empty folder behind for every process to fail on).
+    from safetensors.torch import save_file
+
+    # the dtype save_pretrained records ("dtype" in transformers 5, "torch_dtype" in 4.x)
+    setattr(model.config, "dtype" if "dtype" in model.config.to_dict() else "torch_dtype", torch.float32)
+    model.config.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
+    if not (tmp / "config.json").is_file():
+        raise EncoderUnavailableError(f"Could not write the tiny encoder {name!r} into {tmp}")
     os.replace(tmp, path)
 
 
@@ -205,3 +227,46 @@ def encoder_hidden_size(encoder: nn.Module) -> int:
 def patch_size(image_encoder: nn.Module) -> int:
     return int(image_encoder.config.patch_size)
 
+
+# -- DINOv3's internals: the one place that knows them ------------------------------------------
+# transformers 4.x: DINOv3ViTModel children (embeddings, rope_embeddings, layer, norm), and the last
+# of ``hidden_states`` is after the final norm. 5.x: (embeddings, rope_embeddings, model, norm) with
+# the blocks at ``model.layer``, and the last of ``hidden_states`` is before the final norm. Both call
+# a block as ``block(hidden, position_embeddings=(cos, sin))`` and the RoPE as ``rope_embeddings(pixels)``.
+
+
+def dinov3_blocks(image_encoder: nn.Module) -> nn.ModuleList:
+    """DINOv3's transformer blocks, in order: ``layer`` in transformers 4.x, ``model.layer`` in 5.x."""
+    inner = getattr(image_encoder, "model", image_encoder)
+    blocks = getattr(inner, "layer", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"The image encoder ({type(image_encoder).__name__}) has no DINOv3 blocks "
+                          "(neither .layer nor .model.layer): give a DINOv3ViTModel")
+    return blocks
+
+
+def dinov3_embed(image_encoder: nn.Module, pixel_values: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """(I, 3, S, S) -> the tokens the first block reads (I, N, D) (CLS, registers, patches) and
+    the RoPE (cos, sin) of the patches, as DINOv3ViTModel.forward computes them."""
+    pixel_values = pixel_values.to(image_encoder.embeddings.patch_embeddings.weight.dtype)
+    return image_encoder.embeddings(pixel_values), image_encoder.rope_embeddings(pixel_values)
+
+
+def dinov3_taps(image_encoder: nn.Module, pixel_values: Tensor, layers: Sequence[int]) -> list[Tensor]:
+    """(I, 3, S, S) -> the outputs of the 1-based blocks ``layers`` ((I, N, D) each; 0: the
+    embeddings), before the final norm, on every transformers version.
+
+    Computed block by block rather than read from ``output_hidden_states``, whose last entry is
+    normed in 4.x and not in 5.x: these are 5.x's ``hidden_states[i]`` (what the fusion
+    checkpoints were trained on), and no block past the last tap runs.
+    """
+    blocks = dinov3_blocks(image_encoder)
+    if not layers or any(not 0 <= i <= len(blocks) for i in layers):
+        raise ConfigError(f"DINOv3 layers {list(layers)} must be between 0 and the encoder's {len(blocks)} blocks")
+    hidden, rope = dinov3_embed(image_encoder, pixel_values)
+    taps = {0: hidden}
+    for i, block in enumerate(blocks[:max(layers)], start=1):
+        hidden = block(hidden, position_embeddings=rope)
+        if i in layers:  # only the taps asked for stay in memory
+            taps[i] = hidden
+    return [taps[i] for i in layers]
