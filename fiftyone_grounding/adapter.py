@@ -29,7 +29,7 @@ from .config import GrounderConfig
 from .encoders import dinov3_blocks, dinov3_embed, encoder_hidden_size
 from .errors import ConfigError
 from .layers import CrossBlock, sine_positions_2d
-from .base import GrounderBase, GroundingOutput, QualityHead, box_head
+from .base import GrounderBase, GroundingOutput, box_head
 
 
 class TextAdapter(nn.Module):
@@ -83,7 +83,7 @@ class AdapterGrounder(GrounderBase):
         self.readout = nn.ModuleList([CrossBlock(d_img, config.num_heads, config.dim_feedforward, config.dropout)
                                       for _ in range(config.num_layers)])
         self.head = box_head(d_img, config.head_hidden)
-        self.quality_head = QualityHead(d_img, config.head_hidden) if config.quality_head else None
+        self.confidence_heads(d_img)
 
     def positions(self, x: Tensor) -> Tensor:
         """2D sine positions of the patch tokens (none for CLS, the registers and [REG]): the

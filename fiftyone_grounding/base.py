@@ -18,6 +18,7 @@ from . import boxes as box_ops
 from .confidence import Calibration
 from .config import GrounderConfig
 from .encoders import encoder_hidden_size, num_prefix_tokens, patch_size
+from .errors import ConfigError
 
 
 class GroundingOutput(NamedTuple):
@@ -29,13 +30,34 @@ class GroundingOutput(NamedTuple):
     ``boxes`` with each phrase's best box; their earlier stages are ``aux_boxes`` (B, Q, 4) and
     ``aux_scores`` (B, Q)."""
 
-    boxes: Tensor  # (B, 4) normalized xyxy in [0, 1]
+    boxes: Tensor  # (B, 4) normalized xyxy, not clipped to the image (see clipped())
     quality: Optional[Tensor] = None  # (B,) logits of each box's predicted IoU; None without a quality head
     aux_boxes: tuple = ()  # (B, 4) xyxy boxes of the earlier refinement stages (deep supervision)
     query_boxes: Optional[Tensor] = None  # (B, Q, 4) xyxy
     scores: Optional[Tensor] = None  # (B, Q) logits
-    exists: Optional[Tensor] = None  # (B,) logits
+    # (B,) logits that the phrase refers to something here: multi-box models, and one-box models
+    # with a presence head (their phrase's object is in the image); None otherwise
+    exists: Optional[Tensor] = None
     aux_scores: tuple = ()  # (B, Q) logits of the earlier stages
+
+    def clipped(self) -> "GroundingOutput":
+        """The boxes clipped to the image, as post-processing writes them (what metrics and
+        labels read). The model's own boxes may reach past the border: the losses see them
+        unclipped, so that a corner outside the image still gets a gradient (DETR clamps only
+        in post-processing)."""
+        clip = box_ops.clip_to_image
+        return self._replace(boxes=clip(self.boxes), aux_boxes=tuple(clip(b) for b in self.aux_boxes),
+                             query_boxes=None if self.query_boxes is None else clip(self.query_boxes))
+
+    def confidence_logits(self) -> Optional[Tensor]:
+        """(B,) logits of a one-box output's confidence before calibration: the predicted IoU,
+        times P(present) where the model has a presence head; None without a quality head."""
+        if self.quality is None:
+            return None
+        if self.exists is None:
+            return self.quality.float()
+        both = self.quality.float().sigmoid() * self.exists.float().sigmoid()
+        return torch.logit(both.clamp(1e-6, 1 - 1e-6))
 
     def box_confidences(self) -> Optional[Tensor]:
         """(B, Q) probabilities of a multi-box output: P(the phrase refers to something) x
@@ -68,6 +90,12 @@ class QualityHead(nn.Module):
         return self.fc2(F.relu(self.fc1(x))).squeeze(-1).float()  # (B,)
 
 
+def presence_head(dim: int) -> nn.Sequential:
+    """LayerNorm -> Linear(1): the logit that the phrase's object is in the image, from the query
+    itself (not detached: telling present from absent is the fusion's work too)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+
+
 def box_head(dim: int, hidden: int) -> nn.Sequential:
     """LayerNorm -> Linear -> ReLU -> Linear(4): a box (raw logits) from a query."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 4))
@@ -90,6 +118,11 @@ class GrounderBase(nn.Module):
         self.text_encoder = text_encoder
         self.num_prefix = num_prefix_tokens(image_encoder)
         self.patch_size = patch_size(image_encoder)
+        if config.image_size % self.patch_size:
+            raise ConfigError(f"image_size {config.image_size} is not a multiple of the image encoder's patch size "
+                              f"({self.patch_size} px): the encoder would drop a border strip of the image; use "
+                              f"{config.image_size // self.patch_size * self.patch_size} or "
+                              f"{(config.image_size // self.patch_size + 1) * self.patch_size}")
         self.calibration = Calibration()  # quality logit -> confidence; fitted at the end of training
 
     def train(self, mode: bool = True):
@@ -152,20 +185,30 @@ class GrounderBase(nn.Module):
         return self.quality_head is not None or self.config.num_queries > 0
 
     def to_xyxy(self, raw: Tensor) -> Tensor:
-        """Sigmoid outputs of the box head -> xyxy in [0, 1]."""
+        """Sigmoid outputs of the box head -> xyxy, not clipped: a (cx, cy, w, h) box may reach
+        past the image's border, and the loss must see it so (``GroundingOutput.clipped``)."""
         if self.config.box_format == "cxcywh":
-            return box_ops.box_cxcywh_to_xyxy(raw).clamp(0.0, 1.0)
+            return box_ops.box_cxcywh_to_xyxy(raw)
         # The seed's head predicts corners directly; order them so the box is valid.
         x0, y0, x1, y1 = raw.unbind(-1)
         return torch.stack([torch.minimum(x0, x1), torch.minimum(y0, y1),
                             torch.maximum(x0, x1), torch.maximum(y0, y1)], dim=-1)
 
+    def confidence_heads(self, dim: int) -> None:
+        """The heads of a one-box model's confidence, on queries of width ``dim``: the quality
+        head (its box's IoU) and the presence head (its phrase's object is here at all)."""
+        self.quality_head = QualityHead(dim, self.config.head_hidden) if self.config.quality_head else None
+        self.presence_head = presence_head(dim) if self.config.presence_head else None
+
     def output(self, query: Tensor, boxes: Tensor, aux_boxes: tuple = ()) -> GroundingOutput:
-        """The output of B phrases: their boxes, and the quality head's judgement of them."""
-        quality = None
+        """The output of B phrases: their boxes, the quality head's judgement of them and the
+        presence head's of the phrase."""
+        quality = exists = None
         if self.quality_head is not None:
             quality = self.quality_head(query, box_ops.box_xyxy_to_cxcywh(boxes))
-        return GroundingOutput(boxes, quality, tuple(aux_boxes))
+        if self.presence_head is not None:
+            exists = self.presence_head(query).squeeze(-1).float()  # (B,)
+        return GroundingOutput(boxes, quality, tuple(aux_boxes), exists=exists)
 
     @torch.no_grad()
     def init_box_bias(self, mean_box_xyxy: Tensor) -> None:

@@ -74,6 +74,12 @@ def box_xyxy_rel_to_abs(boxes: Boxes, width: float, height: float) -> Boxes:
     return boxes * _scale(boxes, width, height)
 
 
+def clip_to_image(boxes: Boxes) -> Boxes:
+    """Normalized boxes clipped to the image, [0, 1]: the post-processing of a model's boxes
+    (the losses see them unclipped, as DETR's)."""
+    return boxes.clip(0.0, 1.0)
+
+
 def fiftyone_xywh_to_xyxy(bounding_box: Sequence[float]) -> list[float]:
     """FiftyOne ``Detection.bounding_box`` (relative x, y, w, h) -> relative xyxy list."""
     x, y, w, h = (float(v) for v in bounding_box)

@@ -237,6 +237,13 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def applied_score_thresh(self) -> Optional[float]:
+        """The score threshold this model applies before it writes boxes: a multi-box model's
+        ``score_thresh`` (no box below it is written), None for a one-box model (its box is
+        written whatever its confidence). Recorded with the fields it writes (``runs.py``)."""
+        return self.score_thresh if self.config.num_queries > 0 else None
+
     # -- FiftyOne Model interface --------------------------------------------------------
 
     @property
@@ -362,14 +369,14 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
                 text_features = self.model.encode_text(ids, mask).index_select(0, order)  # (B, T, D_txt)
                 ids, mask = None, mask.index_select(0, order)
             out = self.model(pixel_values, ids, mask, image_index, image_features=image_features,
-                             text_features=text_features)
+                             text_features=text_features).clipped()  # post-processing: boxes inside the image
         # boxes and quality logits (or every query's box and confidence logit) side by side: one copy to the host
         if out.scores is not None:
             result = torch.cat([out.query_boxes.float(), out.box_confidence_logits()[..., None]], -1)  # (B, Q, 5)
         elif out.quality is None:
             result = out.boxes.float()
-        else:
-            result = torch.cat([out.boxes.float(), out.quality[:, None]], 1)
+        else:  # the predicted IoU, times P(present) with a presence head
+            result = torch.cat([out.boxes.float(), out.confidence_logits()[:, None]], 1)
         self.forward_calls += 1
         calibration = self.model.calibration
         score_thresh = self.score_thresh

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import GrounderConfig
-from .encoders import encoder_hidden_size
+from .encoders import dinov3_taps, encoder_hidden_size
 from .errors import ConfigError
 from .layers import MLP, Block, CrossBlock, DecoderBlock, sine_box_embedding, sine_positions_2d
 from . import boxes as box_ops
-from .base import GrounderBase, GroundingOutput, QualityHead, box_head
+from .base import GrounderBase, GroundingOutput, box_head
 
 
 def _inverse_sigmoid(x: Tensor, eps: float = 1e-4) -> Tensor:
@@ -98,8 +98,8 @@ class FusionGrounder(GrounderBase):
             for delta in self.deltas:  # refinement starts as the identity
                 nn.init.zeros_(delta[-1].weight)
                 nn.init.zeros_(delta[-1].bias)
-        self.quality_head = QualityHead(d, config.head_hidden) if config.quality_head else None
-        self._pos_cache: dict[tuple, Tensor] = {}
+        self.confidence_heads(d)
+        self._pos_cache: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, dtype) -> (positions, levels)
 
     # -- the cacheable image features ------------------------------------------------------
 
@@ -118,8 +118,7 @@ class FusionGrounder(GrounderBase):
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
         """(I, 3, S, S) -> (I, N, D_img): the taps of :meth:`level_sizes`, concatenated."""
-        hidden = self.image_encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-        taps = [hidden[i] for i in self.layers]  # hidden[0] is the embedding output
+        taps = dinov3_taps(self.image_encoder, pixel_values, self.layers)  # block outputs, before the final norm
         out = [taps[-1]]
         pool = self.config.level_pool
         for tap in taps[:-1]:
@@ -133,16 +132,21 @@ class FusionGrounder(GrounderBase):
     # -- fusion ----------------------------------------------------------------------------
 
     def _image_positions(self, device, dtype) -> Tensor:
-        """(N, d): 2D sine positions of each tap's grid (none for CLS/registers) + its level embedding."""
+        """(N, d): 2D sine positions of each tap's grid (none for CLS/registers; none at all with
+        ``pos_embed="none"``) + its level embedding. The fixed parts are made once per device
+        and dtype: a table built on the host every forward would wait for the GPU each time."""
         key = (device, dtype)
         if key not in self._pos_cache:
             d, side, pooled = self.config.d_model, self.side, self.side // self.config.level_pool
             parts = [torch.cat([torch.zeros(self.num_prefix, d), sine_positions_2d(side, side, d)])]
             parts += [sine_positions_2d(pooled, pooled, d)] * (len(self.layers) - 1)
-            self._pos_cache[key] = torch.cat(parts).to(device=device, dtype=dtype)
-        levels = torch.repeat_interleave(torch.arange(len(self.layers), device=device),
-                                         torch.tensor(self.level_sizes(), device=device))
-        return self._pos_cache[key] + self.level_embed.to(dtype)[levels]
+            positions = torch.cat(parts)
+            if self.config.pos_embed == "none":
+                positions = torch.zeros_like(positions)
+            levels = torch.repeat_interleave(torch.arange(len(self.layers)), torch.tensor(self.level_sizes()))  # (N,)
+            self._pos_cache[key] = (positions.to(device=device, dtype=dtype), levels.to(device))
+        positions, levels = self._pos_cache[key]
+        return positions + self.level_embed.to(dtype).index_select(0, levels)
 
     def image_tokens(self, image_features: Tensor) -> Tensor:
         """(I, N, D_img) taps -> (I, N, d) normalized, projected, with positions."""
@@ -178,7 +182,7 @@ class FusionGrounder(GrounderBase):
         stages = [raw]
         for block, delta in zip(self.refine, self.deltas):
             position = self.box_embed(sine_box_embedding(raw.detach(), self.config.d_model).to(query.dtype))
-            query = block((query + position)[:, None], memory)[:, 0]
+            query = block(query[:, None], memory, query_pos=position[:, None])[:, 0]  # position: attention only
             raw = (_inverse_sigmoid(raw.detach()) + delta(query).float()).sigmoid()
             stages.append(raw)
         boxes = [self.to_xyxy(s) for s in stages]
@@ -199,7 +203,7 @@ class FusionGrounder(GrounderBase):
         per_phrase = torch.arange(batch, device=reg.device)
         for k, (block, delta, score) in enumerate(zip(self.refine, self.deltas, self.score_heads)):
             position = self.box_embed(sine_box_embedding(raw.detach(), d).to(queries.dtype))
-            queries = block(queries + position, no_padding, memory, per_phrase)
+            queries = block(queries, no_padding, memory, per_phrase, query_pos=position)  # position: attention only
             # each layer moves the box it was given (detached: DETR's iterative refinement); the
             # first one's gradient also reaches the queries' first boxes, which are learned
             first = k == 0 and not self.config.query_selection  # selected proposals are trained on their own

@@ -60,19 +60,25 @@ class Attention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def project_keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, L, d) -> keys and values (N, L, d) each."""
+    def project_keys_values(self, x: Tensor, values_from: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(N, L, d) -> keys and values (N, L, d) each; the values from ``values_from`` where the
+        keys carry positions that the values must not (DETR's ``with_pos_embed``)."""
         d = x.shape[-1]
-        return F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        if values_from is None:
+            return F.linear(x, self.in_proj_weight[d:], self.in_proj_bias[d:]).chunk(2, dim=-1)
+        return (F.linear(x, self.in_proj_weight[d:2 * d], self.in_proj_bias[d:2 * d]),
+                F.linear(values_from, self.in_proj_weight[2 * d:], self.in_proj_bias[2 * d:]))
 
     def forward(self, x: Tensor, keys_values: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
-                projected: Optional[tuple[Tensor, Tensor]] = None) -> Tensor:
+                projected: Optional[tuple[Tensor, Tensor]] = None, values_from: Optional[Tensor] = None) -> Tensor:
         """x (B, T, d); ``keys_values`` (B, L, d) (default: x), or ``projected`` keys and values;
-        ``key_padding`` (B, L) True where a key is padding. Returns (B, T, d)."""
+        ``values_from`` (B, L, d): the values' input where it differs from the keys' (positions
+        added to queries and keys only); ``key_padding`` (B, L) True where a key is padding.
+        Returns (B, T, d)."""
         batch, length, d = x.shape
         q = F.linear(x, self.in_proj_weight[:d], self.in_proj_bias[:d])
         keys, values = projected if projected is not None else self.project_keys_values(
-            x if keys_values is None else keys_values)
+            x if keys_values is None else keys_values, values_from)
 
         def heads_first(t: Tensor) -> Tensor:  # (B, L, d) -> (B, heads, L, d / heads)
             return t.unflatten(-1, (self.heads, d // self.heads)).transpose(1, 2)
@@ -109,19 +115,31 @@ class DecoderBlock(nn.Module):
     def _mlp(self, x: Tensor) -> Tensor:
         return self._drop(self.linear2(self._drop(F.relu(self.linear1(x)))))
 
-    def forward(self, x: Tensor, padding: Tensor, memory: Tensor, image_index: Tensor) -> Tensor:
+    def forward(self, x: Tensor, padding: Tensor, memory: Tensor, image_index: Tensor,
+                query_pos: Optional[Tensor] = None) -> Tensor:
         """x (B, T, d) queries, padding (B, T) True where padded; memory (I, N, d) per image,
-        image_index (B,) the image of each phrase."""
+        image_index (B,) the image of each phrase; ``query_pos`` (B, T, d): the queries' positions
+        (e.g. their boxes, embedded), added to the attention's queries and keys only, never to the
+        values or the residual stream (DETR's ``with_pos_embed``: positions do not pile up layer
+        after layer)."""
         keys, values = self.multihead_attn.project_keys_values(memory)  # once per image
         # index_select: its backward is a scatter-add, cheaper than indexing's index_put
         projected = (keys.index_select(0, image_index), values.index_select(0, image_index))
+
+        def with_pos(t: Tensor) -> Tensor:
+            return t if query_pos is None else t + query_pos
+
+        def self_attention(h: Tensor) -> Tensor:
+            if query_pos is None:
+                return self.self_attn(h, key_padding=padding)
+            return self.self_attn(with_pos(h), key_padding=padding, values_from=h)
+
         if self.norm_first:
-            h = self.norm1(x)
-            x = x + self._drop(self.self_attn(h, key_padding=padding))
-            x = x + self._drop(self.multihead_attn(self.norm2(x), projected=projected))
+            x = x + self._drop(self_attention(self.norm1(x)))
+            x = x + self._drop(self.multihead_attn(with_pos(self.norm2(x)), projected=projected))
             return x + self._mlp(self.norm3(x))
-        x = self.norm1(x + self._drop(self.self_attn(x, key_padding=padding)))
-        x = self.norm2(x + self._drop(self.multihead_attn(x, projected=projected)))
+        x = self.norm1(x + self._drop(self_attention(x)))
+        x = self.norm2(x + self._drop(self.multihead_attn(with_pos(x), projected=projected)))
         return self.norm3(x + self._mlp(x))
 
 
@@ -182,7 +200,12 @@ class CrossBlock(nn.Module):
         self.mlp = MLP(dim, hidden, dropout)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, memory: Tensor, memory_padding: Optional[Tensor] = None) -> Tensor:
-        attended = self.cross_attn(self.ln_1(x), keys_values=memory, key_padding=memory_padding)
+    def forward(self, x: Tensor, memory: Tensor, memory_padding: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, d) queries; memory (B, L, d); ``query_pos`` (B, T, d) added to the attention's
+        queries only (DETR's ``with_pos_embed``), not to the residual stream."""
+        h = self.ln_1(x)
+        attended = self.cross_attn(h if query_pos is None else h + query_pos, keys_values=memory,
+                                   key_padding=memory_padding)
         x = x + F.dropout(attended, self.dropout, self.training)
         return x + self.mlp(self.ln_2(x))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,54 +12,82 @@ from . import boxes as box_ops
 from .config import BOX_LOSS_TERMS
 
 
-def box_loss(pred_xyxy: Tensor, target_xyxy: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
-    """Named box loss terms (mean over the batch) and their weighted sum under ``"loss"``.
-
-    Terms: ``l1`` on (cx, cy, w, h), ``giou`` = 1 - GIoU, ``diou`` = 1 - DIoU; weights of other
-    terms (``quality``) are ignored here.
-    """
+def box_loss(pred_xyxy: Tensor, target_xyxy: Tensor, weights: dict[str, float],
+             present: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Named box loss terms and their weighted sum under ``"loss"``, normalised as DETR's
+    ``SetCriterion.loss_boxes``: each term summed over the boxes and divided by their number;
+    ``l1`` sums the 4 (cx, cy, w, h) coordinates of a box (not their mean: with the mean, an ``l1``
+    weight of 5 would train as 1.25). Terms: ``l1``, ``giou`` = 1 - GIoU, ``diou`` = 1 - DIoU;
+    weights of other terms (``quality``) are ignored here. The boxes are the model's own, nothing
+    clamped: a corner predicted outside the image still gets its gradient (DETR clamps only in
+    post-processing). ``present`` (B,) bool: the rows that count (the others, phrases shown with an
+    image that lacks their referent, have no true box); the count is kept on the device."""
     pred_xyxy = pred_xyxy.float()
     target_xyxy = target_xyxy.float()
+    if present is None:
+        keep, num_boxes = None, max(pred_xyxy.shape[0], 1)
+    else:  # rows without a box compare with themselves (finite, zero), then weigh nothing
+        keep, num_boxes = present.float(), present.float().sum().clamp(min=1.0)
+        target_xyxy = torch.where(present[:, None], target_xyxy, pred_xyxy.detach())
+
+    def mean_over_boxes(per_box: Tensor) -> Tensor:  # (B,) -> ()
+        return (per_box if keep is None else per_box * keep).sum() / num_boxes
+
     terms: dict[str, Tensor] = {}
     if "l1" in weights:
-        terms["l1"] = F.l1_loss(box_ops.box_xyxy_to_cxcywh(pred_xyxy), box_ops.box_xyxy_to_cxcywh(target_xyxy))
+        l1 = F.l1_loss(box_ops.box_xyxy_to_cxcywh(pred_xyxy), box_ops.box_xyxy_to_cxcywh(target_xyxy),
+                       reduction="none")  # (B, 4)
+        terms["l1"] = mean_over_boxes(l1.sum(-1))
     if "giou" in weights:
-        terms["giou"] = (1 - box_ops.generalized_box_iou(pred_xyxy, target_xyxy)).mean()
+        terms["giou"] = mean_over_boxes(1 - box_ops.generalized_box_iou(pred_xyxy, target_xyxy))
     if "diou" in weights:
-        terms["diou"] = (1 - box_ops.distance_box_iou(pred_xyxy, target_xyxy)).mean()
+        terms["diou"] = mean_over_boxes(1 - box_ops.distance_box_iou(pred_xyxy, target_xyxy))
     terms["loss"] = sum(weights[k] * terms[k] for k in BOX_LOSS_TERMS if k in weights)
     return terms
 
 
-def quality_loss(quality_logits: Tensor, pred_xyxy: Tensor, target_xyxy: Tensor) -> Tensor:
+def quality_loss(quality_logits: Tensor, pred_xyxy: Tensor, target_xyxy: Tensor,
+                 absent: Optional[Tensor] = None) -> Tensor:
     """Binary cross-entropy of the quality head's logits against each box's IoU with its target,
-    a soft label in [0, 1]. The IoU is computed from detached boxes: the quality head learns to
-    judge the box, and this loss never moves the box."""
+    a soft label in [0, 1]: the IoU of the box as post-processing writes it (clipped to the
+    image), computed from detached boxes (the quality head learns to judge the box, and this loss
+    never moves it). ``absent`` (B,) bool: phrases shown with an image that lacks their referent,
+    whose label is 0 (no box there is right)."""
     with torch.no_grad():
-        iou = box_ops.box_iou(pred_xyxy.detach().float(), target_xyxy.float()).clamp(0.0, 1.0)  # (B,)
+        target = torch.nan_to_num(target_xyxy.float())
+        iou = box_ops.box_iou(box_ops.clip_to_image(pred_xyxy.detach().float()), target).clamp(0.0, 1.0)  # (B,)
+        if absent is not None:
+            iou = iou.masked_fill(absent, 0.0)
     return F.binary_cross_entropy_with_logits(quality_logits.float(), iou)
 
 
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the box queries' score loss (Deformable DETR's)
 
 
-def grounding_loss(output, target, weights: dict[str, float]) -> dict[str, Tensor]:
+def grounding_loss(output, target, weights: dict[str, float], absent: Optional[Tensor] = None) -> dict[str, Tensor]:
     """The training loss of a ``GroundingOutput``: the box terms on its boxes, the same terms on
     every earlier refinement stage (``aux0``, ``aux1``, ...: deep supervision), and ``quality``
     where the model has a quality head, with their weighted sum under ``"loss"``.
 
     ``target``: (B, 4) true boxes; for a multi-box output, a list of (G_b, 4) true boxes per
-    phrase (G_b may be 0), see :func:`multi_box_loss`."""
+    phrase (G_b may be 0), see :func:`multi_box_loss`. ``absent`` (B,) bool, one-box outputs:
+    phrases shown with an image that lacks their referent (their target row is NaN): no box
+    loss, the quality head learns that no box there is right, and the presence head (``exist``,
+    where the model has one) that the object is not there."""
     if output.scores is not None:
         return multi_box_loss(output, target, weights)
-    target_xyxy = target
-    terms = box_loss(output.boxes, target_xyxy, weights)
+    present = None if absent is None else ~absent
+    terms = box_loss(output.boxes, target, weights, present)
     for k, boxes in enumerate(output.aux_boxes):
-        terms[f"aux{k}"] = box_loss(boxes, target_xyxy, weights)["loss"]
+        terms[f"aux{k}"] = box_loss(boxes, target, weights, present)["loss"]
         terms["loss"] = terms["loss"] + terms[f"aux{k}"]
     if output.quality is not None and weights.get("quality"):
-        terms["quality"] = quality_loss(output.quality, output.boxes, target_xyxy)
+        terms["quality"] = quality_loss(output.quality, output.boxes, target, absent)
         terms["loss"] = terms["loss"] + weights["quality"] * terms["quality"]
+    if output.exists is not None and weights.get("exist"):  # the presence head: 1 where the referent is here
+        present = torch.ones_like(output.exists) if absent is None else (~absent).float()
+        terms["exist"] = F.binary_cross_entropy_with_logits(output.exists.float(), present)
+        terms["loss"] = terms["loss"] + weights["exist"] * terms["exist"]
     return terms
 
 

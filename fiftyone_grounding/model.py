@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapter import AdapterGrounder
-from .base import GrounderBase, GroundingOutput, QualityHead, box_head
+from .base import GrounderBase, GroundingOutput, box_head
 from .config import DEFAULT_PRESET, GrounderConfig, get_config
 from .encoders import encoder_hidden_size, load_encoder, load_tokenizer
 from .errors import InputError
@@ -53,21 +53,23 @@ class Grounder(GrounderBase):
         if self.reg_token is not None:
             nn.init.normal_(self.reg_token, std=0.02)
         self.head = box_head(d, config.head_hidden)
-        self.quality_head = QualityHead(d, config.head_hidden) if config.quality_head else None
-        self._pos_cache: dict[tuple[int, int], Tensor] = {}
+        self.confidence_heads(d)
+        self._pos_cache: dict[tuple, Tensor] = {}  # (grid side, device, dtype) -> (N, d)
 
     def _positions(self, num_tokens: int, device, dtype) -> Tensor:
-        """Sine positions for the image tokens: zeros for CLS/registers, 2D grid for patches."""
+        """Sine positions for the image tokens: zeros for CLS/registers, 2D grid for patches; made
+        once per grid, device and dtype (a table copied from the host every forward would wait
+        for the GPU each time)."""
         num_patches = num_tokens - self.num_prefix
         side = int(round(math.sqrt(num_patches)))
         if side * side != num_patches:
             raise InputError(f"Expected a square patch grid, got {num_patches} patches: give square images")
-        key = (side, side)
+        key = (side, device, dtype)
         if key not in self._pos_cache:
             grid = sine_positions_2d(side, side, self.config.d_model)
             prefix = torch.zeros(self.num_prefix, self.config.d_model)
-            self._pos_cache[key] = torch.cat([prefix, grid], dim=0)
-        return self._pos_cache[key].to(device=device, dtype=dtype)
+            self._pos_cache[key] = torch.cat([prefix, grid], dim=0).to(device=device, dtype=dtype)
+        return self._pos_cache[key]
 
     def decode(
         self,
