@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from .augment import CACHEABLE, augment_item, hflip_boxes, parse_augment
 from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
-from .config import NO_TARGET_FIELD
+from .config import CATEGORY_FIELD, NO_TARGET_FIELD
 from .errors import ImageError, InputError
 from .images import load_rgb, normalize_pixels, resize_rgb
 from .text import NO_PHRASE, PhraseTokenizer, clean_phrase, swap_left_right
@@ -34,6 +34,11 @@ class GroundingRecords:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
     # every true box of each phrase (read with several=True): zero, one or several
     targets: Optional[list[list[list[float]]]] = None
+    # each phrase's referent category where the view has a ``category`` field (None: unknown):
+    # training pairs a phrase with an image that lacks its referent, by category where known
+    categories: Optional[list[Optional[str]]] = None
+    # phrases with more true boxes than a multi-box model has queries (read with max_boxes)
+    over_capacity: int = 0
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -49,7 +54,7 @@ SEVERAL_TARGETS = "several targets: one-box models skip them"
 
 
 def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth",
-                 several: bool = False) -> GroundingRecords:
+                 several: bool = False, max_boxes: Optional[int] = None) -> GroundingRecords:
     """Bulk-read (id, filepath, phrase, box) from a FiftyOne view, validating each row.
 
     One-box models predict one box per phrase, so by default a sample whose ground truth holds
@@ -57,6 +62,9 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
     skipped with its reason, not trained on with a box that is not the whole answer. With
     ``several=True`` (multi-box models) they are read too, every box into ``targets`` (none for a
     no-target phrase); a sample with no box that is not marked ``no_target`` is still skipped.
+    ``max_boxes``: count the phrases with more true boxes than that (a multi-box model's queries:
+    each of its queries takes one box, so such a phrase can never be found whole) in
+    ``over_capacity``. The ``category`` field, where the view has one, is read into ``categories``.
     """
     for name in (phrase_field, gt_field):
         if not view.has_field(name):
@@ -65,8 +73,9 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
         ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
     )
     no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * len(ids)
-    records = GroundingRecords(targets=[] if several else None)
-    for sid, path, phrase, boxes, nothing in zip(ids, paths, phrases, bbs, no_target):
+    categories = view.values(CATEGORY_FIELD) if view.has_field(CATEGORY_FIELD) else [None] * len(ids)
+    records = GroundingRecords(targets=[] if several else None, categories=[])
+    for sid, path, phrase, boxes, nothing, category in zip(ids, paths, phrases, bbs, no_target, categories):
         text = clean_phrase(phrase)
         if text is None:
             records.skipped.append((sid, NO_PHRASE))
@@ -99,8 +108,10 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
         records.filepaths.append(path)
         records.phrases.append(text)
         records.boxes.append(clean[0] if clean else [math.nan] * 4)
+        records.categories.append(category if isinstance(category, str) else None)
         if several:
             records.targets.append(clean)
+            records.over_capacity += max_boxes is not None and len(clean) > max_boxes
     return records
 
 
@@ -174,13 +185,23 @@ class GroundingDataset(Dataset):
         # Per-item randomness from (seed, epoch, index): the same augmentation whatever
         # the number of workers or processes, so a resumed run repeats itself exactly.
         rng = np.random.default_rng([self.seed, epoch, index])
-        image, boxes, phrases = augment_item(image, boxes, phrases, self.parts, rng)
-        return {
+        image, boxes, phrases, kept, area = augment_item(image, boxes, phrases, self.parts, rng, sizes)
+        rows, ids = [rows[k] for k in kept], [ids[k] for k in kept]  # a crop may leave phrases out
+        sizes = None if sizes is None else [sizes[k] for k in kept]
+        item = {
             "pixel_values": normalize_pixels(resize_rgb(image, self.image_size), self.mean, self.std),  # (3, S, S)
             **self._box_fields(boxes, sizes),
-            "phrases": phrases,
-            "sample_ids": ids,
+            **self._phrase_fields(rows, phrases, ids),
         }
+        if "scale" in self.parts:
+            item["crop_area"] = area
+        return item
+
+    def _phrase_fields(self, rows: list[int], phrases: list[str], ids: list[str]) -> dict:
+        """The phrases of an item, their sample ids and referent categories, and its image's path."""
+        r = self.records
+        categories = [r.categories[i] for i in rows] if r.categories else [None] * len(rows)
+        return {"phrases": phrases, "sample_ids": ids, "categories": categories, "image": r.filepaths[rows[0]]}
 
     def _boxes(self, rows: list[int]) -> tuple[np.ndarray, Optional[list[int]]]:
         """The boxes of these phrases as one (M, 4) array (what augmentation moves), and how many
@@ -217,8 +238,7 @@ class GroundingDataset(Dataset):
         return {
             "image_features": self.feature_cache.get(path, view),  # (T, D) float16
             **self._box_fields(boxes, sizes),
-            "phrases": phrases,
-            "sample_ids": ids,
+            **self._phrase_fields(rows, phrases, ids),
         }
 
 
@@ -257,4 +277,48 @@ class Collator:
         )
         if "targets" in items[0]:
             batch["targets"] = [t for it in items for t in it["targets"]]  # B tensors (g, 4)
+        batch["categories"] = [c for it in items for c in it.get("categories", [None] * len(it["phrases"]))]
+        batch["images"] = [it.get("image") for it in items]  # (I,) the image of each row of the image tensor
+        if "crop_area" in items[0]:
+            batch["crop_areas"] = [it["crop_area"] for it in items]
         return batch
+
+
+def add_absent_pairs(batch: dict, share: float, rng: np.random.Generator) -> dict:
+    """The batch with a ``share`` of its phrases shown once more, each with another image of the
+    batch that lacks its referent (by category where the phrases carry one: no image whose own
+    phrases refer to an object of that category; else any other image), so that the quality
+    head learns that no box is right there: a phrase's object is absent from most of the images
+    a search ranks, and one-box training data (RefCOCO) has no such phrase. The added rows have a
+    NaN box and ``absent`` True; the first B rows are the batch's own (``absent`` False)."""
+    phrases = batch.get("phrases") or []
+    image_index = batch["image_index"]
+    num_images = int(image_index.max()) + 1 if len(phrases) else 0
+    if share <= 0 or num_images < 2:
+        return batch
+    image_of = image_index.tolist()
+    categories = batch.get("categories") or [None] * len(phrases)
+    held: dict[int, set] = {}
+    for b, i in enumerate(image_of):
+        if categories[b] is not None:
+            held.setdefault(i, set()).add(categories[b])
+    count = max(1, int(round(share * len(phrases))))
+    rows, images = [], []
+    for b in rng.permutation(len(phrases))[:count].tolist():
+        others = [i for i in range(num_images)
+                  if i != image_of[b] and (categories[b] is None or categories[b] not in held.get(i, ()))]
+        if others:
+            rows.append(b)
+            images.append(others[int(rng.integers(len(others)))])
+    if not rows:
+        return batch
+    index = torch.tensor(rows, dtype=torch.long)
+    out = dict(batch)
+    for key in ("input_ids", "text_features", "attention_mask"):
+        if key in batch:
+            out[key] = torch.cat([batch[key], batch[key].index_select(0, index)])
+    out["image_index"] = torch.cat([image_index, torch.tensor(images, dtype=image_index.dtype)])
+    out["boxes"] = torch.cat([batch["boxes"], batch["boxes"].new_full((len(rows), 4), float("nan"))])
+    out["absent"] = torch.cat([torch.zeros(len(phrases), dtype=torch.bool), torch.ones(len(rows), dtype=torch.bool)])
+    out["phrases"] = list(phrases) + [phrases[b] for b in rows]
+    return out

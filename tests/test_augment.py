@@ -1,11 +1,12 @@
-"""Augmentation: the crop keeps every box whole (at the borders too), colour jitter keeps the hue,
-flips swap the phrase's left and right, and the parts combine by name."""
+"""Augmentation: the crop is drawn per expression and keeps its boxes whole (at the borders too),
+the phrases it cuts leave the item, colour jitter keeps the hue, flips swap the phrase's left and
+right, and the parts combine by name."""
 
 import numpy as np
 import pytest
 
-from fiftyone_grounding.augment import (CACHEABLE, MIN_CROP, augment_item, box_safe_crop, color_jitter,
-                                        parse_augment)
+from fiftyone_grounding.augment import (CACHEABLE, MIN_CROP, augment_item, box_safe_window, color_jitter,
+                                        parse_augment, phrase_crop)
 from fiftyone_grounding.errors import ConfigError
 from fiftyone_grounding.text import swap_left_right
 
@@ -27,15 +28,18 @@ def _scene(height=60, width=80):
 
 @pytest.mark.parametrize("boxes", BORDER_BOXES)
 def test_the_crop_never_cuts_a_box(boxes):
+    """One phrase with these boxes: every crop holds them whole, at the same pixels."""
     image = _scene()
     height, width = image.shape[:2]
     boxes = np.asarray(boxes, dtype=np.float32)
     rng = np.random.default_rng(0)
     sizes = set()
     for _ in range(300):
-        crop, moved = box_safe_crop(image, boxes, rng)
+        crop, moved, kept, area = phrase_crop(image, boxes, [len(boxes)], rng)
+        assert kept == [0]
         ch, cw = crop.shape[:2]
         sizes.add((ch, cw))
+        assert area == pytest.approx(ch * cw / (height * width))
         assert ch >= MIN_CROP * height - 1 and cw >= MIN_CROP * width - 1
         y0, x0 = int(crop[0, 0, 0]) // 4, int(crop[0, 0, 1]) // 3  # where the crop starts
         for box, new in zip(boxes, moved):
@@ -45,6 +49,46 @@ def test_the_crop_never_cuts_a_box(boxes):
             np.testing.assert_allclose(new * [cw, ch, cw, ch] + [x0, y0, x0, y0], [bx0, by0, bx1, by1], atol=1e-3)
             assert ((0 <= new) & (new <= 1)).all()
     assert len(sizes) > 10  # it does crop, by different amounts
+
+
+# three objects spread over the image, as RefCOCO's same-category distractors are, a phrase each
+SPREAD = np.asarray([[0.02, 0.05, 0.22, 0.35], [0.75, 0.1, 0.97, 0.4], [0.4, 0.65, 0.6, 0.95]], np.float32)
+
+
+def test_the_crop_is_drawn_per_phrase_and_the_phrases_it_cuts_leave():
+    """TransVG / CLIP-VG / SwimVG crop per expression. A crop that had to hold all three spread
+    boxes would barely crop (its window must span nearly the whole image); a crop per phrase
+    keeps far less of the image, and every phrase left in the item still has its box whole."""
+    image = _scene(120, 160)
+    height, width = image.shape[:2]
+    rng = np.random.default_rng(0)
+    areas, union_areas, kept_counts = [], [], []
+    for _ in range(400):
+        crop, moved, kept, area = phrase_crop(image, SPREAD, [1, 1, 1], rng)
+        areas.append(area)
+        kept_counts.append(len(kept))
+        ch, cw = crop.shape[:2]
+        y0, x0 = int(crop[0, 0, 0]) // 4, int(crop[0, 0, 1]) // 3
+        assert len(moved) == len(kept) >= 1
+        for k, new in zip(kept, moved):  # every kept phrase: its box whole, at the same pixels
+            bx0, by0, bx1, by1 = SPREAD[k] * [width, height, width, height]
+            assert x0 <= bx0 + 1e-6 and y0 <= by0 + 1e-6 and bx1 <= x0 + cw + 1e-6 and by1 <= y0 + ch + 1e-6
+            np.testing.assert_allclose(new * [cw, ch, cw, ch] + [x0, y0, x0, y0], [bx0, by0, bx1, by1], atol=1e-3)
+        for k in set(range(3)) - set(kept):  # every phrase that left: the crop cuts its box
+            bx0, by0, bx1, by1 = SPREAD[k] * [width, height, width, height]
+            assert not (x0 <= bx0 + 1e-6 and y0 <= by0 + 1e-6 and bx1 <= x0 + cw + 1e-6 and by1 <= y0 + ch + 1e-6)
+        x0u, y0u, x1u, y1u = box_safe_window(width, height, SPREAD, rng)  # the crop of the whole image's boxes
+        union_areas.append((x1u - x0u) * (y1u - y0u) / (width * height))
+    assert np.mean(areas) < 0.7 and np.mean(union_areas) > 0.85, (np.mean(areas), np.mean(union_areas))
+    assert min(kept_counts) == 1 and max(kept_counts) == 3  # sometimes only its own phrase, sometimes all
+
+
+def test_a_phrase_of_nothing_stays_in_any_crop():
+    image = _scene()
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        _, _, kept, _ = phrase_crop(image, SPREAD[:1], [1, 0], rng)
+        assert kept == [0, 1]  # it has no box to cut
 
 
 def test_colour_jitter_keeps_the_hue():
@@ -91,7 +135,8 @@ def test_an_item_is_augmented_the_same_from_the_same_seed():
     runs = [augment_item(image, boxes, ["the cup on the left"], parts, np.random.default_rng([3, 1, 7]))
             for _ in range(2)]
     assert np.array_equal(runs[0][0], runs[1][0]) and np.array_equal(runs[0][1], runs[1][1])
-    assert runs[0][2] == runs[1][2]
+    assert runs[0][2:] == runs[1][2:]
     flipped = [augment_item(image, boxes, ["the cup on the left"], parse_augment("flip"), np.random.default_rng(s))
                for s in range(40)]
-    assert {tuple(p) for _, _, p in flipped} == {("the cup on the left",), ("the cup on the right",)}
+    assert {tuple(p) for _, _, p, _, _ in flipped} == {("the cup on the left",), ("the cup on the right",)}
+    assert {(tuple(kept), area) for _, _, _, kept, area in flipped} == {((0,), 1.0)}  # no crop: all kept, all area
