@@ -81,7 +81,7 @@ def cmd_summary(args) -> None:
 
 # train's flags: TrainConfig keys; unset flags leave the recipe's value or TrainConfig's default
 _TRAIN_FLAGS = ("preset", "out_dir", "epochs", "batch_size", "lr", "weight_decay", "warmup_frac", "grad_clip",
-                "augment", "train_split", "val_split", "num_workers", "seed", "mixed_precision")
+                "augment", "negative_share", "train_split", "val_split", "num_workers", "seed", "mixed_precision")
 _MODEL_FLAGS = ("image_size", "image_encoder", "text_encoder")  # overrides of the preset's model config
 
 
@@ -180,7 +180,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
     p.add_argument("--recipe", help="JSON file of TrainConfig options (see training/); flags override it")
     types = {"epochs": int, "batch_size": int, "num_workers": int, "seed": int, "lr": float, "weight_decay": float,
-             "warmup_frac": float, "grad_clip": float}
+             "warmup_frac": float, "grad_clip": float, "negative_share": float}
     choices = {"preset": sorted(PRESETS), "mixed_precision": ["auto", "no", "bf16", "fp16"]}
     for name in _TRAIN_FLAGS + ("phrase_field", "gt_field", "split_field"):
         default = getattr(_TRAIN_DEFAULTS, name)
@@ -197,7 +197,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                                            "(default: the preset's)")
     p.add_argument("--text-encoder", help="bge-small | bge-base, a Hub id or a folder (default: the preset's)")
     p.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is present")
-    p.add_argument("--no-resume", action="store_true", help="ignore OUT_DIR/last and start over")
+    p.add_argument("--no-resume", action="store_true",
+                   help="train a new model in OUT_DIR even where it holds a run (by default an unfinished run "
+                        "of the same dataset and options goes on; another run there is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

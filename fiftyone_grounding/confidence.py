@@ -118,16 +118,20 @@ def _fit_platt(logits: np.ndarray, correct: np.ndarray, steps: int = 100) -> tup
     return max(float(a), 1e-3), float(b)  # increasing: the confidence keeps the head's order
 
 
-def fit_calibration(logits: Sequence[float], ious: Sequence[float]) -> Calibration:
+def fit_calibration(logits: Sequence[float], ious: Sequence[float], groups: Optional[Sequence] = None) -> Calibration:
     """The calibration of a quality head on validation predictions: Platt scaling where it lowers
-    the expected calibration error of held-out halves (2-fold), else the identity."""
+    the expected calibration error of held-out halves (2-fold), else the identity. ``groups``:
+    each prediction's image; the folds split images, not rows, so that the phrases of one image
+    (alike, and alike in how right their boxes are) never sit on both sides of the comparison."""
     logits = np.asarray(logits, dtype=np.float64)
     correct = np.asarray(ious, dtype=np.float64) >= CORRECT_IOU
     n = len(logits)
     identity_ece = expected_calibration_error(_sigmoid(logits), correct)
     if n < 20 or correct.all() or not correct.any():  # too few, or nothing to separate
         return Calibration(fitted_on=n, val_ece=identity_ece)
-    folds = np.arange(n) % 2
+    folds = two_folds(groups if groups is not None else range(n))
+    if len(set(folds.tolist())) < 2:
+        return Calibration(fitted_on=n, val_ece=identity_ece)
     held_out = []
     for k in (0, 1):
         a, b = _fit_platt(logits[folds != k], correct[folds != k])
@@ -137,6 +141,15 @@ def fit_calibration(logits: Sequence[float], ious: Sequence[float]) -> Calibrati
         return Calibration(fitted_on=n, val_ece=identity_ece)
     a, b = _fit_platt(logits, correct)
     return Calibration("platt", a, b, fitted_on=n, val_ece=expected_calibration_error(_sigmoid(a * logits + b), correct))
+
+
+def two_folds(groups: Sequence) -> np.ndarray:
+    """(n,) 0 or 1 per row: the groups alternate between the folds in the order they first
+    appear, every row of a group in its group's fold."""
+    fold_of: dict = {}
+    for g in groups:
+        fold_of.setdefault(g, len(fold_of) % 2)
+    return np.asarray([fold_of[g] for g in groups], dtype=np.int64)
 
 
 # -- metrics ------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 BOX_LOSS_TERMS = ("l1", "giou", "diou")
 # quality: BCE of the quality head against the box's IoU; score: focal loss of each box query's
-# score (multi-box heads); exist: BCE of the phrase's existence score (multi-box heads)
+# score (multi-box heads); exist: BCE of the phrase's existence score (multi-box heads; the
+# presence head of one-box models)
 LOSS_TERMS = BOX_LOSS_TERMS + ("quality", "score", "exist")
 MULTI_BOX_TERMS = ("score", "exist")
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
@@ -130,6 +131,11 @@ class GrounderConfig:
     # A head that predicts the IoU of the model's own box (the confidence of its detections);
     # trained with the "quality" loss term. The seed has none (its exact parameter count).
     quality_head: bool = False
+    # One-box models: a head that says whether the phrase's object is in the image at all, from the
+    # query (its gradient reaches the fusion, unlike the quality head's); the confidence is
+    # P(present) x the predicted IoU. Trained with the "exist" loss term on phrases shown with
+    # images that lack their referent (TrainConfig.negative_share): phrase search ranks by it.
+    presence_head: bool = False
     loss_weights: dict[str, float] = field(default_factory=lambda: {"diou": 1.0})
     # fusion: the DINOv3 layers tapped (1-based; empty: the last), the average pooling of every
     # tap but the last (fewer tokens), and the box decoder's refinement layers
@@ -174,6 +180,9 @@ class GrounderConfig:
             (isinstance(self.image_encoder, str) and self.image_encoder, "image_encoder must be a non-empty string"),
             (isinstance(self.text_encoder, str) and self.text_encoder, "text_encoder must be a non-empty string"),
             (_int_in(self.image_size, 16, 4096), "image_size must be an integer in [16, 4096]"),
+            (not _int_in(self.image_size, 16, 4096) or self.image_size % known_patch_size(self.image_encoder) == 0,
+             f"image_size must be a multiple of the image encoder's patch size ({known_patch_size(self.image_encoder)} "
+             "px): the encoder drops the border strip that a partial patch would hold"),
             (_int_in(self.max_text_len, 4, 512), "max_text_len must be an integer in [4, 512]"),
             (_int_in(self.d_model, 8, 8192), "d_model must be an integer in [8, 8192]"),
             (_int_in(self.num_heads, 1, 128) and _int_in(self.d_model, 8, 8192) and self.d_model % self.num_heads == 0,
@@ -214,9 +223,15 @@ class GrounderConfig:
                                        and not self.quality_head),
              "num_queries > 0 needs the fusion architecture with refine_layers >= 1 (its query decoder) and no "
              "quality head (each box's score is its confidence)"),
-            ((self.num_queries > 0) == all(self.loss_weights.get(k, 0) > 0 for k in MULTI_BOX_TERMS)
-             and (self.num_queries > 0 or not any(k in self.loss_weights for k in MULTI_BOX_TERMS)),
-             "num_queries > 0 needs loss_weights 'score' and 'exist' > 0, and only then may they be given"),
+            ((self.num_queries > 0) == (self.loss_weights.get("score", 0) > 0)
+             and (self.num_queries > 0 or "score" not in self.loss_weights),
+             "num_queries > 0 needs loss_weights 'score' > 0, and only then may it be given"),
+            (isinstance(self.presence_head, bool) and (not self.presence_head
+                                                       or (self.quality_head and self.num_queries == 0)),
+             "presence_head must be true or false, and true only beside a quality head (one-box models)"),
+            ((self.num_queries > 0 or self.presence_head) == (self.loss_weights.get("exist", 0) > 0)
+             and (self.num_queries > 0 or self.presence_head or "exist" not in self.loss_weights),
+             "loss_weights 'exist' > 0 goes with num_queries > 0 or presence_head, and only with them"),
             (isinstance(self.score_thresh, (int, float)) and 0.0 <= self.score_thresh <= 1.0,
              "score_thresh must be a number in [0, 1]"),
             (isinstance(self.query_selection, bool) and (not self.query_selection or self.num_queries > 0),
@@ -255,6 +270,12 @@ class GrounderConfig:
         return cls.from_dict(data)
 
 
+def known_patch_size(image_encoder: str) -> int:
+    """The patch size of a known image encoder (1 for others: ``GrounderBase`` checks those once built)."""
+    known = KNOWN_ENCODER_CONFIGS.get(image_encoder) or TINY_ENCODER_CONFIGS.get(image_encoder) or {}
+    return int(known.get("patch_size", 1))
+
+
 def _int_in(value, lo, hi) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
@@ -266,8 +287,8 @@ def field_names(cls) -> set[str]:
 
 # What the v2 presets (fusion, adapter) share: 384 px, d=256, [REG] query, sine positions, the quality head.
 _V2 = dict(image_size=384, d_model=256, num_heads=8, dim_feedforward=1024, head_hidden=256, query="reg",
-           pos_embed="sine", box_format="cxcywh", norm_first=True, quality_head=True,
-           loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0})
+           pos_embed="sine", box_format="cxcywh", norm_first=True, quality_head=True, presence_head=True,
+           loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0, "exist": 1.0})
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The original notebook, reproduced exactly: 144,968,836 params, 25,948,420 trainable.
@@ -280,7 +301,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         box_format="cxcywh",
         norm_first=True,
         quality_head=True,
-        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
+        presence_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0, "exist": 1.0},
     ),
     # Fusion v2 (CLIP-VG's recipe on DINOv3): layers 3, 6, 9, 12 (the first three pooled 2x2), a
     # 6-layer bidirectional encoder over [REG; text; image], 2 box-refinement layers with deep
@@ -308,19 +330,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         box_format="cxcywh",
         norm_first=True,
         quality_head=True,
-        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0},
+        presence_head=True,
+        loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0, "exist": 1.0},
     ),
 }
 # Generalized grounding: zero, one or several boxes per phrase (gRefCOCO). The fusion encoder,
 # then 10 box queries, started from the 10 image tokens most likely to be one of the phrase's
 # objects, through 3 decoder layers (self-attention among the queries, cross-attention to the
 # fused image tokens; deep supervision, Hungarian matching at every layer).
-PRESETS["fusion-multi"] = dict(PRESETS["fusion"], quality_head=False, refine_layers=3, num_queries=10,
+PRESETS["fusion-multi"] = dict(PRESETS["fusion"], quality_head=False, presence_head=False, refine_layers=3, num_queries=10,
                                query_selection=True, loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 # The tiny twins of the v2 presets: the same classes with the tiny encoders (2 DINOv3 layers).
 PRESETS["tiny-fusion"] = dict(PRESETS["tiny"], architecture="fusion", image_layers=[1, 2], level_pool=2,
                               refine_layers=2)
-PRESETS["tiny-fusion-multi"] = dict(PRESETS["tiny-fusion"], quality_head=False, refine_layers=3, num_queries=10,
+PRESETS["tiny-fusion-multi"] = dict(PRESETS["tiny-fusion"], quality_head=False, presence_head=False, refine_layers=3,
+                                    num_queries=10,
                                     query_selection=True,
                                     loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})
 PRESETS["tiny-adapter"] = dict(PRESETS["tiny"], architecture="adapter", num_layers=1,
@@ -343,6 +367,10 @@ PREVIEW_FIELD = "grounding_preview"
 # The boolean sample field that marks an expression referring to nothing (gRefCOCO): its
 # ground truth holds no box, and one-box training and evaluation skip it and count it.
 NO_TARGET_FIELD = "no_target"
+
+# The sample field with the category of each phrase's referent (RefCOCO-family sources, the
+# synthetic set): training pairs a phrase with an image that has no referent of its category.
+CATEGORY_FIELD = "category"
 
 # The Hugging Face Hub revision each dataset source loads unless told otherwise. The importer's
 # column checks and tests follow these; the jxu124 datasets changed their columns between
@@ -373,16 +401,51 @@ PRESET_DESCRIPTIONS = {
 DEFAULT_PRESET = "grounder"
 
 
+# What each architecture builds from (beyond the encoders, image size, text length, heads and loss):
+# a setting outside its list changes nothing, so an override of one is refused by name.
+_MULTI_BOX_FIELDS = ("num_queries", "score_thresh", "query_selection")
+ARCHITECTURE_FIELDS = {
+    "decoder": ("d_model", "num_heads", "num_layers", "dim_feedforward", "dropout", "norm_first", "query",
+                "pos_embed", "box_format"),
+    # always pre-norm; [REG] query and (cx, cy, w, h) boxes (validated)
+    "fusion": ("d_model", "num_heads", "num_layers", "dim_feedforward", "dropout", "pos_embed", "image_layers",
+               "level_pool", "refine_layers") + _MULTI_BOX_FIELDS,
+    # the adapters and the read-out work at the image encoder's width, not d_model
+    "adapter": ("num_heads", "num_layers", "dim_feedforward", "dropout", "pos_embed", "adapter_layers",
+                "adapter_dim"),
+}
+_SHARED_FIELDS = ("preset", "architecture", "image_encoder", "text_encoder", "image_size", "max_text_len",
+                  "head_hidden", "quality_head", "presence_head", "loss_weights", "image_mean", "image_std", "query", "box_format")
+
+
+def unused_fields(config: GrounderConfig) -> set[str]:
+    """The settings that ``config``'s architecture never reads (``score_thresh`` and
+    ``query_selection`` only matter with box queries)."""
+    used = set(_SHARED_FIELDS) | set(ARCHITECTURE_FIELDS[config.architecture])
+    if config.num_queries == 0:
+        used -= {"score_thresh", "query_selection"}
+    return field_names(GrounderConfig) - used
+
+
 def get_config(preset: str = DEFAULT_PRESET, **overrides) -> GrounderConfig:
-    """The named preset's config with ``overrides`` applied."""
+    """The named preset's config with ``overrides`` applied. An override of a setting that the
+    architecture does not read (``norm_first`` on ``fusion``, ``d_model`` on ``adapter``) is
+    refused by name: silently ignored, it would train something other than what was asked."""
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     unknown = sorted(set(overrides) - field_names(GrounderConfig) - {"preset"})
     if unknown:
         raise ConfigError(f"Unknown GrounderConfig keys: {unknown}")
+    given = {k: v for k, v in overrides.items() if v is not None and k != "preset"}
     values = dict(PRESETS[preset])
-    values.update({k: v for k, v in overrides.items() if v is not None and k != "preset"})
-    return GrounderConfig(preset=preset, **values)
+    values.update(given)
+    config = GrounderConfig(preset=preset, **values)
+    ignored = sorted(set(given) & unused_fields(config))
+    if ignored:
+        why = " without box queries" if set(ignored) & set(_MULTI_BOX_FIELDS) else ""
+        raise ConfigError(f"{ignored} do nothing in the {config.architecture} architecture{why} (preset {preset!r}): "
+                          "leave them out, or pick a preset that uses them")
+    return config
 
 
 @dataclass
@@ -414,6 +477,10 @@ class TrainConfig:
     # the feature cache holds frozen features of this many GB at most; beyond, images are encoded
     # on the fly (grouped by image)
     cache_budget_gb: float = 200.0
+    # one-box models with a quality head: this share of each batch's phrases is also shown with
+    # another image of the batch that lacks its referent, with confidence target 0 (search ranks
+    # images by that confidence; RefCOCO has no phrase of an absent object); 0: off
+    negative_share: float = 0.25
 
     # what each option means, for --help and the App's forms
     HELP = {
@@ -440,6 +507,9 @@ class TrainConfig:
         "cache_features": "cache the frozen encoders' features on disk",
         "cache_dir": "where the feature cache lives",
         "cache_budget_gb": "the feature cache's largest size; beyond it images are encoded on the fly",
+        "negative_share": "share of each batch's phrases also shown with an image of the batch that lacks their "
+                          "referent, so that the confidence learns absence (search ranks by it); one-box presets "
+                          "with a quality head; 0: off",
     }
 
     def __post_init__(self):
@@ -466,6 +536,7 @@ class TrainConfig:
             (isinstance(self.cache_features, bool), "cache_features must be true or false"),
             (self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir must be a path"),
             (_number(self.cache_budget_gb) and self.cache_budget_gb >= 0, "cache_budget_gb must be a number >= 0"),
+            (_number(self.negative_share) and 0 <= self.negative_share <= 1, "negative_share must be a number in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -402,8 +402,10 @@ class TrainGroundingModel(GroundingOperator):
         for value, label in PRESET_DESCRIPTIONS.items():
             presets.add_choice(value, label=f"{value}: {label}")
         inputs.enum("preset", presets.values(), label="Preset", default=self.DEFAULTS["preset"], view=presets)
-        inputs.str("out_dir", label="Output folder", default=self._out_dir(ctx),
-                   description="checkpoints go to <folder>/best and <folder>/last; an unfinished run there resumes")
+        inputs.str("out_dir", label="Output folder",
+                   description="checkpoints go to <folder>/best and <folder>/last. Empty: a new folder "
+                               f"{self._new_out_dir(ctx, stamp='<date-time>')}. A folder holding an unfinished run "
+                               "of the same dataset and options resumes it; another run there is refused")
         inputs.int("epochs", min=1, label="Epochs", default=self.DEFAULTS["epochs"])
         inputs.int("batch_size", min=1, label="Batch size", default=self.DEFAULTS["batch_size"])
         inputs.float("lr", min=0.0, label="Learning rate", default=self.DEFAULTS["lr"])
@@ -417,11 +419,19 @@ class TrainGroundingModel(GroundingOperator):
         _flag(split_prop, self._split_error(ctx, view))
         return _form(inputs, "Train a grounding model")
 
-    def _out_dir(self, ctx) -> str:
-        if ctx.params.get("out_dir"):
-            return ctx.params["out_dir"]
-        return os.path.join(fo.config.default_dataset_dir, "grounding-runs",
-                            f"{ctx.dataset.name}-{self.param(ctx, 'preset')}")
+    def _new_out_dir(self, ctx, stamp: Optional[str] = None) -> str:
+        """A new run folder: grounding-runs/<dataset>-<preset>-<UTC date-time> (never one that
+        exists: a second training from the App must not resume or overwrite the first)."""
+        import datetime
+
+        stamp = stamp or datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        base = os.path.join(fo.config.default_dataset_dir, "grounding-runs",
+                            f"{ctx.dataset.name}-{self.param(ctx, 'preset')}-{stamp}")
+        path, n = base, 1
+        while os.path.exists(path):
+            n += 1
+            path = f"{base}-{n}"
+        return path
 
     def _split_error(self, ctx, view) -> Optional[str]:
         splits = [self.param(ctx, "train_split"), self.param(ctx, "val_split")]
@@ -441,7 +451,7 @@ class TrainGroundingModel(GroundingOperator):
         from .runs import training_run_key
         from .train import fit
 
-        out_dir = self._out_dir(ctx)
+        out_dir = ctx.params.get("out_dir") or self._new_out_dir(ctx)
         result = fit(
             self.target(ctx),
             preset=self.param(ctx, "preset"),

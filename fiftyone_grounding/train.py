@@ -33,7 +33,8 @@ from .boxes import box_iou, generalized_box_iou
 from .checkpoint import (BEST_DIR, CONFIG_NAME, WEIGHTS_NAME, load_trainable_weights, resolve_checkpoint_dir,
                          save_checkpoint)
 from .config import GrounderConfig, TrainConfig, default_num_workers
-from .data import Collator, GroundingDataset, GroundingRecords, read_records
+from .confidence import CALIBRATION_NAME
+from .data import Collator, GroundingDataset, GroundingRecords, add_absent_pairs, read_records
 from .errors import CheckpointError, InputError, TrainingError
 from .losses import grounding_loss
 from .model import Grounder, build_model, build_tokenizer
@@ -43,6 +44,7 @@ from .text import swap_left_right
 logger = logging.getLogger(__name__)
 
 STATE_JSON = "training_state.json"
+FINGERPRINT_NAME = "run_fingerprint.json"  # what the run trains on and how: a resume must match it
 OPTIMIZER_NAME = "optimizer.safetensors"
 TRAIN_CONFIG_NAME = "train_config.json"
 
@@ -55,6 +57,9 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     model: Optional[Grounder] = None  # the model as training left it (this process's copy)
+    # this process's scheduler and optimizer steps (equal in every process of a distributed run)
+    scheduler_steps: int = 0
+    optimizer_steps: int = 0
 
     @property
     def best_val_iou(self) -> Optional[float]:
@@ -73,17 +78,29 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int, min_ratio: float = 0
     return factor
 
 
+# Learned tokens, embeddings and box anchors: no weight decay (decay would pull a [REG] token or
+# a level embedding towards zero, and a box anchor, in logit space, towards the image's centre).
+NO_DECAY_PARAMETERS = ("reg_token", "query_anchor", "query_content", "level_embed", "type_embed")
+
+
 def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters only; no decay on biases, norms and the [REG] token.
-    Fused (one kernel for all parameters) when they are on a GPU."""
+    """AdamW over trainable parameters only; no decay on biases, norms and the parameters of
+    ``NO_DECAY_PARAMETERS``. Fused (one kernel for all parameters) when they are on a GPU."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 and "reg_token" not in name else no_decay).append(p)
+        learned_token = name.rsplit(".", 1)[-1] in NO_DECAY_PARAMETERS
+        (decay if p.dim() >= 2 and not learned_token else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused or None)
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """The optimizer steps taken so far (AdamW's step count of its parameters)."""
+    steps = [int(state["step"]) for state in optimizer.state.values() if "step" in state]
+    return max(steps, default=0)
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -193,23 +210,27 @@ def fit(
     and whether it completed or failed).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     cfg = _train_config(config, options)
     out = Path(cfg.resolved_out_dir())
     last_dir, best_dir = out / "last", out / BEST_DIR
+    model_config = model_config or cfg.model_config()
+    fingerprint = run_fingerprint(view, cfg, model_config)
     resume_dir = _resume_dir(last_dir) if resume else None
     if resume_dir is not None:
-        model_config = GrounderConfig.from_json(resume_dir / CONFIG_NAME)
-    model_config = model_config or cfg.model_config()
+        check_same_run(out, fingerprint)  # a run folder resumes only the run it holds
 
     probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
     mp = default_mixed_precision(probe) if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mp)
+    # broadcast_buffers=False: the only buffers are the frozen encoders' constants, which every
+    # process loads alike; DDP would otherwise send them from rank 0 before every forward
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mp,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     is_main = accelerator.is_main_process
     set_seed(cfg.seed)
 
-    splits = _read_splits(view, cfg, several=model_config.num_queries > 0)
+    splits = _read_splits(view, cfg, model_config, say=is_main)
     with _recorded(view, cfg, out, best_dir, is_main) as run:
         model = build_model(config=model_config, weights=weights)
         if resume_dir is None:
@@ -220,16 +241,19 @@ def fit(
         total_steps = cfg.epochs * len(loaders.sampler)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_with_warmup(total_steps, int(cfg.warmup_frac * total_steps)))
-        state = _resume(resume_dir, model, optimizer, scheduler, is_main) if resume_dir else _RunState()
+        state = (_resume(resume_dir, model, optimizer, scheduler, accelerator, is_main) if resume_dir
+                 else _RunState())
         run.history = state.history
         model, optimizer = accelerator.prepare(model, optimizer)
         if is_main:
             out.mkdir(parents=True, exist_ok=True)
             cfg.to_json(out / TRAIN_CONFIG_NAME)
-            _print_start(accelerator.unwrap_model(model), splits, loaders, accelerator, mp)
+            (out / FINGERPRINT_NAME).write_text(json.dumps(fingerprint, indent=2, default=str))
+            _print_start(accelerator.unwrap_model(model), splits, loaders, accelerator, mp, cfg, state)
 
         skipped = list(splits.skipped)
         autocast_dtype = AUTOCAST_DTYPES[mp]
+        negative_share = cfg.negative_share if learns_absence(model_config) else 0.0
         for epoch in range(state.start_epoch, cfg.epochs):
             # Everything random in an epoch derives from (seed, epoch): a resumed run repeats it.
             set_seed(cfg.seed + epoch)
@@ -238,7 +262,7 @@ def fit(
             t0 = time.time()
             train_stats = train_one_epoch(model, loaders.train, optimizer, scheduler, accelerator, model_config,
                                           cfg.grad_clip, epoch, cfg.epochs, autocast_dtype, progress and is_main,
-                                          progress_callback)
+                                          progress_callback, negative_share=negative_share, seed=cfg.seed)
             skipped.extend(train_stats.pop("skipped"))
             val_stats = (evaluate_loss(model, loaders.val, accelerator, model_config, autocast_dtype)
                          if loaders.val is not None else {})
@@ -246,20 +270,24 @@ def fit(
             skipped = list(dict.fromkeys(skipped))  # an unreadable image is skipped every epoch: count it once
             row = {"epoch": epoch + 1, **train_stats,
                    "val_loss": val_stats.get("loss"), "val_iou": val_stats.get("iou"),
+                   **({"val_pr_f1": val_stats.get("pr_f1")} if "pr_f1" in val_stats else {}),
                    "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3)}
             state.history.append(row)
             if is_main:
                 print(_table_row(row))
-                _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, out, epoch, row, state)
+                _save_epoch(accelerator.unwrap_model(model), optimizer, scheduler, accelerator, out, epoch, row,
+                            state)
             accelerator.wait_for_everyone()
-        if loaders.val is not None:
+        trained = state.start_epoch < cfg.epochs
+        if loaders.val is not None and (trained or not (best_dir / CALIBRATION_NAME).exists()):
             _calibrate_best(model, loaders.val, accelerator, model_config, autocast_dtype, best_dir)
         if is_main:
             _write_metrics(out, state.history, state.best_score)
             _print_skipped(skipped)
         accelerator.end_training()
         result = FitResult(out_dir=out, best_dir=best_dir, last_dir=last_dir, history=state.history,
-                           skipped=skipped, model=accelerator.unwrap_model(model).eval())
+                           skipped=skipped, model=accelerator.unwrap_model(model).eval(),
+                           scheduler_steps=scheduler.last_epoch, optimizer_steps=_optimizer_steps(optimizer))
         run.finish(result)
     return result
 
@@ -313,10 +341,13 @@ def _train_config(config, options: dict) -> TrainConfig:
     return TrainConfig.from_dict({**base, **options})
 
 
-def _read_splits(view, cfg: TrainConfig, several: bool = False) -> _Splits:
-    """The train and val records; ``several``: with the phrases of no or several boxes (multi-box models)."""
+def _read_splits(view, cfg: TrainConfig, model_config: GrounderConfig, say: bool = True) -> _Splits:
+    """The train and val records (multi-box models: with the phrases of no or several boxes, and
+    a warning about phrases with more true boxes than the model has queries)."""
+    several = model_config.num_queries > 0
+    max_boxes = model_config.num_queries if several else None
     train_view = _split_view(view, cfg.split_field, cfg.train_split)
-    train = read_records(train_view, cfg.phrase_field, cfg.gt_field, several)
+    train = read_records(train_view, cfg.phrase_field, cfg.gt_field, several, max_boxes)
     if len(train) == 0:
         raise InputError(f"No trainable samples in the {cfg.train_split or 'whole'} split"
                          + (f"; the first skipped: {train.skipped[:5]}" if train.skipped else "")
@@ -324,9 +355,65 @@ def _read_splits(view, cfg: TrainConfig, several: bool = False) -> _Splits:
     val = None
     if cfg.val_split:
         val = read_records(_split_view(view, cfg.split_field, cfg.val_split), cfg.phrase_field, cfg.gt_field,
-                           several)
+                           several, max_boxes)
         val = val if len(val) else None
+    over = train.over_capacity + (val.over_capacity if val else 0)
+    if over and say:
+        print(f"Warning: {over} phrases have more true boxes than the model's {max_boxes} box queries; each query "
+              f"takes one box, so these phrases can never be found whole (F1 = 1). Give more queries "
+              f"(model={{'num_queries': N}}) to cover them.")
     return _Splits(train, val, list(train.skipped) + (list(val.skipped) if val else []))
+
+
+# What a run's fingerprint leaves out: how long it runs, where it writes and how fast it loads.
+UNFINGERPRINTED = ("epochs", "out_dir", "num_workers", "cache_dir")
+
+
+def run_fingerprint(view, cfg: TrainConfig, model_config: GrounderConfig) -> dict:
+    """What a run trains on and how: the dataset and the view's stages, every training option
+    but those of ``UNFINGERPRINTED``, the model config. A run folder resumes only the run whose
+    fingerprint it holds."""
+    dataset = getattr(view, "_root_dataset", None)
+    stages = []
+    if dataset is not None:
+        stages = [{k: v for k, v in stage.items() if k != "_uuid"} for stage in view.view()._serialize()]
+    train = {k: v for k, v in cfg.to_dict().items() if k not in UNFINGERPRINTED}
+    return json.loads(json.dumps({"dataset": dataset.name if dataset is not None else None, "view": stages,
+                                  "train": train, "model": model_config.to_dict()}, default=str))
+
+
+def _differences(old, new, path: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two fingerprints."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new), key=str)
+                for line in _differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def check_same_run(out: Path, fingerprint: dict) -> None:
+    """Raise a ``TrainingError`` unless ``out`` holds a run of this very fingerprint (the epochs
+    may differ: a run can go on for more)."""
+    ways_out = (f"pass resume=False (CLI: --no-resume) to train a new model in {out}, or another out_dir "
+                "(CLI: --out-dir)")
+    path = out / FINGERPRINT_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise TrainingError(f"{out} holds a run that cannot be resumed safely: it records no fingerprint of its "
+                            f"dataset and options ({path.name}; made by an earlier version). To keep it, {ways_out}."
+                            ) from None
+    differs = _differences(saved, fingerprint)
+    if differs:
+        shown = "; ".join(differs[:6]) + (f"; and {len(differs) - 6} more" if len(differs) > 6 else "")
+        raise TrainingError(f"{out} holds another run (it differs in {shown}), so it is not resumed: {ways_out}.")
+
+
+def learns_absence(config: GrounderConfig) -> bool:
+    """Whether training shows phrases with images that lack their referent (``negative_share``):
+    one-box models with a quality head (its target there is 0) and a presence head, whose
+    confidence then says whether the object is there at all. (Multi-box models learn it from
+    phrases of nothing, through their existence score.)"""
+    return config.num_queries == 0 and config.quality_head and config.presence_head
 
 
 def _build_loaders(model: Grounder, splits: _Splits, cfg: TrainConfig, accelerator, mp: str,
@@ -373,19 +460,27 @@ def _build_loaders(model: Grounder, splits: _Splits, cfg: TrainConfig, accelerat
     return _Loaders(train_loader, sampler, train_set, val_loader)
 
 
-def _resume(resume_dir: Path, model: Grounder, optimizer, scheduler, is_main: bool) -> _RunState:
-    """Load the weights, optimizer and scheduler of ``last/``; the epochs done and their history."""
+def _resume(resume_dir: Path, model: Grounder, optimizer, scheduler, accelerator, is_main: bool) -> _RunState:
+    """Load the weights, optimizer, scheduler and fp16 loss scale of ``last/``; the epochs done and
+    their history."""
     state = json.loads((resume_dir / STATE_JSON).read_text())
     load_trainable_weights(model, resume_dir / WEIGHTS_NAME)
     optimizer.load_state_dict(_optimizer_from_files(load_file(str(resume_dir / OPTIMIZER_NAME)),
                                                     state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
+    if state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
     if is_main:
         print(f"Resuming from {resume_dir} after epoch {state['epoch'] + 1}")
     return _RunState(start_epoch=state["epoch"] + 1, history=state["history"], best_score=state["best_val_iou"])
 
 
-def _print_start(model: Grounder, splits: _Splits, loaders: _Loaders, accelerator, mp: str) -> None:
+def _print_start(model: Grounder, splits: _Splits, loaders: _Loaders, accelerator, mp: str, cfg: TrainConfig,
+                 state: _RunState) -> None:
+    if state.start_epoch >= cfg.epochs:
+        print(f"Already trained {state.start_epoch} of {cfg.epochs} epochs in {cfg.resolved_out_dir()}: nothing to "
+              "train. Give more epochs to go on, or resume=False (CLI: --no-resume) to train a new model there.")
+        return
     n_total, n_train = model.num_parameters(), model.num_parameters(trainable_only=True)
     print(f"Training {model.config.preset!r} on {len(splits.train)} expressions / {len(loaders.train_set)} images "
           f"({n_train:,} trainable of {n_total:,} params) on {accelerator.device} "
@@ -395,15 +490,27 @@ def _print_start(model: Grounder, splits: _Splits, loaders: _Loaders, accelerato
     print(_table_header())
 
 
-def _save_epoch(model: Grounder, optimizer, scheduler, out: Path, epoch: int, row: dict, state: _RunState) -> None:
-    """``best/`` when the epoch's score (val IoU, else train IoU) is the best so far; always
-    ``last/`` (with the optimizer, for resume) and ``metrics.json``."""
-    score = row["val_iou"] if row["val_iou"] is not None else row["train_iou"]
+def _save_epoch(model: Grounder, optimizer, scheduler, accelerator, out: Path, epoch: int, row: dict,
+                state: _RunState) -> None:
+    """``best/`` when the epoch's score is the best so far: a multi-box model's validation
+    Pr@F1=1 (what gRefCOCO ranks by), else the val IoU (the train IoU without a val split);
+    always ``last/`` (with the optimizer, for resume) and ``metrics.json``."""
+    score = selection_score(row)
     if score > state.best_score:
         state.best_score = score
-        save_checkpoint(model, out / BEST_DIR, extra={"epoch": epoch + 1, "val_iou": row["val_iou"]})
-    _save_last(model, optimizer, scheduler, out / "last", epoch, state.history, state.best_score)
+        save_checkpoint(model, out / BEST_DIR, extra={"epoch": epoch + 1, "val_iou": row["val_iou"],
+                                                       **({"val_pr_f1": row["val_pr_f1"]} if "val_pr_f1" in row else {})})
+    _save_last(model, optimizer, scheduler, accelerator, out / "last", epoch, state.history, state.best_score)
     _write_metrics(out, state.history, state.best_score)
+
+
+def selection_score(row: dict) -> float:
+    """What ``best/`` is chosen by: the validation Pr@F1=1 where the epoch has one (multi-box
+    models), else the val IoU, else the train IoU."""
+    for key in ("val_pr_f1", "val_iou", "train_iou"):
+        if row.get(key) is not None:
+            return row[key]
+    return -1.0
 
 
 def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, autocast_dtype, best_dir: Path) -> None:
@@ -419,14 +526,14 @@ def _calibrate_best(model, val_loader, accelerator, config: GrounderConfig, auto
     kept = {k: v.detach().clone() for k, v in module.trainable_state_dict().items()}
     load_trainable_weights(module, best_dir / WEIGHTS_NAME)
     try:
-        logits, ious = evaluate_loss(model, val_loader, accelerator, config, autocast_dtype,
-                                     keep_quality=True)["quality"]
+        logits, ious, images = evaluate_loss(model, val_loader, accelerator, config, autocast_dtype,
+                                             keep_quality=True)["quality"]
     finally:
         module.load_state_dict(kept, strict=False)
     if accelerator.num_processes > 1:
-        logits, ious = (sum(gather_object([values]), []) for values in (logits, ious))
+        logits, ious, images = (sum(gather_object([values]), []) for values in (logits, ious, images))
     if accelerator.is_main_process and logits:
-        calibration = fit_calibration(logits, ious)
+        calibration = fit_calibration(logits, ious, groups=images)
         calibration.save(best_dir)
         module.calibration = calibration
         what = "validation boxes (every query's)" if config.num_queries else "validation expressions"
@@ -568,16 +675,20 @@ def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: float = 0.0, *, scheduler=None,
-               accelerator=None, autocast_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               accelerator=None, autocast_dtype: Optional[torch.dtype] = None,
+               loss_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on a batch already on the model's device: forward (under autocast
     with ``autocast_dtype``), ``grounding_loss``, backward, gradient clipping (``clip_groups``),
     optimizer and scheduler step. Under Accelerate (``accelerator``) backward and clipping go through it.
-    Returns the loss and the predicted boxes, detached, still on the device (reading them waits
-    for it)."""
+    ``loss_scale`` 0: a step that must happen but must not learn (a process whose own batch was
+    empty, see :func:`train_one_epoch`). Returns the loss and the predicted boxes (clipped to
+    the image; the batch's own phrases, not the rows of ``absent`` pairs), detached, still on the
+    device (reading them waits for it)."""
     with _autocast(batch["attention_mask"].device, autocast_dtype):
         out = forward_batch(model, batch)
-    pred = out.boxes
-    loss = grounding_loss(out, loss_target(batch), loss_weights)["loss"]
+    loss = grounding_loss(out, loss_target(batch), loss_weights, absent=batch.get("absent"))["loss"]
+    if loss_scale != 1.0:
+        loss = loss * loss_scale
     optimizer.zero_grad(set_to_none=True)
     if accelerator is not None:
         accelerator.backward(loss)
@@ -591,7 +702,8 @@ def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: flo
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return loss.detach(), pred.detach()
+    own = len(batch["sample_ids"]) if "absent" in batch else out.boxes.shape[0]
+    return loss.detach(), out.clipped().boxes[:own].detach()
 
 
 def clip_groups(model) -> list[list[torch.nn.Parameter]]:
@@ -607,110 +719,190 @@ def clip_groups(model) -> list[list[torch.nn.Parameter]]:
 SYNC_EVERY = 25  # steps between reads of the loss on the host (each read waits for the GPU)
 
 
+def one_phrase_batch(batch: dict) -> dict:
+    """The first phrase of a collated batch and its image, copied: a stand-in batch, small and
+    valid, that keeps nothing else of the batch alive."""
+    image = int(batch["image_index"][0])
+    out = {"image_index": torch.zeros(1, dtype=torch.long), "phrases": batch["phrases"][:1],
+           "sample_ids": batch["sample_ids"][:1]}
+    for key in ("input_ids", "text_features", "attention_mask", "boxes"):
+        if key in batch:
+            out[key] = batch[key][:1].clone()
+    for key in ("pixel_values", "image_features"):
+        if key in batch:
+            out[key] = batch[key][image:image + 1].clone()
+    if "targets" in batch:
+        out["targets"] = [batch["targets"][0].clone()]
+    return out
+
+
+def stand_in_batch(loader) -> dict:
+    """A one-phrase batch of the first readable item of the loader's dataset (for a process
+    whose own batch is empty before it has seen a full one)."""
+    for index in range(len(loader.dataset)):
+        batch = loader.collate_fn([loader.dataset[index]])
+        if "boxes" in batch:
+            return one_phrase_batch(batch)
+    raise TrainingError("No image of the training split can be read; check the image files")
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: GrounderConfig, grad_clip: float,
                     epoch: int, epochs: int, autocast_dtype: Optional[torch.dtype], show_progress: bool,
-                    progress_callback) -> dict:
+                    progress_callback, negative_share: float = 0.0, seed: int = 0) -> dict:
     """One epoch of :func:`train_step`. The loss and IoU stay on the device and are read every
     ``SYNC_EVERY`` steps (and at the end), so the host queues the next steps while the GPU
-    works. A non-finite loss is then reported with its exact step and batch."""
+    works. A non-finite loss is then reported with its exact step and batch, by every process
+    at once (they stop together).
+
+    Every process takes the same number of optimizer and scheduler steps, whatever its data: a
+    process whose batch held only unreadable images steps on a stand-in batch (one phrase of its
+    last full batch) with the loss scaled to 0, so that it joins the gradient all-reduce (DDP's
+    averaging then gives it the other processes' step); alone, it only moves the schedule on.
+    ``negative_share`` > 0: that share of each batch's phrases is also shown with another image
+    of the batch that lacks its referent (:func:`data.add_absent_pairs`)."""
+    import numpy as np
     from tqdm.auto import tqdm
 
     model.train()
     device = accelerator.device
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, iou sum, n, n with a box
+    several = accelerator.num_processes > 1
+    sums = torch.zeros(6, device=device, dtype=torch.float64)  # loss * n, iou sum, n, n with a box, crops, crop area
     pending: list[tuple[int, torch.Tensor, list]] = []  # (step, loss, sample ids) not yet checked
     skipped: list = []
+    stand_in: Optional[dict] = None  # one phrase of the last full batch
 
     def check() -> None:
-        if not pending:
-            return
-        losses = torch.stack([loss for _, loss, _ in pending]).tolist()
-        for (step, _, ids), value in zip(pending, losses):
-            if not math.isfinite(value):
-                raise TrainingError(
-                    f"Non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; batch samples: "
-                    f"{ids[:8]}. The last good checkpoint is kept; lower the learning rate "
-                    "or check these samples.")
+        losses = torch.stack([loss for _, loss, _ in pending]).tolist() if pending else []
+        bad = next(((step, ids, value) for (step, _, ids), value in zip(pending, losses)
+                    if not math.isfinite(value)), None)
         pending.clear()
+        if several:  # all stop, or none: a process that stopped alone would leave the others waiting
+            flag = accelerator.reduce(torch.tensor([float(bad is not None)], device=device), "sum")
+            if flag.item() and bad is None:
+                raise TrainingError(f"Non-finite loss in another process at epoch {epoch + 1}; the last good "
+                                    "checkpoint is kept; lower the learning rate or check the data.")
+        if bad is not None:
+            step, ids, value = bad
+            raise TrainingError(
+                f"Non-finite loss ({value}) at epoch {epoch + 1}, step {step + 1}; batch samples: "
+                f"{ids[:8]}. The last good checkpoint is kept; lower the learning rate "
+                "or check these samples.")
 
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False,
                dynamic_ncols=True)
     for step, batch in enumerate(bar):
         skipped.extend(batch["skipped"])
-        if "boxes" not in batch:
-            if accelerator.num_processes > 1:
-                # Every process must join each gradient all-reduce: step with a zero loss.
-                accelerator.backward(sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad))
-                optimizer.zero_grad(set_to_none=True)
-            continue
-        batch = to_device(batch, device)
-        loss, pred = train_step(model, batch, optimizer, config.loss_weights, grad_clip, scheduler=scheduler,
-                                accelerator=accelerator, autocast_dtype=autocast_dtype)
-        with torch.no_grad():
-            n = pred.shape[0]
-            iou_sum, with_box = _iou_with_first_box(pred, batch["boxes"])
-            sums[0] += loss.double() * n  # Python numbers go in as kernel arguments:
-            sums[1] += iou_sum.double()  # no host-to-device copy, no wait
-            sums[2] += n
-            sums[3] += with_box.double()
-        pending.append((step, loss, batch["sample_ids"]))
-        if len(pending) >= SYNC_EVERY:
+        if "boxes" in batch:
+            if several:
+                stand_in = one_phrase_batch(batch)
+            if negative_share > 0:
+                batch = add_absent_pairs(batch, negative_share, np.random.default_rng([seed, epoch, step]))
+            crop_areas = batch.get("crop_areas") or []
+            batch = to_device(batch, device)
+            loss, pred = train_step(model, batch, optimizer, config.loss_weights, grad_clip, scheduler=scheduler,
+                                    accelerator=accelerator, autocast_dtype=autocast_dtype)
+            with torch.no_grad():
+                n = pred.shape[0]
+                iou_sum, with_box = _iou_with_first_box(pred, batch["boxes"][:n])
+                sums[0] += loss.double() * n  # Python numbers go in as kernel arguments:
+                sums[1] += iou_sum.double()  # no host-to-device copy, no wait
+                sums[2] += n
+                sums[3] += with_box.double()
+                sums[4] += len(crop_areas)
+                sums[5] += float(sum(crop_areas))
+            pending.append((step, loss, batch["sample_ids"]))
+        elif several:  # every image of this process's batch was unreadable: a step that learns nothing
+            stand_in = stand_in or stand_in_batch(loader)
+            train_step(model, to_device(stand_in, device), optimizer, config.loss_weights, grad_clip,
+                       scheduler=scheduler, accelerator=accelerator, autocast_dtype=autocast_dtype, loss_scale=0.0)
+        else:
+            scheduler.step()  # alone: nothing to learn, the schedule keeps its length
+        if (step + 1) % SYNC_EVERY == 0:  # at the same steps in every process (check may talk to the others)
             check()
             if show_progress:
-                loss_sum, iou_sum, count, with_box = sums.tolist()
-                bar.set_postfix(loss=f"{loss_sum / count:.4f}", iou=f"{iou_sum / max(with_box, 1):.3f}", refresh=False)
+                loss_sum, iou_sum, count, with_box = sums[:4].tolist()
+                bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}", iou=f"{iou_sum / max(with_box, 1):.3f}",
+                                refresh=False)
         if progress_callback is not None and step % 10 == 0:
             progress_callback((epoch + (step + 1) / max(1, len(loader))) / epochs,
                               f"epoch {epoch + 1}/{epochs}, step {step + 1}/{len(loader)}")
     check()
-    loss_sum, iou_sum, count, with_box = accelerator.reduce(sums, "sum").tolist()
-    return {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(with_box, 1), "skipped": skipped}
+    loss_sum, iou_sum, count, with_box, crops, crop_area = accelerator.reduce(sums, "sum").tolist()
+    stats = {"train_loss": loss_sum / max(count, 1), "train_iou": iou_sum / max(with_box, 1), "skipped": skipped}
+    if crops:
+        stats["crop_area"] = crop_area / crops  # the mean share of an image a training crop keeps
+    return stats
 
 
 @torch.no_grad()
 def evaluate_loss(model, loader, accelerator, config: GrounderConfig, autocast_dtype: Optional[torch.dtype] = None,
                   keep_quality: bool = False) -> dict:
     """Mean loss and IoU over a loader (all processes together), and the samples it skipped.
-    With ``keep_quality``, also this process's ``(quality logits, IoUs)`` of every box."""
+    Multi-box models also get ``pr_f1``: the share of phrases that gRefCOCO's scorer counts right
+    (``grec.score_expression`` at the model's ``score_thresh``, the uncalibrated confidence),
+    phrases of nothing included. With ``keep_quality``, also this process's ``(quality logits,
+    IoUs, images)`` of every box, for the confidence's calibration."""
     # The bare module: no DDP collectives, so processes may hold different numbers of batches.
     module = accelerator.unwrap_model(model)
     module.eval()
-    loss_sum = iou_sum = count = with_box = 0.0
+    loss_sum = iou_sum = count = with_box = right = 0.0
     skipped: list = []
-    logits, ious = [], []
+    logits, ious, images = [], [], []
     for batch in loader:
         skipped.extend(batch["skipped"])
         if "boxes" not in batch:
             continue
         batch = to_device(batch, accelerator.device)
         with _autocast(accelerator.device, autocast_dtype):
-            out = forward_batch(module, batch)
+            raw = forward_batch(module, batch)
+        out = raw.clipped()  # as post-processing writes them: what the metrics judge
         pred = out.boxes
         n = pred.shape[0]
-        loss_sum += grounding_loss(out, loss_target(batch), config.loss_weights)["loss"].item() * n
+        loss_sum += grounding_loss(raw, loss_target(batch), config.loss_weights)["loss"].item() * n
         batch_iou, batch_with_box = _iou_with_first_box(pred, batch["boxes"])
         iou_sum += batch_iou.item()
         with_box += batch_with_box.item()
         count += n
+        if out.scores is not None:
+            right += grec_right(out, loss_target(batch), config.score_thresh)
+        image_of = [batch["images"][i] for i in batch["image_index"].tolist()] if keep_quality else []
         if keep_quality and out.scores is not None:  # every query's box: right (1) where it finds a true box
             logits.extend(out.box_confidence_logits().flatten().tolist())
             ious.extend(matched_queries(out.query_boxes, loss_target(batch)).flatten().tolist())
+            images.extend(image for image in image_of for _ in range(out.scores.shape[1]))
         elif keep_quality and out.quality is not None:
-            logits.extend(out.quality.float().tolist())
+            logits.extend(out.confidence_logits().tolist())
             ious.extend(box_iou(pred.float(), batch["boxes"].float()).tolist())
-    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count, with_box], device=accelerator.device), "sum")
-    loss_sum, iou_sum, count, with_box = totals.tolist()
-    result = {"skipped": skipped, "quality": (logits, ious)} if keep_quality else {"skipped": skipped}
+            images.extend(image_of)
+    totals = accelerator.reduce(torch.tensor([loss_sum, iou_sum, count, with_box, right], device=accelerator.device),
+                                "sum")
+    loss_sum, iou_sum, count, with_box, right = totals.tolist()
+    result = {"skipped": skipped, "quality": (logits, ious, images)} if keep_quality else {"skipped": skipped}
     if count:
         result.update(loss=loss_sum / count, iou=iou_sum / max(with_box, 1))
+        if config.num_queries > 0:
+            result["pr_f1"] = right / count
     return result
 
 
-def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int, history: list,
+def grec_right(out, truths, score_thresh: float) -> int:
+    """How many phrases of a multi-box output (boxes clipped) gRefCOCO's scorer counts right: at
+    confidence ``score_thresh``, every true box found at GIoU >= 0.5 and nothing else kept (a
+    phrase of nothing: no box kept)."""
+    from . import grec
+
+    boxes = out.query_boxes.float().cpu().numpy()
+    scores = out.box_confidences().float().cpu().numpy()
+    return sum(grec.score_expression(grec.Expression.of(b, c, t.float().cpu().numpy()), score_thresh).correct
+               for b, c, t in zip(boxes, scores, truths))
+
+
+def _save_last(model: Grounder, optimizer, scheduler, accelerator, last_dir: Path, epoch: int, history: list,
                best_iou: float) -> None:
     tensors, meta = _optimizer_to_files(optimizer)
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None  # fp16's loss scale
     state = {"epoch": epoch, "history": history, "best_val_iou": best_iou, "optimizer": meta,
-             "scheduler": scheduler.state_dict()}
+             "scheduler": scheduler.state_dict(), "grad_scaler": scaler}
 
     def write_state(tmp: Path) -> None:
         save_file(tensors, str(tmp / OPTIMIZER_NAME))
@@ -720,16 +912,23 @@ def _save_last(model: Grounder, optimizer, scheduler, last_dir: Path, epoch: int
 
 
 def _table_header() -> str:
-    return f"{'epoch':>5} | {'train loss':>10} | {'train IoU':>9} | {'val loss':>9} | {'val IoU':>8} | {'lr':>9} | {'s':>6}"
+    return (f"{'epoch':>5} | {'train loss':>10} | {'train IoU':>9} | {'val loss':>9} | {'val IoU':>8} | {'lr':>9} | "
+            f"{'s':>6}")
 
 
 def _fmt(v, spec: str) -> str:
     return format(v, spec) if v is not None else "-"
 
 
+# columns a row shows after its own where the run has them: (key, name)
+EXTRA_COLUMNS = (("val_pr_f1", "val Pr@F1=1"), ("crop_area", "crop area"))
+
+
 def _table_row(r: dict) -> str:
-    return (f"{r['epoch']:>5} | {_fmt(r['train_loss'], '10.4f')} | {_fmt(r['train_iou'], '9.4f')} | "
+    line = (f"{r['epoch']:>5} | {_fmt(r['train_loss'], '10.4f')} | {_fmt(r['train_iou'], '9.4f')} | "
             f"{_fmt(r['val_loss'], '>9.4f')} | {_fmt(r['val_iou'], '>8.4f')} | {r['lr']:>9.2e} | {r['seconds']:>6.1f}")
+    extras = [f"{name} {_fmt(r[key], '.4f')}" for key, name in EXTRA_COLUMNS if key in r]
+    return line + ("  (" + ", ".join(extras) + ")" if extras else "")
 
 
 def _write_metrics(out: Path, history: list[dict], best_iou: float) -> None:

@@ -19,7 +19,7 @@ def main(dataset_name: str, out_dir: str) -> None:
     state = result.model.trainable_state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
-        f.write(f"{world}\n")
+        f.write(f"{world}\n{result.scheduler_steps}\n{result.optimizer_steps}\n")  # each rank's steps
 
 
 if __name__ == "__main__":

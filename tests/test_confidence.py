@@ -113,3 +113,21 @@ def test_a_checkpoint_without_a_quality_head_still_loads_and_applies(tmp_path, s
     # FiftyOne's confidence threshold drops boxes without a confidence, as it does for any model
     ds.apply_model(grounding, label_field="thresholded", prompt_field="expression", confidence_thresh=0.1)
     assert ds.count("thresholded.detections") == 0 and isinstance(ds.first().thresholded, fo.Detections)
+
+
+def test_the_calibration_folds_split_images_not_rows():
+    """The phrases of one image sit in one fold: alike, they would otherwise be fitted on one
+    side and judged on the other."""
+    from fiftyone_grounding.confidence import two_folds
+
+    images = ["a", "a", "a", "b", "c", "c", "b", "d"]
+    folds = two_folds(images)
+    for image in set(images):
+        assert len({f for f, i in zip(folds, images) if i == image}) == 1
+    assert set(folds.tolist()) == {0, 1}
+    assert two_folds(range(4)).tolist() == [0, 1, 0, 1]  # one row an image: rows alternate, as before
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=200)
+    ious = (rng.random(200) < 1 / (1 + np.exp(-logits))).astype(float)
+    by_image = fit_calibration(logits, ious, groups=[i // 7 for i in range(200)])
+    assert by_image.fitted_on == 200

@@ -9,7 +9,7 @@ import torch
 from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
 from fiftyone_grounding.config import PRESETS, GrounderConfig, get_config
 from fiftyone_grounding.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
-from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError
+from fiftyone_grounding.errors import CheckpointError, ConfigError, EncoderUnavailableError
 from fiftyone_grounding.losses import box_loss, grounding_loss, quality_loss
 from fiftyone_grounding.model import build_model, build_tokenizer
 
@@ -40,7 +40,7 @@ def test_every_preset_builds_and_runs(preset):
     ids, mask = tokens(model, ["the red circle", "the small blue square on the left"])
     pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
     out = model(pixels, ids, mask)
-    boxes = out.boxes
+    boxes = out.clipped().boxes  # post-processed: inside the image (the raw boxes may reach past it)
     assert boxes.shape == (2, 4)
     assert ((boxes >= 0) & (boxes <= 1)).all()
     assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
@@ -53,7 +53,7 @@ def test_every_preset_builds_and_runs(preset):
         return
     q = model.config.num_queries  # every query's box and score at every decoder layer, and the existence
     assert out.query_boxes.shape == (2, q, 4) and out.scores.shape == (2, q) and out.exists.shape == (2,)
-    assert ((out.query_boxes >= 0) & (out.query_boxes <= 1)).all()
+    assert ((out.clipped().query_boxes >= 0) & (out.clipped().query_boxes <= 1)).all()
     # one stage per decoder layer before the last, and the selected proposals
     stages = model.config.refine_layers - 1 + int(model.config.query_selection)
     assert len(out.aux_boxes) == len(out.aux_scores) == stages
@@ -87,8 +87,9 @@ def test_frozen_encoders_get_no_gradient_and_do_not_change(preset):
         expected = {"l1", "giou", "score", "exist", "loss"} | {f"aux{k}" for k in range(stages)}
     else:
         target = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2)
-        expected = {"l1", "giou", "quality", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
-    loss = grounding_loss(out, target, model.config.loss_weights)
+        expected = {"l1", "giou", "quality", "exist", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
+    loss = grounding_loss(out, target, model.config.loss_weights, absent=None if model.config.num_queries
+                          else torch.tensor([False, True]))  # (a phrase shown where its object is not)
     assert set(loss) == expected
     loss["loss"].backward()
     for name, p in model.named_parameters():
@@ -202,6 +203,58 @@ def test_the_written_out_decoder_is_pytorchs(norm_first):
                               atol=1e-5)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_query_positions_go_to_attention_queries_and_keys_only(norm_first):
+    """DETR's decoder layer (models/transformer.py ``forward_pre`` / ``forward_post``): the query
+    position is added to the self-attention's queries and keys and to the cross-attention's
+    queries (``with_pos_embed``), never to a value or the residual stream. Written out here with
+    PyTorch's own layer's modules; our layer must give the same."""
+    from fiftyone_grounding.layers import DecoderBlock
+
+    torch.manual_seed(0)
+    d, heads = 32, 4
+    ours = DecoderBlock(d, heads, 64, 0.0, norm_first=norm_first).eval()
+    ref = torch.nn.TransformerDecoderLayer(d, heads, 64, 0.0, batch_first=True, norm_first=norm_first).eval()
+    ref.load_state_dict(ours.state_dict())
+    x, pos, memory = torch.randn(2, 5, d), torch.randn(2, 5, d), torch.randn(2, 11, d)
+
+    def mlp(t):
+        return ref.linear2(torch.relu(ref.linear1(t)))
+
+    with torch.no_grad():
+        if norm_first:  # forward_pre
+            h = ref.norm1(x)
+            t = x + ref.self_attn(h + pos, h + pos, value=h)[0]
+            t = t + ref.multihead_attn(ref.norm2(t) + pos, memory, value=memory)[0]
+            expected = t + mlp(ref.norm3(t))
+        else:  # forward_post
+            t = ref.norm1(x + ref.self_attn(x + pos, x + pos, value=x)[0])
+            t = ref.norm2(t + ref.multihead_attn(t + pos, memory, value=memory)[0])
+            expected = ref.norm3(t + mlp(t))
+        got = ours(x, torch.zeros(2, 5, dtype=torch.bool), memory, torch.arange(2), query_pos=pos)
+        assert torch.allclose(got, expected, atol=1e-5)
+        # added to the input instead, the position would run through the values and the residual
+        wrong = ours(x + pos, torch.zeros(2, 5, dtype=torch.bool), memory, torch.arange(2))
+        assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+def test_the_refinement_layer_adds_the_box_position_to_its_attention_query_only():
+    """The one-box refinement layer (pre-norm cross-attention + MLP) with a query position: the
+    residual stream is the query's own; the position only steers where it looks."""
+    from fiftyone_grounding.layers import CrossBlock
+
+    torch.manual_seed(1)
+    d = 32
+    block = CrossBlock(d, 4, 64).eval()
+    x, pos, memory = torch.randn(3, 1, d), torch.randn(3, 1, d), torch.randn(3, 9, d)
+    with torch.no_grad():
+        attended = block.cross_attn(block.ln_1(x) + pos, keys_values=memory)
+        t = x + attended
+        expected = t + block.mlp(block.ln_2(t))
+        assert torch.allclose(block(x, memory, query_pos=pos), expected, atol=1e-6)
+        assert not torch.allclose(block(x + pos, memory), expected, atol=1e-3)
+
+
 def test_tiny_encoders_load_through_from_pretrained(tmp_path):
     from transformers import AutoModel
 
@@ -287,3 +340,45 @@ def test_checkpoints_of_the_first_decoder_load_and_give_their_boxes(name):
     torch.testing.assert_close(out.boxes, torch.tensor(expected["boxes"]), atol=1e-5, rtol=0)
     if expected["quality"] is not None:
         torch.testing.assert_close(out.quality, torch.tensor(expected["quality"]), atol=1e-5, rtol=0)
+
+
+def test_a_setting_the_architecture_does_not_read_is_refused_by_name():
+    """Silently ignored, it would train something other than what was asked."""
+    from fiftyone_grounding.config import TrainConfig, unused_fields
+
+    with pytest.raises(ConfigError, match=r"\['norm_first'\] do nothing in the fusion architecture"):
+        get_config("fusion", norm_first=False)
+    with pytest.raises(ConfigError, match=r"\['d_model'\] do nothing in the adapter architecture"):
+        get_config("adapter", d_model=128)
+    with pytest.raises(ConfigError, match=r"\['adapter_dim', 'image_layers'\] do nothing in the decoder"):
+        get_config("grounder", image_layers=[6, 12], adapter_dim=64)
+    with pytest.raises(ConfigError, match=r"\['score_thresh'\] do nothing in the fusion architecture without box"):
+        get_config("fusion", score_thresh=0.5)
+    with pytest.raises(ConfigError, match=r"norm_first"):
+        TrainConfig(preset="tiny-fusion", model={"norm_first": False})
+    # what an architecture reads stays open: fusion honours pos_embed, multi-box presets score_thresh
+    assert get_config("fusion", pos_embed="none").pos_embed == "none"
+    assert get_config("fusion-multi", score_thresh=0.5).score_thresh == 0.5
+    assert "pos_embed" not in unused_fields(get_config("fusion")) and "d_model" in unused_fields(get_config("adapter"))
+
+
+def test_fusion_honours_pos_embed():
+    model = build_model("tiny-fusion").eval()
+    plain = build_model("tiny-fusion", pos_embed="none").eval()
+    plain.load_state_dict(model.state_dict())
+    positions = model._image_positions(torch.device("cpu"), torch.float32)
+    assert torch.equal(plain._image_positions(torch.device("cpu"), torch.float32),
+                       model.level_embed[torch.repeat_interleave(torch.arange(2), torch.tensor(model.level_sizes()))])
+    assert not torch.allclose(positions, plain._image_positions(torch.device("cpu"), torch.float32))
+
+
+def test_an_image_size_off_the_patch_grid_is_refused():
+    """A partial patch would be dropped by the encoder: a border strip of every image lost."""
+    with pytest.raises(ConfigError, match=r"multiple of the image encoder's patch size \(16 px\)"):
+        get_config("grounder", image_size=230)
+    with pytest.raises(ConfigError, match=r"patch size \(8 px\)"):
+        get_config("tiny", image_size=60)
+    folder = tiny_encoder_dir("tiny:dinov3")  # an encoder known only by its folder: checked once built
+    with pytest.raises(ConfigError, match=r"not a multiple of the image encoder's patch size \(8 px\).*56 or 64"):
+        build_model("tiny", image_encoder=str(folder), image_size=60)
+    assert get_config("grounder", image_size=448).image_size == 448

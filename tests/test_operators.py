@@ -164,6 +164,19 @@ def test_a_scheduled_training_reports_progress_and_is_recorded_on_the_dataset(da
     assert dataset.load_run_view(results["run_key"]).values("id") == view.values("id")
 
 
+def test_each_training_from_the_app_gets_a_new_folder_unless_one_is_named(dataset, tmp_path, monkeypatch):
+    """A second training of the same preset must neither resume nor overwrite the first."""
+    monkeypatch.setattr(fo.config, "default_dataset_dir", str(tmp_path))
+    params = {"preset": "tiny", "epochs": 1, "batch_size": 16}
+    first = execute("train_grounding_model", view=dataset.view(), params=params)[0]["checkpoint"]
+    second = execute("train_grounding_model", view=dataset.view(), params=params)[0]["checkpoint"]
+    assert first != second
+    assert Path(first).parents[1] == Path(second).parents[1] == tmp_path / "grounding-runs"
+    assert Path(first).parent.name.startswith(f"{dataset.name}-tiny-")
+    named = execute("train_grounding_model", view=dataset.view(), params={**params, "out_dir": str(tmp_path / "mine")})
+    assert named[0]["checkpoint"] == str(tmp_path / "mine" / "best")
+
+
 def test_apply_to_a_view_or_the_selected_samples(dataset, tiny_checkpoint):
     from fiftyone_grounding.runs import checkpoint_of
 
