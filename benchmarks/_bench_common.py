@@ -31,47 +31,6 @@ WORDS = {
 }
 
 
-def ensure_albumentations() -> Optional[str]:
-    """``cache.py`` resizes with ``albumentations.Resize``. Where albumentations is not
-    installed (the GPU machines' image), register a stand-in doing the same resize
-    (OpenCV bilinear, else PIL bilinear) so the real ``FeatureCache.build`` runs; returns
-    a note saying so, or None when the real package is there."""
-    try:
-        import albumentations  # noqa: F401
-
-        return None
-    except ImportError:
-        pass
-    import types
-
-    try:
-        import cv2
-
-        def resize(image, h, w):
-            return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-
-        how = "OpenCV INTER_LINEAR"
-    except ImportError:
-        from PIL import Image
-
-        def resize(image, h, w):
-            return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
-
-        how = "PIL bilinear"
-
-    class Resize:
-        def __init__(self, height, width, **_):
-            self.height, self.width = height, width
-
-        def __call__(self, image, **_):
-            return {"image": resize(image, self.height, self.width)}
-
-    module = types.ModuleType("albumentations")
-    module.Resize = Resize
-    sys.modules["albumentations"] = module
-    return f"albumentations is not installed: the feature cache resized images with a stand-in ({how})"
-
-
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
         return torch.device(name)

@@ -9,6 +9,11 @@ step budget); the test split's Acc@0.5 and mIoU are reported per phrase kind.
 
     python benchmarks/compare_architectures.py                     # the demo's budget: 16,000 images, 15 epochs
     python benchmarks/compare_architectures.py --num-images 2000 --epochs 3 --presets tiny tiny-fusion
+    python benchmarks/compare_architectures.py --refcoco-like --augment scale+flip   # closer to RefCOCO
+
+``--refcoco-like`` draws scenes closer to RefCOCO's: 3-6 objects, most scenes of one shape (same-
+category distractors spread over the frame), some objects cut by the border: where the
+per-expression crop and the unclipped boxes of the loss matter.
 
 It prints a Markdown table (the README's) and writes JSON with every figure, the versions and
 the machine (``--json``). Runs go under ``--out-dir`` (default ``outputs/compare``); the dataset
@@ -26,6 +31,8 @@ import _bench_common  # noqa: F401  (puts the repository on sys.path)
 from fiftyone_grounding.demo import library_versions, machine_info
 
 PRESETS = ("tiny", "tiny-fusion", "tiny-adapter")
+# scenes closer to RefCOCO's (synthetic.generate_scene)
+REFCOCO_LIKE = dict(min_objects=3, max_objects=6, same_shape_fraction=0.7, border_fraction=0.3)
 
 
 def parse_args(argv=None):
@@ -38,8 +45,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=15, help="epochs of every preset")
     p.add_argument("--batch-size", type=int, default=32, help="phrases per step")
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate of every preset")
+    p.add_argument("--refcoco-like", action="store_true",
+                   help="3-6 objects, 70%% of the scenes of one shape, 30%% of the objects cut by the border")
+    p.add_argument("--augment", default="flip", help="TrainConfig.augment of every preset (flips are safe on "
+                                                     "these mirror-symmetric shapes: the phrase swaps left and right)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data, the weights and the batch order")
-    p.add_argument("--dataset", default="grounding-synthetic-relational", help="FiftyOne dataset name")
+    p.add_argument("--dataset", default=None, help="FiftyOne dataset name (default: grounding-synthetic-relational, "
+                                                   "with --refcoco-like grounding-synthetic-refcoco-like)")
     p.add_argument("--out-dir", default="outputs/compare", help="runs and images go here")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--threads", type=int, default=None,
@@ -63,8 +75,11 @@ def main(argv=None) -> dict:
 
     progress = not args.no_progress
     out = Path(args.out_dir)
-    dataset = make_synthetic_dataset(args.dataset, num_images=args.num_images, out_dir=str(out / "images"),
-                                     seed=args.seed, relational_fraction=args.relational_fraction, progress=progress)
+    scenes = REFCOCO_LIKE if args.refcoco_like else {}
+    name = args.dataset or ("grounding-synthetic-refcoco-like" if args.refcoco_like else "grounding-synthetic-relational")
+    dataset = make_synthetic_dataset(name, num_images=args.num_images, out_dir=str(out / "images"),
+                                     seed=args.seed, relational_fraction=args.relational_fraction, progress=progress,
+                                     **scenes)
     test = dataset.match(F("split") == "test")
     kinds = dataset.count_values("phrase_kind")
     print(f"{len(dataset)} phrases ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))}); "
@@ -73,9 +88,8 @@ def main(argv=None) -> dict:
     for preset in args.presets:
         print(f"\n== {preset}: {args.epochs} epochs, batch {args.batch_size}, lr {args.lr:g}")
         t0 = time.time()
-        # flips are safe on these shapes (mirror-symmetric; the phrase swaps left and right)
         run = fit(dataset, preset=preset, out_dir=str(out / preset), epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, seed=args.seed, augment="flip", progress=progress, cpu=True)
+                  lr=args.lr, seed=args.seed, augment=args.augment, resume=False, progress=progress, cpu=True)
         train_s = time.time() - t0
         model = GroundingModel.from_checkpoint(run.best_dir, device="cpu")
         field = f"pred_{preset.replace('-', '_')}"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (add_grounding_samples, device_info, ensure_albumentations, fmt_rate, offline_config,
+from _bench_common import (add_grounding_samples, device_info, fmt_rate, offline_config,
                            resolve_device, write_images, write_json)
 
 
@@ -60,7 +60,6 @@ def main(argv=None):
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
-    resize_note = ensure_albumentations()
     import fiftyone as fo
 
     from fiftyone_grounding.config import default_num_workers
@@ -70,8 +69,6 @@ def main(argv=None):
 
     info = device_info(device)
     print(f"device: {info['device_name']} ({device}), {info['date']}, torch {info['torch']}, FiftyOne {fo.__version__}")
-    if resize_note:
-        print(resize_note)
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory(prefix="fog-fit-bench-") as tmp:
         tmp = Path(tmp)
@@ -113,8 +110,7 @@ def main(argv=None):
     payload = {"benchmark": "fit_throughput", **info, "preset": preset, "images": n_images,
                "phrases_per_image": args.phrases_per_image, "expressions": n, "batch_size": batch_size,
                "workers": workers, "epochs": epochs, "expressions_per_s_steady": steady,
-               "total_seconds": total, "seconds_outside_epochs": setup, "text_encoder_note": note,
-               "resize_note": resize_note}
+               "total_seconds": total, "seconds_outside_epochs": setup, "text_encoder_note": note}
     write_json(args.json, payload)
     return payload
 

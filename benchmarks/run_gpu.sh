@@ -52,7 +52,7 @@ fi
 "$PY" - <<'EOF' 2>&1 | tee "$OUT_DIR/environment.txt"
 import importlib, platform, sys
 print("python", platform.python_version(), sys.executable)
-for name in ("torch", "transformers", "accelerate", "safetensors", "numpy", "PIL", "cv2", "albumentations", "fiftyone"):
+for name in ("torch", "transformers", "accelerate", "safetensors", "numpy", "PIL", "torchvision", "fiftyone"):
     try:
         mod = importlib.import_module(name)
         print(f"{name:<14}", getattr(mod, "__version__", "?"))

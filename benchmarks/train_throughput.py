@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (Timer, device_info, ensure_albumentations, fmt_rate, random_token_batch,
+from _bench_common import (Timer, device_info, fmt_rate, random_token_batch,
                            resolve_device, tokenizer_batch, write_images, write_json)
 
 
@@ -187,11 +187,6 @@ def main(argv=None):
                                 views=rng.integers(0, 2, len(idx)).tolist()))
 
         # The real feature cache, built on disk from the JPEGs (both views per image).
-        shim = ensure_albumentations()
-        if shim:
-            print(f"note: {shim}")
-            if workers and torch.multiprocessing.get_start_method() != "fork":
-                workers = 0  # spawned workers would not see the stand-in module
         cache, cache_info = None, None
         if model.cacheable:
             cache = open_feature_cache(tmp / "features", model)
@@ -204,7 +199,7 @@ def main(argv=None):
                   f"({added / t_cache.seconds:.1f} images/s incl. JPEG decode, {workers} workers), "
                   f"{per_image / 1024:.1f} KiB per image on disk, {cache.dir}")
             cache_info = {"images": n_images, "seconds": t_cache.seconds, "images_per_s": n_images / t_cache.seconds,
-                          "bytes_per_image": per_image, "workers": workers, "resize": shim or "albumentations"}
+                          "bytes_per_image": per_image, "workers": workers}
 
         # The real text cache: every phrase of every batch encoded once (keys name the phrases).
         text_cache = None

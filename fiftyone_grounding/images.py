@@ -8,7 +8,6 @@ sees the same pixels (EXIF rotation applied, modes converted, decompression bomb
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import numpy as np
@@ -16,10 +15,6 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ImageError
-
-# albumentations looks for a newer version of itself over the network when imported; this
-# package works offline, and each DataLoader worker would ask again.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # Decompression-bomb guard: huge images are refused with a reason, not loaded.
 MAX_IMAGE_PIXELS = 178_956_970

@@ -116,6 +116,8 @@ LOOKALIKE_FRACTION = 0.35
 REDUNDANT_ATTRIBUTE_PROB = 0.25
 # Minimum gap between two objects' boxes, in pixels.
 OBJECT_GAP_PX = 2
+# An object cut by the border (border_fraction) reaches past it by at most this share of its side.
+BORDER_CUT = 0.4
 # Shapes are drawn this many times larger and box-filtered down, for anti-aliased edges
 # whose coverage matches the box exactly.
 SUPERSAMPLE = 4
@@ -125,14 +127,16 @@ def _center(box: Sequence[float]) -> tuple[float, float]:
     return ((box[0] + box[2]) / 2.0, (box[1] + box[3]) / 2.0)
 
 
-def _sample_attributes(rng: np.random.Generator, num_objects: int, lookalike: bool) -> list[tuple[str, str, str]]:
-    """(size, colour, shape) per object: all distinct, except one identical pair if ``lookalike``.
+def _sample_attributes(rng: np.random.Generator, num_objects: int, lookalike: bool,
+                       shape: Optional[str] = None) -> list[tuple[str, str, str]]:
+    """(size, colour, shape) per object: all distinct, except one identical pair if ``lookalike``;
+    all of ``shape`` where one is given (a scene of same-category distractors).
 
     Controlling duplicates here (instead of letting them happen by chance) fixes the
     share of look-alike scenes and keeps every object describable: a pair can
     always be told apart by position, a triple not always.
     """
-    combos = list(itertools.product(SIZES, COLORS, SHAPES))
+    combos = list(itertools.product(SIZES, COLORS, [shape] if shape else SHAPES))
     num_distinct = num_objects - 1 if lookalike else num_objects
     picks = [combos[i] for i in rng.choice(len(combos), size=num_distinct, replace=False)]
     if lookalike:
@@ -140,16 +144,20 @@ def _sample_attributes(rng: np.random.Generator, num_objects: int, lookalike: bo
     return picks
 
 
-def _place_boxes(rng: np.random.Generator, sides: Sequence[int], image_size: int) -> Optional[list[tuple[int, int, int, int]]]:
-    """Non-overlapping pixel boxes (x0, y0, x1, y1) of the given sides, or None if they did not fit."""
+def _place_boxes(rng: np.random.Generator, sides: Sequence[int], image_size: int,
+                 border_fraction: float = 0.0) -> Optional[list[tuple[int, int, int, int]]]:
+    """Non-overlapping pixel boxes (x0, y0, x1, y1) of the given sides, or None if they did not fit.
+    With ``border_fraction``, each object with that probability may reach past the image's border
+    by up to ``BORDER_CUT`` of its side (the border cuts it, as photos cut objects)."""
     # Largest first: they are the hardest to fit.
     order = sorted(range(len(sides)), key=lambda i: -sides[i])
     placed: dict[int, tuple[int, int, int, int]] = {}
     for i in order:
         side = sides[i]
+        cut = int(BORDER_CUT * side) if border_fraction > 0 and rng.random() < border_fraction else 0
         for _ in range(200):
-            x0 = int(rng.integers(0, image_size - side + 1))
-            y0 = int(rng.integers(0, image_size - side + 1))
+            x0 = int(rng.integers(-cut, image_size - side + cut + 1))
+            y0 = int(rng.integers(-cut, image_size - side + cut + 1))
             box = (x0, y0, x0 + side, y0 + side)
             if all(
                 box[0] >= b[2] + OBJECT_GAP_PX
@@ -186,26 +194,35 @@ def generate_scene(
     min_objects: int = 2,
     max_objects: int = 4,
     lookalike_fraction: float = LOOKALIKE_FRACTION,
+    same_shape_fraction: float = 0.0,
+    border_fraction: float = 0.0,
 ) -> tuple[Image.Image, list[dict]]:
     """Draw one scene of ``min_objects..max_objects`` shapes.
 
     Returns the RGB image and one dict per object: ``shape``, ``color``, ``size``
     (names from :data:`SHAPES`, :data:`COLORS`, :data:`SIZES`) and ``box_xyxy``
-    (relative, in [0, 1], tight around the drawn shape). With probability
+    (relative, in [0, 1], tight around the drawn shape, the part inside the image). With probability
     ``lookalike_fraction`` (and at least 2 objects) two objects are identical in
-    size, colour and shape; otherwise no two objects share all three.
+    size, colour and shape; otherwise no two objects share all three. Closer to RefCOCO: with
+    probability ``same_shape_fraction`` every object of the scene has one shape (same-category
+    distractors, as RefCOCO's referred objects have), and each object with probability
+    ``border_fraction`` may be cut by the image's border. (At 0, neither draws a random number:
+    the scenes of a seed stay what they were.)
     """
     if not 1 <= min_objects <= max_objects:
         raise InputError("need 1 <= min_objects <= max_objects")
     while True:
         num_objects = int(rng.integers(min_objects, max_objects + 1))
         lookalike = num_objects >= 2 and rng.random() < lookalike_fraction
-        attributes = _sample_attributes(rng, num_objects, lookalike)
+        shape = None
+        if same_shape_fraction > 0 and rng.random() < same_shape_fraction:
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        attributes = _sample_attributes(rng, num_objects, lookalike, shape)
         sides = [
             max(3, int(round(rng.uniform(*SIZES[size]) * image_size)))
             for size, _, _ in attributes
         ]
-        boxes = _place_boxes(rng, sides, image_size)
+        boxes = _place_boxes(rng, sides, image_size, border_fraction)
         if boxes is not None:
             break
         # Crowded draws (many large objects) can fail to fit: draw a new scene.
@@ -224,7 +241,7 @@ def generate_scene(
                 shape=shape,
                 color=color,
                 size=size,
-                box_xyxy=[v / image_size for v in box],
+                box_xyxy=[min(max(v, 0), image_size) / image_size for v in box],  # the part inside the image
             )
         )
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
@@ -443,6 +460,8 @@ def generate_grec_example(
     relational_fraction: float = 0.0,
     several_fraction: float = 0.0,
     none_fraction: float = 0.0,
+    same_shape_fraction: float = 0.0,
+    border_fraction: float = 0.0,
 ) -> tuple[Image.Image, list[dict], list[tuple[list[int], str, str]]]:
     """:func:`generate_example`, with phrases that denote several objects or none: each phrase
     becomes one of no object with probability ``none_fraction`` and, otherwise, one of several
@@ -450,7 +469,8 @@ def generate_grec_example(
     kind) triples, ``kind`` one of :data:`KINDS`. With both fractions at 0 it draws exactly what
     :func:`generate_example` draws."""
     image, objects, expressions = generate_example(rng, image_size, expressions_per_image, min_objects, max_objects,
-                                                   lookalike_fraction, relational_fraction)
+                                                   lookalike_fraction, relational_fraction, same_shape_fraction,
+                                                   border_fraction)
     out = []
     for target, phrase in expressions:
         single = ([target], phrase, "relational" if relation_of(phrase) else "attribute")
@@ -473,6 +493,8 @@ def generate_example(
     max_objects: int = 4,
     lookalike_fraction: float = LOOKALIKE_FRACTION,
     relational_fraction: float = 0.0,
+    same_shape_fraction: float = 0.0,
+    border_fraction: float = 0.0,
 ) -> tuple[Image.Image, list[dict], list[tuple[int, str]]]:
     """One scene and up to ``expressions_per_image`` (target index, phrase) pairs, distinct targets.
 
@@ -480,7 +502,8 @@ def generate_example(
     need a spatial word also yield phrases that use one. With ``relational_fraction`` a
     phrase is relational with that probability where the scene allows one.
     """
-    image, objects = generate_scene(rng, image_size, min_objects, max_objects, lookalike_fraction)
+    image, objects = generate_scene(rng, image_size, min_objects, max_objects, lookalike_fraction, same_shape_fraction,
+                                    border_fraction)
     order = [int(i) for i in rng.permutation(len(objects))]
     keys = [tuple(obj[k] for k in ATTRIBUTES) for obj in objects]
     twins = [i for i in order if keys.count(keys[i]) > 1]
@@ -542,6 +565,8 @@ def make_synthetic_dataset(
     relational_fraction: float = 0.0,
     several_fraction: float = 0.0,
     none_fraction: float = 0.0,
+    same_shape_fraction: float = 0.0,
+    border_fraction: float = 0.0,
 ) -> fo.Dataset:
     """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
 
@@ -553,6 +578,10 @@ def make_synthetic_dataset(
     ``relational_fraction`` of the phrases where the scene allows) and ``metadata``. Images
     are PNGs under ``out_dir`` (default ``<fo.config.default_dataset_dir>/<name>``); splits
     are by image.
+
+    Closer to RefCOCO (:func:`generate_scene`): ``same_shape_fraction`` of the scenes hold one shape
+    only (same-category distractors), ``border_fraction`` of the objects may be cut by the border;
+    with ``min_objects``/``max_objects`` 3-6, about RefCOCO's crowding.
 
     With ``several_fraction`` or ``none_fraction`` (generalized grounding, as gRefCOCO; see
     :func:`generate_grec_example`) some phrases denote several objects or none: their
@@ -591,7 +620,7 @@ def make_synthetic_dataset(
     for image_id in tqdm(range(num_images), desc="synthetic images", disable=not progress):
         image, objects, expressions = generate_grec_example(
             image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction,
-            relational_fraction, several_fraction, none_fraction,
+            relational_fraction, several_fraction, none_fraction, same_shape_fraction, border_fraction,
         )
         filepath = os.path.join(out_dir, f"{image_id:06d}.png")
         image.save(filepath)
@@ -650,6 +679,8 @@ def make_synthetic_dataset(
         relational_fraction=relational_fraction,
         several_fraction=several_fraction,
         none_fraction=none_fraction,
+        same_shape_fraction=same_shape_fraction,
+        border_fraction=border_fraction,
         out_dir=out_dir,
         vocabulary=VOCABULARY,
     )

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # the options every benchmark gets here: the CPU, one thread (what a script has of them)
-COMMON = {"evaluate_throughput": ["--device", "cpu"], "flops": [], "compare_architectures": ["--threads", "1"]}
+COMMON = {"evaluate_throughput": ["--device", "cpu"], "flops": [], "compare_architectures": ["--threads", "1"],
+          "recipe_step": ["--device", "cpu"], "search_quality": ["--threads", "1"]}
 
 
 def run_benchmark(script, tmp_path, *args):
@@ -117,3 +118,23 @@ def test_search_throughput_times_the_cold_and_the_cached_search(tmp_path):
     assert set(result["results"]) == {"cold", "cached"} and result["boxes"] == 12
     assert all(r["images_per_s"] > 0 for r in result["results"].values())
     assert "100,000 images take" in stdout
+
+
+def test_recipe_step_measures_each_recipe_at_its_batch_size(tmp_path):
+    result, stdout = run_benchmark("recipe_step", tmp_path, "--recipes", "refcoco_tiny", "grefcoco_tiny_fusion_multi",
+                                   "--steps", "1", "--warmup", "0")
+    rows = {r["recipe"]: r for r in result["results"]}
+    assert rows["refcoco_tiny"]["batch_size"] == json.loads((REPO / "training" / "refcoco_tiny.json").read_text())[
+        "batch_size"]
+    assert all(r["step_seconds"] > 0 and r["peak_memory_gib"] is None for r in rows.values())  # (no GPU here)
+    assert rows["grefcoco_tiny_fusion_multi"]["preset"] == "tiny-fusion-multi" and "ms/step" in stdout
+
+
+def test_search_quality_ranks_with_and_without_absent_pairs(tmp_path, dataset_name):
+    result, stdout = run_benchmark("search_quality", tmp_path, "--num-images", "40", "--epochs", "1",
+                                   "--scenes", "30", "--dataset", dataset_name,
+                                   "--out-dir", str(tmp_path / "out"), "--no-progress", "--shares", "0", "0.25")
+    assert set(result["results"]) == {"0", "0.25"}
+    for r in result["results"].values():
+        assert 0 <= r["mean"]["ap"] <= 1 and 0 < r["mean"]["random"] < 1
+    assert "search mean AP" in stdout

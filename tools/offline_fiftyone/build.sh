@@ -37,7 +37,6 @@ PURE=(
   cachetools dacite dill exceptiongroup glob2 jsonlines pprintpp pydash pypcd4
   pytz retrying xmltodict tzlocal deprecated argcomplete async-lru
   beautifulsoup4 soupsieve ftfy jsonpatch jsonpointer universal-analytics-python3
-  albumentations albucore
   datasets
   pytest pluggy iniconfig pygments
 )
