@@ -8,7 +8,10 @@ from pixels where the recipe trains without the feature cache (the crops of ``sc
 the adapter cannot cache), else from frozen features of the right shape. Multi-box recipes get
 1-3 true boxes per phrase and some phrases of nothing, as gRefCOCO. Reported per recipe: the median
 step time of ``--steps`` steps after ``--warmup``, expressions per second, and
-``torch.cuda.max_memory_allocated`` (the peak of the whole step, optimizer state included).
+``torch.cuda.max_memory_allocated`` (the peak of the whole step, optimizer state included), and
+on any device an estimate: the weights, gradients and AdamW state plus the bytes of every tensor
+the step saves for its backward pass (counted with autograd's saved-tensor hooks; on the CPU less
+the attention weights, which a GPU's fused attention does not keep), scaled to the recipe's batch.
 
     PYTHONPATH=. python3 benchmarks/recipe_step.py --device cuda --json out/recipes.json
     PYTHONPATH=. python3 benchmarks/recipe_step.py --device cpu --batch-size 8 --steps 1 --warmup 0   # a dry run
@@ -20,7 +23,7 @@ memory column says "estimate" until this has run on a GPU.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import statistics
 import tempfile
 import time
@@ -43,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--phrases-per-image", type=int, default=7, help="RefCOCO: about 7 expressions per image")
     p.add_argument("--steps", type=int, default=10, help="timed steps per recipe")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per recipe")
+    p.add_argument("--mixed-precision", default=None, choices=("no", "bf16", "fp16"),
+                   help="autocast dtype (default: the recipe's, as fit resolves it on the device; bf16 on the CPU "
+                        "counts the activations a GPU run keeps)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -72,6 +78,29 @@ def make_batch(model, batch_size: int, per_image: int, pixels: bool, rng: np.ran
             for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def saved_for_backward():
+    """Counts the bytes of the tensors autograd saves for the backward pass while the block runs
+    (each storage once). On the CPU the attention saves its weights (the math kernel); CUDA's fused
+    kernels save only their statistics, so on a GPU this overcounts attention."""
+    seen: dict = {}
+    square: set = set()  # storages of attention weights: (..., L, L) with L > 64
+    counter = {"bytes": 0, "attention_bytes": 0}
+
+    def pack(t):
+        if t.device.type != "meta":
+            storage = t.untyped_storage()
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+            if t.dim() >= 3 and t.shape[-1] == t.shape[-2] > 64:
+                square.add(storage.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield counter
+    counter["bytes"] = sum(seen.values())
+    counter["attention_bytes"] = sum(seen[k] for k in square)
+
+
 def measure(recipe: str, args, device, tmp: Path) -> dict:
     from fiftyone_grounding.config import TrainConfig
     from fiftyone_grounding.train import AUTOCAST_DTYPES, configure_optimizer, default_mixed_precision, train_step
@@ -84,11 +113,14 @@ def measure(recipe: str, args, device, tmp: Path) -> dict:
     rng = np.random.default_rng(args.seed)
     batch = make_batch(model, batch_size, args.phrases_per_image, not cached, rng, device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    mp = default_mixed_precision(device) if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    mp = args.mixed_precision or (default_mixed_precision(device) if cfg.mixed_precision == "auto"
+                                  else cfg.mixed_precision)
     dtype = AUTOCAST_DTYPES[mp]
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    with saved_for_backward() as saved:  # a first step, its activations counted
+        train_step(model, batch, optimizer, model.config.loss_weights, cfg.grad_clip, autocast_dtype=dtype)[0].item()
     times = []
     for step in range(args.warmup + args.steps):
         sync(device)
@@ -99,9 +131,22 @@ def measure(recipe: str, args, device, tmp: Path) -> dict:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times) if times else float("nan")
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # the estimate: every weight, the trainable ones' gradients and AdamW's two moments (float32),
+    # and the activations the step saved for its backward pass
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    # attention weights count where the step ran the math kernel (the CPU); a GPU's fused kernel
+    # keeps only their log-sum-exp, so the GPU estimate leaves them out
+    activations = saved["bytes"] - (saved["attention_bytes"] if device.type == "cpu" else 0)
+    estimate = (weights + 3 * trainable + activations) / 2**30
+    # at the recipe's batch size: the activations grow with the phrases (and their images)
+    at_recipe = (weights + 3 * trainable + activations * cfg.batch_size / batch_size) / 2**30
     result = {"recipe": recipe, "preset": cfg.preset, "batch_size": batch_size, "images": int(batch["image_index"].max()) + 1,
               "path": "cached features" if cached else "pixels", "mixed_precision": mp, "image_size": model.config.image_size,
               "step_seconds": seconds, "expressions_per_s": batch_size / seconds, "peak_memory_gib": peak,
+              "saved_activations_gib": saved["bytes"] / 2**30, "attention_weights_gib": saved["attention_bytes"] / 2**30,
+              "estimated_memory_gib": estimate,
+              "recipe_batch_size": cfg.batch_size, "estimated_memory_at_recipe_batch_gib": at_recipe,
               "trainable": model.num_parameters(trainable_only=True), "note": note}
     del model, optimizer, batch
     if device.type == "cuda":
@@ -122,7 +167,10 @@ def main(argv=None) -> dict:
             peak = f"{r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else "-"
             print(f"{recipe:<24} {r['preset']:<13} batch {r['batch_size']:>4} ({r['images']} images, {r['path']}, "
                   f"{r['mixed_precision']}): {r['step_seconds'] * 1000:8.1f} ms/step, "
-                  f"{r['expressions_per_s']:8.1f} expr/s, peak {peak}")
+                  f"{r['expressions_per_s']:8.1f} expr/s, peak {peak}; estimate {r['estimated_memory_gib']:.1f} GiB "
+                  f"(activations {r['saved_activations_gib']:.2f} GiB, of which attention weights "
+                  f"{r['attention_weights_gib']:.2f}; at the recipe's batch "
+                  f"{r['recipe_batch_size']}: {r['estimated_memory_at_recipe_batch_gib']:.1f} GiB)")
     payload = {"benchmark": "recipe_step", **info, "args": vars(args), "results": results}
     write_json(args.json, payload)
     return payload

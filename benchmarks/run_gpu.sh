@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU run of the speed benchmarks: one command, about 8-9 minutes on one H100/H200,
+# The prepared GPU run of the speed and memory benchmarks: one command, about 10-12 minutes on one H100/H200,
 # no network. Full-size configs with random weights, generated JPEGs.
 #
 #   bash benchmarks/run_gpu.sh            # JSONs + logs into "$OUT" if set, else benchmarks/results/
@@ -12,6 +12,8 @@
 #
 # In the order of what is still to be measured, so that a run cut short (a device session's
 # time runs out) still has it; every step writes its log and JSON into $OUT as it ends:
+# 0. recipe_step.py: one training step of each real-size recipe of training/ (grounder, fusion,
+#    adapter, fusion-multi) at its batch size, bf16: time and torch.cuda.max_memory_allocated.
 # 1. apply_throughput.py: `apply_grounding_model` and FiftyOne's `apply_model` end to end vs a
 #    per-sample loop (FiftyOne); without FiftyOne, the model alone. Then `apply_grounding_model`
 #    once more with 8 DataLoader processes instead of 8 threads (which kind of worker is
@@ -70,6 +72,11 @@ HAVE_FO=0
 "$PY" -c "import fiftyone as fo; fo.list_datasets()" >/dev/null 2>&1 && HAVE_FO=1
 
 status=0
+echo
+echo "== 0/4 one training step of each real-size recipe at its batch size: time and peak GPU memory"
+timeout 240 "$PY" benchmarks/recipe_step.py --device "$DEVICE" --steps 5 --warmup 2 \
+    --json "$OUT_DIR/recipe_step.json" 2>&1 | tee "$OUT_DIR/recipe_step.log" || status=1
+
 echo
 echo "== 1/4 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
 timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \

@@ -5,7 +5,7 @@ object is absent. One-box training data (RefCOCO) never shows a phrase with an i
 its object, so the quality head has never seen absence; ``fit`` therefore pairs a share of each
 batch's phrases with another image of the batch that lacks their referent (``negative_share``).
 
-This trains the ``tiny`` preset twice on one synthetic training set, alike but for
+This trains a preset (``tiny`` by default) twice on one synthetic training set, alike but for
 ``negative_share`` (0, then the default), then searches scenes it never saw (2-4 drawn shapes,
 another seed) for phrases of a colour and a shape ("the yellow triangle"). An image is relevant
 when it holds an object of that colour and shape. Reported per phrase and averaged: the average
@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--num-images", type=int, default=8000, help="synthetic training images (2 phrases each)")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "tiny-fusion", "tiny-adapter"),
+                   help="the one-box preset trained (the architectures' tiny twins)")
     p.add_argument("--epochs", type=int, default=15, help="epochs of each run")
     p.add_argument("--batch-size", type=int, default=32, help="phrases per step")
     p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate")
@@ -115,7 +117,7 @@ def main(argv=None) -> dict:
         share = TrainConfig().negative_share if share is None else share
         print(f"\n== negative_share {share:g}: {args.epochs} epochs")
         t0 = time.time()
-        run = fit(train, preset="tiny", out_dir=str(out / f"share-{share:g}"), epochs=args.epochs,
+        run = fit(train, preset=args.preset, out_dir=str(out / f"{args.preset}-share-{share:g}"), epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, seed=args.seed, augment="flip", negative_share=share,
                   resume=False, progress=progress, cpu=True)
         model = GroundingModel.from_checkpoint(run.best_dir, device="cpu")

@@ -228,7 +228,8 @@ class GrounderConfig:
              "num_queries > 0 needs loss_weights 'score' > 0, and only then may it be given"),
             (isinstance(self.presence_head, bool) and (not self.presence_head
                                                        or (self.quality_head and self.num_queries == 0)),
-             "presence_head must be true or false, and true only beside a quality head (one-box models)"),
+             "presence_head must be true or false, and true only beside a quality head (one-box models): with "
+             "quality_head false, give presence_head false too"),
             ((self.num_queries > 0 or self.presence_head) == (self.loss_weights.get("exist", 0) > 0)
              and (self.num_queries > 0 or self.presence_head or "exist" not in self.loss_weights),
              "loss_weights 'exist' > 0 goes with num_queries > 0 or presence_head, and only with them"),
@@ -368,9 +369,13 @@ PREVIEW_FIELD = "grounding_preview"
 # ground truth holds no box, and one-box training and evaluation skip it and count it.
 NO_TARGET_FIELD = "no_target"
 
-# The sample field with the category of each phrase's referent (RefCOCO-family sources, the
-# synthetic set): training pairs a phrase with an image that has no referent of its category.
+# What tells training that an image lacks a phrase's referent (data.add_absent_pairs): the kind
+# of object the phrase names (REFERENT_KIND_FIELD; else its referent's CATEGORY_FIELD, as the
+# RefCOCO-family sources write) and every kind of object its image holds (IMAGE_KINDS_FIELD, a
+# list; else the kinds of the image's own phrases). The synthetic set writes both.
 CATEGORY_FIELD = "category"
+REFERENT_KIND_FIELD = "referent_kind"
+IMAGE_KINDS_FIELD = "image_kinds"
 
 # The Hugging Face Hub revision each dataset source loads unless told otherwise. The importer's
 # column checks and tests follow these; the jxu124 datasets changed their columns between

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from .augment import CACHEABLE, augment_item, hflip_boxes, parse_augment
 from .boxes import fiftyone_xywh_to_xyxy, is_valid_xyxy
-from .config import CATEGORY_FIELD, NO_TARGET_FIELD
+from .config import CATEGORY_FIELD, IMAGE_KINDS_FIELD, NO_TARGET_FIELD, REFERENT_KIND_FIELD
 from .errors import ImageError, InputError
 from .images import load_rgb, normalize_pixels, resize_rgb
 from .text import NO_PHRASE, PhraseTokenizer, clean_phrase, swap_left_right
@@ -34,9 +34,11 @@ class GroundingRecords:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason)
     # every true box of each phrase (read with several=True): zero, one or several
     targets: Optional[list[list[list[float]]]] = None
-    # each phrase's referent category where the view has a ``category`` field (None: unknown):
-    # training pairs a phrase with an image that lacks its referent, by category where known
+    # each phrase's referent kind (``referent_kind``, else ``category``; None: unknown) and every
+    # kind its image holds (``image_kinds``; None: unknown): training pairs a phrase with an image
+    # that lacks its referent by these (add_absent_pairs)
     categories: Optional[list[Optional[str]]] = None
+    image_kinds: Optional[list[Optional[list[str]]]] = None
     # phrases with more true boxes than a multi-box model has queries (read with max_boxes)
     over_capacity: int = 0
 
@@ -64,7 +66,8 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
     no-target phrase); a sample with no box that is not marked ``no_target`` is still skipped.
     ``max_boxes``: count the phrases with more true boxes than that (a multi-box model's queries:
     each of its queries takes one box, so such a phrase can never be found whole) in
-    ``over_capacity``. The ``category`` field, where the view has one, is read into ``categories``.
+    ``over_capacity``. What tells an image that lacks a phrase's referent is read where the view has
+    it: ``referent_kind`` (else ``category``) into ``categories``, ``image_kinds`` into ``image_kinds``.
     """
     for name in (phrase_field, gt_field):
         if not view.has_field(name):
@@ -73,9 +76,12 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
         ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
     )
     no_target = view.values(NO_TARGET_FIELD) if view.has_field(NO_TARGET_FIELD) else [None] * len(ids)
-    categories = view.values(CATEGORY_FIELD) if view.has_field(CATEGORY_FIELD) else [None] * len(ids)
-    records = GroundingRecords(targets=[] if several else None, categories=[])
-    for sid, path, phrase, boxes, nothing, category in zip(ids, paths, phrases, bbs, no_target, categories):
+    kind_field = next((f for f in (REFERENT_KIND_FIELD, CATEGORY_FIELD) if view.has_field(f)), None)
+    categories = view.values(kind_field) if kind_field else [None] * len(ids)
+    image_kinds = view.values(IMAGE_KINDS_FIELD) if view.has_field(IMAGE_KINDS_FIELD) else [None] * len(ids)
+    records = GroundingRecords(targets=[] if several else None, categories=[], image_kinds=[])
+    for sid, path, phrase, boxes, nothing, category, kinds in zip(ids, paths, phrases, bbs, no_target, categories,
+                                                                  image_kinds):
         text = clean_phrase(phrase)
         if text is None:
             records.skipped.append((sid, NO_PHRASE))
@@ -109,6 +115,7 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
         records.phrases.append(text)
         records.boxes.append(clean[0] if clean else [math.nan] * 4)
         records.categories.append(category if isinstance(category, str) else None)
+        records.image_kinds.append(list(kinds) if isinstance(kinds, (list, tuple)) else None)
         if several:
             records.targets.append(clean)
             records.over_capacity += max_boxes is not None and len(clean) > max_boxes
@@ -198,10 +205,13 @@ class GroundingDataset(Dataset):
         return item
 
     def _phrase_fields(self, rows: list[int], phrases: list[str], ids: list[str]) -> dict:
-        """The phrases of an item, their sample ids and referent categories, and its image's path."""
+        """The phrases of an item, their sample ids and referent kinds, the kinds of object its
+        image holds (None: unknown) and its image's path."""
         r = self.records
         categories = [r.categories[i] for i in rows] if r.categories else [None] * len(rows)
-        return {"phrases": phrases, "sample_ids": ids, "categories": categories, "image": r.filepaths[rows[0]]}
+        kinds = r.image_kinds[rows[0]] if r.image_kinds else None
+        return {"phrases": phrases, "sample_ids": ids, "categories": categories, "image_kinds": kinds,
+                "image": r.filepaths[rows[0]]}
 
     def _boxes(self, rows: list[int]) -> tuple[np.ndarray, Optional[list[int]]]:
         """The boxes of these phrases as one (M, 4) array (what augmentation moves), and how many
@@ -279,6 +289,7 @@ class Collator:
             batch["targets"] = [t for it in items for t in it["targets"]]  # B tensors (g, 4)
         batch["categories"] = [c for it in items for c in it.get("categories", [None] * len(it["phrases"]))]
         batch["images"] = [it.get("image") for it in items]  # (I,) the image of each row of the image tensor
+        batch["image_kinds"] = [it.get("image_kinds") for it in items]  # (I,) the kinds each image holds
         if "crop_area" in items[0]:
             batch["crop_areas"] = [it["crop_area"] for it in items]
         return batch
@@ -286,11 +297,14 @@ class Collator:
 
 def add_absent_pairs(batch: dict, share: float, rng: np.random.Generator) -> dict:
     """The batch with a ``share`` of its phrases shown once more, each with another image of the
-    batch that lacks its referent (by category where the phrases carry one: no image whose own
-    phrases refer to an object of that category; else any other image), so that the quality
-    head learns that no box is right there: a phrase's object is absent from most of the images
-    a search ranks, and one-box training data (RefCOCO) has no such phrase. The added rows have a
-    NaN box and ``absent`` True; the first B rows are the batch's own (``absent`` False)."""
+    batch that lacks its referent, so that the confidence learns that the object is not there: a
+    phrase's object is absent from most of the images a search ranks, and one-box training data
+    (RefCOCO) has no such phrase. An image lacks a phrase's referent when it holds no object of the
+    kind the phrase names (``categories``: ``referent_kind`` or ``category``), judged by the kinds
+    the image holds (``image_kinds``, every object's) or, where the data does not say, by the kinds
+    of the image's own phrases in the batch; a phrase of unknown kind goes with any other image.
+    The added rows have a NaN box and ``absent`` True; the first B rows are the batch's own
+    (``absent`` False)."""
     phrases = batch.get("phrases") or []
     image_index = batch["image_index"]
     num_images = int(image_index.max()) + 1 if len(phrases) else 0
@@ -298,18 +312,25 @@ def add_absent_pairs(batch: dict, share: float, rng: np.random.Generator) -> dic
         return batch
     image_of = image_index.tolist()
     categories = batch.get("categories") or [None] * len(phrases)
-    held: dict[int, set] = {}
+    image_kinds = batch.get("image_kinds") or [None] * num_images
+    held: dict[int, set] = {i: set(kinds) for i, kinds in enumerate(image_kinds) if kinds is not None}
     for b, i in enumerate(image_of):
-        if categories[b] is not None:
+        if categories[b] is not None and image_kinds[i] is None:
             held.setdefault(i, set()).add(categories[b])
     count = max(1, int(round(share * len(phrases))))
     rows, images = [], []
     for b in rng.permutation(len(phrases))[:count].tolist():
         others = [i for i in range(num_images)
                   if i != image_of[b] and (categories[b] is None or categories[b] not in held.get(i, ()))]
-        if others:
-            rows.append(b)
-            images.append(others[int(rng.integers(len(others)))])
+        if not others:
+            continue
+        # the hardest: an image whose kinds share the most words with the phrase's ("the yellow
+        # triangle" with an image of a red triangle and a yellow circle), ties at random
+        words = set(categories[b].split()) if categories[b] else set()
+        near = [len(words & {w for kind in held.get(i, ()) for w in kind.split()}) for i in others]
+        hardest = [i for i, n in zip(others, near) if n == max(near)]
+        rows.append(b)
+        images.append(hardest[int(rng.integers(len(hardest)))])
     if not rows:
         return batch
     index = torch.tensor(rows, dtype=torch.long)

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 import fiftyone as fo
 
-from .config import DEFAULT_LABEL, NO_TARGET_FIELD
+from .config import DEFAULT_LABEL, IMAGE_KINDS_FIELD, NO_TARGET_FIELD, REFERENT_KIND_FIELD
 from .errors import InputError
 from .labels import declare_expression_attribute, make_box_detections, make_detections
 
@@ -246,6 +246,32 @@ def generate_scene(
         )
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
     return image, objects
+
+
+def object_kinds(obj: dict) -> list[str]:
+    """Every kind of object that ``obj`` is, as a phrase's attribute words name it ("object",
+    "red object", "small circle", "small red circle", ...): the kinds an image holds."""
+    kinds = []
+    for count in range(len(ATTRIBUTES) + 1):
+        for subset in itertools.combinations(ATTRIBUTES, count):
+            kinds.append(_kind_words({k: obj[k] for k in subset}))
+    return kinds
+
+
+def referent_kind(phrase: str) -> Optional[str]:
+    """The kind of object a one-object phrase names by its target's attribute words ("the red
+    object on the left" -> "red object"; "the circle to the left of the blue square" -> "circle"):
+    an image that holds no object of this kind cannot hold the phrase's referent."""
+    relation = relation_of(phrase)
+    words = set((phrase.split(relation)[0] if relation else phrase).split())
+    attributes = {key: next((w for w in words if w in values), None)
+                  for key, values in (("size", SIZES), ("color", COLORS), ("shape", SHAPES))}
+    return _kind_words({k: v for k, v in attributes.items() if v is not None})
+
+
+def _kind_words(attributes: dict[str, str]) -> str:
+    words = [attributes[key] for key in ("size", "color") if key in attributes]
+    return " ".join(words + [attributes.get("shape", NOUN_WITHOUT_SHAPE)])
 
 
 def _matches(obj: dict, attributes: dict[str, str]) -> bool:
@@ -573,7 +599,10 @@ def make_synthetic_dataset(
     One sample per referring expression, with fields ``expression``, ``ground_truth`` (one
     box labelled ``label``, the phrase as its ``expression`` attribute), ``split`` (also a
     sample tag), ``image_id``, ``ref_id`` (one per referred object), ``ann_id`` (one per drawn
-    object), ``sent_id`` (one per expression), ``category`` (the target's shape),
+    object), ``sent_id`` (one per expression), ``category`` (the target's shape), ``referent_kind``
+    (the kind of object the phrase names: its target's attribute words, "red object") and
+    ``image_kinds`` (every kind an object of the image is; training shows a phrase with an image
+    that holds no object of its kind: see ``data.add_absent_pairs``),
     ``phrase_kind`` ("attribute", or "relational": see :func:`describe_relational`; a share
     ``relational_fraction`` of the phrases where the scene allows) and ``metadata``. Images
     are PNGs under ``out_dir`` (default ``<fo.config.default_dataset_dir>/<name>``); splits
@@ -635,10 +664,13 @@ def make_synthetic_dataset(
         # Object ids are dataset-wide: the first object of this image gets the next free id.
         first_ann_id = ann_id
         ann_id += len(objects)
+        kinds = sorted({k for obj in objects for k in object_kinds(obj)})
         for targets, phrase, kind in expressions:
             shapes = sorted({objects[t]["shape"] for t in targets})
             fields = dict(ann_id=first_ann_id + targets[0] if len(targets) == 1 else None,
-                          category=shapes[0] if len(shapes) == 1 else None)
+                          category=shapes[0] if len(shapes) == 1 else None,
+                          **{REFERENT_KIND_FIELD: referent_kind(phrase) if len(targets) == 1 else None,
+                             IMAGE_KINDS_FIELD: kinds})
             if grec:
                 fields.update(ann_ids=[first_ann_id + t for t in targets],
                               categories=[objects[t]["shape"] for t in targets],

@@ -155,16 +155,23 @@ def _open_model_evaluation_panel(page, eval_key: str) -> None:
 def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
     """A grounding evaluation (run here through the plugin's operator) in the App's Model
     Evaluation panel: one class, the mAP ranked by the confidence, the grounding metrics, and
-    the split scenario."""
+    the split scenario. The predictions are written here, half of them right (the true box) and
+    half wrong (moved off it), each with a confidence, so that every metric has something to show
+    whatever a briefly trained model would get right (the apply path has its own browser test)."""
     import fiftyone.operators as foo
     from playwright.sync_api import expect
 
-    from fiftyone_grounding.apply import apply_grounding_model
-    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.boxes import fiftyone_xywh_to_xyxy
+    from fiftyone_grounding.labels import make_detections
 
     dataset, url = app
-    apply_grounding_model(dataset, GroundingModel.from_checkpoint(os.environ[DEMO_CHECKPOINT_ENV], device="cpu"),
-                          label_field="predictions")
+    ids, phrases, truths = dataset.values(["id", "expression", "ground_truth.detections.bounding_box"])
+    labels = {}
+    for i, (sid, phrase, boxes) in enumerate(zip(ids, phrases, truths)):
+        x0, y0, x1, y1 = fiftyone_xywh_to_xyxy(boxes[0])
+        shift = 0.0 if i % 2 else min(1.0 - x1, 0.9 * (x1 - x0)) or -0.9 * x0  # right, or moved off the box
+        labels[sid] = make_detections([x0 + shift, y0, x1 + shift, y1], phrase, confidence=0.6 + 0.3 * (i % 2))
+    dataset.set_values("predictions", labels, key_field="id")
     foo.execute_operator("@fiftyone-grounding/grounding/evaluate_grounding_model", ctx={"dataset": dataset,
                                                                                           "params": {}})
     with _app_page(url) as page:

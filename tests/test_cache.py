@@ -186,7 +186,7 @@ def test_grouped_cached_batches_equal_one_phrase_at_a_time(tmp_path, images):
     """Through the training pipeline (sampler + collator), for the seed's mean-pooled text
     queries, the [REG] query and the fusion architecture."""
     for preset, overrides in (("tiny", dict(query="text", pos_embed="none", box_format="xyxy", quality_head=False,
-                                            loss_weights={"diou": 1.0})), ("tiny", {}), ("tiny-fusion", {})):
+                                            presence_head=False, loss_weights={"diou": 1.0})), ("tiny", {}), ("tiny-fusion", {})):
         torch.manual_seed(0)
         model = build_model(preset, **overrides).eval()
         cfg = model.config

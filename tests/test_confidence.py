@@ -73,7 +73,7 @@ def test_a_calibration_round_trips_and_a_bad_one_is_refused(tmp_path):
 
 def test_training_calibrates_the_best_checkpoint_and_apply_uses_it(tiny_checkpoint, synthetic_dataset):
     """fit() wrote calibration.json into best/; a box's confidence is that calibration of the
-    quality head's logit."""
+    logit of P(present) x the predicted IoU (the presence and quality heads)."""
     saved = Calibration.load(tiny_checkpoint)
     assert (tiny_checkpoint / CALIBRATION_NAME).exists() and saved.fitted_on == len(
         synthetic_dataset.match({"split": "val"}))
@@ -88,14 +88,15 @@ def test_training_calibrates_the_best_checkpoint_and_apply_uses_it(tiny_checkpoi
 
         out = model.model(normalize_pixels_batch(pixels, model.config.image_mean, model.config.image_std),
                           tokens["input_ids"], tokens["attention_mask"])
-    np.testing.assert_allclose(prediction.confidences, saved(out.quality.numpy()), rtol=1e-5)
+    both = out.quality.sigmoid() * out.exists.sigmoid()
+    np.testing.assert_allclose(prediction.confidences, saved(torch.logit(both).numpy()), rtol=1e-5)
     assert ((prediction.confidences > 0) & (prediction.confidences < 1)).all()
 
 
 def test_a_checkpoint_without_a_quality_head_still_loads_and_applies(tmp_path, synthetic_dataset, dataset_name):
     """A tiny model as written before the quality head (its config.json has no quality_head key),
     and the seed's head: boxes without a confidence; no confidence metrics, no mAP."""
-    model = build_model("tiny", quality_head=False, loss_weights={"l1": 5.0, "giou": 2.0})
+    model = build_model("tiny", quality_head=False, presence_head=False, loss_weights={"l1": 5.0, "giou": 2.0})
     save_checkpoint(model, tmp_path / "old")
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     del config["quality_head"]

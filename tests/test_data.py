@@ -203,3 +203,29 @@ def test_load_rgb_reports_bad_files(tmp_path):
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     with pytest.raises(ValueError, match="cannot decode"):
         load_rgb(str(bad))
+
+
+def test_an_absent_pair_takes_the_image_nearest_to_holding_the_referent():
+    """Of the images that lack "yellow triangle", the one with a red triangle and a yellow circle
+    (its kinds share both words) is taken, not the one of blue squares; never the phrase's own."""
+    import numpy as np
+
+    from fiftyone_grounding.data import add_absent_pairs
+    from fiftyone_grounding.synthetic import object_kinds
+
+    def kinds(*objects):
+        return sorted({k for size, color, shape in objects for k in object_kinds(dict(size=size, color=color,
+                                                                                       shape=shape))})
+
+    batch = {"phrases": ["the yellow triangle", "the blue square", "the red triangle"],
+             "image_index": torch.tensor([0, 1, 2]), "boxes": torch.rand(3, 4),
+             "input_ids": torch.arange(3)[:, None], "attention_mask": torch.ones(3, 1, dtype=torch.long),
+             "categories": ["yellow triangle", "blue square", "red triangle"],
+             "image_kinds": [kinds(("small", "yellow", "triangle")), kinds(("large", "blue", "square")),
+                             kinds(("small", "red", "triangle"), ("small", "yellow", "circle"))]}
+    for seed in range(10):
+        paired = add_absent_pairs(batch, 1.0, np.random.default_rng(seed))
+        pairs = dict(zip(paired["phrases"][3:], paired["image_index"][3:].tolist()))
+        assert pairs["the yellow triangle"] == 2  # near: a triangle and a yellow thing, no yellow triangle
+        assert pairs["the red triangle"] == 0  # a triangle (yellow), no red one
+        assert pairs["the blue square"] in (0, 2)

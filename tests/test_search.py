@@ -86,8 +86,9 @@ def test_search_keeps_the_confident_boxes_and_needs_a_phrase_and_a_confidence(da
     assert ranked.count("sure.detections") == 0 and len(ranked) == 10
     with pytest.raises(InputError, match="The phrase is empty"):
         search_phrase(view, "   ", model)
-    loss_weights = {k: v for k, v in get_config("tiny").loss_weights.items() if k != "quality"}
-    no_head = GroundingModel.from_preset("tiny", device="cpu", quality_head=False, loss_weights=loss_weights)
+    loss_weights = {k: v for k, v in get_config("tiny").loss_weights.items() if k not in ("quality", "exist")}
+    no_head = GroundingModel.from_preset("tiny", device="cpu", quality_head=False, presence_head=False,
+                                         loss_weights=loss_weights)
     with pytest.raises(InputError, match="has no confidence"):
         search_phrase(view, PHRASE, no_head)
 

@@ -397,3 +397,21 @@ def test_the_grec_dataset_has_grefcocos_fields(dataset_name, tmp_path):
         assert len(gt.detections) == len(ann_ids) == len(categories) and no_target == (kind == "none")
         assert category == (categories[0] if len(set(categories)) == 1 else None)
     assert {"several", "none", "attribute"} <= seen
+
+
+def test_an_image_without_the_kind_a_phrase_names_holds_none_of_its_referents():
+    """``referent_kind`` / ``image_kinds`` tell training which images lack a phrase's referent
+    (absent pairs): where another scene holds no object of the phrase's kind, the phrase denotes
+    nothing there (checked with resolve); its own scene holds that kind."""
+    scenes = [syn.generate_example(syn.image_rng(11, i), relational_fraction=0.5) for i in range(120)]
+    checked = 0
+    for _, objects, expressions in scenes:
+        kinds = {k for obj in objects for k in syn.object_kinds(obj)}
+        for target, phrase in expressions:
+            assert syn.referent_kind(phrase) in set(syn.object_kinds(objects[target]))
+        for _, other, other_expressions in scenes[:20]:
+            for _, phrase in other_expressions:
+                if syn.referent_kind(phrase) not in kinds:
+                    assert syn.resolve(objects, phrase) == []
+                    checked += 1
+    assert checked > 500

@@ -212,13 +212,15 @@ def test_the_fp16_loss_scale_is_saved_with_last_and_restored(tmp_path):
 
 
 def test_absent_pairs_show_phrases_with_images_that_lack_their_referent(synthetic_dataset):
-    """A share of a batch's phrases comes again with another image of the batch, never one whose
-    own phrases refer to an object of the same category; the added rows have no box."""
+    """A share of a batch's phrases comes again with another image of the batch, never one that
+    holds an object of the kind the phrase names; the added rows have no box. Without the
+    image's kinds, the kinds of the image's own phrases stand in."""
     import numpy as np
 
     from fiftyone_grounding.data import add_absent_pairs
 
     records = read_records(synthetic_dataset.match({"split": "train"}).limit(24))
+    assert all(records.image_kinds) and all(records.categories)  # the synthetic set says what each image holds
     model_cfg = build_model("tiny").config
     items = GroundingDataset(records, 64, (0.5,) * 3, (0.25,) * 3)
     batch = Collator(build_tokenizer(model_cfg), 16)([items[i] for i in range(len(items))])
@@ -235,9 +237,16 @@ def test_absent_pairs_show_phrases_with_images_that_lack_their_referent(syntheti
         assert torch.equal(paired["input_ids"][row], paired["input_ids"][source])
         image = int(paired["image_index"][row])
         assert image != int(batch["image_index"][source])
+        assert batch["categories"][source] not in batch["image_kinds"][image]
+    assert add_absent_pairs(batch, 0.0, np.random.default_rng(0)) is batch
+    # without image_kinds (RefCOCO as imported): the kinds of the image's own phrases
+    unknown = {**batch, "image_kinds": [None] * len(batch["image_kinds"])}
+    paired = add_absent_pairs(unknown, 1.0, np.random.default_rng(1))
+    for row in range(b, len(paired["phrases"])):
+        source = paired["phrases"].index(paired["phrases"][row])
+        image = int(paired["image_index"][row])
         own = {batch["categories"][r] for r in range(b) if int(batch["image_index"][r]) == image}
         assert batch["categories"][source] not in own
-    assert add_absent_pairs(batch, 0.0, np.random.default_rng(0)) is batch
 
 
 def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_dataset, tmp_path):
@@ -266,7 +275,7 @@ def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_
     with torch.no_grad():
         confidence = forward_batch(model, paired).confidence_logits().sigmoid()  # P(present) x predicted IoU
     own, absent = confidence[~paired["absent"]].mean(), confidence[paired["absent"]].mean()
-    assert absent < own - 0.15, (own, absent)
+    assert absent < own - 0.1, (own, absent)
     assert learns_absence(cfg) and TrainConfig().negative_share > 0
     assert not learns_absence(build_model("tiny-fusion-multi").config)  # (its existence score learns absence)
     # fit passes the share on: with it, the same run ends elsewhere
