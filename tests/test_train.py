@@ -267,7 +267,7 @@ def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_
     batch = Collator(build_tokenizer(cfg), cfg.max_text_len)([items[i] for i in range(len(items))])
     optimizer = configure_optimizer(model, lr=3e-3, weight_decay=1e-4)
     model.train()
-    for step in range(80):
+    for step in range(160):
         train_step(model, add_absent_pairs(batch, 0.5, np.random.default_rng(step)), optimizer, cfg.loss_weights,
                    grad_clip=1.0)
     model.eval()
