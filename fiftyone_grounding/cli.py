@@ -57,18 +57,24 @@ def cmd_demo(args) -> None:
 
 
 def cmd_summary(args) -> None:
+    import torch
+
     from .model import build_model
+
+    def build(preset):  # shapes only: every tensor on the meta device, nothing allocated or initialized
+        with torch.device("meta"):
+            return build_model(preset, weights=False, **overrides)
 
     overrides = {"image_size": args.image_size, "image_encoder": args.image_encoder,
                  "text_encoder": args.text_encoder}
     if args.preset == "all":
         print(f"{'preset':<14} {'architecture':<12} {'px':>5} {'total params':>14} {'trainable':>12}")
         for preset in PRESETS:
-            model = build_model(preset, weights=False, **overrides)
+            model = build(preset)
             print(f"{preset:<14} {model.config.architecture:<12} {model.config.image_size:>5} "
                   f"{model.num_parameters():>14,} {model.num_parameters(trainable_only=True):>12,}")
         return
-    model = build_model(args.preset, weights=False, **overrides)
+    model = build(args.preset)
     print(f"preset {args.preset!r}: image encoder {model.config.image_encoder}, "
           f"text encoder {model.config.text_encoder}, {model.config.image_size} px")
     for name, module in model.named_children():

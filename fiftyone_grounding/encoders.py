@@ -117,8 +117,9 @@ def _write_tiny_encoder(name: str, path: Path) -> None:
                                           "check that the installed transformers is >= 4.56")
         tokenizer.save_pretrained(tmp)
     _, model_cls = _model_classes(config["model_type"])
-    # Fixed seed: the same tiny encoder on every machine that generates it.
-    with torch.random.fork_rng(devices=[]):
+    # Fixed seed: the same tiny encoder on every machine that generates it; made on the CPU
+    # whatever default device the caller set (a summary builds on the meta device)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(0)
         model = model_cls(_config_from_dict(config))
     # The config and the weights written file by file: under torch.distributed, transformers 5's

@@ -72,6 +72,12 @@ def _save(page, tmp_path: Path, name: str) -> None:
         shutil.copy(path, DOCS / name)
 
 
+def _settle_for_picture(page, ms: int) -> None:
+    """Wait for the App to finish drawing, only when the screenshots are kept for the docs."""
+    if os.environ.get("FOG_SAVE_SCREENSHOTS") == "1":
+        page.wait_for_timeout(ms)
+
+
 def _dismiss_promotions(page) -> None:
     """Close the App's 'Explore Enterprise' card if it shows up, so it hides nothing."""
     dismiss = page.get_by_text("Dismiss", exact=True)
@@ -122,7 +128,7 @@ def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
         expect(page.get_by_role("dialog").get_by_text("20", exact=True)).to_be_visible()
         page.get_by_role("button", name="Done").click()
         expect(page.locator('[data-cy="sidebar-field-predictions"]')).to_be_visible()
-        page.wait_for_timeout(3_000)  # only for the picture: let the grid redraw its images
+        _settle_for_picture(page, 3_000)  # let the grid redraw its images
         _save(page, tmp_path, "app_apply_result.png")
 
     deadline = time.time() + 30
@@ -263,7 +269,7 @@ def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_mod
         expect(line).to_have_text(result_line)
         # the reopened modal knows the preview field: its sidebar lists it, shown
         expect(modal.locator(f'[data-cy="sidebar-field-{PREVIEW_FIELD}"]')).to_be_visible()
-        page.wait_for_timeout(2_000)  # only for the picture: let the modal redraw the sample
+        _settle_for_picture(page, 2_000)  # let the modal redraw the sample
         _save(page, tmp_path, "app_grounding_panel.png")
 
         preview = _poll(lambda: _boxes(dataset, first, PREVIEW_FIELD))
