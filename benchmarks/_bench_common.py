@@ -31,6 +31,12 @@ WORDS = {
 }
 
 
+def set_threads(threads: Optional[int]) -> None:
+    """torch's intra-op threads for the run (``--threads``; None or 0: torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def resolve_device(name: Optional[str]) -> torch.device:
     if name:
         return torch.device(name)

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from _bench_common import (Timer, add_grounding_samples, build_offline, device_info, fmt_rate, random_token_batch,
-                           resolve_device, write_images, write_json)
+                           resolve_device, set_threads, write_images, write_json)
 
 
 BOX_TOLERANCE = 0.05  # normalized coordinates
@@ -285,8 +285,7 @@ def run_model_only(args, device, preset, tmp: Path, reason: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     preset = args.preset or ("seed" if device.type == "cuda" else "tiny")
     torch.manual_seed(args.seed)

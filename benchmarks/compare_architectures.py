@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-import _bench_common  # noqa: F401  (puts the repository on sys.path)
+import _bench_common  # (also puts the repository on sys.path)
 from fiftyone_grounding.demo import library_versions, machine_info
 
 PRESETS = ("tiny", "tiny-fusion", "tiny-adapter")
@@ -62,10 +62,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _bench_common.set_threads(args.threads)
     from fiftyone import ViewField as F
 
     from fiftyone_grounding.evaluate import evaluate_grounding

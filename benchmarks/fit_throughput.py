@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (add_grounding_samples, device_info, fmt_rate, offline_config,
-                           resolve_device, write_images, write_json)
+from _bench_common import (add_grounding_samples, device_info, fmt_rate, offline_config, resolve_device, set_threads,
+                           write_images, write_json)
 
 
 def parse_args(argv=None):
@@ -50,8 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     preset = args.preset or ("seed" if cuda else "tiny")

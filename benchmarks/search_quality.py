@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-import _bench_common  # noqa: F401  (puts the repository on sys.path)
+import _bench_common  # (also puts the repository on sys.path)
 from fiftyone_grounding.demo import library_versions, machine_info
 
 PHRASES = (("yellow", "triangle"), ("red", "circle"), ("blue", "square"), ("green", "triangle"),
@@ -98,10 +98,7 @@ def search_scores(scenes, model) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    _bench_common.set_threads(args.threads)
     from fiftyone_grounding.config import TrainConfig
     from fiftyone_grounding.fiftyone_model import GroundingModel
     from fiftyone_grounding.synthetic import make_synthetic_dataset

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import build_offline, device_info, fmt_rate, resolve_device, write_images, write_json
+from _bench_common import build_offline, device_info, fmt_rate, resolve_device, set_threads, write_images, write_json
 
 PHRASE = "the small red circle on the left"
 
@@ -56,8 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo

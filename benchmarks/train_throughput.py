@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _bench_common import (Timer, device_info, fmt_rate, random_token_batch,
-                           resolve_device, tokenizer_batch, write_images, write_json)
+from _bench_common import (Timer, device_info, fmt_rate, random_token_batch, resolve_device, set_threads,
+                           tokenizer_batch, write_images, write_json)
 
 
 def parse_args(argv=None):
@@ -104,8 +104,7 @@ def main(argv=None):
     repeats = args.repeats or (1 if cuda else 3)
     if not cuda and "grouped_fp32" in modes:
         modes.remove("grouped_fp32")  # identical to "grouped" off CUDA (no autocast there)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
