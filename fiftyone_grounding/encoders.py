@@ -3,7 +3,9 @@
 Encoders load through ``from_pretrained`` from a Hub id or a local folder. The
 ``tiny:*`` names are the real classes (``DINOv3ViTModel``, ``BertModel``) with small
 configs and random weights, generated once into a local folder and then loaded through
-the very same ``from_pretrained`` path; they serve the tests and the offline demo.
+the very same ``from_pretrained`` path; they serve the tests and the offline demo. A Hub id
+while the Hub cannot be used (``hub.hub_offline``: ``HF_HUB_OFFLINE``, no connection) is read
+from the local Hugging Face cache only, so it loads or fails at once instead of after retries.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import os
 import shutil
 import string
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from . import hub
 from .config import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
 from .errors import ConfigError, EncoderUnavailableError, InputError
 
@@ -144,19 +147,49 @@ def resolve_encoder_path(name: str) -> str:
     return name
 
 
-def _unavailable(name: str, what: str, error: Exception) -> EncoderUnavailableError:
+def _hub_offline(path: str) -> Optional[str]:
+    """Why the Hub cannot serve ``path`` now (see ``hub.hub_offline``), or None: always None for a
+    local folder (``tiny:*`` names included) or anything that is not a Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isdir(path):
+        return None
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return None
+    return hub.hub_offline()
+
+
+def _from_pretrained(cls, path: str, offline: Optional[str], **kwargs):
+    """``cls.from_pretrained``; only the local Hugging Face cache when the Hub cannot be used
+    (``offline``), so a cached model still loads and a missing one fails at once, not after a
+    minute of retries."""
+    return cls.from_pretrained(path, **kwargs, **({"local_files_only": True} if offline else {}))
+
+
+def _unavailable(name: str, what: str, error: Exception, offline: Optional[str] = None) -> EncoderUnavailableError:
+    """One line that says why ``name`` did not load and what to do; ``offline``: why the Hub
+    could not be used (then the library's message, about its cache, adds nothing)."""
+    gated = (f"DINOv3 is gated, so accept its licence on https://huggingface.co/{name} and run "
+             "`hf auth login`" + (" when online" if offline else ""))
+    elsewhere = (f"download it elsewhere (`hf download {name} --local-dir DIR`) and pass the local folder DIR "
+                 "instead of the id")
     if "custom code" in str(error):
         hint = (f"{name!r} asks for custom code (an auto_map in its config.json), which fiftyone-grounding "
                 "never runs; give the folder or Hub id of a standard DINOv3 or BERT model")
     elif os.path.isdir(name):
         hint = f"the folder {name!r} does not hold a complete {what} (config.json and model.safetensors)"
+    elif offline:
+        todo = f"{gated}, or {elsewhere}" if "dinov3" in name.lower() else elsewhere
+        return EncoderUnavailableError(
+            f"Cannot load the {what}: the Hugging Face Hub cannot be reached ({offline}) and {name!r} is not in "
+            f"the local Hugging Face cache; {todo}."
+        )
     elif "dinov3" in name.lower():
-        hint = (f"{name!r} could not be downloaded: DINOv3 is gated, so accept its licence on "
-                f"https://huggingface.co/{name} and run `hf auth login`, or, offline, download it "
-                "elsewhere and pass its local folder instead of the id")
+        hint = f"{name!r} could not be downloaded: {gated}, or, offline, {elsewhere}"
     else:
-        hint = (f"{name!r} could not be downloaded: check the id and your connection, or, offline, "
-                "download it elsewhere (`hf download ID --local-dir DIR`) and pass the local folder")
+        hint = f"{name!r} could not be downloaded: check the id and your connection, or, offline, {elsewhere}"
     detail = " ".join(str(error).split())  # transformers' messages span lines; ours is one
     detail = detail if len(detail) <= 300 else detail[:297] + "..."
     return EncoderUnavailableError(f"Cannot load the {what}: {hint}. ({type(error).__name__}: {detail})")
@@ -184,24 +217,27 @@ def load_encoder(name: str, weights: bool = True, what: str = "encoder") -> nn.M
     """
     path = resolve_encoder_path(name)
     _quiet_transformers()
+    offline = None
     try:
         if weights:
             from transformers import AutoModel
 
             # safetensors only (a pickled pytorch_model.bin is never opened), and no custom code
             # (without trust_remote_code=False, transformers asks on stdin whether to run it)
-            model = AutoModel.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+            offline = _hub_offline(path)
+            model = _from_pretrained(AutoModel, path, offline, use_safetensors=True, trust_remote_code=False)
         else:
             if name in KNOWN_ENCODER_CONFIGS:
                 config = _config_from_dict(KNOWN_ENCODER_CONFIGS[name])
             else:
                 from transformers import AutoConfig
 
-                config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+                offline = _hub_offline(path)
+                config = _from_pretrained(AutoConfig, path, offline, trust_remote_code=False)
             _, model_cls = _model_classes(config.model_type)
             model = model_cls(config)
     except (OSError, ValueError) as e:
-        raise _unavailable(name, what, e) from e
+        raise _unavailable(name, what, e, offline) from e
     return freeze(model)
 
 
@@ -210,10 +246,11 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = resolve_encoder_path(name)
+    offline = _hub_offline(path)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        return _from_pretrained(AutoTokenizer, path, offline, trust_remote_code=False)
     except (OSError, ValueError) as e:
-        raise _unavailable(name, "tokenizer", e) from e
+        raise _unavailable(name, "tokenizer", e, offline) from e
 
 
 def num_prefix_tokens(image_encoder: nn.Module) -> int:
