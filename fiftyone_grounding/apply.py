@@ -24,6 +24,7 @@ from .errors import InputError
 from .fiftyone_model import GroundingModel, batch_labels, collate_items, log_skipped
 from .images import resized_pixels
 from .labels import LabelMaker
+from .progress import TimeLeft, fiftyone_progress, shows_progress
 from .runs import record_labels
 from .text import NO_PHRASE, clean_phrase
 
@@ -111,7 +112,7 @@ class ImageGroups(torch.utils.data.Dataset):
 
 
 def collate_groups(groups: list[list[dict]]) -> dict:
-    return collate_items([item for group in groups for item in group])
+    return {**collate_items([item for group in groups for item in group]), "images": len(groups)}
 
 
 def thread_loader(items: ImageGroups, batches, threads: int, prefetch: int = 4):
@@ -202,6 +203,10 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     if overlap is None:
         overlap = model.device.type == "cuda"
     done, total = len(skipped), len(rows)
+    verbose = shows_progress(progress)  # what it will run, and how long it will take, on stdout
+    if verbose and groups:
+        print(_plan(model, len(rows) - len(skipped), len(groups), len(cached), batch_size), flush=True)
+    time_left = TimeLeft(len(groups), unit="images")
     in_flight = None  # (batch, its pending boxes): queued on the device, not written yet
 
     make_label = model.labels.doc if confidence_thresh is None else LabelMaker(
@@ -210,7 +215,8 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     def labels_of(batch, pending) -> list:
         return batch_labels(batch, pending.result() if pending is not None else None, make_label)
 
-    with model, fou.ProgressBar(total=total, progress=progress) as bar, \
+    with model, fiftyone_progress(progress, "grounding") as bar_progress, \
+            fou.ProgressBar(total=total, progress=bar_progress) as bar, \
             LabelWriter(dataset, label_field, write_every) as writer:
         bar.update(done)
 
@@ -220,9 +226,13 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
             (batch, pending), in_flight = in_flight, None
             writer.add(batch["ids"], labels_of(batch, pending))
             done += batch["size"]
+            estimate = time_left.add(batch["images"])
+            if estimate is not None and verbose:
+                print(estimate, flush=True)
             bar.update(batch["size"])
             if progress_callback is not None:
-                progress_callback(done / total, f"{done:,} of {total:,} samples")
+                left = time_left.left()
+                progress_callback(done / total, f"{done:,} of {total:,} samples" + (f", {left}" if left else ""))
 
         try:
             # One batch in flight on a GPU: while it runs batch k, the host queues batch k + 1
@@ -252,6 +262,16 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
         record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
                       confidence_thresh=model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh)
     return {"processed": total, "skipped": skipped}
+
+
+def _plan(model: GroundingModel, phrases: int, images: int, cached: int, batch_size: int) -> str:
+    """``"Grounding 2,468 phrases in 1,234 images (tiny, cpu, batch 64)"``."""
+    name = model.config.preset if model.config.preset != "custom" else model.config.architecture
+    details = [name, model.device.type, f"batch {batch_size:,}"]
+    if cached:
+        details.append(f"{cached:,} images from the feature cache")
+    return (f"Grounding {phrases:,} phrase{'s' if phrases != 1 else ''} in {images:,} "
+            f"image{'s' if images != 1 else ''} ({', '.join(details)})")
 
 
 def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
@@ -286,6 +306,10 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
       interrupted run).
     - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
       are returned with the reason (and logged).
+    - Unless ``progress`` is False (None follows ``fo.config.show_progress_bars``), prints what it
+      will run (phrases, images, model, device, batch size) and, once the first batches measured
+      it, the time it will take (``progress.TimeLeft``); outside a terminal, lines instead of a
+      bar (``progress.fiftyone_progress``). ``progress_callback``'s label carries the time left.
     - ``confidence_thresh`` (default: the model's own, usually none) works as in FiftyOne's
       ``apply_model``: a box less confident than it is dropped, the sample gets an empty
       ``Detections``.

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from .encoders import transformers_major
 from .errors import ImageError, TrainingError
 from .images import RESIZE_METHOD, load_rgb, preprocess_image
+from .progress import bar
 
 # 2: the key covers the encoder's weights too; 3: and the transformers major version and the resize
 CACHE_VERSION = 3
@@ -191,8 +192,6 @@ class FeatureCache(_ShardedStore):
               batch_size: int = 64, num_workers: int = 0, autocast_dtype=None, progress: bool = True) -> int:
         """Encode every image of ``paths`` not cached yet (both views) with ``encode`` (pixels
         (n, 3, S, S) -> features (n, T, D), e.g. a model's ``encode_images``); returns how many."""
-        from tqdm.auto import tqdm
-
         # Images that failed before are tried again: the file may have been fixed since.
         todo = sorted({p for p in paths if p not in self._index})
         if not todo:
@@ -203,8 +202,7 @@ class FeatureCache(_ShardedStore):
         pending: list[np.ndarray] = []
         pending_paths: list[str] = []
         count = 0
-        for idx, views, errors in tqdm(loader, desc="caching image features", disable=not progress,
-                                       leave=False, dynamic_ncols=True):
+        for idx, views, errors in bar(loader, desc="caching image features", disable=not progress, leave=False):
             for i, why in errors:
                 self._errors[todo[i]] = why
             if views is None:
@@ -303,14 +301,12 @@ class TextFeatureCache(_ShardedStore):
     def build(self, phrases: Sequence[str], model, tokenize, device, batch_size: int = 256,
               autocast_dtype=None, progress: bool = True) -> int:
         """Encode every phrase not cached yet with ``model.encode_text``; returns how many."""
-        from tqdm.auto import tqdm
-
         todo = sorted({p for p in phrases if p not in self._index})
         pending: list[np.ndarray] = []
         entries: list[tuple[str, int, int]] = []
         rows = 0
-        for start in tqdm(range(0, len(todo), batch_size), desc="caching text features", disable=not progress,
-                          leave=False, dynamic_ncols=True):
+        for start in bar(range(0, len(todo), batch_size), desc="caching text features", disable=not progress,
+                         leave=False):
             chunk = todo[start:start + batch_size]
             tokens = tokenize(chunk)
             mask = tokens["attention_mask"]

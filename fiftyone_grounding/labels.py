@@ -23,6 +23,7 @@ from bson import ObjectId
 from .boxes import fiftyone_xywh_to_xyxy, xyxy_to_fiftyone_xywh
 from .config import DEFAULT_LABEL
 from .errors import InputError
+from .progress import fiftyone_progress
 
 EXPRESSION_ATTR = "expression"  # the Detection attribute that holds the phrase
 MAX_EXPRESSION_CHARS = 200
@@ -185,8 +186,9 @@ def migrate_label_scheme(dataset, fields: Optional[Sequence[str]] = None, label:
             new_labels.append(row_labels)
             new_expressions.append(row_expressions)
         if count:
-            dataset.set_values(f"{field}.detections.{EXPRESSION_ATTR}", new_expressions, progress=progress)
-            dataset.set_values(f"{field}.detections.label", new_labels, progress=progress)
+            with fiftyone_progress(progress, f"converting {field}") as shown:
+                dataset.set_values(f"{field}.detections.{EXPRESSION_ATTR}", new_expressions, progress=shown)
+                dataset.set_values(f"{field}.detections.label", new_labels, progress=shown)
         declare_expression_attribute(dataset, field)
         changed[field] = count
     return changed

@@ -32,13 +32,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 import fiftyone as fo
 
 from .config import DEFAULT_LABEL, IMAGE_KINDS_FIELD, NO_TARGET_FIELD, REFERENT_KIND_FIELD
 from .errors import InputError
 from .labels import declare_expression_attribute, make_box_detections, make_detections
+from .progress import bar, fiftyone_progress
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -646,7 +646,7 @@ def make_synthetic_dataset(
     samples = []
     ann_id = ref_id = 0
     grec = several_fraction > 0 or none_fraction > 0
-    for image_id in tqdm(range(num_images), desc="synthetic images", disable=not progress):
+    for image_id in bar(range(num_images), desc="synthetic images", disable=not progress):
         image, objects, expressions = generate_grec_example(
             image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction,
             relational_fraction, several_fraction, none_fraction, same_shape_fraction, border_fraction,
@@ -696,7 +696,8 @@ def make_synthetic_dataset(
             ref_id += 1
 
     dataset = fo.Dataset(name)
-    dataset.add_samples(samples, progress=progress)
+    with fiftyone_progress(progress, "adding the samples") as shown:
+        dataset.add_samples(samples, progress=shown)
     declare_expression_attribute(dataset, "ground_truth")
     dataset.persistent = persistent
     dataset.info["synthetic"] = dict(

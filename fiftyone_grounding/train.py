@@ -761,7 +761,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
     ``negative_share`` > 0: that share of each batch's phrases is also shown with another image
     of the batch that lacks its referent (:func:`data.add_absent_pairs`)."""
     import numpy as np
-    from tqdm.auto import tqdm
+
+    from .progress import bar as progress_bar
 
     model.train()
     device = accelerator.device
@@ -788,8 +789,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
                 f"{ids[:8]}. The last good checkpoint is kept; lower the learning rate "
                 "or check these samples.")
 
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False,
-               dynamic_ncols=True)
+    bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not show_progress, leave=False)
     for step, batch in enumerate(bar):
         skipped.extend(batch["skipped"])
         if "boxes" in batch:
