@@ -27,8 +27,10 @@ install: $(VENV)/.installed
 browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# DEMO_ARGS: more flags for the demo (`fiftyone-grounding demo --help`), e.g. a smaller one in the tests
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/fiftyone-grounding demo --json outputs/demo/metrics.json
+	$(BIN)/fiftyone-grounding demo --json outputs/demo/metrics.json $(DEMO_ARGS)
 
 test: install browser
 	$(BIN)/python -m pytest -q tests

@@ -1,11 +1,11 @@
-"""fiftyone-grounding as a FiftyOne plugin (``fiftyone.yml``) and a remote model-zoo source (``manifest.json``).
+"""This repository as a FiftyOne remote model-zoo source (``manifest.json`` beside this file).
 
-FiftyOne imports this file in two roles: the plugin entry point (``register(p)``: the operators
-and the grounding panel) and the zoo-source module (``download_model`` / ``load_model``, and
+FiftyOne imports this file as the zoo source's module: ``download_model`` / ``load_model``, and
 ``resolve_input`` / ``parse_parameters``, with which FiftyOne's "Apply zoo model" operator asks
-for the phrase source). Everything here delegates to the ``fiftyone_grounding`` package: the
-installed one, or the copy beside this file when the repository was fetched by ``fiftyone
-plugins download`` or ``foz.register_zoo_model_source``.
+for the phrase source. Everything here delegates to the ``fiftyone_grounding`` package: the
+installed one, or the copy beside this file when the repository was fetched by
+``foz.register_zoo_model_source``. The FiftyOne plugin (operators and panel) is the folder
+``fiftyone_grounding/plugin/``.
 """
 
 import os
@@ -32,8 +32,8 @@ def load_model(model_name, model_path, **kwargs):
 
 
 def resolve_input(model_name, ctx):
-    """The model's options in the "Apply zoo model" form: the phrase field or one typed phrase,
-    and a confidence threshold (remote-zoo hook)."""
+    """The model's options in the "Apply zoo model" form: the phrase field or one typed phrase
+    (the form has its own confidence threshold) (remote-zoo hook)."""
     from fiftyone_grounding.operators import zoo_model_inputs
 
     return zoo_model_inputs(ctx)
@@ -44,12 +44,3 @@ def parse_parameters(model_name, ctx, params):
     from fiftyone_grounding.operators import parse_zoo_parameters
 
     parse_zoo_parameters(ctx, params)
-
-
-def register(p):
-    """Register this plugin's operators and panel (plugin hook)."""
-    from fiftyone_grounding.operators import OPERATORS
-    from fiftyone_grounding.panels import PANELS
-
-    for operator in OPERATORS + PANELS:
-        p.register(operator)

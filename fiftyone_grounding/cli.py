@@ -109,12 +109,25 @@ def cmd_train(args) -> None:
     print(f"best checkpoint: {result.best_dir} (score {result.best_val_iou})")
 
 
+def _checkpoint(args, dataset=None) -> str:
+    """``--checkpoint``, else the dataset's latest trained model, else the demo's (absolute paths)."""
+    from .zoo import NO_DEFAULT_MODEL, default_checkpoint
+
+    if args.checkpoint:
+        return args.checkpoint
+    found = default_checkpoint(dataset)
+    if found is None:
+        raise InputError("no --checkpoint given and " + NO_DEFAULT_MODEL[0].lower() + NO_DEFAULT_MODEL[1:])
+    print(f"checkpoint: {found}")
+    return found
+
+
 def cmd_apply(args) -> None:
     from .apply import apply_grounding_model
     from .fiftyone_model import GroundingModel
 
     view = _split_view(_load_view(args), args)
-    model = GroundingModel.from_checkpoint(args.checkpoint, device=args.device)
+    model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=args.device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 worker_type=args.worker_type, skip_existing=args.skip_existing,
@@ -156,7 +169,7 @@ def cmd_migrate_labels(args) -> None:
 def cmd_predict(args) -> None:
     from .predict import predict_and_crop
 
-    out = predict_and_crop(args.image, args.phrase, args.checkpoint, out_dir=args.out_dir, device=args.device)
+    out = predict_and_crop(args.image, args.phrase, _checkpoint(args), out_dir=args.out_dir, device=args.device)
     if not out["boxes"]:
         print(f"no box: the model finds nothing that {args.phrase!r} refers to in {args.image}")
         return
@@ -172,6 +185,12 @@ def cmd_convert(args) -> None:
 
     out = convert_checkpoint(args.src, args.out_dir, args.preset)  # a CheckpointError ends in main
     print(f"wrote {out} (config.json + model.safetensors); load it with --checkpoint {out}")
+
+
+def cmd_install_plugin(args) -> None:
+    from .install import install_plugin
+
+    print(install_plugin(force=args.force).message())
 
 
 def cmd_import_refcoco(args) -> None:
@@ -258,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "overall and per split")):
         p = sub.add_parser(name, help=text, description=text + ".")
         _add_data_args(p)
-        p.add_argument("--checkpoint", required=name == "apply",
-                       help="checkpoint folder; with evaluate, predictions are made first")
+        p.add_argument("--checkpoint", help="checkpoint folder" + (
+            " (default: the best checkpoint of the latest training run on the dataset, else the demo's)"
+            if name == "apply" else "; predictions are made with it first"))
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions" + _DEFAULT)
         p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. testA testB)")
         p.add_argument("--batch-size", type=int, default=None,
@@ -294,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT_DIR/<image>_crop.png and OUT_DIR/<image>_box.png.")
     p.add_argument("image", help="image file")
     p.add_argument("phrase", help='referring phrase, e.g. "the small red circle on the left"')
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the demo's)")
     p.add_argument("--out-dir", default="outputs/predict", help="where the crop and the boxed image go" + _DEFAULT)
     p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
     p.set_defaults(func=cmd_predict)
@@ -307,6 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint folder to write")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the preset the weights were trained with")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("install-plugin", help="install the App plugin into FiftyOne's plugins folder",
+                       description="Link the installed package's plugin folder into FiftyOne's plugins folder "
+                                   "(fo.config.plugins_dir, $FIFTYONE_PLUGINS_DIR) as "
+                                   "@fiftyone-grounding/grounding, where `fiftyone plugins download` would put "
+                                   "it, so the App lists the operators and the panel. Running it again changes "
+                                   "nothing; `fiftyone-grounding demo` runs it too.")
+    p.add_argument("--force", action="store_true",
+                   help="replace a copy of the plugin already there (e.g. from `fiftyone plugins download`)")
+    p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "
                                               "refcocox into FiftyOne",

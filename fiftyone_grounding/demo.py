@@ -8,6 +8,7 @@ gRefCOCO's official metrics.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -86,8 +87,11 @@ def run_demo(
     """Run the whole offline pipeline and return the test metrics.
 
     The dataset is persistent (images under ``out_dir/images``), so it can be opened in
-    the App afterwards: ``fo.launch_app(fo.load_dataset(dataset_name))``. Arguments left None
-    take the task's ``DEMO_DEFAULTS``; ``task="grec"``: :func:`run_grec_demo`.
+    the App afterwards: ``fo.launch_app(fo.load_dataset(dataset_name))``; the App plugin is
+    installed into FiftyOne's plugins folder (:func:`install.install_plugin`) and the best
+    checkpoint recorded by absolute path, the App's forms' default model where the dataset
+    trained none. Arguments left None take the task's ``DEMO_DEFAULTS``; ``task="grec"``:
+    :func:`run_grec_demo`.
     """
     if task not in TASKS:
         raise InputError(f"task must be one of {TASKS}, not {task!r}")
@@ -99,6 +103,7 @@ def run_demo(
     from fiftyone import ViewField as F
 
     from .evaluate import METRICS, constant_box_miou, evaluate_grounding, format_table
+    from .progress import fiftyone_progress
     from .synthetic import make_synthetic_dataset
     from .train import fit
     from .fiftyone_model import GroundingModel
@@ -120,8 +125,9 @@ def run_demo(
 
     print(f"[3/4] Applying the best checkpoint to the test split ({len(test_view)} expressions)")
     model = GroundingModel.from_checkpoint(result.best_dir, device="cpu")
-    test_view.apply_model(model, label_field="predictions", prompt_field="expression", batch_size=64,
-                          num_workers=0, progress=progress)
+    with fiftyone_progress(progress, "applying the model") as shown:  # lines, not a bar, in a log
+        test_view.apply_model(model, label_field="predictions", prompt_field="expression", batch_size=64,
+                              num_workers=0, progress=shown)
 
     print("[4/4] Evaluating")
     metrics = evaluate_grounding(test_view, "predictions", "ground_truth", print_table=False)
@@ -143,9 +149,25 @@ def run_demo(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(summary, indent=2))
         print(f"Wrote {json_path}")
-    print(f"Done in {summary['seconds']:.0f} s. Look at the predictions in the App:\n"
-          f"  python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{dataset_name}')).wait()\"")
+    from .zoo import record_demo_checkpoint
+
+    record_demo_checkpoint(result.best_dir)  # the App's forms offer it by this absolute path
+    print(f"Done in {summary['seconds']:.0f} s.")
+    _to_the_app(dataset_name)
     return summary
+
+
+def _to_the_app(dataset_name: str) -> None:
+    """Install the App plugin (idempotent) and say how to look at the predictions there."""
+    from .errors import GroundingError
+    from .install import install_plugin
+
+    try:
+        print(install_plugin().message())
+    except GroundingError as e:  # the figures are made: a plugin folder we cannot write loses nothing
+        print(f"The App plugin is not installed: {e}")
+    print("Look at the predictions in the App (then press ` and type 'grounding' for the plugin's operators):\n"
+          f"  {sys.executable} -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{dataset_name}')).wait()\"")
 
 
 def run_grec_demo(
@@ -171,6 +193,7 @@ def run_grec_demo(
 
     from .evaluate import evaluate_grec
     from .fiftyone_model import GroundingModel
+    from .progress import fiftyone_progress
     from .synthetic import make_synthetic_dataset
     from .train import fit
 
@@ -195,8 +218,9 @@ def run_grec_demo(
     written_from = {}  # the confidence each field's boxes were written from: the thresholds its sweep answers
     for key, run in runs.items():
         model = GroundingModel.from_checkpoint(run.best_dir, device="cpu")
-        test.apply_model(model, label_field=f"pred_{key}", prompt_field="expression", batch_size=64, num_workers=0,
-                         progress=progress)
+        with fiftyone_progress(progress, f"applying {key}") as shown:
+            test.apply_model(model, label_field=f"pred_{key}", prompt_field="expression", batch_size=64,
+                             num_workers=0, progress=shown)
         written_from[key] = model.applied_score_thresh or 0.0  # FiftyOne's apply_model keeps no record of it
     print("[5/5] Scoring as gRefCOCO's official scorer (boxes at confidence >= 0.7, GIoU >= 0.5, F1 = 1)")
     scores = {key: evaluate_grec(test, f"pred_{key}", split_field="phrase_kind", applied_thresh=written_from[key])
@@ -222,8 +246,8 @@ def run_grec_demo(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(summary, indent=2))
         print(f"Wrote {json_path}")
-    print(f"Done in {summary['seconds']:.0f} s. Look at the predictions in the App:\n"
-          f"  python -c \"import fiftyone as fo; fo.launch_app(fo.load_dataset('{name}')).wait()\"")
+    print(f"Done in {summary['seconds']:.0f} s.")
+    _to_the_app(name)
     return summary
 
 

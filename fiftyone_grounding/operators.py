@@ -205,12 +205,12 @@ class GroundingOperator(foo.Operator):
             yield ctx.ops.show_output(outputs.to_json(), results)
 
     def param(self, ctx, name: str):
-        from .zoo import demo_checkpoint_dir
+        from .zoo import default_checkpoint
 
         value = ctx.params.get(name)
         if value is not None:
             return value
-        return str(demo_checkpoint_dir()) if name == "model" else self.DEFAULTS.get(name)
+        return default_checkpoint(ctx.dataset) if name == "model" else self.DEFAULTS.get(name)
 
     def field_input(self, ctx, inputs, view, name: str, label: str, kind: str, description: str,
                     new_ok: bool = False):
@@ -226,12 +226,13 @@ class GroundingOperator(foo.Operator):
         return _flag(prop, error)
 
     def model_input(self, ctx, inputs):
-        from .zoo import demo_checkpoint_dir, model_error
+        from .zoo import default_checkpoint, model_error
 
         prop = inputs.str(
-            "model", label="Model", default=str(demo_checkpoint_dir()),
+            "model", label="Model", default=default_checkpoint(ctx.dataset),
             description="A checkpoint folder (the best/ folder a training run wrote) or a zoo model name "
-                        "such as fiftyone-grounding/tiny-synthetic-demo")
+                        "such as fiftyone-grounding/tiny-synthetic-demo; by default the dataset's latest "
+                        "trained model, else the demo's")
         return _flag(prop, model_error(self.param(ctx, "model")))
 
     def needs_dataset(self, ctx, inputs) -> bool:
@@ -741,7 +742,8 @@ PHRASE_SOURCES = {"field": "Each sample's own phrase, from a text field",
 def zoo_model_inputs(ctx):
     """The options of a grounding zoo model in FiftyOne's Apply zoo model form (the zoo source's
     ``resolve_input``; the zoo operator puts them under ``remote_params``): where the phrases
-    come from (a text field of the dataset, or one typed phrase) and a confidence threshold."""
+    come from (a text field of the dataset, or one typed phrase). The confidence threshold and
+    the batch size are the zoo form's own fields (it passes them to ``apply_model``)."""
     params = ctx.params.get("remote_params") or {}
     inputs = types.Object()
     sources = types.RadioGroup()
@@ -764,8 +766,6 @@ def zoo_model_inputs(ctx):
                           description="what to find in every image, e.g. 'the red car on the left'")
         if params.get("prompt") is not None and clean_phrase(params["prompt"]) is None:
             _flag(prop, "The phrase is empty: type what to find.")
-    inputs.float("confidence_thresh", min=0.0, max=1.0, label="Keep boxes with confidence at least",
-                 description="the model's confidence is its predicted IoU with the true box; empty: keep every box")
     inputs.view("batch_size_hint", types.Notice(
         label=f"Batch size: set this form's Batch size below ({APPLY_BATCH_SIZE_TEXT} run fastest); empty runs "
               f"one sample at a time"))
@@ -774,7 +774,7 @@ def zoo_model_inputs(ctx):
 
 def parse_zoo_parameters(ctx, params: dict) -> None:
     """The zoo form's values -> ``load_zoo_model`` keyword arguments, in place (the zoo source's
-    ``parse_parameters``): ``prompt_field=...`` or ``prompt=...``, and ``confidence_thresh``."""
+    ``parse_parameters``): ``prompt_field=...`` or ``prompt=...``."""
     source = params.pop("phrase_source", "field")
     field, prompt = params.pop("prompt_field", None), params.pop("prompt", None)
     params.pop("batch_size_hint", None)
@@ -785,8 +785,6 @@ def parse_zoo_parameters(ctx, params: dict) -> None:
         params["prompt"] = text
     else:
         params["prompt_field"] = field or DEFAULT_PROMPT_FIELD
-    if params.get("confidence_thresh") is None:
-        params.pop("confidence_thresh", None)
 
 
 OPERATORS = (ImportGroundingDataset, TrainGroundingModel, ApplyGroundingModel, EvaluateGroundingModel,

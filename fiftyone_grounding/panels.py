@@ -60,11 +60,11 @@ class GroundingPanel(foo.Panel):
     # -- events ------------------------------------------------------------------------------
 
     def on_load(self, ctx):
-        from .zoo import demo_checkpoint_dir
+        from .zoo import default_checkpoint
 
         state = ctx.panel.state
         if state.model is None:
-            state.model = str(demo_checkpoint_dir())
+            state.model = default_checkpoint(ctx.dataset) or ""
         if state.keep_field is None:
             state.keep_field = GROUNDED_FIELD
         if state.gt_field is None:

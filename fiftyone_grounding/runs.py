@@ -17,7 +17,7 @@ FiftyOne keeps custom runs with the dataset (``dataset.list_runs()``, ``get_run_
   checkpoint behind the predictions.
 
 :func:`checkpoint_of` answers "which checkpoint wrote this field?", :func:`written_from` "from which
-confidence were its boxes written?".
+confidence were its boxes written?", :func:`latest_checkpoint` "which model did this dataset train last?".
 """
 
 from __future__ import annotations
@@ -68,8 +68,12 @@ def _update(samples, key: str, method: str, **config) -> None:
 
 
 def record_training_start(view, train_config: dict, out_dir, best_dir) -> str:
-    """Record a training run on ``view`` as started; returns its key."""
+    """Record a training run on ``view`` as started (its folders by absolute path: other
+    processes, such as the App's server, read them); returns its key."""
+    from pathlib import Path
+
     key = training_run_key(out_dir)
+    out_dir, best_dir = (Path(p).expanduser().resolve() for p in (out_dir, best_dir))
     _register(view, key, TRAIN_METHOD, status="running", out_dir=str(out_dir), checkpoint=str(best_dir),
               best_val_iou=None, epochs_done=0, train_config=train_config, error=None)
     return key
@@ -107,6 +111,27 @@ def checkpoint_of(samples, label_field: str) -> Optional[str]:
     if not dataset.has_run(key):
         return None
     return getattr(dataset.get_run_info(key).config, "checkpoint", None)
+
+
+def latest_checkpoint(samples) -> Optional[str]:
+    """The ``best/`` checkpoint of the training run last started on ``samples``' dataset that has
+    one on disk (recorded by absolute path), or None: the model the App's forms offer first."""
+    from pathlib import Path
+
+    from .checkpoint import resolve_checkpoint_dir
+    from .errors import CheckpointError
+
+    dataset = samples._root_dataset
+    runs = [dataset.get_run_info(key) for key in dataset.list_runs(method=TRAIN_METHOD)]
+    for info in sorted(runs, key=lambda info: info.timestamp, reverse=True):
+        path = getattr(info.config, "checkpoint", None)
+        if not path or not Path(path).is_absolute():  # a relative path names no folder for another process
+            continue
+        try:
+            return str(resolve_checkpoint_dir(path))
+        except CheckpointError:  # deleted, or not written yet (a run before its first epoch)
+            continue
+    return None
 
 
 def written_from(samples, label_field: str) -> Optional[float]:

@@ -25,7 +25,12 @@ Models (a trained checkpoint folder each: ``config.json`` + ``model.safetensors`
 - ``fiftyone-grounding/grounder-refcoco``: the improved ``grounder`` preset; weights from
   ``$FIFTYONE_GROUNDING_GROUNDER_URL``.
 - ``fiftyone-grounding/tiny-synthetic-demo``: the checkpoint that ``fiftyone-grounding demo``
-  writes, copied from ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` (default ``outputs/demo/run/best``).
+  writes, copied from ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` or, unset, the folder the demo
+  recorded (:func:`demo_checkpoint_dir`).
+
+The model the App's forms and the CLI offer when none is given is :func:`default_checkpoint`:
+the latest training run's best checkpoint on the dataset, else the demo's. Every path is
+absolute: the App's operators run in its server, whose working directory is not the user's.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ MANIFEST_NAME = "manifest.json"
 SEED_URL_ENV = "FIFTYONE_GROUNDING_SEED_URL"
 GROUNDER_URL_ENV = "FIFTYONE_GROUNDING_GROUNDER_URL"
 DEMO_CHECKPOINT_ENV = "FIFTYONE_GROUNDING_DEMO_CHECKPOINT"
-DEFAULT_DEMO_CHECKPOINT = os.path.join("outputs", "demo", "run", "best")
+# where the demo records its checkpoint: FiftyOne's execution store (in its database, so the App's
+# server, a notebook and the command line all read the same)
+STORE_NAME = "fiftyone_grounding"
+DEMO_CHECKPOINT_KEY = "demo_checkpoint"
 DOWNLOAD_TIMEOUT_S = 60
 # What a source folder holds for FiftyOne: the manifest, the module it imports, the package.
 SOURCE_FILES = (MANIFEST_NAME, "__init__.py", "fiftyone_grounding")
@@ -144,9 +152,44 @@ def validate_manifest(manifest) -> None:
         raise ConfigError(f"Invalid {MANIFEST_NAME}: " + "; ".join(problems))
 
 
-def demo_checkpoint_dir() -> Path:
-    """The offline demo's checkpoint: ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` or ``outputs/demo/run/best``."""
-    return Path(os.environ.get(DEMO_CHECKPOINT_ENV) or DEFAULT_DEMO_CHECKPOINT).expanduser().resolve()
+def _store():
+    from fiftyone.operators.store import ExecutionStore
+
+    return ExecutionStore.create(STORE_NAME)
+
+
+def record_demo_checkpoint(path) -> Path:
+    """Record ``path`` (made absolute) as the demo's checkpoint, for every process on this database."""
+    path = Path(path).expanduser().resolve()
+    _store().set(DEMO_CHECKPOINT_KEY, str(path))
+    return path
+
+
+def demo_checkpoint_dir() -> Optional[Path]:
+    """The offline demo's checkpoint: ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` (made absolute), else
+    the folder ``fiftyone-grounding demo`` recorded, else None (no demo has run)."""
+    given = os.environ.get(DEMO_CHECKPOINT_ENV) or _store().get(DEMO_CHECKPOINT_KEY)
+    return Path(given).expanduser().resolve() if given else None
+
+
+def default_checkpoint(dataset=None) -> Optional[str]:
+    """The model to offer when none is named: the best checkpoint of the latest training run
+    recorded on ``dataset`` (:func:`runs.latest_checkpoint`), else the demo's checkpoint, by
+    absolute path; None when neither exists."""
+    from .runs import latest_checkpoint
+
+    found = latest_checkpoint(dataset) if dataset is not None else None
+    if found is None:
+        demo = demo_checkpoint_dir()
+        try:
+            found = str(resolve_checkpoint_dir(demo)) if demo is not None else None
+        except CheckpointError:
+            found = None
+    return found
+
+
+NO_DEFAULT_MODEL = ("No model yet: type a checkpoint folder or a zoo model name, train one (Grounding: train a "
+                    "model, or `fiftyone-grounding train`), or run `fiftyone-grounding demo`.")
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
@@ -169,6 +212,8 @@ def download_model(model_name: str, model_path: str) -> None:
     if entry.local:
         src = demo_checkpoint_dir()
         try:
+            if src is None:
+                raise CheckpointError("no demo has recorded one")
             src = resolve_checkpoint_dir(src)
         except CheckpointError as e:
             raise DownloadError(
@@ -278,7 +323,7 @@ def model_error(model: str) -> Optional[str]:
 
     model = (model or "").strip()
     if not model:
-        return "Give a checkpoint folder (config.json + model.safetensors) or a zoo model name."
+        return NO_DEFAULT_MODEL
     path = Path(model).expanduser()
     if path.exists():
         try:
@@ -289,8 +334,9 @@ def model_error(model: str) -> Optional[str]:
     try:
         zoo_model = foz.get_zoo_model(model)
     except ValueError:
+        where = "" if path.is_absolute() else " by its absolute path (a relative one is read from the folder the process runs in)"
         return (f"{model!r} is neither a checkpoint folder nor a registered zoo model: give the folder "
-                f"that training wrote (e.g. <run>/best) or register this repository as a zoo source.")
+                f"that training wrote (e.g. <run>/best){where}, or register this repository as a zoo source.")
     if zoo_model.base_name not in MODELS:
         return f"{model!r} is a zoo model but not a grounding one: choose one of {sorted(MODELS)}."
     return None

@@ -1,6 +1,9 @@
 """Shared pytest set-up: real FiftyOne (its embedded MongoDB) in a test database."""
 
+import functools
+import http.server
 import os
+import threading
 import uuid
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -60,18 +63,19 @@ def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def grounding_plugin_dir(tmp_path_factory):
-    """A FiftyOne plugins folder holding this repository (as a link) and FiftyOne pointed at it.
+    """A FiftyOne plugins folder with this plugin installed as users install it
+    (``install.install_plugin``), and FiftyOne pointed at it.
 
     Set in ``fo.config`` for this process and in the environment for App servers it starts.
     """
-    from pathlib import Path
-
     import fiftyone as fo
 
+    from fiftyone_grounding.install import install_plugin
+
     plugins = tmp_path_factory.mktemp("plugins")
-    (plugins / "fiftyone-grounding").symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
     previous = os.environ.get("FIFTYONE_PLUGINS_DIR"), fo.config.plugins_dir
     os.environ["FIFTYONE_PLUGINS_DIR"] = fo.config.plugins_dir = str(plugins)
+    install_plugin()
     yield plugins
     if previous[0] is None:
         os.environ.pop("FIFTYONE_PLUGINS_DIR", None)
@@ -96,3 +100,20 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture
+def http_root(tmp_path, monkeypatch):
+    """A folder served over HTTP on loopback; yields (folder, base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

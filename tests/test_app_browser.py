@@ -39,21 +39,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_port(synthetic_dataset, tiny_checkpoint, grounding_plugin_dir):
-    """One App server for this module's tests (started once: about 15 s), on loopback, with this
-    plugin and the tiny checkpoint as the default model of the forms. Yields its port."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FIFTYONE_DO_NOT_TRACK", "true")
-        env.setenv(DEMO_CHECKPOINT_ENV, str(tiny_checkpoint))  # read by the App's server process
-        first = synthetic_dataset.limit(2).clone()
-        port = _free_port()
-        session = fo.launch_app(first, remote=True, address="127.0.0.1", port=port)
+README = Path(__file__).resolve().parents[1] / "README.md"
+DEMO = "grounding-synthetic-demo"  # the dataset the README's App section opens
+# the README's main command, made small: 40 images, one epoch
+DEMO_ARGS = "--num-images 40 --epochs 1 --overwrite"
+
+
+def _readme_python(section: str) -> str:
+    """The first Python block of the README's ``## <section>``, as written."""
+    text = README.read_text()
+    body = text[text.index(f"\n## {section}\n"):]
+    return body[body.index("```python\n") + len("```python\n"):body.index("\n```", body.index("```python"))]
+
+
+def _wait_for_app(port: int, process, seconds: float = 120) -> None:
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the App's process ended with status {process.returncode}")
         try:
-            yield port
-        finally:
-            session.close()
-            first.delete()
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the App did not answer on port {port} in {seconds:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def readme_app(tmp_path_factory):
+    """The README as a newcomer follows it, from a fresh home (``HOME``: no FiftyOne config, no
+    plugins folder, no grounding folder; only the test database is shared): its main command,
+    ``make demo`` (made small with ``DEMO_ARGS``), which makes the demo's dataset and checkpoint
+    and installs the plugin; then its "In the App" Python block, as written, in a Python process
+    of its own (kept open, as a user's shell is). Every browser test of this module uses this App.
+    Yields ``(port, the fresh home, demo output folder, what the demo printed)``."""
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path_factory.mktemp("home")
+    out = tmp_path_factory.mktemp("demo")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FIFTYONE_PLUGINS_DIR", DEMO_CHECKPOINT_ENV, "FIFTYONE_GROUNDING_HOME", "MAKEFLAGS")}
+    env.update(HOME=str(home), FIFTYONE_DATABASE_DIR=fo.config.database_dir, FIFTYONE_DO_NOT_TRACK="true",
+               FIFTYONE_DEFAULT_APP_PORT=str(port), FIFTYONE_DEFAULT_APP_ADDRESS="127.0.0.1",
+               BROWSER="true")  # launch_app opens a browser tab where it can: here, a command that does nothing
+    root = README.parent
+    demo = subprocess.run(["make", "-s", "demo", f"DEMO_ARGS={DEMO_ARGS} --out-dir {out} --json {out}/metrics.json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    app = subprocess.Popen([sys.executable, "-c", _readme_python("In the App") + "\nsession.wait(-1)\n"],
+                           cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    try:
+        _wait_for_app(port, app)
+        yield port, home, out, demo.stdout + demo.stderr
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)  # the App's server is its child
+        try:
+            app.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(app.pid, signal.SIGKILL)
+        if fo.dataset_exists(DEMO):
+            fo.delete_dataset(DEMO)
+
+
+@pytest.fixture(scope="module")
+def app_port(readme_app):
+    return readme_app[0]
 
 
 @pytest.fixture
@@ -109,12 +166,36 @@ def _app_page(url: str):
             browser.close()
 
 
-def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
+def test_the_readme_from_make_demo_to_boxes_in_the_app(readme_app, tmp_path):
+    """After the README's main command and its "In the App" block: the demo's figures are out,
+    its output is a log a person can read (captured, not a terminal: lines, no bar redrawn with
+    carriage returns), the plugin is installed where FiftyOne looks (the fresh home's plugins folder), the
+    operator browser lists the grounding operators, the apply form's defaults (the demo's
+    checkpoint, by its absolute path) are valid without typing, and Execute writes boxes."""
+    import json
+
+    import torch
     from playwright.sync_api import expect
 
-    dataset, url = app
-    with _app_page(url) as page:
-        page.keyboard.press("Backquote")  # the operator browser
+    port, home, out, printed = readme_app
+    assert "\r" not in printed and "[4/4] Evaluating" in printed
+    result = json.loads((out / "metrics.json").read_text())
+    assert set(result["test"]) >= {"miou", "acc50", "acc75", "auroc", "ece", "acc_at_50_coverage",
+                                   "acc_at_80_coverage"}
+    assert 0 <= result["test"]["miou"] <= 1 and 0 < result["constant_box_miou"] < 1
+    assert result["versions"]["torch"] == torch.__version__.split("+")[0]  # metadata has no local tag
+    assert result["machine"]["cpu"] and result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    checkpoint = (out / "run" / "best").resolve()
+    assert result["checkpoint"] == str(out / "run" / "best")
+    installed = home / "fiftyone" / "__plugins__" / "@fiftyone-grounding" / "grounding"  # FiftyOne's default
+    assert f"Installed the App plugin @fiftyone-grounding/grounding: {installed} -> " in printed
+    assert installed.is_symlink() and (installed / "fiftyone.yml").is_file()
+
+    dataset = fo.load_dataset(DEMO)
+    assert dataset.match_tags("test").count("predictions") == len(dataset.match_tags("test")) > 0
+    assert dataset.has_field("predictions_iou")  # the demo's evaluation
+    with _app_page(f"http://127.0.0.1:{port}/datasets/{DEMO}") as page:
+        page.keyboard.press("Backquote")  # the operator browser, as the README says
         page.get_by_placeholder("Search operations by name").fill("grounding")
         for label in OPERATOR_LABELS:
             expect(page.get_by_text(label, exact=True)).to_be_visible()
@@ -122,22 +203,21 @@ def test_apply_operator_from_the_app_writes_predictions(app, tmp_path):
 
         page.get_by_text("Grounding: apply a model", exact=True).click()
         expect(page.get_by_text("Apply a grounding model", exact=True)).to_be_visible()
+        model = page.get_by_text("Model", exact=True).locator("xpath=following::input[1]")
+        expect(model).to_have_value(str(checkpoint))  # the demo's checkpoint, by its absolute path
+        expect(page.get_by_text("neither a checkpoint folder", exact=False)).to_have_count(0)
         page.get_by_role("button", name="Execute").click()
 
         expect(page.get_by_text("Samples with a box:", exact=True)).to_be_visible()
-        expect(page.get_by_role("dialog").get_by_text("20", exact=True)).to_be_visible()
+        expect(page.get_by_role("dialog").get_by_text(str(len(dataset)), exact=True)).to_be_visible()
         page.get_by_role("button", name="Done").click()
         expect(page.locator('[data-cy="sidebar-field-predictions"]')).to_be_visible()
         _settle_for_picture(page, 3_000)  # let the grid redraw its images
         _save(page, tmp_path, "app_apply_result.png")
 
-    deadline = time.time() + 30
-    while not dataset.has_field("predictions") and time.time() < deadline:
-        time.sleep(0.5)
-        dataset.reload()
-    assert dataset.count("predictions.detections") == len(dataset) == 20
-    labels = dataset.values("predictions.detections.label")
-    assert labels == dataset.values("ground_truth.detections.label")
+    # the demo predicted its test split only; the form's defaults (the field "predictions") all of it
+    assert _poll(lambda: dataset.count("predictions.detections") == len(dataset) > dataset.count_values("split")["test"])
+    assert dataset.values("predictions.detections.expression") == [[phrase] for phrase in dataset.values("expression")]
 
 
 def _open_model_evaluation_panel(page, eval_key: str) -> None:

@@ -15,6 +15,7 @@ from fiftyone.operators.executor import ExecutionContext, ExecutionError, Execut
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.plugins.context import build_plugin_contexts
 
+from fiftyone_grounding.install import PLUGIN_DIR
 from fiftyone_grounding.labels import expression_text, make_detections
 from fiftyone_grounding.operators import shown_results
 from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV, register_local_source
@@ -51,7 +52,7 @@ def dataset(synthetic_dataset, dataset_name):
 
 
 def test_plugin_registers_the_operators_and_panels_that_fiftyone_yml_lists():
-    manifest = yaml.safe_load((REPO_ROOT / "fiftyone.yml").read_text())
+    manifest = yaml.safe_load((PLUGIN_DIR / "fiftyone.yml").read_text())
     contexts = [c for c in build_plugin_contexts() if c.name == PLUGIN]
     assert len(contexts) == 1 and not contexts[0].errors, contexts[0].errors if contexts else "plugin not found"
     registered = {op.name: op for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN}
@@ -74,7 +75,7 @@ def test_operators_are_configured_like_fiftyones_own():
         config = registered[name].config
         assert config.risk_level == types.RiskLevel[risk], name
         for icon in (config.light_icon, config.dark_icon):
-            assert (REPO_ROOT / icon.lstrip("/")).is_file(), (name, icon)
+            assert (PLUGIN_DIR / icon.lstrip("/")).is_file(), (name, icon)
         assert config.light_icon != config.dark_icon
         assert config.allow_immediate_execution and config.allow_delegated_execution, name
         assert config.default_choice_to_delegated == (name == "train_grounding_model"), name
@@ -92,7 +93,7 @@ def test_requirements_txt_lists_what_the_package_needs():
 
     from fiftyone.core.utils import load_requirements
 
-    listed = load_requirements(str(REPO_ROOT / "requirements.txt"))
+    listed = load_requirements(str(PLUGIN_DIR / "requirements.txt"))
     declared = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert sorted(listed) == sorted(d for d in declared if not d.startswith("fiftyone"))
 
@@ -425,3 +426,67 @@ def test_a_second_run_reuses_the_loaded_model_until_it_is_released(dataset, tiny
     (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes())  # the same folder written again
     zoo.cached_model(copy)
     assert len(loads) == 8 and len(zoo.model_cache_info()["models"]) == zoo.MODEL_CACHE_SIZE
+
+
+@pytest.fixture
+def no_demo(monkeypatch):
+    """Neither a demo checkpoint recorded in FiftyOne's execution store (the key is put back
+    after) nor one named by the environment."""
+    from fiftyone_grounding.zoo import DEMO_CHECKPOINT_KEY, _store
+
+    monkeypatch.delenv(DEMO_CHECKPOINT_ENV, raising=False)
+    store = _store()
+    saved = store.get(DEMO_CHECKPOINT_KEY)
+    store.delete(DEMO_CHECKPOINT_KEY)
+    yield
+    if saved is None:
+        store.delete(DEMO_CHECKPOINT_KEY)
+    else:
+        store.set(DEMO_CHECKPOINT_KEY, saved)
+
+
+def _model_field(dataset):
+    """The apply form's model field as the App shows it: (default, error message or None)."""
+    ctx = ExecutionContext(request_params={"dataset_name": dataset.name, "params": {}})
+    field = OperatorRegistry().get_operator(uri("apply_grounding_model")).resolve_input(ctx).type.properties["model"]
+    return field.default, field.error_message if field.invalid else None
+
+
+def test_the_forms_default_model_is_the_latest_training_run_else_the_demos_never_a_relative_path(
+        synthetic_dataset, dataset_name, tiny_checkpoint, tmp_path, no_demo, monkeypatch):
+    """The model a form offers: the best/ of the training run last started on the dataset whose
+    checkpoint exists, else the demo's recorded checkpoint; both by absolute path, whatever the
+    working directory of the process that reads them (the App's server has its own)."""
+    from fiftyone_grounding.runs import record_training_start
+    from fiftyone_grounding.zoo import NO_DEFAULT_MODEL, record_demo_checkpoint
+
+    dataset = synthetic_dataset.limit(4).clone(dataset_name)
+    for key in dataset.list_runs():
+        dataset.delete_run(key)
+    assert _model_field(dataset) == (None, NO_DEFAULT_MODEL)  # nothing trained, no demo: say what to do
+
+    monkeypatch.chdir(tmp_path)
+    for folder in ("demo/best", "runs/a/best"):
+        shutil.copytree(tiny_checkpoint, folder)
+    record_demo_checkpoint("demo/best")  # relative here: recorded absolute
+    monkeypatch.chdir(tmp_path / "runs")  # another process's working directory
+    assert _model_field(dataset) == (str(tmp_path / "demo" / "best"), None)
+
+    monkeypatch.chdir(tmp_path)
+    record_training_start(dataset, {}, "runs/a", "runs/a/best")
+    assert dataset.get_run_info(dataset.list_runs()[0]).config.checkpoint == str(tmp_path / "runs" / "a" / "best")
+    assert _model_field(dataset) == (str(tmp_path / "runs" / "a" / "best"), None)  # the dataset's own model first
+    record_training_start(dataset, {}, "runs/b", "runs/b/best")  # started, no checkpoint yet
+    assert _model_field(dataset)[0] == str(tmp_path / "runs" / "a" / "best")
+    shutil.copytree(tiny_checkpoint, "runs/b/best")
+    assert _model_field(dataset)[0] == str(tmp_path / "runs" / "b" / "best")  # the latest
+    shutil.rmtree("runs/b/best")
+    shutil.rmtree("runs/a/best")
+    assert _model_field(dataset)[0] == str(tmp_path / "demo" / "best")  # gone: the demo's again
+
+    # the CLI's apply takes the same default
+    monkeypatch.chdir(tmp_path / "runs")
+    from fiftyone_grounding.cli import main
+
+    main(["apply", "--dataset", dataset_name, "--label-field", "cli"])
+    assert dataset.count("cli.detections") == 4

@@ -1,7 +1,5 @@
 """``GroundingModel`` with FiftyOne's ``apply_model``, and this repository as a remote model-zoo source."""
 
-import functools
-import http.server
 import socket
 import tarfile
 import threading
@@ -258,23 +256,6 @@ def zoo_dir(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture
-def http_root(tmp_path, monkeypatch):
-    """A folder served over HTTP on loopback; yields (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -442,7 +423,8 @@ def _apply_like_the_zoo_operator(ctx, view):
     kwargs = ctx.params.get("remote_params", {})
     zoo_model.parse_parameters(ctx, kwargs)
     model = foz.load_zoo_model(ctx.params["model"], **kwargs)
-    view.apply_model(model, label_field=ctx.params["label_field"], confidence_thresh=None, store_logits=False,
+    view.apply_model(model, label_field=ctx.params["label_field"], confidence_thresh=ctx.params.get("confidence_thresh"),
+                     store_logits=False,
                      batch_size=None, num_workers=0, skip_failures=True, output_dir=None, rel_dir=None)
 
 
@@ -457,7 +439,8 @@ def test_the_zoo_operators_form_and_parameters_apply_per_sample_or_typed_phrases
 
     form = zoo_model.resolve_input(_zoo_operator_ctx(dataset, {}))
     fields = form.type.properties
-    assert set(fields) >= {"phrase_source", "prompt_field", "confidence_thresh"}
+    # the zoo form has a confidence threshold of its own, which it passes to apply_model: not a second one
+    assert set(fields) >= {"phrase_source", "prompt_field"} and "confidence_thresh" not in fields
     text_fields = sorted(n for n, f in dataset.get_field_schema().items() if isinstance(f, fo.StringField))
     assert [c.value for c in fields["prompt_field"].view.choices] == text_fields and "expression" in text_fields
     assert fields["prompt_field"].default == "expression" and not fields["prompt_field"].invalid
@@ -469,9 +452,12 @@ def test_the_zoo_operators_form_and_parameters_apply_per_sample_or_typed_phrases
     view = dataset.limit(8)
     _apply_like_the_zoo_operator(_zoo_operator_ctx(view, {}), view)  # the form's defaults
     assert view.values("zoo.detections.expression") == [[expression_text(e)] for e in view.values("expression")]
-    ctx = _zoo_operator_ctx(view, {"phrase_source": "phrase", "prompt": " the green triangle", "confidence_thresh": None})
+    ctx = _zoo_operator_ctx(view, {"phrase_source": "phrase", "prompt": " the green triangle"})
     ctx.params["label_field"] = "zoo_typed"
     _apply_like_the_zoo_operator(ctx, view)
     assert view.values("zoo_typed.detections.expression") == [["the green triangle"]] * 8
+    ctx.params.update(label_field="zoo_sure", confidence_thresh=2.0)  # the zoo form's own threshold
+    _apply_like_the_zoo_operator(ctx, view)
+    assert view.count("zoo_sure.detections") == 0 and view.count("zoo_typed.detections") == 8
     with pytest.raises(ValueError, match="The phrase is empty"):
         _apply_like_the_zoo_operator(_zoo_operator_ctx(view, {"phrase_source": "phrase", "prompt": ""}), view)
