@@ -163,3 +163,12 @@ def test_search_quality_ranks_with_and_without_absent_pairs(tmp_path, dataset_na
     for r in result["results"].values():
         assert 0 <= r["mean"]["ap"] <= 1 and 0 < r["mean"]["random"] < 1
     assert "search mean AP" in stdout
+
+
+def test_cpu_presets_reports_each_presets_rate_and_the_time_for_10000_images(tmp_path):
+    result, stdout = run_benchmark("cpu_presets", tmp_path, "--presets", "tiny,tiny-fusion", "--images", "3")
+    assert set(result["presets"]) == {"tiny", "tiny-fusion"} and result["threads"] == 1
+    for preset, row in result["presets"].items():
+        assert row["images"] == 3 and row["expressions"] == 6 and row["images_per_s"] > 0
+        assert row["seconds_for_10000_images"] == pytest.approx(10_000 / row["images_per_s"])
+        assert f"  {preset} " in stdout and "10,000 images:" in stdout
