@@ -92,9 +92,10 @@ def progress_line(desc: str, done: int, total: Optional[int], elapsed: float, po
 
 
 class ProgressLines:
-    """When a line-printing bar prints: at each ``step`` of the work (each ``LINE_STEP``), but
-    at least ``seconds`` after the start or the previous line; without a total, every
-    ``seconds``. The times are given, so it runs the same in a test."""
+    """When a line-printing bar prints: at each ``step`` of the work (each ``LINE_STEP``) but the
+    last (the stage's end follows: its done line, or an epoch's row), and at least ``seconds``
+    after the start or the previous line; without a total, every ``seconds``. The times are
+    given, so it runs the same in a test."""
 
     def __init__(self, desc: str, total: Optional[int], start: float, unit: str = "it",
                  step: float = LINE_STEP, seconds: float = LINE_SECONDS):
@@ -108,7 +109,9 @@ class ProgressLines:
         if now - self.last_line < self.seconds:
             return None
         if self.total:  # whole numbers: 300 of 1,000 is 3 steps of 10%, exactly
-            if done * self.steps < self.next_step * self.total or done >= self.total:  # the end: the done line
+            if done * self.steps < self.next_step * self.total:
+                return None
+            if done * self.steps >= (self.steps - 1) * self.total:  # the last step: its end says the rest
                 return None
             self.next_step = done * self.steps // self.total + 1
         self.last_line = now

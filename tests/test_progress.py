@@ -60,14 +60,16 @@ def test_a_line_bar_prints_a_line_every_tenth_and_at_most_every_30_s():
         out = [printer.update(i, i * seconds_per_step, "loss=0.41") for i in range(1, steps + 1)]
         return [line for line in out if line], printer.done(steps, steps * seconds_per_step)
 
-    slow, done = lines(1.0)  # 1,000 s: one line at each 10%, none at 100% (the done line says it)
-    assert len(slow) == 9
+    slow, done = lines(1.0)  # 1,000 s: one line at each 10% up to 80% (the done line says the rest)
+    assert [line.split(" (")[0] for line in slow] == [f"epoch 3/15: {p}%" for p in range(10, 90, 10)]
     assert slow[3] == "epoch 3/15: 40% (400/1,000), 6.7 min, about 10 min left, loss=0.41"
     assert done == "epoch 3/15 done: 1,000 in 17 min"
     assert lines(0.02) == ([], "epoch 3/15 done: 1,000 in 20 s")  # 20 s: nothing in between
     assert lines(0.004) == ([], None)  # 4 s: not even the done line
     assert [line.split(" (")[0] for line in lines(0.2)[0]] == [  # 200 s: at most a line each 30 s, each at a 10% step
-        f"epoch 3/15: {p}%" for p in (15, 30, 45, 60, 75, 90)]
+        f"epoch 3/15: {p}%" for p in (15, 30, 45, 60, 75)]
+    # a 31-s epoch: no line at 97% "about 1 s left" (its row in the table follows)
+    assert ProgressLines("epoch 1/15", 800, start=0.0).update(778, 30.2) is None
     no_total = ProgressLines("caching", None, start=0.0, unit="batches")
     assert [no_total.update(n, n * 10.0) for n in (1, 2, 3, 4)] == [None, None, "caching: 3 batches, 30 s", None]
     assert progress_line("synthetic images", 120, 300, 12.0) == "synthetic images: 40% (120/300), 12 s, about 18 s left"
