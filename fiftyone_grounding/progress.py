@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 LINE_STEP = 0.1  # a line at each 10% of the work...
 LINE_SECONDS = 30.0  # ...but not more often than this (a 20-s stage prints no line in between)
