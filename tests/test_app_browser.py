@@ -114,9 +114,9 @@ def app_port(readme_app):
 
 
 @pytest.fixture
-def app(app_port, synthetic_dataset, dataset_name):
-    """A dataset of 20 synthetic samples of its own and the URL of its page in the App. Yields
-    (dataset, URL)."""
+def app(app_port, synthetic_dataset, dataset_name, grounding_plugin_dir):
+    """A dataset of 20 synthetic samples of its own and the URL of its page in the App, and the
+    plugin in this process too (a test runs its operators from Python). Yields (dataset, URL)."""
     dataset = synthetic_dataset.limit(20).clone(dataset_name)
     yield dataset, f"http://127.0.0.1:{app_port}/datasets/{dataset_name}"
 
