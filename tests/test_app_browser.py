@@ -145,9 +145,9 @@ def _dismiss_promotions(page) -> None:
         pass
 
 
-@contextlib.contextmanager
-def _app_page(url: str):
-    """A Chromium page on the App at ``url``, its dataset's sidebar loaded, promotions closed."""
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium for this module's tests (each gets a page of its own)."""
     from playwright.sync_api import expect, sync_playwright
 
     # expect() has its own timeout (5 s), apart from the page's: the App server's first operator
@@ -156,17 +156,29 @@ def _app_page(url: str):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(url, timeout=TIMEOUT_MS)
-            expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
-            _dismiss_promotions(page)
-            yield page
+            yield browser
         finally:
             browser.close()
 
 
-def test_the_readme_from_make_demo_to_boxes_in_the_app(readme_app, tmp_path):
+@contextlib.contextmanager
+def _app_page(browser, url: str):
+    """A page of ``browser`` on the App at ``url``, its dataset's sidebar loaded, promotions closed."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url, timeout=TIMEOUT_MS)
+        expect(page.locator('[data-cy="sidebar-field-ground_truth"]')).to_be_visible()
+        _dismiss_promotions(page)
+        yield page
+    finally:
+        context.close()
+
+
+def test_the_readme_from_make_demo_to_boxes_in_the_app(readme_app, chromium, tmp_path):
     """After the README's main command and its "In the App" block: the demo's figures are out,
     its output is a log a person can read (captured, not a terminal: lines, no bar redrawn with
     carriage returns), the plugin is installed where FiftyOne looks (the fresh home's plugins folder), the
@@ -194,7 +206,7 @@ def test_the_readme_from_make_demo_to_boxes_in_the_app(readme_app, tmp_path):
     dataset = fo.load_dataset(DEMO)
     assert dataset.match_tags("test").count("predictions") == len(dataset.match_tags("test")) > 0
     assert dataset.has_field("predictions_iou")  # the demo's evaluation
-    with _app_page(f"http://127.0.0.1:{port}/datasets/{DEMO}") as page:
+    with _app_page(chromium, f"http://127.0.0.1:{port}/datasets/{DEMO}") as page:
         page.keyboard.press("Backquote")  # the operator browser, as the README says
         page.get_by_placeholder("Search operations by name").fill("grounding")
         for label in OPERATOR_LABELS:
@@ -238,7 +250,7 @@ def _open_model_evaluation_panel(page, eval_key: str) -> None:
     expect(page.get_by_text("Summary", exact=True)).to_be_visible()
 
 
-def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
+def test_the_model_evaluation_panel_shows_the_grounding_run(app, chromium, tmp_path):
     """A grounding evaluation (run here through the plugin's operator) in the App's Model
     Evaluation panel: one class, the mAP ranked by the confidence, the grounding metrics, and
     the split scenario. The predictions are written here, half of them right (the true box) and
@@ -260,7 +272,7 @@ def test_the_model_evaluation_panel_shows_the_grounding_run(app, tmp_path):
     dataset.set_values("predictions", labels, key_field="id")
     foo.execute_operator("@fiftyone-grounding/grounding/evaluate_grounding_model", ctx={"dataset": dataset,
                                                                                           "params": {}})
-    with _app_page(url) as page:
+    with _app_page(chromium, url) as page:
         _open_model_evaluation_panel(page, "eval")
         for label in ("mAP", "mIoU", "Acc@0.5", "confidence AUROC", "confidence ECE"):
             expect(page.get_by_text(label, exact=True).first).to_be_visible()
@@ -316,7 +328,7 @@ def _boxes(dataset, sample_id: str, field: str) -> list:
     return label.detections if label is not None else []
 
 
-def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_modal(app, tmp_path):
+def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_modal(app, chromium, tmp_path):
     """The first time on a dataset, the panel adds its preview field and asks to reopen the sample
     (the open modal read the fields before). Then, in a sample's modal: the Grounding panel (opened from the tab bar's '+') grounds a typed
     phrase (its line: confidence and IoU with the ground truth; the box in the preview field),
@@ -327,7 +339,7 @@ def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_mod
     phrase = "the red circle"
     result_line = re.compile(rf"^{re.escape(phrase)} · confidence \d\.\d\d · IoU with ground_truth \d\.\d\d$")
     dataset, url = app
-    with _app_page(url) as page:
+    with _app_page(chromium, url) as page:
         # the first modal on a dataset: the panel adds its preview field and says to reopen the sample
         page.locator('[data-cy="looker"]').first.click()
         modal = page.locator('[data-cy="modal"]')
