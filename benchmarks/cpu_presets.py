@@ -43,12 +43,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def duration(seconds: float) -> str:
-    from fiftyone_grounding.progress import format_duration
-
-    return format_duration(seconds)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     set_threads(args.threads)
@@ -58,6 +52,7 @@ def main(argv=None) -> dict:
 
     from fiftyone_grounding.apply import apply_grounding_model
     from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.progress import format_duration
 
     device = torch.device(args.device)
     info = device_info(device)
@@ -88,7 +83,7 @@ def main(argv=None) -> dict:
                                    "expressions_per_s": n_phrases / seconds,
                                    "seconds_for_10000_images": 10_000 / rate}
                 print(f"  {preset:<13} {model.config.image_size:>4} px  {rate:6.2f} images/s  "
-                      f"{n_phrases / seconds:6.2f} expressions/s  10,000 images: {duration(10_000 / rate)}",
+                      f"{n_phrases / seconds:6.2f} expressions/s  10,000 images: {format_duration(10_000 / rate)}",
                       flush=True)
                 del model, grounder
         finally:

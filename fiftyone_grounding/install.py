@@ -32,10 +32,12 @@ def plugin_name() -> str:
 
 @dataclass
 class PluginInstall:
-    """What :func:`install_plugin` did: ``action`` is ``"linked"``, ``"already installed"`` or
-    ``"relinked"`` (the link pointed at another copy, ``previous``); ``others``: other folders of
-    the plugins folder that hold a plugin of the same name (FiftyOne loads only one of them)."""
+    """What :func:`install_plugin` did to the plugin ``name``: ``action`` is ``"linked"``,
+    ``"already installed"``, ``"relinked"`` (the link pointed at ``previous``) or ``"replaced"``
+    (a copy was there); ``others``: other folders of the plugins folder that hold a plugin of
+    the same name (FiftyOne loads only one of them)."""
 
+    name: str
     path: Path
     target: Path
     action: str
@@ -45,10 +47,10 @@ class PluginInstall:
 
     def message(self) -> str:
         where = f"{self.path} -> {self.target}"
-        lines = {"linked": f"Installed the App plugin {plugin_name()}: {where}",
-                 "already installed": f"The App plugin {plugin_name()} is installed: {where}",
-                 "relinked": f"Installed the App plugin {plugin_name()}: {where} (it linked to "
-                             f"{self.previous})"}[self.action]
+        lines = {"linked": f"Installed the App plugin {self.name}: {where}",
+                 "already installed": f"The App plugin {self.name} is installed: {where}",
+                 "relinked": f"Installed the App plugin {self.name}: {where} (it linked to {self.previous})",
+                 "replaced": f"Installed the App plugin {self.name}: {where} (in place of a copy)"}[self.action]
         if self.enabled:
             lines += "; it was disabled in the App's settings and is now enabled"
         for other in self.others:
@@ -89,8 +91,7 @@ def install_plugin(force: bool = False) -> PluginInstall:
                              "delete it, or run `fiftyone-grounding install-plugin --force` to replace it with "
                              "a link to the installed package")
         shutil.rmtree(path)
-        action = "relinked"
-        previous = path
+        action = "replaced"
     else:
         action = "linked"
     if action != "already installed":
@@ -106,5 +107,5 @@ def install_plugin(force: bool = False) -> PluginInstall:
         fop.enable_plugin(name)
     others = [Path(p.directory) for p in fop.list_plugins(enabled="all", builtin=False, shadowed="all")
               if p.name == name and Path(p.directory) != path and Path(p.directory).resolve() != target]
-    return PluginInstall(path=path, target=target, action=action, previous=previous, others=others,
+    return PluginInstall(name=name, path=path, target=target, action=action, previous=previous, others=others,
                          enabled=enabled)

@@ -228,12 +228,14 @@ class GroundingOperator(foo.Operator):
     def model_input(self, ctx, inputs):
         from .zoo import default_checkpoint, model_error
 
+        default = default_checkpoint(ctx.dataset)  # looked up once per form (runs, execution store)
         prop = inputs.str(
-            "model", label="Model", default=default_checkpoint(ctx.dataset),
+            "model", label="Model", default=default,
             description="A checkpoint folder (the best/ folder a training run wrote) or a zoo model name "
                         "such as fiftyone-grounding/tiny-synthetic-demo; by default the dataset's latest "
                         "trained model, else the demo's")
-        return _flag(prop, model_error(self.param(ctx, "model")))
+        given = ctx.params.get("model")
+        return _flag(prop, model_error(default if given is None else given))
 
     def needs_dataset(self, ctx, inputs) -> bool:
         if ctx.dataset is not None:

@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from . import hub, refcoco_m
+from . import refcoco_m
 from .config import DEFAULT_LABEL, NO_TARGET_FIELD, SOURCE_REVISIONS
 from .errors import DownloadError, InputError, MissingImagesError
 from .labels import declare_expression_attribute, make_box_detections
@@ -148,25 +148,6 @@ def _existing(dataset_name: str, name: str, key_fields: Sequence[str] = ("sent_i
     return dataset, set(zip(*dataset.values(list(key_fields))))
 
 
-def _open_source(name: str, source, revision) -> Source:
-    """``open_source``, but when the annotations are to come from the Hub and it cannot be used
-    (``hub.hub_offline``), only the local caches are read: a copy there still loads, and a missing
-    one fails at once (``datasets.load_dataset`` would retry for half a minute per dataset)."""
-    on_the_hub = (any(source.get(v) is None for v in VARIANTS) if name == COMBINED and isinstance(source, dict)
-                  else source is None)
-    offline = hub.hub_offline() if on_the_hub else None
-    if offline is None:
-        return open_source(name, source, revision)
-    try:
-        with hub.local_caches_only():
-            return open_source(name, source, revision)
-    except DownloadError as err:
-        said = str(err)
-        raise DownloadError(
-            f"The Hugging Face Hub cannot be reached ({offline}): {said[:1].lower()}{said[1:]}"
-        ) from err
-
-
 def plan_zoo_request(
     name: str = "refcoco",
     splits: Optional[Sequence[str]] = None,
@@ -182,7 +163,7 @@ def plan_zoo_request(
     """
     if check_name(name) == REFCOCO_M:
         raise InputError("RefCOCO-M ships its own images; there is nothing to fetch from COCO.")
-    src = _open_source(name, source, revision)
+    src = open_source(name, source, revision)
     tables = src.select(splits)
     _, existing = _existing(dataset_name or name, name, src.key_fields)
     plan = _plan(src, tables, existing, max_samples)
@@ -365,7 +346,7 @@ def import_refcoco(
             dataset_name, splits, images_dir, max_samples, skip_missing, source, revision, chunk_size,
             missing_report, progress, label,
         )
-    src = _open_source(name, source, revision)
+    src = open_source(name, source, revision)
     tables = src.select(splits)
     if name == COMBINED:
         print(src.removed_text())

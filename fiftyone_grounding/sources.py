@@ -23,6 +23,7 @@ val/test split holds removed). :func:`open_source` picks one from what the user 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,7 +32,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
-from . import refer
+from . import hub, refer
 from .boxes import box_xywh_to_xyxy, box_xyxy_abs_to_rel, is_valid_xyxy
 from .config import NO_TARGET_FIELD, SOURCE_REVISIONS
 from .errors import DownloadError, InputError, SourceError
@@ -318,7 +319,8 @@ def load_source(name: str = "refcoco", source=None, revision: Optional[str] = No
 
     Args:
         name: ``"refcoco"``, ``"refcoco+"`` or ``"refcocog"``.
-        source: None to load ``HUB_IDS[name]`` with ``datasets.load_dataset``; a path to a folder
+        source: None to load ``HUB_IDS[name]`` with ``datasets.load_dataset`` (only from the local
+            caches where the Hub cannot be reached: ``hub.hub_offline``); a path to a folder
             written by ``DatasetDict.save_to_disk``; or a ``datasets.DatasetDict``.
         revision: the Hub revision to load (default: ``config.SOURCE_REVISIONS``).
     """
@@ -329,11 +331,16 @@ def load_source(name: str = "refcoco", source=None, revision: Optional[str] = No
     hub_id = HUB_IDS[name]
     revision = revision or SOURCE_REVISIONS[hub_id]
     if source is None:
+        # where the Hub cannot be used, only the local caches are read: a copy there still loads,
+        # a missing one fails at once (load_dataset would retry for half a minute)
+        offline = hub.hub_offline()
         try:
-            dsd = datasets.load_dataset(hub_id, revision=revision)
+            with hub.local_caches_only() if offline else contextlib.nullcontext():
+                dsd = datasets.load_dataset(hub_id, revision=revision)
         except OSError as err:  # ConnectionError, offline mode, not in the local cache
+            why = f"The Hugging Face Hub cannot be reached ({offline}): could" if offline else "Could"
             raise DownloadError(
-                f"Could not load {hub_id!r} (revision {revision!r}) from the Hugging Face Hub ({err}); "
+                f"{why} not load {hub_id!r} (revision {revision!r}) from the Hugging Face Hub ({err}); "
                 f"{_hub_hint(hub_id, revision)}."
             ) from err
     elif isinstance(source, (datasets.DatasetDict, datasets.Dataset)):
