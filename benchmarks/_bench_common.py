@@ -150,7 +150,7 @@ def add_grounding_samples(dataset, images, phrases_per_image: int, rng: np.rando
     every live Sample of a dataset after each bulk write, which would tax what is timed."""
     import fiftyone as fo
 
-    from fiftyone_grounding.labels import make_detections
+    from fiftyone_grounding.data.labels import make_detections
 
     samples = []
     for path, boxes in images:
@@ -187,8 +187,8 @@ def offline_text_encoder(folder: Path, name: str) -> str:
     BERT tokenizer over a generated vocabulary of its size (the real one needs the Hub)."""
     from transformers import BertConfig, BertTokenizerFast
 
-    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS
-    from fiftyone_grounding.encoders import tiny_vocabulary
+    from fiftyone_grounding.models.config import KNOWN_ENCODER_CONFIGS
+    from fiftyone_grounding.models.encoders import tiny_vocabulary
 
     values = dict(KNOWN_ENCODER_CONFIGS[name])
     values.pop("model_type")
@@ -208,7 +208,7 @@ def offline_text_encoder(folder: Path, name: str) -> str:
 def offline_config(preset: str, tmp: Path, **overrides):
     """The config of a preset whose text encoder is a local folder (``offline_text_encoder``)
     where it would be downloaded; returns (config, note saying what stands in)."""
-    from fiftyone_grounding.config import KNOWN_ENCODER_CONFIGS, get_config
+    from fiftyone_grounding.models.config import KNOWN_ENCODER_CONFIGS, get_config
 
     config = get_config(preset, **overrides)
     note = None
@@ -222,7 +222,7 @@ def offline_config(preset: str, tmp: Path, **overrides):
 
 def build_offline(preset: str, tmp: Path):
     """``build_model`` of a preset with random weights, no download; returns (model, note)."""
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.models.build import build_model
 
     config, note = offline_config(preset, tmp)
     return build_model(config=config, weights=False), note

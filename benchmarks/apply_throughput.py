@@ -83,10 +83,10 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo
 
-    from fiftyone_grounding.apply import apply_grounding_model
-    from fiftyone_grounding.config import default_num_workers
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.images import load_rgb
+    from fiftyone_grounding.inference.apply import apply_grounding_model
+    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.data.images import load_rgb
 
     n_images = args.images or (300 if device.type == "cuda" else 40)
     ppi = args.phrases_per_image
@@ -222,7 +222,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
 
 
 def run_model_only(args, device, preset, tmp: Path, reason: str) -> dict:
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.models.build import build_model
 
     cuda = device.type == "cuda"
     model = build_model(preset, weights=False).to(device).eval()

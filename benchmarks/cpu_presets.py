@@ -50,8 +50,8 @@ def main(argv=None) -> dict:
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo
 
-    from fiftyone_grounding.apply import apply_grounding_model
-    from fiftyone_grounding.fiftyone_model import GroundingModel
+    from fiftyone_grounding.inference.apply import apply_grounding_model
+    from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.progress import format_duration
 
     device = torch.device(args.device)

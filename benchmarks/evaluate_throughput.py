@@ -63,7 +63,7 @@ def make_dataset(n: int, seed: int):
     its IoU with noise (so AUROC and the mAP mean something)."""
     import fiftyone as fo
 
-    from fiftyone_grounding.labels import declare_expression_attribute, make_detections
+    from fiftyone_grounding.data.labels import declare_expression_attribute, make_detections
 
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0.0, 0.6, (n, 2))
@@ -113,7 +113,7 @@ def main(argv=None):
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # without PYTHONPATH=. too
     from fiftyone_grounding.demo import cpu_name
-    from fiftyone_grounding.evaluate import GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone
+    from fiftyone_grounding.evaluation.evaluate import GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone
 
     import fiftyone  # noqa: F401  (imported before the baseline is read)
 

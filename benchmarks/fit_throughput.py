@@ -61,8 +61,8 @@ def main(argv=None):
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     import fiftyone as fo
 
-    from fiftyone_grounding.config import default_num_workers
-    from fiftyone_grounding.train import fit
+    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.engine.train import fit
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
 

@@ -61,8 +61,8 @@ def parse_args(argv=None):
 
 def count(model, phrases: int, text_len: int, cached: bool) -> tuple[float, dict[str, float]]:
     """FLOPs of one image's training step (forward + backward), and their split by top-level module."""
-    from fiftyone_grounding.losses import grounding_loss
-    from fiftyone_grounding.train import forward_batch
+    from fiftyone_grounding.models.losses import grounding_loss
+    from fiftyone_grounding.engine.train import forward_batch
 
     cfg = model.config
     vocab = int(model.text_encoder.config.vocab_size)
@@ -96,7 +96,7 @@ def count(model, phrases: int, text_len: int, cached: bool) -> tuple[float, dict
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _register_cpu_attention()
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.models.build import build_model
 
     sustained = args.peak_tflops * args.utilization * 1e12
     rows = []

@@ -102,8 +102,8 @@ def saved_for_backward():
 
 
 def measure(recipe: str, args, device, tmp: Path) -> dict:
-    from fiftyone_grounding.config import TrainConfig
-    from fiftyone_grounding.train import AUTOCAST_DTYPES, configure_optimizer, default_mixed_precision, train_step
+    from fiftyone_grounding.engine.config import TrainConfig
+    from fiftyone_grounding.engine.train import AUTOCAST_DTYPES, configure_optimizer, default_mixed_precision, train_step
 
     cfg = TrainConfig.from_json(REPO / "training" / f"{recipe}.json")
     batch_size = args.batch_size or cfg.batch_size

@@ -66,8 +66,7 @@ def unseen_scenes(n: int, seed: int, folder: Path, name: str):
     """A FiftyOne dataset of ``n`` new scenes, one sample each, with the (colour, shape) pairs it holds."""
     import fiftyone as fo
 
-    from fiftyone_grounding import synthetic as syn
-
+    from fiftyone_grounding.data import synthetic as syn
     if fo.dataset_exists(name):
         fo.delete_dataset(name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,7 +83,7 @@ def unseen_scenes(n: int, seed: int, folder: Path, name: str):
 
 def search_scores(scenes, model) -> dict:
     """Average precision of each phrase's search over ``scenes``, and the share of relevant scenes."""
-    from fiftyone_grounding.search import search_phrase
+    from fiftyone_grounding.inference.search import search_phrase
 
     out = {}
     for color, shape in PHRASES:
@@ -99,10 +98,10 @@ def search_scores(scenes, model) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     _bench_common.set_threads(args.threads)
-    from fiftyone_grounding.config import TrainConfig
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.train import fit
+    from fiftyone_grounding.engine.config import TrainConfig
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.engine.train import fit
 
     progress = not args.no_progress
     out = Path(args.out_dir)

@@ -61,9 +61,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     import fiftyone as fo
 
-    from fiftyone_grounding.cache import open_feature_cache
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.search import search_phrase
+    from fiftyone_grounding.data.cache import open_feature_cache
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.inference.search import search_phrase
 
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 def train_step_fn(model, optimizer, autocast_dtype, loss_weights, grad_clip=1.0):
     """``fit``'s own step (``train.train_step``) on a benchmark batch: returns its loss tensor."""
-    from fiftyone_grounding.train import train_step
+    from fiftyone_grounding.engine.train import train_step
 
     def step(inputs: dict, boxes: torch.Tensor) -> torch.Tensor:
         loss, _ = train_step(model, {**inputs, "boxes": boxes}, optimizer, loss_weights, grad_clip,
@@ -108,13 +108,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    from fiftyone_grounding.cache import open_feature_cache
-    from fiftyone_grounding.config import default_num_workers
-    from fiftyone_grounding.images import load_rgb
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.data.cache import open_feature_cache
+    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.data.images import load_rgb
+    from fiftyone_grounding.models.build import build_model
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
-    from fiftyone_grounding.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
+    from fiftyone_grounding.engine.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
 
     model = build_model(preset, weights=False, image_size=args.image_size)
     config = model.config
@@ -164,7 +164,7 @@ def main(argv=None):
         token_note = (f"random token ids in [1, {vocab}) (the text encoder's vocabulary), "
                       f"lengths {args.text_len}+-4 incl. CLS/SEP")
         if args.tokens == "tiny":
-            from fiftyone_grounding.encoders import load_tokenizer
+            from fiftyone_grounding.models.encoders import load_tokenizer
 
             tokenizer = load_tokenizer("tiny:bert")
             token_note = "ids of the tiny tokenizer ('tiny:bert') on generated phrases"
@@ -203,7 +203,7 @@ def main(argv=None):
         # The real text cache: every phrase of every batch encoded once (keys name the phrases).
         text_cache = None
         if "cached_text" in modes:
-            from fiftyone_grounding.cache import TextFeatureCache
+            from fiftyone_grounding.data.cache import TextFeatureCache
 
             text_cache = TextFeatureCache(tmp / "features", "benchmark")
             with Timer(device) as t_text:

@@ -12,8 +12,11 @@ import os
 import sys
 
 from .demo import DEMO_DEFAULTS, TASKS
-from .config import (APPLY_BATCH_SIZE_TEXT, DEFAULT_LABEL, DEFAULT_PRESET, NUM_WORKERS_TEXT, PRESET_DESCRIPTIONS,
-                     PRESETS, WORKER_TYPES, TrainConfig)
+from .models.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
+from .inference.apply import APPLY_BATCH_SIZE_TEXT, WORKER_TYPES
+from .data.batching import NUM_WORKERS_TEXT
+from .engine.config import TrainConfig
+from .data.fields import DEFAULT_LABEL
 from .errors import GroundingError, InputError
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -59,7 +62,7 @@ def cmd_demo(args) -> None:
 def cmd_summary(args) -> None:
     import torch
 
-    from .model import build_model
+    from .models.build import build_model
 
     def build(preset):  # shapes only: every tensor on the meta device, nothing allocated or initialized
         with torch.device("meta"):
@@ -101,7 +104,7 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
-    from .train import fit
+    from .engine.train import fit
 
     config = train_config_from_args(args)
     view = _load_view(args)
@@ -111,7 +114,7 @@ def cmd_train(args) -> None:
 
 def _checkpoint(args, dataset=None) -> str:
     """``--checkpoint``, else the dataset's latest trained model, else the demo's (absolute paths)."""
-    from .zoo import NO_DEFAULT_MODEL, default_checkpoint
+    from .app.zoo import NO_DEFAULT_MODEL, default_checkpoint
 
     if args.checkpoint:
         return args.checkpoint
@@ -123,8 +126,8 @@ def _checkpoint(args, dataset=None) -> str:
 
 
 def cmd_apply(args) -> None:
-    from .apply import apply_grounding_model
-    from .fiftyone_model import GroundingModel
+    from .inference.apply import apply_grounding_model
+    from .inference.model import GroundingModel
 
     view = _split_view(_load_view(args), args)
     model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=args.device)
@@ -138,7 +141,7 @@ def cmd_apply(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate_grounding, evaluate_in_fiftyone, format_grec_table, format_table
+    from .evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone, format_grec_table, format_table
 
     view = cmd_apply(args) if args.checkpoint else _split_view(_load_view(args), args)
     if args.eval_key:
@@ -159,7 +162,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_migrate_labels(args) -> None:
-    from .labels import migrate_label_scheme
+    from .data.labels import migrate_label_scheme
 
     changed = migrate_label_scheme(_load_view(args), fields=args.fields, label=args.label)
     for field, count in changed.items():
@@ -167,7 +170,7 @@ def cmd_migrate_labels(args) -> None:
 
 
 def cmd_predict(args) -> None:
-    from .predict import predict_and_crop
+    from .inference.predict import predict_and_crop
 
     out = predict_and_crop(args.image, args.phrase, _checkpoint(args), out_dir=args.out_dir, device=args.device)
     if not out["boxes"]:
@@ -181,20 +184,20 @@ def cmd_predict(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from .checkpoint import convert_checkpoint
+    from .models.checkpoint import convert_checkpoint
 
     out = convert_checkpoint(args.src, args.out_dir, args.preset)  # a CheckpointError ends in main
     print(f"wrote {out} (config.json + model.safetensors); load it with --checkpoint {out}")
 
 
 def cmd_install_plugin(args) -> None:
-    from .install import install_plugin
+    from .app.install import install_plugin
 
     print(install_plugin(force=args.force).message())
 
 
 def cmd_import_refcoco(args) -> None:
-    from .refcoco import run_from_args
+    from .sources.importer import run_from_args
 
     run_from_args(args)
 
@@ -342,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               "refcocox into FiftyOne",
                        description="Import a RefCOCO-family dataset into FiftyOne, one sample per expression.")
     try:
-        from .refcoco import add_arguments
+        from .sources.importer import add_arguments
 
         add_arguments(p)
     except ImportError:  # pragma: no cover - refcoco module is part of the package

@@ -102,11 +102,11 @@ def run_demo(
     out_dir, dataset_name, num_images, epochs = _settings("rec", out_dir, dataset_name, num_images, epochs)
     from fiftyone import ViewField as F
 
-    from .evaluate import METRICS, constant_box_miou, evaluate_grounding, format_table
+    from .evaluation.evaluate import METRICS, constant_box_miou, evaluate_grounding, format_table
     from .progress import fiftyone_progress
-    from .synthetic import make_synthetic_dataset
-    from .train import fit
-    from .fiftyone_model import GroundingModel
+    from .data.synthetic import make_synthetic_dataset
+    from .engine.train import fit
+    from .inference.model import GroundingModel
 
     t0 = time.time()
     out = Path(out_dir)
@@ -149,7 +149,7 @@ def run_demo(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(summary, indent=2))
         print(f"Wrote {json_path}")
-    from .zoo import record_demo_checkpoint
+    from .app.zoo import record_demo_checkpoint
 
     record_demo_checkpoint(result.best_dir)  # the App's forms offer it by this absolute path
     print(f"Done in {summary['seconds']:.0f} s.")
@@ -160,7 +160,7 @@ def run_demo(
 def _to_the_app(dataset_name: str) -> None:
     """Install the App plugin (idempotent) and say how to look at the predictions there."""
     from .errors import GroundingError
-    from .install import install_plugin
+    from .app.install import install_plugin
 
     try:
         print(install_plugin().message())
@@ -191,11 +191,11 @@ def run_grec_demo(
     ``DEMO_DEFAULTS["grec"]``."""
     from fiftyone import ViewField as F
 
-    from .evaluate import evaluate_grec
-    from .fiftyone_model import GroundingModel
+    from .evaluation.evaluate import evaluate_grec
+    from .inference.model import GroundingModel
     from .progress import fiftyone_progress
-    from .synthetic import make_synthetic_dataset
-    from .train import fit
+    from .data.synthetic import make_synthetic_dataset
+    from .engine.train import fit
 
     out_dir, name, num_images, epochs = _settings("grec", out_dir, dataset_name, num_images, epochs)
     t0 = time.time()

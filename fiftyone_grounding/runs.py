@@ -17,7 +17,7 @@ FiftyOne keeps custom runs with the dataset (``dataset.list_runs()``, ``get_run_
   checkpoint behind the predictions.
 
 :func:`checkpoint_of` answers "which checkpoint wrote this field?", :func:`written_from` "from which
-confidence were its boxes written?", :func:`latest_checkpoint` "which model did this dataset train last?".
+confidence were its boxes written?", :func:`training_checkpoints` "which models did this dataset train, latest first?".
 """
 
 from __future__ import annotations
@@ -113,25 +113,16 @@ def checkpoint_of(samples, label_field: str) -> Optional[str]:
     return getattr(dataset.get_run_info(key).config, "checkpoint", None)
 
 
-def latest_checkpoint(samples) -> Optional[str]:
-    """The ``best/`` checkpoint of the training run last started on ``samples``' dataset that has
-    one on disk (recorded by absolute path), or None: the model the App's forms offer first."""
+def training_checkpoints(samples) -> list[str]:
+    """The ``best/`` checkpoints recorded (by absolute path) by the training runs on ``samples``'
+    dataset, the latest started first; whether each exists on disk is the caller's question."""
     from pathlib import Path
-
-    from .checkpoint import resolve_checkpoint_dir
-    from .errors import CheckpointError
 
     dataset = samples._root_dataset
     runs = [dataset.get_run_info(key) for key in dataset.list_runs(method=TRAIN_METHOD)]
-    for info in sorted(runs, key=lambda info: info.timestamp, reverse=True):
-        path = getattr(info.config, "checkpoint", None)
-        if not path or not Path(path).is_absolute():  # a relative path names no folder for another process
-            continue
-        try:
-            return str(resolve_checkpoint_dir(path))
-        except CheckpointError:  # deleted, or not written yet (a run before its first epoch)
-            continue
-    return None
+    paths = [getattr(info.config, "checkpoint", None) for info in sorted(runs, key=lambda info: info.timestamp,
+                                                                          reverse=True)]
+    return [path for path in paths if path and Path(path).is_absolute()]  # a relative path names no folder
 
 
 def written_from(samples, label_field: str) -> Optional[float]:

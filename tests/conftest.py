@@ -40,7 +40,7 @@ def synthetic_dataset(tmp_path_factory):
     """A small synthetic referring dataset (40 images, 80 expressions), shared read-only."""
     import fiftyone as fo
 
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
     name = f"fog-session-{uuid.uuid4().hex[:8]}"
     ds = make_synthetic_dataset(name, num_images=40, out_dir=str(tmp_path_factory.mktemp("syn")),
@@ -53,7 +53,7 @@ def synthetic_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
     """A 'tiny' model trained for one epoch on ``synthetic_dataset``: its ``best`` folder."""
-    from fiftyone_grounding.train import fit
+    from fiftyone_grounding.engine.train import fit
 
     out = tmp_path_factory.mktemp("tiny_run")
     result = fit(synthetic_dataset, preset="tiny", out_dir=str(out), epochs=1, batch_size=16,
@@ -70,7 +70,7 @@ def grounding_plugin_dir(tmp_path_factory):
     """
     import fiftyone as fo
 
-    from fiftyone_grounding.install import install_plugin
+    from fiftyone_grounding.app.install import install_plugin
 
     plugins = tmp_path_factory.mktemp("plugins")
     previous = os.environ.get("FIFTYONE_PLUGINS_DIR"), fo.config.plugins_dir

@@ -17,9 +17,9 @@ import pytest
 
 import fiftyone as fo
 
-from fiftyone_grounding.config import GROUNDED_FIELD, PREVIEW_FIELD
-from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV
-from fiftyone_grounding.operators import OPERATORS
+from fiftyone_grounding.data.fields import GROUNDED_FIELD, PREVIEW_FIELD
+from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_ENV
+from fiftyone_grounding.app.operators import OPERATORS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -259,8 +259,8 @@ def test_the_model_evaluation_panel_shows_the_grounding_run(app, chromium, tmp_p
     import fiftyone.operators as foo
     from playwright.sync_api import expect
 
-    from fiftyone_grounding.boxes import fiftyone_xywh_to_xyxy
-    from fiftyone_grounding.labels import make_detections
+    from fiftyone_grounding.models.boxes import fiftyone_xywh_to_xyxy
+    from fiftyone_grounding.data.labels import make_detections
 
     dataset, url = app
     ids, phrases, truths = dataset.values(["id", "expression", "ground_truth.detections.bounding_box"])

@@ -5,10 +5,10 @@ right, and the parts combine by name."""
 import numpy as np
 import pytest
 
-from fiftyone_grounding.augment import (CACHEABLE, MIN_CROP, augment_item, box_safe_window, color_jitter,
+from fiftyone_grounding.data.augment import (CACHEABLE, MIN_CROP, augment_item, box_safe_window, color_jitter,
                                         parse_augment, phrase_crop)
 from fiftyone_grounding.errors import ConfigError
-from fiftyone_grounding.text import swap_left_right
+from fiftyone_grounding.data.text import swap_left_right
 
 BORDER_BOXES = [
     [[0.0, 0.0, 0.2, 0.3]],  # top-left corner

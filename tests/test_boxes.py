@@ -6,9 +6,7 @@ import pytest
 import torch
 import torchvision.ops as tvo
 
-from fiftyone_grounding import boxes as B
-
-
+from fiftyone_grounding.models import boxes as B
 def random_xyxy(n, seed=0):
     g = torch.Generator().manual_seed(seed)
     xy = torch.rand(n, 2, generator=g) * 0.7

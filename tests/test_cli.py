@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fiftyone_grounding.cli import main
-from fiftyone_grounding.config import PRESETS
+from fiftyone_grounding.models.config import PRESETS
 
 COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert", "migrate-labels"]
 
@@ -40,7 +40,7 @@ def test_every_option_says_what_it_does():
 
 def test_train_options_come_from_the_defaults_then_the_recipe_then_the_flags(tmp_path):
     from fiftyone_grounding.cli import build_parser, train_config_from_args
-    from fiftyone_grounding.config import TrainConfig
+    from fiftyone_grounding.engine.config import TrainConfig
 
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps({"preset": "tiny", "epochs": 3, "lr": 0.002, "model": {"image_size": 32}}))
@@ -87,8 +87,8 @@ def test_predict_writes_crop_and_boxed_image(tiny_checkpoint, tmp_path, capsys):
 def test_predict_writes_every_box_of_a_multi_box_model_or_says_there_is_none(tmp_path, capsys, score_thresh,
                                                                              boxes):
     """A multi-box checkpoint whose threshold keeps every query's box, or none."""
-    from fiftyone_grounding.checkpoint import save_checkpoint
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.models.checkpoint import save_checkpoint
+    from fiftyone_grounding.models.build import build_model
 
     torch.manual_seed(0)
     save_checkpoint(build_model("tiny-fusion-multi", score_thresh=score_thresh), tmp_path / "ckpt")

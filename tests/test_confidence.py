@@ -10,14 +10,14 @@ from sklearn.metrics import roc_auc_score
 
 import fiftyone as fo
 
-from fiftyone_grounding.apply import apply_grounding_model
-from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
-from fiftyone_grounding.confidence import (CALIBRATION_NAME, Calibration, accuracy_at_coverage, auroc,
+from fiftyone_grounding.inference.apply import apply_grounding_model
+from fiftyone_grounding.models.checkpoint import load_checkpoint, save_checkpoint
+from fiftyone_grounding.models.confidence import (CALIBRATION_NAME, Calibration, accuracy_at_coverage, auroc,
                                            confidence_metrics, expected_calibration_error, fit_calibration)
 from fiftyone_grounding.errors import CheckpointError
-from fiftyone_grounding.evaluate import evaluate_grounding, evaluate_in_fiftyone
-from fiftyone_grounding.fiftyone_model import GroundingModel
-from fiftyone_grounding.model import build_model
+from fiftyone_grounding.evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone
+from fiftyone_grounding.inference.model import GroundingModel
+from fiftyone_grounding.models.build import build_model
 
 
 def test_auroc_is_sklearns_with_ties():
@@ -84,7 +84,7 @@ def test_training_calibrates_the_best_checkpoint_and_apply_uses_it(tiny_checkpoi
     prediction = model.predict_boxes(pixels, phrases).result()
     tokens = model.tokenize(phrases)
     with torch.no_grad():
-        from fiftyone_grounding.images import normalize_pixels_batch
+        from fiftyone_grounding.data.images import normalize_pixels_batch
 
         out = model.model(normalize_pixels_batch(pixels, model.config.image_mean, model.config.image_std),
                           tokens["input_ids"], tokens["attention_mask"])
@@ -119,7 +119,7 @@ def test_a_checkpoint_without_a_quality_head_still_loads_and_applies(tmp_path, s
 def test_the_calibration_folds_split_images_not_rows():
     """The phrases of one image sit in one fold: alike, they would otherwise be fitted on one
     side and judged on the other."""
-    from fiftyone_grounding.confidence import two_folds
+    from fiftyone_grounding.models.confidence import two_folds
 
     images = ["a", "a", "a", "b", "c", "c", "b", "d"]
     folds = two_folds(images)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_grounding.apply import apply_grounding_model
-from fiftyone_grounding.fiftyone_model import GroundingModel
+from fiftyone_grounding.inference.apply import apply_grounding_model
+from fiftyone_grounding.inference.model import GroundingModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -7,12 +7,12 @@ from PIL import Image
 
 import fiftyone as fo
 
-from fiftyone_grounding.batching import GroupBatchSampler
-from fiftyone_grounding.augment import hflip
-from fiftyone_grounding.data import Collator, GroundingDataset, read_records
-from fiftyone_grounding.images import load_rgb
-from fiftyone_grounding.text import swap_left_right
-from fiftyone_grounding.encoders import load_tokenizer
+from fiftyone_grounding.data.batching import GroupBatchSampler
+from fiftyone_grounding.data.augment import hflip
+from fiftyone_grounding.data.records import Collator, GroundingDataset, read_records
+from fiftyone_grounding.data.images import load_rgb
+from fiftyone_grounding.data.text import swap_left_right
+from fiftyone_grounding.models.encoders import load_tokenizer
 
 
 def test_swap_left_right_whole_words_only():
@@ -103,7 +103,7 @@ def test_several_boxes_per_phrase_go_through_augmentation_and_the_collator(datas
     """Every box of every phrase of an image goes through the box-preserving crop and the flip
     (``test_augment.py`` checks that the crop keeps boxes whole); the collator hands each phrase's
     boxes over, none for a phrase of nothing, and its first box (NaN for none) beside them."""
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
     ds = make_synthetic_dataset(dataset_name, num_images=30, out_dir=str(tmp_path), seed=2, several_fraction=0.6,
                                 none_fraction=0.3, persistent=False, progress=False)
@@ -210,8 +210,8 @@ def test_an_absent_pair_takes_the_image_nearest_to_holding_the_referent():
     (its kinds share both words) is taken, not the one of blue squares; never the phrase's own."""
     import numpy as np
 
-    from fiftyone_grounding.data import add_absent_pairs
-    from fiftyone_grounding.synthetic import object_kinds
+    from fiftyone_grounding.data.records import add_absent_pairs
+    from fiftyone_grounding.data.synthetic import object_kinds
 
     def kinds(*objects):
         return sorted({k for size, color, shape in objects for k in object_kinds(dict(size=size, color=color,

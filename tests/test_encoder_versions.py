@@ -10,12 +10,12 @@ from torch import nn
 
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
-from fiftyone_grounding.cache import cache_key, text_cache_key
-from fiftyone_grounding.config import TINY_ENCODER_CONFIGS, get_config
-from fiftyone_grounding.encoders import (dinov3_blocks, dinov3_taps, load_encoder, load_tokenizer,
+from fiftyone_grounding.data.cache import cache_key, text_cache_key
+from fiftyone_grounding.models.config import TINY_ENCODER_CONFIGS, get_config
+from fiftyone_grounding.models.encoders import (dinov3_blocks, dinov3_taps, load_encoder, load_tokenizer,
                                          tiny_encoder_dir, transformers_major)
 from fiftyone_grounding.errors import ConfigError
-from fiftyone_grounding.model import build_model, build_tokenizer
+from fiftyone_grounding.models.build import build_model, build_tokenizer
 
 
 def set_transformers_version(monkeypatch, version: str) -> None:

@@ -10,9 +10,9 @@ from torchvision.ops import box_iou
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from fiftyone_grounding.evaluate import (METRIC_URIS, GroundingEvaluationConfig, evaluate_grounding,
+from fiftyone_grounding.evaluation.evaluate import (METRIC_URIS, GroundingEvaluationConfig, evaluate_grounding,
                                          evaluate_in_fiftyone)
-from fiftyone_grounding.labels import make_detections, migrate_label_scheme
+from fiftyone_grounding.data.labels import make_detections, migrate_label_scheme
 
 
 def _xywh_to_xyxy(box):

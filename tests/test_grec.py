@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from fiftyone_grounding.boxes import box_iou, generalized_box_iou
-from fiftyone_grounding.grec import Expression, grec_metrics, score_expression, threshold_sweep
+from fiftyone_grounding.models.boxes import box_iou, generalized_box_iou
+from fiftyone_grounding.evaluation.grec import Expression, grec_metrics, score_expression, threshold_sweep
 
 A = [0.05, 0.05, 0.30, 0.30]
 B = [0.50, 0.10, 0.80, 0.40]
@@ -82,9 +82,9 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
     on every no-target phrase fails those; a box below the threshold is not kept."""
     import fiftyone as fo
 
-    from fiftyone_grounding.evaluate import evaluate_grec, evaluate_grounding, format_grec_table
-    from fiftyone_grounding.labels import make_box_detections
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, evaluate_grounding, format_grec_table
+    from fiftyone_grounding.data.labels import make_box_detections
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
     ds = make_synthetic_dataset(dataset_name, num_images=40, out_dir=str(tmp_path), seed=4, several_fraction=0.5,
                                 none_fraction=0.3, persistent=False, progress=False)
@@ -133,9 +133,9 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
 def test_the_fiftyone_run_of_generalized_phrases_is_cocos_with_the_grec_metrics(dataset_name, tmp_path):
     """FiftyOne's own COCO evaluation counts every box (and the boxes of phrases of nothing):
     the truth as the prediction is all TP; a box on every no-target phrase is an FP each."""
-    from fiftyone_grounding.evaluate import evaluate_in_fiftyone
-    from fiftyone_grounding.labels import make_box_detections
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.evaluation.evaluate import evaluate_in_fiftyone
+    from fiftyone_grounding.data.labels import make_box_detections
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
     ds = make_synthetic_dataset(dataset_name, num_images=30, out_dir=str(tmp_path), seed=6, several_fraction=0.5,
                                 none_fraction=0.3, persistent=False, progress=False)
@@ -164,11 +164,11 @@ def test_the_fiftyone_run_of_generalized_phrases_is_cocos_with_the_grec_metrics(
 def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(dataset_name, tmp_path):
     """fit reads them all (scale augmentation included, with phrases that have no box); the
     checkpoint loads; apply writes each phrase's boxes from the threshold, none below it."""
-    from fiftyone_grounding.apply import apply_grounding_model
-    from fiftyone_grounding.data import NO_TARGET, SEVERAL_TARGETS
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.train import fit
+    from fiftyone_grounding.inference.apply import apply_grounding_model
+    from fiftyone_grounding.data.records import NO_TARGET, SEVERAL_TARGETS
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.engine.train import fit
 
     ds = make_synthetic_dataset(dataset_name, num_images=24, out_dir=str(tmp_path / "images"), seed=8,
                                 several_fraction=0.5, none_fraction=0.3, persistent=False, progress=False)
@@ -186,7 +186,7 @@ def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(datas
     assert [len(d.detections) for d in ds.values("nothing")] == [0] * len(ds)
 
     # phrase search: the images where the phrase finds nothing above the threshold sort last
-    from fiftyone_grounding.search import search_phrase
+    from fiftyone_grounding.inference.search import search_phrase
 
     phrase = "all the red shapes"
     tops = [max(c) for c in search_phrase(ds, phrase, every, label_field="found", use_cache=False,
@@ -204,10 +204,10 @@ def test_multi_box_confidences_are_calibrated_to_the_scorers_matches():
     confidence logit, so the score threshold applies to the calibrated confidence."""
     import torch
 
-    from fiftyone_grounding.confidence import Calibration
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.model import build_model
-    from fiftyone_grounding.train import matched_queries
+    from fiftyone_grounding.models.confidence import Calibration
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.models.build import build_model
+    from fiftyone_grounding.engine.train import matched_queries
 
     truth = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]])
     queries = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.12, 0.1, 0.4, 0.42], [0.0, 0.0, 0.05, 0.05],
@@ -273,7 +273,7 @@ def _phrases_dataset(name):
 def test_evaluate_grec_scores_only_the_thresholds_the_recorded_apply_answers(dataset_name):
     """A field written at 0.7 (its record says so): the 0.5 row is None, not a copy of the 0.7
     row; the same model applied at 0.3: the 0.5 row is real and differs. The table says why."""
-    from fiftyone_grounding.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, format_grec_table
     from fiftyone_grounding.runs import record_labels
 
     ds = _phrases_dataset(dataset_name)
@@ -304,7 +304,7 @@ def test_evaluate_grec_scores_only_the_thresholds_the_recorded_apply_answers(dat
 def test_evaluate_grec_below_the_written_threshold_scores_nothing_and_says_so(dataset_name):
     """Asked for 0.5 on boxes written from 0.7, the overall and per-sample F1 are None, not the
     0.7 figures; an explicit applied_thresh wins over the record."""
-    from fiftyone_grounding.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, format_grec_table
     from fiftyone_grounding.runs import record_labels
 
     ds = _phrases_dataset(dataset_name)
@@ -326,7 +326,7 @@ def test_without_a_record_the_lowest_stored_confidence_bounds_the_sweep(dataset_
     confidences answer every threshold."""
     import fiftyone as fo
 
-    from fiftyone_grounding.evaluate import evaluate_grec
+    from fiftyone_grounding.evaluation.evaluate import evaluate_grec
 
     ds = _phrases_dataset(dataset_name)
     high = evaluate_grec(ds, "at_07", split_field=None, write=False)  # lowest stored: 0.8
@@ -348,12 +348,12 @@ def test_every_apply_path_records_the_threshold_its_boxes_were_written_from(data
     apply_model keeps no record: the sweep falls back to the stored confidences."""
     import torch
 
-    from fiftyone_grounding.apply import apply_grounding_model
-    from fiftyone_grounding.evaluate import evaluate_grec
-    from fiftyone_grounding.fiftyone_model import GroundingModel
-    from fiftyone_grounding.model import build_model
+    from fiftyone_grounding.inference.apply import apply_grounding_model
+    from fiftyone_grounding.evaluation.evaluate import evaluate_grec
+    from fiftyone_grounding.inference.model import GroundingModel
+    from fiftyone_grounding.models.build import build_model
     from fiftyone_grounding.runs import written_from
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
     ds = make_synthetic_dataset(dataset_name, num_images=12, out_dir=str(tmp_path), seed=3, several_fraction=0.5,
                                 none_fraction=0.3, persistent=False, progress=False)

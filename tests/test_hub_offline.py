@@ -15,8 +15,8 @@ import torch
 from huggingface_hub import constants
 
 from fiftyone_grounding import hub
-from fiftyone_grounding.config import TINY_TEXT_ENCODER
-from fiftyone_grounding.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
+from fiftyone_grounding.models.config import TINY_TEXT_ENCODER
+from fiftyone_grounding.models.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
 from fiftyone_grounding.errors import DownloadError, EncoderUnavailableError
 
 HUB_ID = "BAAI/bge-small-en-v1.5"
@@ -118,7 +118,7 @@ def test_an_unreachable_endpoint_is_named_and_probed_once(monkeypatch, hub_allow
 
 
 def test_refcoco_from_an_unreachable_hub_says_to_save_it_elsewhere(monkeypatch, hub_allowed, closed_port):
-    from fiftyone_grounding.refcoco import import_refcoco
+    from fiftyone_grounding.sources.importer import import_refcoco
 
     monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port}")
     with pytest.raises(DownloadError) as caught:

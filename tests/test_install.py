@@ -11,7 +11,7 @@ import fiftyone as fo
 import fiftyone.plugins as fop
 from fiftyone.plugins.context import build_plugin_contexts
 
-from fiftyone_grounding.install import PLUGIN_DIR, plugin_name
+from fiftyone_grounding.app.install import PLUGIN_DIR, plugin_name
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = "@fiftyone-grounding/grounding"

@@ -4,8 +4,8 @@ confidence thresholds, and the migration of datasets written with the old scheme
 import fiftyone as fo
 import pytest
 
-from fiftyone_grounding.config import DEFAULT_LABEL
-from fiftyone_grounding.labels import (LabelMaker, detections_doc, expression_text, first_box_xyxy, make_detections,
+from fiftyone_grounding.data.fields import DEFAULT_LABEL
+from fiftyone_grounding.data.labels import (LabelMaker, detections_doc, expression_text, first_box_xyxy, make_detections,
                                        migrate_label_scheme)
 
 CASES = [

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou as torchvision_box_iou
 from torchvision.ops import generalized_box_iou as torchvision_giou
 
-from fiftyone_grounding.base import GroundingOutput
-from fiftyone_grounding.boxes import box_cxcywh_to_xyxy
-from fiftyone_grounding.losses import box_loss, grounding_loss, quality_loss, set_loss
+from fiftyone_grounding.models.base import GroundingOutput
+from fiftyone_grounding.models.boxes import box_cxcywh_to_xyxy
+from fiftyone_grounding.models.losses import box_loss, grounding_loss, quality_loss, set_loss
 
 WEIGHTS = {"l1": 5.0, "giou": 2.0}
 # (cx, cy, w, h) predictions, one reaching past the left and top borders, and their targets
@@ -116,7 +116,7 @@ def test_the_quality_target_is_the_iou_of_the_box_as_written():
 def test_the_models_box_reaches_past_the_border_with_its_gradient():
     """A box the head puts past the left border comes out of the model as it is (x0 < 0) and
     passes its gradient on; clamped in the model, x0 would be 0 with no gradient."""
-    from fiftyone_grounding.model import build_model, build_tokenizer
+    from fiftyone_grounding.models.build import build_model, build_tokenizer
 
     model = build_model("tiny").train()
     last = model.head[-1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fiftyone_grounding.matching import hungarian_match, match_cost
+from fiftyone_grounding.models.matching import hungarian_match, match_cost
 
 WEIGHTS = {"l1": 5.0, "giou": 2.0, "score": 1.0}
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
-from fiftyone_grounding.config import PRESETS, GrounderConfig, get_config
-from fiftyone_grounding.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
+from fiftyone_grounding.models.checkpoint import load_checkpoint, save_checkpoint
+from fiftyone_grounding.models.config import PRESETS, GrounderConfig, get_config
+from fiftyone_grounding.models.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
 from fiftyone_grounding.errors import CheckpointError, ConfigError, EncoderUnavailableError
-from fiftyone_grounding.losses import box_loss, grounding_loss, quality_loss
-from fiftyone_grounding.model import build_model, build_tokenizer
+from fiftyone_grounding.models.losses import box_loss, grounding_loss, quality_loss
+from fiftyone_grounding.models.build import build_model, build_tokenizer
 
 
 def tokens(model, phrases):
@@ -210,7 +210,7 @@ def test_query_positions_go_to_attention_queries_and_keys_only(norm_first):
     position is added to the self-attention's queries and keys and to the cross-attention's
     queries (``with_pos_embed``), never to a value or the residual stream. Written out here with
     PyTorch's own layer's modules; our layer must give the same."""
-    from fiftyone_grounding.layers import DecoderBlock
+    from fiftyone_grounding.models.layers import DecoderBlock
 
     torch.manual_seed(0)
     d, heads = 32, 4
@@ -242,7 +242,7 @@ def test_query_positions_go_to_attention_queries_and_keys_only(norm_first):
 def test_the_refinement_layer_adds_the_box_position_to_its_attention_query_only():
     """The one-box refinement layer (pre-norm cross-attention + MLP) with a query position: the
     residual stream is the query's own; the position only steers where it looks."""
-    from fiftyone_grounding.layers import CrossBlock
+    from fiftyone_grounding.models.layers import CrossBlock
 
     torch.manual_seed(1)
     d = 32
@@ -345,7 +345,8 @@ def test_checkpoints_of_the_first_decoder_load_and_give_their_boxes(name):
 
 def test_a_setting_the_architecture_does_not_read_is_refused_by_name():
     """Silently ignored, it would train something other than what was asked."""
-    from fiftyone_grounding.config import TrainConfig, unused_fields
+    from fiftyone_grounding.models.config import unused_fields
+    from fiftyone_grounding.engine.config import TrainConfig
 
     with pytest.raises(ConfigError, match=r"\['norm_first'\] do nothing in the fusion architecture"):
         get_config("fusion", norm_first=False)

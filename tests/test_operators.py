@@ -15,10 +15,10 @@ from fiftyone.operators.executor import ExecutionContext, ExecutionError, Execut
 from fiftyone.operators.registry import OperatorRegistry
 from fiftyone.plugins.context import build_plugin_contexts
 
-from fiftyone_grounding.install import PLUGIN_DIR
-from fiftyone_grounding.labels import expression_text, make_detections
-from fiftyone_grounding.operators import shown_results
-from fiftyone_grounding.zoo import DEMO_CHECKPOINT_ENV, register_local_source
+from fiftyone_grounding.app.install import PLUGIN_DIR
+from fiftyone_grounding.data.labels import expression_text, make_detections
+from fiftyone_grounding.app.operators import shown_results
+from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_ENV, register_local_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN = "@fiftyone-grounding/grounding"
@@ -116,7 +116,7 @@ def test_import_refcoco_form_checks_its_folders(tmp_path):
 
 
 def test_the_import_form_offers_every_source_and_imports_grefcoco(tmp_path, dataset_name):
-    from fiftyone_grounding.sources import NAMES
+    from fiftyone_grounding.sources.common import NAMES
     from test_sources import write_grefcoco
     from test_refcoco import draw_images
 
@@ -333,7 +333,7 @@ def test_ground_phrase_needs_a_phrase(dataset, tiny_checkpoint):
 def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
     """The plugin's EvaluationMetric operators, chosen for a COCO-style evaluation (as the App's
     evaluation form offers them): computed with the run, and gone with it."""
-    from fiftyone_grounding.evaluate import METRIC_URIS, evaluate_grounding
+    from fiftyone_grounding.evaluation.evaluate import METRIC_URIS, evaluate_grounding
 
     boxes = [b[0] for b in dataset.values("ground_truth.detections.bounding_box")]
     shifted = [[x + 0.05 * (i % 3), y, w, h] for i, (x, y, w, h) in enumerate(boxes)]
@@ -356,7 +356,7 @@ def test_the_generalized_metrics_serve_fiftyones_coco_evaluation_and_the_evaluat
     """Phrases of no, one and several objects: Pr@F1=1, N-acc and T-acc chosen for FiftyOne's own
     COCO evaluation (as the App's form offers them) are gRefCOCO's scorer's values, and the
     evaluate operator shows them."""
-    from fiftyone_grounding.evaluate import GREC_METRIC_URIS, evaluate_grec
+    from fiftyone_grounding.evaluation.evaluate import GREC_METRIC_URIS, evaluate_grec
 
     def boxes(*xyxys, confidences=None):
         return fo.Detections(detections=[
@@ -398,9 +398,8 @@ def test_a_second_run_reuses_the_loaded_model_until_it_is_released(dataset, tiny
     """The operators load models through ``zoo.cached_model``: the second execution does not
     build the encoders again (counted at ``model.load_encoder``, which every load goes through),
     a checkpoint written again is loaded again, and the release operator frees them."""
-    import fiftyone_grounding.model as model_module
-    from fiftyone_grounding import zoo
-
+    import fiftyone_grounding.models.build as model_module
+    from fiftyone_grounding.app import zoo
     loads = []
     real = model_module.load_encoder
     monkeypatch.setattr(model_module, "load_encoder", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
@@ -432,7 +431,7 @@ def test_a_second_run_reuses_the_loaded_model_until_it_is_released(dataset, tiny
 def no_demo(monkeypatch):
     """Neither a demo checkpoint recorded in FiftyOne's execution store (the key is put back
     after) nor one named by the environment."""
-    from fiftyone_grounding.zoo import DEMO_CHECKPOINT_KEY, _store
+    from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_KEY, _store
 
     monkeypatch.delenv(DEMO_CHECKPOINT_ENV, raising=False)
     store = _store()
@@ -458,7 +457,7 @@ def test_the_forms_default_model_is_the_latest_training_run_else_the_demos_never
     checkpoint exists, else the demo's recorded checkpoint; both by absolute path, whatever the
     working directory of the process that reads them (the App's server has its own)."""
     from fiftyone_grounding.runs import record_training_start
-    from fiftyone_grounding.zoo import NO_DEFAULT_MODEL, record_demo_checkpoint
+    from fiftyone_grounding.app.zoo import NO_DEFAULT_MODEL, record_demo_checkpoint
 
     dataset = synthetic_dataset.limit(4).clone(dataset_name)
     for key in dataset.list_runs():

@@ -7,10 +7,10 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as tvF
 
-from fiftyone_grounding import cache
-from fiftyone_grounding.config import get_config
-from fiftyone_grounding.encoders import load_encoder
-from fiftyone_grounding.images import preprocess_image, resize_rgb
+from fiftyone_grounding.data import cache
+from fiftyone_grounding.models.config import get_config
+from fiftyone_grounding.models.encoders import load_encoder
+from fiftyone_grounding.data.images import preprocess_image, resize_rgb
 
 
 def detailed_photo(width: int = 640, height: int = 480) -> np.ndarray:

@@ -6,8 +6,8 @@ import fiftyone as fo
 import fiftyone.core.utils as fou
 import pytest
 
-from fiftyone_grounding.apply import apply_grounding_model
-from fiftyone_grounding.fiftyone_model import GroundingModel
+from fiftyone_grounding.inference.apply import apply_grounding_model
+from fiftyone_grounding.inference.model import GroundingModel
 from fiftyone_grounding.progress import (LineBar, ProgressLines, TimeLeft, bar, estimate_basis, fiftyone_progress,
                                          format_duration, format_rate, progress_line, rate_since)
 

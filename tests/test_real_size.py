@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from fiftyone_grounding.checkpoint import load_checkpoint, save_checkpoint
-from fiftyone_grounding.config import BGE_SMALL, DINOV3_VITB16, KNOWN_ENCODER_CONFIGS, get_config
-from fiftyone_grounding.data import Collator, GroundingDataset, GroundingRecords
-from fiftyone_grounding.encoders import SPECIAL_TOKENS, _config_from_dict, _model_classes
-from fiftyone_grounding.fiftyone_model import GroundingModel
-from fiftyone_grounding.model import build_model, build_tokenizer
-from fiftyone_grounding.train import configure_optimizer, train_step
+from fiftyone_grounding.models.checkpoint import load_checkpoint, save_checkpoint
+from fiftyone_grounding.models.config import BGE_SMALL, DINOV3_VITB16, KNOWN_ENCODER_CONFIGS, get_config
+from fiftyone_grounding.data.records import Collator, GroundingDataset, GroundingRecords
+from fiftyone_grounding.models.encoders import SPECIAL_TOKENS, _config_from_dict, _model_classes
+from fiftyone_grounding.inference.model import GroundingModel
+from fiftyone_grounding.models.build import build_model, build_tokenizer
+from fiftyone_grounding.engine.train import configure_optimizer, train_step
 
 PHRASES = ["the red square on the left", "the blue circle"]
 BOXES = [[0.1, 0.3, 0.35, 0.7], [0.6, 0.2, 0.9, 0.6]]  # normalized xyxy of what the image shows
@@ -82,7 +82,7 @@ def _one_batch(model, path: str) -> dict:
 def test_each_architecture_at_its_real_size(preset, tokens, real_encoders, image_640x480, tmp_path, dataset_name):
     import fiftyone as fo
 
-    from fiftyone_grounding.apply import apply_grounding_model
+    from fiftyone_grounding.inference.apply import apply_grounding_model
 
     config = get_config(preset, **real_encoders)
     model = build_model(config=config)  # through from_pretrained, from the folders

@@ -37,7 +37,8 @@ RECIPES = sorted((REPO / "training").glob("*.json"))
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_is_a_valid_training_config(path):
-    from fiftyone_grounding.config import PRESETS, TrainConfig
+    from fiftyone_grounding.models.config import PRESETS
+    from fiftyone_grounding.engine.config import TrainConfig
 
     recipe = TrainConfig.from_json(path)  # unknown keys and bad values are refused here
     assert recipe.preset in PRESETS and path.stem.endswith(recipe.preset.replace("-", "_"))
@@ -50,8 +51,8 @@ def test_every_recipe_is_a_valid_training_config(path):
 def test_the_v2_recipes_train_on_their_tiny_twins(synthetic_dataset, tmp_path, name, twin):
     """The recipe as written (scale + colour augmentation on the fly, its schedule), with the
     tiny twin of its preset, for one epoch on the CPU."""
-    from fiftyone_grounding.config import TrainConfig
-    from fiftyone_grounding.train import fit
+    from fiftyone_grounding.engine.config import TrainConfig
+    from fiftyone_grounding.engine.train import fit
 
     recipe = TrainConfig.from_json(REPO / "training" / f"{name}.json")
     result = fit(synthetic_dataset, recipe.merged(preset=twin, epochs=1, batch_size=16, num_workers=0,

@@ -14,9 +14,9 @@ from PIL import Image, ImageDraw
 
 import fiftyone as fo
 
-from fiftyone_grounding.boxes import fiftyone_xywh_to_pixel_xyxy
-from fiftyone_grounding.labels import expression_text
-from fiftyone_grounding.refcoco import (
+from fiftyone_grounding.models.boxes import fiftyone_xywh_to_pixel_xyxy
+from fiftyone_grounding.data.labels import expression_text
+from fiftyone_grounding.sources.importer import (
     COCO_CATEGORIES,
     add_arguments,
     coco_zoo_request,

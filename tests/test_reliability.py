@@ -31,22 +31,22 @@ import fiftyone as fo
 import fiftyone.operators as foo
 from fiftyone.operators.executor import ExecutionError
 
-from fiftyone_grounding.apply import apply_grounding_model
-from fiftyone_grounding.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, convert_checkpoint,
+from fiftyone_grounding.inference.apply import apply_grounding_model
+from fiftyone_grounding.models.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, convert_checkpoint,
                                            load_checkpoint, resolve_checkpoint_dir)
 from fiftyone_grounding.cli import main as cli_main
-from fiftyone_grounding.config import GrounderConfig, get_config
-from fiftyone_grounding.data import GroundingDataset, read_records
-from fiftyone_grounding.encoders import load_encoder, tiny_encoder_dir
+from fiftyone_grounding.models.config import GrounderConfig, get_config
+from fiftyone_grounding.data.records import GroundingDataset, read_records
+from fiftyone_grounding.models.encoders import load_encoder, tiny_encoder_dir
 from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError, TrainingError
-from fiftyone_grounding.evaluate import evaluate_grounding, evaluate_in_fiftyone
-from fiftyone_grounding.fiftyone_model import GroundingModel
-from fiftyone_grounding.images import MAX_IMAGE_PIXELS, load_rgb
-from fiftyone_grounding.labels import MAX_EXPRESSION_CHARS
-from fiftyone_grounding.operators import shown_results
-from fiftyone_grounding.predict import predict_and_crop
-from fiftyone_grounding.train import fit
-from fiftyone_grounding.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
+from fiftyone_grounding.evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone
+from fiftyone_grounding.inference.model import GroundingModel
+from fiftyone_grounding.data.images import MAX_IMAGE_PIXELS, load_rgb
+from fiftyone_grounding.data.labels import MAX_EXPRESSION_CHARS
+from fiftyone_grounding.app.operators import shown_results
+from fiftyone_grounding.inference.predict import predict_and_crop
+from fiftyone_grounding.engine.train import fit
+from fiftyone_grounding.app.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
                                            register_local_source, validate_manifest)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ KILLED_FIT = r"""
 import json, sys, time
 from pathlib import Path
 import fiftyone as fo
-from fiftyone_grounding.train import fit
+from fiftyone_grounding.engine.train import fit
 
 name, out, go, marker, kwargs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 while not go.exists():  # imported; wait until the reference run has finished
@@ -436,8 +436,8 @@ CONCURRENT_APPLY = r"""
 import sys, time
 from pathlib import Path
 import fiftyone as fo
-from fiftyone_grounding.apply import apply_grounding_model
-from fiftyone_grounding.fiftyone_model import GroundingModel
+from fiftyone_grounding.inference.apply import apply_grounding_model
+from fiftyone_grounding.inference.model import GroundingModel
 
 name, checkpoint, field, ready, other = sys.argv[1:6]
 dataset = fo.load_dataset(name)

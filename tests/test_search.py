@@ -8,13 +8,14 @@ import pytest
 import fiftyone as fo
 import fiftyone.operators as foo
 
-from fiftyone_grounding.cache import find_feature_cache
-from fiftyone_grounding.config import GROUNDED_FIELD, PREVIEW_FIELD, get_config
+from fiftyone_grounding.data.cache import find_feature_cache
+from fiftyone_grounding.models.config import get_config
+from fiftyone_grounding.data.fields import GROUNDED_FIELD, PREVIEW_FIELD
 from fiftyone_grounding.errors import InputError
-from fiftyone_grounding.fiftyone_model import GroundingModel
-from fiftyone_grounding.operators import shown_results
+from fiftyone_grounding.inference.model import GroundingModel
+from fiftyone_grounding.app.operators import shown_results
 from fiftyone_grounding.runs import checkpoint_of
-from fiftyone_grounding.search import (clear_box, default_feature_cache_dir, ground_in_sample, keep_box,
+from fiftyone_grounding.inference.search import (clear_box, default_feature_cache_dir, ground_in_sample, keep_box,
                                        search_phrase)
 
 PHRASE = "the red circle"

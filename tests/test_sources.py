@@ -18,14 +18,14 @@ from PIL import Image
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from fiftyone_grounding.config import TrainConfig
-from fiftyone_grounding.data import read_records
+from fiftyone_grounding.engine.config import TrainConfig
+from fiftyone_grounding.data.records import read_records
 from fiftyone_grounding.errors import DownloadError, SourceError
-from fiftyone_grounding.evaluate import (GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone,
+from fiftyone_grounding.evaluation.evaluate import (GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone,
                                          format_table)
-from fiftyone_grounding.refcoco import import_refcoco
-from fiftyone_grounding.refer import load_refs_pickle
-from fiftyone_grounding.train import fit
+from fiftyone_grounding.sources.importer import import_refcoco
+from fiftyone_grounding.sources.refer import load_refs_pickle
+from fiftyone_grounding.engine.train import fit
 
 from test_refcoco import IMAGES, REFS, UNC, coco_file, draw_images, make_row, make_source, save
 

@@ -1,6 +1,7 @@
-"""The package's layout: no import cycles, inference does not depend on training code, and every
-third-party import is declared in pyproject.toml (the package's in its dependencies, the tests' in
-those or the test extra), every runtime dependency imported."""
+"""The package's layout: subpackages in layers that import only downwards, no import cycles, no
+test module importing another, and every third-party import declared in pyproject.toml (the
+package's in its dependencies, the tests' in those or the test extra), every runtime dependency
+imported."""
 
 import ast
 import functools
@@ -10,22 +11,58 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fiftyone_grounding"
 
+# Each layer imports only from the layers listed before it (and itself). The bottom modules are
+# the package's own top-level files below everything; cli and demo sit above everything.
+BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api"}
+LAYERS = ["bottom", "models", "data", "evaluation", "sources", "engine", "inference", "app", "top"]
+MAY_IMPORT = {
+    "bottom": {"bottom"},
+    "models": {"bottom", "models"},
+    "data": {"bottom", "models", "data"},
+    "evaluation": {"bottom", "models", "data", "evaluation"},  # metrics: training reports them too
+    "sources": {"bottom", "models", "data", "sources"},
+    "engine": {"bottom", "models", "data", "evaluation", "engine"},
+    "inference": {"bottom", "models", "data", "evaluation", "inference"},
+    "app": {"bottom", "models", "data", "sources", "engine", "inference", "evaluation", "app"},
+    "top": set(LAYERS),
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    head = module.split(".")[0]
+    if head in MAY_IMPORT and head not in ("bottom", "top"):
+        return head
+    if module in BOTTOM or module == "":
+        return "bottom"
+    return "top"  # cli, demo
+
 
 def _imports() -> dict[str, set[str]]:
-    """Module -> the package modules it imports anywhere (top level or inside functions)."""
+    """Module (dotted, inside the package) -> the package modules it imports anywhere (top level
+    or inside functions). The plugin folder is FiftyOne's entry point, above the package."""
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = path.stem
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.relative_to(PACKAGE).parts[0] == "plugin":
+            continue
+        name = _module_name(path)
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        package = [p for p in package if p]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - (node.level - 1)]
                 if node.module:
-                    deps.add(node.module.split(".")[0])
+                    deps.add(".".join(base + node.module.split(".")))
                 else:  # from . import boxes
-                    deps.update(alias.name for alias in node.names)
+                    deps.update(".".join(base + [alias.name]) for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fiftyone_grounding."):
-                deps.add(node.module.split(".")[1])
-        graph[name] = deps - {name}
+                deps.add(node.module.removeprefix("fiftyone_grounding."))
+        graph[name] = {d for d in deps if d} - {name}
     return graph
 
 
@@ -41,26 +78,45 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_no_module_imports_itself_through_others():
     graph = _imports()
-    assert graph, "no modules found"
+    assert len(graph) > 40, "no modules found"
     cycles = sorted(name for name in graph if name in _reachable(graph, name))
     assert not cycles, {name: sorted(graph[name]) for name in cycles}
 
 
-@pytest.mark.parametrize("module, forbidden", [
-    ("fiftyone_model", {"data", "train", "synthetic", "cache"}),
-    ("apply", {"data", "train", "synthetic", "cache"}),
-    ("zoo", {"data", "train", "synthetic", "cache"}),
-    ("encoders", {"synthetic", "data", "train"}),
-    ("model", {"data", "train", "synthetic", "fiftyone_model", "apply"}),
-])
-def test_layers_do_not_reach_up(module, forbidden):
-    """Inference, the zoo source, the encoders and the model never load training-data code."""
-    assert not _reachable(_imports(), module) & forbidden
+def test_each_layer_imports_only_the_layers_below_it():
+    """models/ knows nothing of data, training, inference or the App; data/ nothing of metrics,
+    sources, training or inference; evaluation (the metrics, which training reports too) reads
+    what inference wrote without importing it; training and inference know nothing of each other
+    or of the sources; only app/, cli and demo see everything."""
+    graph = _imports()
+    assert {_layer(m) for m in graph} == set(LAYERS), sorted({_layer(m) for m in graph})
+    wrong = {m: sorted(d for d in deps if _layer(d) not in MAY_IMPORT[_layer(m)])
+             for m, deps in graph.items()}
+    assert not {m: d for m, d in wrong.items() if d}
 
 
-# -- dependencies declared where they are used ------------------------------------------------------
+def test_the_bottom_modules_are_the_few_named():
+    top_level = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert top_level == BOTTOM | {"cli", "demo"}, sorted(top_level ^ (BOTTOM | {"cli", "demo"}))
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in conftest.py (fixtures) or tests/helpers.py."""
+    tests = REPO / "tests"
+    names = {p.stem for p in tests.glob("test_*.py")}
+    found = {}
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                    else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            hits = [m for m in mods if m.split(".")[-1] in names or m.split(".")[0] in names]
+            if hits:
+                found.setdefault(path.name, []).extend(hits)
+    assert not found, found
+
 
 REPO = PACKAGE.parent
+# -- dependencies declared where they are used ------------------------------------------------------
 
 
 def _third_party_imports(folder: Path, skip: set = frozenset()) -> dict[str, set[str]]:
@@ -69,7 +125,7 @@ def _third_party_imports(folder: Path, skip: set = frozenset()) -> dict[str, set
     import sys
 
     found: dict[str, set[str]] = {}
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(folder.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]

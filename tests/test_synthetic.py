@@ -9,9 +9,9 @@ from PIL import Image
 
 import fiftyone as fo
 
-from fiftyone_grounding import synthetic as syn
-from fiftyone_grounding.boxes import is_valid_xyxy
-from fiftyone_grounding.labels import expression_text, first_box_xyxy
+from fiftyone_grounding.data import synthetic as syn
+from fiftyone_grounding.models.boxes import is_valid_xyxy
+from fiftyone_grounding.data.labels import expression_text, first_box_xyxy
 
 KINDS = {
     "color": set(syn.COLORS),
@@ -83,7 +83,7 @@ def test_vocabulary_covers_every_word_and_grammar_is_fixed(examples):
 def test_the_tiny_tokenizer_keeps_every_synthetic_word_whole(examples):
     """The tiny text encoder's vocabulary (``encoders.TINY_WORDS``) must hold the generator's
     words, or phrases are spelled out in characters."""
-    from fiftyone_grounding.encoders import load_tokenizer
+    from fiftyone_grounding.models.encoders import load_tokenizer
 
     tokenizer = load_tokenizer("tiny:bert")
     for _, _, expressions in examples[:200]:
@@ -299,7 +299,7 @@ def test_relational_phrases_need_the_relation_and_name_their_target_alone(relati
 
 
 def test_relational_words_are_the_tiny_tokenizers(relational_examples):
-    from fiftyone_grounding.encoders import load_tokenizer
+    from fiftyone_grounding.models.encoders import load_tokenizer
 
     tokenizer = load_tokenizer("tiny:bert")
     used = set()
@@ -361,7 +361,7 @@ def test_phrases_of_several_objects_or_none_denote_exactly_their_targets(grec_ex
 
 
 def test_several_and_none_words_are_the_tiny_tokenizers(grec_examples):
-    from fiftyone_grounding.encoders import load_tokenizer
+    from fiftyone_grounding.models.encoders import load_tokenizer
 
     tokenizer = load_tokenizer("tiny:bert")
     used = set()

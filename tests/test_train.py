@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from PIL import Image
 
-from fiftyone_grounding.config import TrainConfig
-from fiftyone_grounding.data import Collator, GroundingDataset, read_records
+from fiftyone_grounding.engine.config import TrainConfig
+from fiftyone_grounding.data.records import Collator, GroundingDataset, read_records
 from fiftyone_grounding.errors import TrainingError
-from fiftyone_grounding.model import build_model, build_tokenizer
-from fiftyone_grounding.train import configure_optimizer, cosine_with_warmup, fit, train_step
+from fiftyone_grounding.models.build import build_model, build_tokenizer
+from fiftyone_grounding.engine.train import configure_optimizer, cosine_with_warmup, fit, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +98,7 @@ def test_resume_continues_where_it_stopped(synthetic_dataset, tmp_path):
 
 def _rank_batches(view, batch_size: int, rank: int, world: int, epoch: int = 0) -> list[list[str]]:
     """The images of each of ``rank``'s training batches in ``epoch``, as fit packs them."""
-    from fiftyone_grounding.batching import GroupBatchSampler
+    from fiftyone_grounding.data.batching import GroupBatchSampler
 
     records = read_records(view.match({"split": "train"}))
     items = GroundingDataset(records, 64, (0.5,) * 3, (0.25,) * 3)
@@ -193,7 +193,7 @@ def test_the_fp16_loss_scale_is_saved_with_last_and_restored(tmp_path):
     run stands, so last/ keeps them and a resume restores them."""
     from accelerate import Accelerator
 
-    from fiftyone_grounding.train import _resume, _save_last
+    from fiftyone_grounding.engine.train import _resume, _save_last
 
     model = build_model("tiny")
     optimizer = configure_optimizer(model, 1e-3, 1e-4)
@@ -217,7 +217,7 @@ def test_absent_pairs_show_phrases_with_images_that_lack_their_referent(syntheti
     image's kinds, the kinds of the image's own phrases stand in."""
     import numpy as np
 
-    from fiftyone_grounding.data import add_absent_pairs
+    from fiftyone_grounding.data.records import add_absent_pairs
 
     records = read_records(synthetic_dataset.match({"split": "train"}).limit(24))
     assert all(records.image_kinds) and all(records.categories)  # the synthetic set says what each image holds
@@ -255,8 +255,8 @@ def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_
     fit uses the pairs by default (one-box models with quality and presence heads)."""
     import numpy as np
 
-    from fiftyone_grounding.data import add_absent_pairs
-    from fiftyone_grounding.train import forward_batch, learns_absence
+    from fiftyone_grounding.data.records import add_absent_pairs
+    from fiftyone_grounding.engine.train import forward_batch, learns_absence
 
     torch.manual_seed(0)
     records = read_records(synthetic_dataset.match({"split": "train"}).limit(16))
@@ -287,7 +287,7 @@ def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_
 def test_phrases_with_more_boxes_than_queries_are_counted_and_warned(dataset_name, tmp_path, capsys):
     import fiftyone as fo
 
-    from fiftyone_grounding.labels import make_box_detections
+    from fiftyone_grounding.data.labels import make_box_detections
 
     image = tmp_path / "a.png"
     Image.new("RGB", (64, 64)).save(image)
@@ -305,8 +305,8 @@ def test_phrases_with_more_boxes_than_queries_are_counted_and_warned(dataset_nam
 def test_a_multi_box_run_keeps_the_epoch_of_the_best_validation_pr_f1(dataset_name, tmp_path):
     """gRefCOCO ranks by Pr@(F1=1): best/ is the epoch where the official scorer, on the validation
     split, counts the most phrases right (phrases of nothing included); val IoU stays a column."""
-    from fiftyone_grounding.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.train import selection_score
+    from fiftyone_grounding.data.synthetic import make_synthetic_dataset
+    from fiftyone_grounding.engine.train import selection_score
 
     ds = make_synthetic_dataset(dataset_name, num_images=40, out_dir=str(tmp_path / "images"), seed=3,
                                 several_fraction=0.4, none_fraction=0.3, persistent=False, progress=False)

@@ -13,13 +13,13 @@ import torch
 import fiftyone as fo
 import fiftyone.zoo as foz
 
-from fiftyone_grounding.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from fiftyone_grounding.config import default_apply_batch_size
-from fiftyone_grounding.images import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
-from fiftyone_grounding.labels import expression_text
-from fiftyone_grounding.apply import apply_grounding_model, ground_phrase
-from fiftyone_grounding.fiftyone_model import GroundingModel
-from fiftyone_grounding.zoo import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, DownloadError,
+from fiftyone_grounding.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from fiftyone_grounding.inference.apply import default_apply_batch_size
+from fiftyone_grounding.data.images import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
+from fiftyone_grounding.data.labels import expression_text
+from fiftyone_grounding.inference.apply import apply_grounding_model, ground_phrase
+from fiftyone_grounding.inference.model import GroundingModel
+from fiftyone_grounding.app.zoo import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, DownloadError,
                                            register_local_source)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,402 @@
+"""The fast apply path: a grounding model over a whole view, written back in bulk.
+
+:func:`apply_grounding_model` (each sample's own phrase) and :func:`ground_phrase` (one typed
+phrase for every image; ``search.search_phrase`` ranks by it) share one loop: one query for ids,
+paths and phrases, samples grouped by image wherever they are in the view, batches packed by
+image (from pixels, or from a feature cache's frozen features), one batch in flight on a GPU,
+and a :class:`LabelWriter` that writes the labels by sample id in the background, so an
+interrupted run keeps what it wrote. Each written field is recorded on the dataset with the
+checkpoint that wrote it (``runs.record_labels``).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from ..data.batching import GroupBatchSampler
+from ..data.batching import default_num_workers
+from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD
+from ..errors import InputError
+from .model import GroundingModel, batch_labels, collate_items, log_skipped
+from ..data.images import resized_pixels
+from ..data.labels import LabelMaker
+from ..progress import TimeLeft, fiftyone_progress, shows_progress
+from ..runs import record_labels
+from ..data.text import NO_PHRASE, clean_phrase
+
+WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
+APPLY_BATCH_SIZE = {"cuda": 256, "cpu": 64}  # phrases per forward pass when applying a model
+APPLY_BATCH_SIZE_TEXT = f"{APPLY_BATCH_SIZE['cuda']} on a GPU, {APPLY_BATCH_SIZE['cpu']} on the CPU"
+
+
+def default_apply_batch_size(device) -> int:
+    """Phrases per forward pass when applying a model and the caller gives none: 256 on a
+    GPU (the host's cost per batch is then small against the GPU's work; the speed figures
+    are measured at 256), 64 on the CPU (larger batches gain nothing there)."""
+    return APPLY_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+class LabelWriter:
+    """Writes labels into ``dataset.<label_field>`` by sample id, ``chunk_size`` at a time, from
+    one background thread (as FiftyOne's ``apply_model`` does with ``async_writes``), so the loop
+    that feeds a GPU does not wait for the database (60-110 us per sample).
+
+    Labels go in database form (``LabelMaker.doc``) with ``validate=False``; the field
+    must be declared as ``Detections`` first (:func:`declare_detections_field`). A failed write
+    is raised by the next :meth:`add` or by :meth:`close`; :meth:`close` (also on leaving a
+    ``with`` block, error or not) writes everything kept before it returns.
+    """
+
+    def __init__(self, dataset, label_field: str, chunk_size: int = 1024):
+        self.dataset = dataset
+        self.label_field = label_field
+        self.chunk_size = chunk_size
+        self._pending: dict = {}
+        self._writing: Optional[Future] = None  # the chunk being written
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fiftyone-grounding-write")
+
+    def add(self, ids: Iterable[str], labels: Iterable) -> None:
+        """Keep the labels that are not None; hand a full chunk to the background thread."""
+        for sid, label in zip(ids, labels):
+            if label is not None:
+                self._pending[sid] = label
+        if len(self._pending) >= self.chunk_size:
+            self.flush()
+
+    def _write(self, chunk: dict) -> None:
+        self.dataset.set_values(self.label_field, chunk, key_field="id", validate=False)
+
+    def flush(self, wait: bool = False) -> None:
+        """Hand the labels kept to the writer (one chunk at a time: waits for the previous one
+        and raises its error here); ``wait``: write them in this thread."""
+        previous, self._writing = self._writing, None
+        try:
+            if previous is not None:
+                previous.result()
+        finally:  # even if that chunk failed: do not drop these
+            if self._pending:
+                chunk, self._pending = self._pending, {}
+                if wait:
+                    self._write(chunk)
+                else:
+                    self._writing = self._pool.submit(self._write, chunk)
+
+    def close(self) -> None:
+        try:
+            self.flush(wait=True)
+        finally:
+            self._pool.shutdown(wait=True)  # also a chunk whose wait was interrupted
+
+    def __enter__(self) -> "LabelWriter":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+
+class ImageGroups(torch.utils.data.Dataset):
+    """Inference items are images: each decoded and resized once (or its frozen features read
+    from ``features``, a feature cache holding every one of them), with its samples' phrases."""
+
+    def __init__(self, groups: list[tuple[str, list[tuple[str, str]]]], image_size: int, features=None):
+        self.groups = groups  # [(filepath, [(sample id, phrase), ...]), ...]
+        self.image_size = image_size
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> list[dict]:
+        path, members = self.groups[index]
+        if self.features is not None:
+            image = {"image_features": self.features.get(path, 0)}  # (N, D) float16, the unmirrored view
+            error = None
+        else:
+            pixels, error = resized_pixels(path, self.image_size)
+            image = {"pixel_values": pixels}
+        return [{"id": sid, "filepath": path, "phrase": phrase, "error": error, **image} for sid, phrase in members]
+
+
+def collate_groups(groups: list[list[dict]]) -> dict:
+    return {**collate_items([item for group in groups for item in group]), "images": len(groups)}
+
+
+def thread_loader(items: ImageGroups, batches, threads: int, prefetch: int = 4):
+    """Collated batches of ``items`` in order, their images decoded by a pool of ``threads``
+    threads up to ``prefetch`` batches ahead (0 threads: in the calling thread).
+
+    PIL decodes and OpenCV resizes without the GIL, so threads decode in parallel like
+    DataLoader processes, but nothing is started or forked: no start-up cost, no copy of a
+    process that holds the model and a CUDA context, and it may run inside the App's server.
+    """
+    if threads == 0:
+        for indices in batches:
+            yield collate_groups([items[i] for i in indices])
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fiftyone-grounding-decode")
+    try:
+        order = iter(batches)
+        pending = collections.deque()
+        for indices in itertools.islice(order, prefetch):
+            pending.append([pool.submit(items.__getitem__, i) for i in indices])
+        while pending:
+            futures = pending.popleft()
+            for indices in itertools.islice(order, 1):
+                pending.append([pool.submit(items.__getitem__, i) for i in indices])
+            yield collate_groups([f.result() for f in futures])
+    finally:  # also when the caller stops early (an error, Ctrl-C): drop the queued images
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_workers: Optional[int],
+            worker_type: str):
+    batches = GroupBatchSampler([len(m) for _, m in items.groups], batch_size, shuffle=False)
+    workers = default_num_workers(model.device) if num_workers is None else num_workers
+    if worker_type == "thread":
+        return thread_loader(items, batches, workers)  # predict_boxes pins the pixels
+    workers = min(workers, len(batches))  # a few selected samples start no idle processes
+    return iter(torch.utils.data.DataLoader(
+        items, batch_sampler=batches, num_workers=workers, collate_fn=collate_groups,
+        pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None,
+    ))
+
+
+def _chained(loaders: list):
+    """The batches of each loader in turn; every loader is closed at the end (also on an error)."""
+    try:
+        for loader in loaders:
+            yield from loader
+    finally:
+        for loader in loaders:
+            if hasattr(loader, "close"):
+                loader.close()
+
+
+def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: Optional[int] = None,
+            num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0], progress=None,
+            progress_callback=None, write_every: int = 1024, overlap: Optional[bool] = None,
+            confidence_thresh: Optional[float] = None, features=None, record: Optional[dict] = None) -> dict:
+    """Predict and write a box for each ``(sample id, filepath, phrase)`` of ``rows``; the loop
+    that the public functions run. ``features``: a feature cache; the images it holds are read
+    from it, the others decoded. ``record``: how the phrases were chosen, recorded on the dataset
+    with the model's checkpoint (None: not recorded). Returns ``{"processed", "skipped"}``."""
+    import fiftyone.core.utils as fou
+
+    if batch_size is None:
+        batch_size = default_apply_batch_size(model.device)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if worker_type not in WORKER_TYPES:
+        raise InputError(f"worker_type must be one of {', '.join(WORKER_TYPES)}, got {worker_type!r}")
+    if not rows:
+        return {"processed": 0, "skipped": []}
+    skipped: list[tuple[str, str]] = []
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for sid, path, phrase in rows:
+        text = clean_phrase(phrase)
+        if text is None:
+            skipped.append((sid, NO_PHRASE))
+        else:
+            groups.setdefault(path, []).append((sid, text))
+    dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
+    declare_detections_field(dataset, label_field)
+
+    cached = [g for g in groups.items() if features is not None and g[0] in features]
+    decoded = [g for g in groups.items() if features is None or g[0] not in features]
+    loader = _chained([_loader(ImageGroups(part, model.config.image_size, source), batch_size, model, num_workers,
+                               worker_type)
+                       for part, source in ((cached, features), (decoded, None)) if part])
+    if overlap is None:
+        overlap = model.device.type == "cuda"
+    done, total = len(skipped), len(rows)
+    verbose = shows_progress(progress)  # what it will run, and how long it will take, on stdout
+    if verbose and groups:
+        print(_plan(model, len(rows) - len(skipped), len(groups), len(cached), batch_size), flush=True)
+    time_left = TimeLeft(len(groups), unit="images")
+    in_flight = None  # (batch, its pending boxes): queued on the device, not written yet
+
+    make_label = model.labels.doc if confidence_thresh is None else LabelMaker(
+        model.labels.label, confidence_thresh).doc
+
+    def labels_of(batch, pending) -> list:
+        return batch_labels(batch, pending.result() if pending is not None else None, make_label)
+
+    with model, fiftyone_progress(progress, "grounding") as bar_progress, \
+            fou.ProgressBar(total=total, progress=bar_progress) as bar, \
+            LabelWriter(dataset, label_field, write_every) as writer:
+        bar.update(done)
+
+        def settle() -> None:
+            """Write the labels of the batch in flight and count it as done."""
+            nonlocal in_flight, done
+            (batch, pending), in_flight = in_flight, None
+            writer.add(batch["ids"], labels_of(batch, pending))
+            done += batch["size"]
+            estimate = time_left.add(batch["images"])
+            if estimate is not None and verbose:
+                print(estimate, flush=True)
+            bar.update(batch["size"])
+            if progress_callback is not None:
+                left = time_left.left()
+                progress_callback(done / total, f"{done:,} of {total:,} samples" + (f", {left}" if left else ""))
+
+        try:
+            # One batch in flight on a GPU: while it runs batch k, the host queues batch k + 1
+            # and writes the labels of batch k - 1. Labels in database form: building FiftyOne
+            # objects costs more than the model.
+            for batch in loader:
+                skipped.extend(batch["errors"])
+                queued = (batch, model.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"],
+                                                     image_features=batch["image_features"])
+                          if batch["valid"] else None)
+                if in_flight is not None:
+                    settle()
+                in_flight = queued
+                if not overlap:
+                    settle()
+            if in_flight is not None:
+                settle()
+        finally:  # also on Ctrl-C or an error: keep every prediction made so far, stop the workers
+            try:
+                if in_flight is not None:
+                    writer.add(in_flight[0]["ids"], labels_of(*in_flight))
+            finally:
+                loader.close()
+    log_skipped(skipped)
+    _redeclare_if_dropped(dataset, label_field)
+    if record is not None:
+        record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
+                      confidence_thresh=model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh)
+    return {"processed": total, "skipped": skipped}
+
+
+def _plan(model: GroundingModel, phrases: int, images: int, cached: int, batch_size: int) -> str:
+    """``"Grounding 2,468 phrases in 1,234 images (tiny, cpu, batch 64)"``."""
+    name = model.config.preset if model.config.preset != "custom" else model.config.architecture
+    details = [name, model.device.type, f"batch {batch_size:,}"]
+    if cached:
+        details.append(f"{cached:,} images from the feature cache")
+    return (f"Grounding {phrases:,} phrase{'s' if phrases != 1 else ''} in {images:,} "
+            f"image{'s' if images != 1 else ''} ({', '.join(details)})")
+
+
+def apply_grounding_model(view, model: GroundingModel, label_field: str = "predictions",
+                          prompt_field: Optional[str] = None, batch_size: Optional[int] = None,
+                          num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0],
+                          skip_existing: bool = False, progress: Optional[bool] = None,
+                          progress_callback: Optional[Callable[[float, str], None]] = None,
+                          write_every: int = 1024, overlap: Optional[bool] = None,
+                          confidence_thresh: Optional[float] = None) -> dict:
+    """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
+    write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
+    operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
+
+    - ``prompt_field`` (default: the model's load-time phrase source, else ``"expression"``): a
+      model loaded with ``prompt="..."`` and no ``prompt_field`` here grounds that one phrase
+      in every image, as :func:`ground_phrase` does.
+
+    - Reads ids, file paths and phrases in one query, groups the samples by image (each image
+      decoded and encoded once per batch, wherever its samples are in the view), runs
+      batches of about ``batch_size`` phrases (default: ``default_apply_batch_size``,
+      256 on a GPU, 64 on the CPU), and writes the labels in bulk by sample id every
+      ``write_every`` samples from a background thread, so an interrupted run keeps what it
+      wrote. Every chunk is written before the call returns or raises.
+    - ``num_workers`` decode the images ahead of the model (default: 8 on CUDA, 0 on the
+      CPU, where the model already uses every core): threads (``worker_type="thread"``, the
+      default: nothing to start, safe inside the App's server) or DataLoader processes
+      (``"process"``).
+    - ``overlap`` (default: on CUDA): keep one batch in flight, so the host queues the next
+      batch and writes the previous one's labels while the GPU runs. Elsewhere the model
+      has run when its call returns, and the progress is then exact to the batch.
+    - ``skip_existing``: only the samples with no prediction in ``label_field`` yet (finish an
+      interrupted run).
+    - Samples with a missing or empty phrase, or an unreadable image, get no prediction; they
+      are returned with the reason (and logged).
+    - Unless ``progress`` is False (None follows ``fo.config.show_progress_bars``), prints what it
+      will run (phrases, images, model, device, batch size) and, once the first batches measured
+      it, the time it will take (``progress.TimeLeft``); outside a terminal, lines instead of a
+      bar (``progress.fiftyone_progress``). ``progress_callback``'s label carries the time left.
+    - ``confidence_thresh`` (default: the model's own, usually none) works as in FiftyOne's
+      ``apply_model``: a box less confident than it is dropped, the sample gets an empty
+      ``Detections``.
+
+    Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
+    """
+    todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
+    if prompt_field is None and model.prompt is not None and model.prompt_field is None:
+        ids, paths = todo.values(["id", "filepath"])
+        rows = [(sid, path, model.prompt) for sid, path in zip(ids, paths)]
+        record = {"phrase": model.prompt}
+    else:
+        prompt_field = prompt_field or model.prompt_field or DEFAULT_PROMPT_FIELD
+        if not todo.has_field(prompt_field):
+            raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
+        rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
+        record = {"prompt_field": prompt_field}
+    return _ground(view, model, label_field, rows, batch_size=batch_size, num_workers=num_workers,
+                   worker_type=worker_type, progress=progress, progress_callback=progress_callback,
+                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh, record=record)
+
+
+def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = GROUNDED_FIELD,
+                  batch_size: Optional[int] = None, progress: Optional[bool] = None,
+                  progress_callback: Optional[Callable[[float, str], None]] = None,
+                  confidence_thresh: Optional[float] = None, features=None, record: bool = True) -> int:
+    """Find one typed ``phrase`` in every image of ``view``; writes its boxes as a ``Detections``
+    each (one box, or a multi-box model's zero or more; an unreadable image gets none, and loses
+    what the field held).
+
+    ``features``: a feature cache to read the images it holds from (``search.search_phrase``
+    passes one); ``record=False``: do not record the field on the dataset (the panel's preview).
+    Returns how many boxes were written (``confidence_thresh`` drops the less confident ones).
+    """
+    text = clean_phrase(phrase)
+    if text is None:
+        raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'.")
+    ids, paths = view.values(["id", "filepath"])
+    run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)],
+                  batch_size=batch_size, progress=progress, progress_callback=progress_callback,
+                  confidence_thresh=confidence_thresh, features=features,
+                  record={"phrase": text} if record else None)
+    if run["skipped"]:  # no stale box of another phrase on the samples that got none
+        view._root_dataset.set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
+    return view.count(f"{label_field}.detections")
+
+
+def declare_detections_field(dataset, label_field: str) -> None:
+    """Declare ``label_field`` as a ``Detections`` field unless the dataset has it; refuse a
+    field of another type (bulk writes skip validation: they would leave unreadable samples)."""
+    import fiftyone as fo
+
+    if not dataset.has_field(label_field):
+        dataset.add_sample_field(label_field, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+        return
+    field = dataset.get_field(label_field)
+    doc_type = getattr(field, "document_type", None)
+    if doc_type is not fo.Detections:
+        kind = doc_type.__name__ if doc_type is not None else type(field).__name__
+        raise InputError(
+            f"The field {label_field!r} already holds {kind}, not Detections: choose another label field, "
+            f"or delete it first with dataset.delete_sample_field({label_field!r})")
+
+
+def _redeclare_if_dropped(dataset, label_field: str) -> None:
+    """Declare ``label_field`` again if a concurrent run dropped it from the dataset's schema.
+
+    FiftyOne saves a dataset's list of fields as a whole, so two processes that add fields
+    at the same moment can drop one of them: its values stay in the samples, unseen.
+    """
+    from fiftyone.core.odm import get_db_conn
+
+    # Ask the database (not dataset.reload(), which also reloads every Sample held in memory).
+    stored = get_db_conn().datasets.find_one({"name": dataset.name}, {"sample_fields.name": 1}) or {}
+    if label_field in {f.get("name") for f in stored.get("sample_fields", [])}:
+        return
+    dataset.reload()
+    declare_detections_field(dataset, label_field)

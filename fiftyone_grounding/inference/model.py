@@ -1,0 +1,412 @@
+"""``GroundingModel``: a trained grounding network as a FiftyOne model.
+
+``dataset.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32)``
+batches for real (``SupportsGetItem`` + ``TorchModelMixin`` with a collate function:
+FiftyOne drops ``batch_size`` to 1 for ``ragged_batches=True`` models), reads each
+sample's OWN phrase inside the data loader item (so it cannot drift to another sample),
+and writes no prediction where the phrase is missing or empty or the image unreadable.
+
+The phrase source can also be set when the model is loaded, so that ``apply_model`` needs no
+other argument (FiftyOne's "Apply zoo model" operator passes none):
+``GroundingModel.from_checkpoint(path, prompt_field="expression")`` (each sample's own phrase)
+or ``prompt="the red car"`` (one phrase for every sample). ``apply_model(prompt_field=...)``
+wins over both.
+
+Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
+faster path over whole datasets is ``apply.apply_grounding_model``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import fiftyone.core.models as fom
+import fiftyone.utils.torch as fout
+
+from ..models.checkpoint import load_checkpoint, resolve_checkpoint_dir
+from ..data.fields import DEFAULT_LABEL
+from ..errors import InputError
+from ..data.images import normalize_pixels_batch, resize_rgb, resized_pixels, rgb_tensor
+from ..data.labels import LabelMaker
+from ..models.build import Grounder, build_model, build_tokenizer
+from ..data.text import NO_PHRASE, PhraseTokenizer, clean_phrase
+
+logger = logging.getLogger(__name__)
+
+PROMPT_KEY = "prompt_field"  # the get-item key that apply_model(prompt_field=...) fills in
+
+
+def log_skipped(skipped: Sequence[tuple[str, str]]) -> None:
+    """One warning that counts the samples that got no prediction, by reason."""
+    if not skipped:
+        return
+    reasons: dict[str, int] = {}
+    for _, why in skipped:
+        reasons[why] = reasons.get(why, 0) + 1
+    logger.warning("No prediction for %d samples: %s", len(skipped),
+                   ", ".join(f"{n} x {r}" for r, n in reasons.items()))
+
+
+class GroundingGetItem(fout.GetItem):
+    """Loads one sample for inference: its image and its own phrase, together (or, with
+    ``prompt``, the one phrase of every sample)."""
+
+    def __init__(self, image_size: int, field_mapping=None, prompt: Optional[str] = None):
+        self.image_size = image_size
+        self.prompt = prompt
+        self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
+        super().__init__(field_mapping=field_mapping)
+
+    @property
+    def required_keys(self):
+        return ["id", "filepath"] + ([PROMPT_KEY] if self.prompt is None else [])
+
+    def __call__(self, d: dict) -> dict:
+        phrase = self.prompt if self.prompt is not None else clean_phrase(d.get(PROMPT_KEY))
+        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": phrase, "error": None}
+        if item["phrase"] is None:
+            item["error"] = NO_PHRASE
+            return item
+        # The expressions of an image are consecutive samples: decode the image once for
+        # all of them (decoding costs more than the model on small models).
+        if self._last is None or self._last[0] != d["filepath"]:
+            self._last = (d["filepath"], *resized_pixels(d["filepath"], self.image_size))
+        if self._last[2] is not None:
+            item["error"] = self._last[2]
+        else:
+            item["pixel_values"] = self._last[1]
+        return item
+
+
+def collate_items(items: list[dict]) -> dict:
+    """Inference items (``id``, ``filepath``, ``phrase``, ``error``, and ``pixel_values`` or the
+    cached ``image_features``) -> a batch that stacks each distinct image once and maps every
+    phrase to it. The items of a batch hold one kind of image input."""
+    valid = [i for i, it in enumerate(items) if it.get("error") is None]
+    kind = "image_features" if valid and "image_features" in items[valid[0]] else "pixel_values"
+    image_of: dict[str, int] = {}
+    images, index = [], []
+    for i in valid:
+        path = items[i]["filepath"]
+        if path not in image_of:
+            image_of[path] = len(images)
+            images.append(items[i][kind])
+        index.append(image_of[path])
+    stacked = torch.stack(images) if images else None
+    return {
+        "size": len(items),
+        "ids": [it["id"] for it in items],
+        "valid": valid,
+        "phrases": [items[i]["phrase"] for i in valid],
+        "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
+        "pixel_values": stacked if kind == "pixel_values" else None,  # (I, S, S, 3) uint8
+        "image_features": stacked if kind == "image_features" else None,  # (I, N, D) float16
+        "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
+    }
+
+
+class BoxPrediction(NamedTuple):
+    """The boxes of a batch on the CPU, and the confidence of each (None without a quality head).
+
+    A multi-box model also gives ``sets``: each phrase's kept boxes (k, 4) and their confidences
+    (k,), the most confident first, k maybe 0; ``boxes`` is then each phrase's best box."""
+
+    boxes: torch.Tensor  # (B, 4) normalized xyxy
+    confidences: Optional[np.ndarray] = None  # (B,) in [0, 1]
+    sets: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
+
+
+def batch_labels(batch: dict, prediction: Optional[BoxPrediction], make_label: Callable) -> list:
+    """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence)``,
+    None where the item was skipped. ``prediction``: the boxes of its valid items."""
+    out: list = [None] * batch["size"]
+    if prediction is not None and prediction.sets is not None:
+        for i, phrase, (boxes, confidences) in zip(batch["valid"], batch["phrases"], prediction.sets):
+            out[i] = make_label(boxes.tolist(), phrase, confidences.tolist())
+    elif prediction is not None:
+        confidences = (prediction.confidences.tolist() if prediction.confidences is not None
+                       else [None] * len(batch["valid"]))
+        for i, phrase, box, confidence in zip(batch["valid"], batch["phrases"], prediction.boxes.tolist(),
+                                              confidences):
+            out[i] = make_label(box, phrase, confidence)
+    return out
+
+
+class PendingBoxes:
+    """The boxes of a batch queued on the model's device; :meth:`result` waits for them."""
+
+    def __init__(self, wait: Callable[[], BoxPrediction]):
+        self._wait = wait
+
+    def result(self) -> BoxPrediction:
+        """The (B, 4) normalized xyxy boxes on the CPU and their confidences."""
+        return self._wait()
+
+
+def phrase_source(prompt_field: Optional[str] = None, prompt: Optional[str] = None) -> tuple:
+    """``(prompt_field, prompt)`` checked: at most one of them, no empty ones."""
+    if prompt_field is not None and prompt is not None:
+        raise InputError("Give prompt_field (each sample's own phrase) or prompt (one phrase for every sample), "
+                         "not both.")
+    if prompt_field is not None and (not isinstance(prompt_field, str) or not prompt_field.strip()):
+        raise InputError(f"prompt_field must name the sample field with the phrases, got {prompt_field!r}.")
+    if prompt is not None and clean_phrase(prompt) is None:
+        raise InputError("The prompt is empty: type the phrase to find, e.g. prompt='the red car'.")
+    return (prompt_field.strip() if prompt_field else None), clean_phrase(prompt)
+
+
+class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
+    """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
+
+    def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
+                 mixed_precision: str = "auto", label: str = DEFAULT_LABEL,
+                 confidence_thresh: Optional[float] = None, score_thresh: Optional[float] = None,
+                 prompt_field: Optional[str] = None, prompt: Optional[str] = None, source: Optional[str] = None):
+        """``label``: the label of every box (the phrase goes to its ``expression`` attribute);
+        ``confidence_thresh``: boxes less confident than this are not written (as FiftyOne's
+        ``apply_model(confidence_thresh=...)``, which also works); ``score_thresh``: a multi-box
+        model's boxes are kept from this confidence (default: its config's, 0.7, the official
+        gRefCOCO scorer's); lower it to sweep the threshold in evaluation. ``prompt_field`` (each
+        sample's phrase) or ``prompt`` (one phrase for all): the phrases ``apply_model`` grounds
+        when it is given no ``prompt_field``; ``source``: the checkpoint folder or zoo name the
+        network came from (recorded with the fields it writes)."""
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self._device).eval()
+        self.config = model.config
+        self.tokenize = PhraseTokenizer(build_tokenizer(model.config), model.config.max_text_len)
+        self._preprocess = True
+        if mixed_precision == "auto":
+            use_bf16 = self._device.type == "cuda" and torch.cuda.is_bf16_supported()
+        else:
+            use_bf16 = mixed_precision == "bf16"
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
+        self.source = str(source) if source is not None else None
+        self.forward_calls = 0  # number of batched forward passes, for inspection
+        self._set_options(label=label, confidence_thresh=confidence_thresh, prompt_field=prompt_field, prompt=prompt)
+
+    def _set_options(self, label: str, confidence_thresh: Optional[float], prompt_field: Optional[str],
+                     prompt: Optional[str]) -> None:
+        self.labels = LabelMaker(label=label, confidence_thresh=confidence_thresh)
+        self.prompt_field, self.prompt = phrase_source(prompt_field, prompt)
+        self._run_skips: list[tuple[str, str]] = []  # what an apply_model run skipped, logged at its end
+
+    # -- construction ------------------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None, **kwargs) -> "GroundingModel":
+        """Load a checkpoint folder (``config.json`` + ``model.safetensors``), or a training run's
+        folder (its ``best/``). ``kwargs``: the options of ``GroundingModel``, e.g.
+        ``prompt_field="expression"`` or ``prompt="the red car"``."""
+        folder = resolve_checkpoint_dir(path)
+        kwargs.setdefault("source", str(folder))
+        return cls(load_checkpoint(folder), device=device, **kwargs)
+
+    def with_options(self, **options) -> "GroundingModel":
+        """A model that shares this one's network and tokenizer (nothing is loaded again) with
+        other options: ``prompt_field``, ``prompt``, ``confidence_thresh``, ``score_thresh``,
+        ``label``, ``source``; those not given keep this model's values."""
+        unknown = sorted(set(options) - {"prompt_field", "prompt", "confidence_thresh", "score_thresh", "label",
+                                         "source"})
+        if unknown:
+            raise InputError(f"Unknown GroundingModel options {unknown}: use prompt_field, prompt, confidence_thresh, "
+                             f"score_thresh, label or source.")
+        current = {"label": self.labels.label, "confidence_thresh": self.labels.confidence_thresh,
+                   "prompt_field": self.prompt_field, "prompt": self.prompt}
+        if "prompt_field" in options or "prompt" in options:  # a new phrase source replaces the old one
+            current.update(prompt_field=None, prompt=None)
+        clone = copy.copy(self)
+        score_thresh = options.pop("score_thresh", None)
+        if score_thresh is not None:
+            clone.score_thresh = float(score_thresh)
+        source = options.pop("source", self.source)
+        clone.source = str(source) if source is not None else None
+        clone._set_options(**{**current, **options})
+        return clone
+
+    @classmethod
+    def from_preset(cls, preset: str, weights: bool = True, device=None, **overrides) -> "GroundingModel":
+        """An untrained model of a preset (for timing, or to fine-tune)."""
+        return cls(build_model(preset, weights=weights, **overrides), device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def applied_score_thresh(self) -> Optional[float]:
+        """The score threshold this model applies before it writes boxes: a multi-box model's
+        ``score_thresh`` (no box below it is written), None for a one-box model (its box is
+        written whatever its confidence). Recorded with the fields it writes (``runs.py``)."""
+        return self.score_thresh if self.config.num_queries > 0 else None
+
+    # -- FiftyOne Model interface --------------------------------------------------------
+
+    @property
+    def media_type(self):
+        return "image"
+
+    @property
+    def has_logits(self):
+        return False
+
+    @property
+    def has_embeddings(self):
+        return False
+
+    @property
+    def ragged_batches(self):
+        return False  # every image is resized to the same square: batches stack
+
+    @property
+    def transforms(self):
+        return None
+
+    @property
+    def preprocess(self):
+        return self._preprocess
+
+    @preprocess.setter
+    def preprocess(self, value):
+        self._preprocess = value
+
+    @property
+    def has_collate_fn(self):
+        return True
+
+    @staticmethod
+    def collate_fn(batch):
+        return collate_items(batch)
+
+    def build_get_item(self, field_mapping=None):
+        """The data loader's item: ``apply_model(prompt_field=...)`` wins, then the load-time
+        ``prompt_field``, then the load-time ``prompt``."""
+        mapping = dict(field_mapping or {})
+        if PROMPT_KEY not in mapping and self.prompt_field is not None:
+            mapping[PROMPT_KEY] = self.prompt_field
+        if PROMPT_KEY not in mapping and self.prompt is None:
+            raise InputError("This grounding model has no phrases to find: pass apply_model(..., "
+                             "prompt_field='expression'), or load it with prompt_field=... or prompt='...'.")
+        prompt = None if PROMPT_KEY in mapping else self.prompt
+        return GroundingGetItem(self.config.image_size, field_mapping=mapping, prompt=prompt)
+
+    def __enter__(self):
+        self._run_skips = []
+        self.tokenize.warned = False  # one warning about cut phrases per run
+        return self
+
+    def __exit__(self, *args):
+        log_skipped(self._run_skips)
+        self._run_skips = []
+        return False
+
+    def predict(self, arg, phrase: Optional[str] = None):
+        """One image (uint8 HWC array or PIL image) and its phrase (default: the load-time
+        ``prompt``) -> ``Detections`` (None for an empty phrase)."""
+        if isinstance(arg, dict):
+            return self.predict_all([arg])[0]
+        if phrase is None:
+            phrase = self.prompt
+        if phrase is None:
+            raise InputError("GroundingModel.predict needs a phrase: predict(image, phrase)")
+        image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
+        item = {"id": None, "filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
+        if item["phrase"] is None:
+            return None
+        item["pixel_values"] = rgb_tensor(resize_rgb(image, self.config.image_size))
+        return self.predict_all([item])[0]
+
+    def predict_all(self, args, samples=None):
+        """Labels of a batch of get-item items (or their collated batch); None where skipped."""
+        batch = args if isinstance(args, dict) else collate_items(list(args))
+        self._run_skips.extend(batch["errors"])
+        prediction = None
+        if batch["valid"]:
+            prediction = self.predict_boxes(batch["pixel_values"], batch["phrases"], batch["image_index"],
+                                            image_features=batch["image_features"]).result()
+        return batch_labels(batch, prediction, self.labels.detections)
+
+    @torch.inference_mode()
+    def predict_boxes(self, pixel_values: Optional[torch.Tensor], phrases: Sequence[str],
+                      image_index: Optional[torch.Tensor] = None,
+                      image_features: Optional[torch.Tensor] = None) -> PendingBoxes:
+        """Queue the boxes of ``phrases`` over images: resized uint8 (I, S, S, 3), or model
+        input (I, 3, S, S) already normalized, or (with ``pixel_values=None``) the frozen image
+        features of a feature cache, ``image_features`` (I, N, D); ``image_index`` (B,) maps
+        each phrase to its image (default: phrase i -> image i). A phrase that several images
+        share is encoded once. On a GPU this returns once the work is queued, so the caller
+        can prepare the next batch or write the last one's labels meanwhile; ``.result()``
+        waits for the (B, 4) boxes on the CPU and their confidences (the calibrated quality
+        head; None for a model without one)."""
+        cuda = self._device.type == "cuda"
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            # from pinned memory a copy to the GPU does not wait for the batch still running there
+            pin = cuda and t.device.type == "cpu" and not t.is_pinned()
+            return (t.pin_memory() if pin else t).to(self._device, non_blocking=True)
+
+        unique = list(dict.fromkeys(phrases))
+        tokens = self.tokenize(unique)
+        if pixel_values is not None:
+            pixel_values = to_device(pixel_values)
+            if pixel_values.dtype == torch.uint8:
+                pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+        if image_features is not None:
+            image_features = to_device(image_features)
+        ids, mask = to_device(tokens["input_ids"]), to_device(tokens["attention_mask"])
+        if image_index is not None:
+            image_index = to_device(image_index)
+        with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            text_features = None
+            if len(unique) < len(phrases):  # e.g. one searched phrase over every image: its text encoded once
+                position = {phrase: i for i, phrase in enumerate(unique)}
+                order = to_device(torch.tensor([position[p] for p in phrases], dtype=torch.long))  # (B,)
+                text_features = self.model.encode_text(ids, mask).index_select(0, order)  # (B, T, D_txt)
+                ids, mask = None, mask.index_select(0, order)
+            out = self.model(pixel_values, ids, mask, image_index, image_features=image_features,
+                             text_features=text_features).clipped()  # post-processing: boxes inside the image
+        # boxes and quality logits (or every query's box and confidence logit) side by side: one copy to the host
+        if out.scores is not None:
+            result = torch.cat([out.query_boxes.float(), out.box_confidence_logits()[..., None]], -1)  # (B, Q, 5)
+        elif out.quality is None:
+            result = out.boxes.float()
+        else:  # the predicted IoU, times P(present) with a presence head
+            result = torch.cat([out.boxes.float(), out.confidence_logits()[:, None]], 1)
+        self.forward_calls += 1
+        calibration = self.model.calibration
+        score_thresh = self.score_thresh
+
+        def split(values: torch.Tensor) -> BoxPrediction:
+            if values.ndim == 3:  # a multi-box model: each phrase's boxes at or above the threshold
+                boxes, confidences = values[..., :4].numpy(), calibration(values[..., 4].numpy())  # (B, Q)
+                sets = []
+                for row_boxes, row_conf in zip(boxes, confidences):
+                    order = np.argsort(-row_conf, kind="stable")
+                    order = order[row_conf[order] >= score_thresh]
+                    sets.append((row_boxes[order], row_conf[order]))
+                best = values[torch.arange(len(values)), values[..., 4].argmax(1), :4]
+                return BoxPrediction(best, None, sets)
+            if out.quality is None:
+                return BoxPrediction(values)
+            return BoxPrediction(values[:, :4], calibration(values[:, 4].numpy()), None)
+
+        if not cuda:
+            prediction = split(result.cpu())
+            return PendingBoxes(lambda: prediction)
+        # Copy into pinned memory behind the model on the same stream; the event marks its end
+        # (a plain .cpu() later would also wait for every batch queued after this one).
+        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(result, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(result.device))  # the model's GPU, not the current one
+
+        def wait() -> BoxPrediction:
+            copied.synchronize()
+            return split(host)
+
+        return PendingBoxes(wait)
