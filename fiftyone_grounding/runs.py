@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 from typing import Optional
+from .fiftyone_api import root_dataset
 
 TRAIN_METHOD = "fiftyone_grounding.train"
 LABELS_METHOD = "fiftyone_grounding.labels"
@@ -59,7 +60,7 @@ def _register(samples, key: str, method: str, **config) -> None:
 
 
 def _update(samples, key: str, method: str, **config) -> None:
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     if not dataset.has_run(key):
         return
     current = {k: v for k, v in dataset.get_run_info(key).config.serialize().items()
@@ -106,7 +107,7 @@ def record_evaluation(view, eval_key: str, pred_field: str, gt_field: str, field
 
 def checkpoint_of(samples, label_field: str) -> Optional[str]:
     """The checkpoint (or zoo model) that last wrote ``label_field`` through this package, or None."""
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     key = labels_run_key(label_field)
     if not dataset.has_run(key):
         return None
@@ -118,7 +119,7 @@ def training_checkpoints(samples) -> list[str]:
     dataset, the latest started first; whether each exists on disk is the caller's question."""
     from pathlib import Path
 
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     runs = [dataset.get_run_info(key) for key in dataset.list_runs(method=TRAIN_METHOD)]
     paths = [getattr(info.config, "checkpoint", None) for info in sorted(runs, key=lambda info: info.timestamp,
                                                                           reverse=True)]
@@ -131,7 +132,7 @@ def written_from(samples, label_field: str) -> Optional[float]:
     apply path recorded (0.0: every box was written). None where no record says: the field was
     not written by this package's apply paths (e.g. FiftyOne's own ``apply_model``), or before
     they recorded ``score_thresh``."""
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     key = labels_run_key(label_field)
     if not dataset.has_run(key):
         return None

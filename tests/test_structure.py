@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fiftyone_grounding"
 
 # Each layer imports only from the layers listed before it (and itself). The bottom modules are
 # the package's own top-level files below everything; cli and demo sit above everything.
-BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api"}
+BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api"}  # fiftyone_api: FiftyOne's private names
 LAYERS = ["bottom", "models", "data", "evaluation", "sources", "engine", "inference", "app", "top"]
 MAY_IMPORT = {
     "bottom": {"bottom"},
@@ -211,3 +211,13 @@ def test_the_zoo_manifest_requires_only_declared_dependencies():
     for model in models:
         required = {_distribution(p) for p in model["requirements"]["packages"]}
         assert required <= runtime, (model["base_name"], sorted(required - runtime))
+
+
+def test_fiftyone_private_names_are_read_in_one_module():
+    """``_root_dataset``, ``_doc`` and raw database queries only through fiftyone_api.py."""
+    import re
+
+    private = re.compile(r"\._root_dataset\b|\._doc\b|get_db_conn")
+    found = [f"{path.relative_to(PACKAGE)}:{n}" for path in sorted(PACKAGE.rglob("*.py")) if path.name != "fiftyone_api.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert not found, found

@@ -23,6 +23,7 @@ from ..data.fields import GROUNDED_FIELD, PREVIEW_FIELD
 from ..errors import GroundingError
 from .operators import ICONS, fields_of_kind
 from ..data.text import clean_phrase
+from ..fiftyone_api import root_dataset
 
 GT_FIELD = "ground_truth"  # the ground truth the panel compares with, where the dataset has it
 PANEL_HELP = """Type a phrase: its box is drawn on this sample (field `{preview}`) with the model's
@@ -74,7 +75,7 @@ class GroundingPanel(foo.Panel):
         if not samples.has_field(PREVIEW_FIELD):  # declared before the modal draws: it then knows the field
             from ..inference.apply import declare_detections_field
 
-            declare_detections_field(samples._root_dataset, PREVIEW_FIELD)
+            declare_detections_field(root_dataset(samples), PREVIEW_FIELD)
             ctx.ops.reload_dataset()
             state.message = FIRST_USE.format(preview=PREVIEW_FIELD)
         if clean_phrase(state.phrase):

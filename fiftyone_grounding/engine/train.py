@@ -42,6 +42,7 @@ from ..models.losses import grounding_loss
 from ..models.build import Grounder, build_model, build_tokenizer
 from ..data.augment import CACHEABLE, parse_augment
 from ..data.text import swap_left_right
+from ..fiftyone_api import is_collection, root_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def _recorded(view, cfg: TrainConfig, out: Path, best_dir: Path, is_main: bool):
     from ..runs import record_training_start
 
     key = None
-    if is_main and hasattr(view, "_root_dataset"):
+    if is_main and is_collection(view):
         key = record_training_start(view, cfg.to_dict(), out, best_dir)
     run = _RecordedRun(view, key)
     try:
@@ -375,7 +376,7 @@ def run_fingerprint(view, cfg: TrainConfig, model_config: GrounderConfig) -> dic
     """What a run trains on and how: the dataset and the view's stages, every training option
     but those of ``UNFINGERPRINTED``, the model config. A run folder resumes only the run whose
     fingerprint it holds."""
-    dataset = getattr(view, "_root_dataset", None)
+    dataset = root_dataset(view) if is_collection(view) else None
     stages = []
     if dataset is not None:
         stages = [{k: v for k, v in stage.items() if k != "_uuid"} for stage in view.view()._serialize()]

@@ -41,6 +41,7 @@ from ..data.fields import NO_TARGET_FIELD
 from ..models.confidence import COVERAGES, confidence_metrics
 from ..errors import InputError
 from ..runs import checkpoint_of, record_evaluation, written_from
+from ..fiftyone_api import root_dataset, dataset_id
 
 THRESHOLDS = (0.5, 0.75)
 MAP_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
@@ -355,7 +356,7 @@ def _write_sample_values(view, field: str, ids: list, values: list) -> None:
     """``field`` of the samples ``ids`` set to ``values``, in one bulk write by id."""
     import fiftyone as fo
 
-    dataset = view._root_dataset
+    dataset = root_dataset(view)
     if not dataset.has_field(field):
         known = [v for v in values if v is not None]
         kind = fo.IntField if known and all(isinstance(v, int) for v in known) else fo.FloatField
@@ -735,7 +736,7 @@ def _evaluate_grec_in_fiftyone(view, pred_field: str, gt_field: str, eval_key: s
 def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvaluationConfig
                ) -> tuple[list, dict]:
     """Bulk-write the run's sample fields and box attributes; returns its matches and counts."""
-    dataset = view._root_dataset
+    dataset = root_dataset(view)
     threshold = config.iou
     matches = []
     # every sample of the view gets counts, the unscored ones 0 (as FiftyOne's own loop writes)
@@ -767,7 +768,7 @@ def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvalu
 def _write_box_attributes(view, field: str, eval_key: str, box_values: dict) -> None:
     """``<eval_key>``, ``_id`` and ``_iou`` on every box of ``field`` that the run scored: the
     field's documents read, changed and written back whole (one bulk write, not one per attribute)."""
-    dataset = view._root_dataset
+    dataset = root_dataset(view)
     sample_ids, docs = view.values(["id", field], _raw=True)
     changed = {}
     for sid, doc in zip(sample_ids, docs):
@@ -791,10 +792,10 @@ def register_scenarios(view, fields: Sequence[str]) -> list[str]:
 
     if not fields:
         return []
-    dataset = view._root_dataset
+    dataset = root_dataset(view)
     # the store and record layout of the panel's own "Create scenario" operator (FiftyOne's
     # plugins/utils/model_evaluation: store "model_evaluation_panel_builtin", key "scenarios")
-    store = ExecutionStore.create("model_evaluation_panel_builtin", dataset._doc.id)
+    store = ExecutionStore.create("model_evaluation_panel_builtin", dataset_id(dataset))
     scenarios = dict(store.get("scenarios") or {})
     names = []
     for field in fields:

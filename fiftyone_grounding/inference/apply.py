@@ -28,6 +28,7 @@ from ..data.labels import LabelMaker
 from ..progress import TimeLeft, fiftyone_progress, shows_progress
 from ..runs import record_labels
 from ..data.text import NO_PHRASE, clean_phrase
+from ..fiftyone_api import root_dataset, stored_field_names
 
 WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
 APPLY_BATCH_SIZE = {"cuda": 256, "cpu": 64}  # phrases per forward pass when applying a model
@@ -204,7 +205,7 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
             skipped.append((sid, NO_PHRASE))
         else:
             groups.setdefault(path, []).append((sid, text))
-    dataset = view._root_dataset  # the dataset of the view (FiftyOne has no public name for it)
+    dataset = root_dataset(view)
     declare_detections_field(dataset, label_field)
 
     cached = [g for g in groups.items() if features is not None and g[0] in features]
@@ -365,7 +366,7 @@ def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = G
                   confidence_thresh=confidence_thresh, features=features,
                   record={"phrase": text} if record else None)
     if run["skipped"]:  # no stale box of another phrase on the samples that got none
-        view._root_dataset.set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
+        root_dataset(view).set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
     return view.count(f"{label_field}.detections")
 
 
@@ -392,11 +393,7 @@ def _redeclare_if_dropped(dataset, label_field: str) -> None:
     FiftyOne saves a dataset's list of fields as a whole, so two processes that add fields
     at the same moment can drop one of them: its values stay in the samples, unseen.
     """
-    from fiftyone.core.odm import get_db_conn
-
-    # Ask the database (not dataset.reload(), which also reloads every Sample held in memory).
-    stored = get_db_conn().datasets.find_one({"name": dataset.name}, {"sample_fields.name": 1}) or {}
-    if label_field in {f.get("name") for f in stored.get("sample_fields", [])}:
+    if label_field in stored_field_names(dataset):
         return
     dataset.reload()
     declare_detections_field(dataset, label_field)

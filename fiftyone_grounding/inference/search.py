@@ -29,6 +29,7 @@ from ..errors import InputError
 from .model import GroundingModel
 from ..data.labels import EXPRESSION_ATTR
 from ..runs import record_labels
+from ..fiftyone_api import root_dataset
 
 
 def default_feature_cache_dir() -> Path:
@@ -108,7 +109,7 @@ def keep_box(samples, sample_id: str, model_source: Optional[str], preview_field
     them. Returns how many boxes ``keep_field`` holds on the sample."""
     import fiftyone as fo
 
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     sample = dataset[sample_id]
     preview = sample[preview_field] if dataset.has_field(preview_field) else None
     if preview is None or not preview.detections:
@@ -127,6 +128,6 @@ def keep_box(samples, sample_id: str, model_source: Optional[str], preview_field
 
 def clear_box(samples, sample_id: str, preview_field: str = PREVIEW_FIELD) -> None:
     """Remove the preview box of the sample ``sample_id``."""
-    dataset = samples._root_dataset
+    dataset = root_dataset(samples)
     if dataset.has_field(preview_field):
         dataset.set_values(preview_field, {sample_id: None}, key_field="id")
