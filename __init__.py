@@ -32,13 +32,13 @@ def load_model(model_name, model_path, **kwargs):
 def resolve_input(model_name, ctx):
     """The model's options in the "Apply zoo model" form: the phrase field or one typed phrase
     (the form has its own confidence threshold) (remote-zoo hook)."""
-    from fiftyone_grounding.app.operators import zoo_model_inputs
+    from fiftyone_grounding.app.zoo_form import zoo_model_inputs
 
     return zoo_model_inputs(ctx)
 
 
 def parse_parameters(model_name, ctx, params):
     """Turn that form's values into ``load_model`` keyword arguments, in place (remote-zoo hook)."""
-    from fiftyone_grounding.app.operators import parse_zoo_parameters
+    from fiftyone_grounding.app.zoo_form import parse_zoo_parameters
 
     parse_zoo_parameters(ctx, params)

@@ -187,7 +187,7 @@ def offline_text_encoder(folder: Path, name: str) -> str:
     BERT tokenizer over a generated vocabulary of its size (the real one needs the Hub)."""
     from transformers import BertConfig, BertTokenizerFast
 
-    from fiftyone_grounding.models.config import KNOWN_ENCODER_CONFIGS
+    from fiftyone_grounding.models.encoder_specs import KNOWN_ENCODER_CONFIGS
     from fiftyone_grounding.models.encoders import tiny_vocabulary
 
     values = dict(KNOWN_ENCODER_CONFIGS[name])
@@ -208,7 +208,8 @@ def offline_text_encoder(folder: Path, name: str) -> str:
 def offline_config(preset: str, tmp: Path, **overrides):
     """The config of a preset whose text encoder is a local folder (``offline_text_encoder``)
     where it would be downloaded; returns (config, note saying what stands in)."""
-    from fiftyone_grounding.models.config import KNOWN_ENCODER_CONFIGS, get_config
+    from fiftyone_grounding.models.config import get_config
+    from fiftyone_grounding.models.encoder_specs import KNOWN_ENCODER_CONFIGS
 
     config = get_config(preset, **overrides)
     note = None

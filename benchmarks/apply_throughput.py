@@ -105,6 +105,8 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
 
         grounder, note = build_offline(preset, tmp)
         model = GroundingModel(grounder, device=device)
+        forwards = []  # one entry per batched forward pass of the network, from a hook on it
+        grounder.register_forward_pre_hook(lambda module, args: forwards.append(1))
         cfg = model.config
         print(f"model: preset {preset!r}, {cfg.image_encoder} + text encoder ({note or cfg.text_encoder}), "
               f"{cfg.image_size} px, {grounder.num_parameters():,} params, random weights; "
@@ -148,11 +150,11 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
                 for kind, run in (("apply", apply), ("fo_apply", fo_apply)):
                     if kind == "fo_apply" and args.no_fo_apply:
                         continue
-                    before = model.forward_calls
+                    before = len(forwards)
                     with Timer(device) as t:
                         marks = run(dataset, f"pred_{kind}_{bs}", bs)
                     times.setdefault(f"{kind}_{bs}", []).append(t.seconds)
-                    calls[f"{kind}_{bs}"] = model.forward_calls - before
+                    calls[f"{kind}_{bs}"] = len(forwards) - before
                     if marks and len(marks) > 1:  # start-up (query, workers, first batch) vs the rest
                         (t0, f0), (t1, f1) = marks[0], marks[-1]
                         phases.setdefault(f"{kind}_{bs}", []).append((t0, n * (f1 - f0) / max(t1 - t0, 1e-9)))
@@ -223,11 +225,12 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
 
 def run_model_only(args, device, preset, tmp: Path, reason: str) -> dict:
     from fiftyone_grounding.models.build import build_model
+    from fiftyone_grounding.models.precision import autocast, bf16_supported
 
     cuda = device.type == "cuda"
     model = build_model(preset, weights=False).to(device).eval()
     cfg = model.config
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    dtype = torch.bfloat16 if bf16_supported(device) else None
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     ppi = args.phrases_per_image
     vocab = int(model.text_encoder.config.vocab_size)
@@ -239,8 +242,7 @@ def run_model_only(args, device, preset, tmp: Path, reason: str) -> dict:
           f"autocast {'bf16' if dtype else 'none (fp32)'}")
 
     def run(pixels, ids, mask, index):
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                    enabled=dtype is not None):
+        with torch.inference_mode(), autocast(device, dtype):
             return model(pixels.to(device, non_blocking=True), ids.to(device), mask.to(device),
                          None if index is None else index.to(device))
 

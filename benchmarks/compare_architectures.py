@@ -65,10 +65,10 @@ def main(argv=None) -> dict:
     _bench_common.set_threads(args.threads)
     from fiftyone import ViewField as F
 
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grounding
+    from fiftyone_grounding.evaluation.scoring import evaluate_grounding
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     progress = not args.no_progress
     out = Path(args.out_dir)

@@ -113,7 +113,8 @@ def main(argv=None):
     os.environ.setdefault("FIFTYONE_DATABASE_NAME", "fiftyone_grounding_bench")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # without PYTHONPATH=. too
     from fiftyone_grounding.demo import cpu_name
-    from fiftyone_grounding.evaluation.evaluate import GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone
+    from fiftyone_grounding.evaluation.fiftyone_run import GroundingEvaluationConfig, evaluate_in_fiftyone
+    from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 
     import fiftyone  # noqa: F401  (imported before the baseline is read)
 

@@ -62,7 +62,7 @@ def main(argv=None):
     import fiftyone as fo
 
     from fiftyone_grounding.data.batching import default_num_workers
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
 

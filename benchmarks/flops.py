@@ -62,7 +62,7 @@ def parse_args(argv=None):
 def count(model, phrases: int, text_len: int, cached: bool) -> tuple[float, dict[str, float]]:
     """FLOPs of one image's training step (forward + backward), and their split by top-level module."""
     from fiftyone_grounding.models.losses import grounding_loss
-    from fiftyone_grounding.engine.train import forward_batch
+    from fiftyone_grounding.engine.loop import forward_batch
 
     cfg = model.config
     vocab = int(model.text_encoder.config.vocab_size)

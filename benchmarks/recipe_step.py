@@ -103,7 +103,9 @@ def saved_for_backward():
 
 def measure(recipe: str, args, device, tmp: Path) -> dict:
     from fiftyone_grounding.engine.config import TrainConfig
-    from fiftyone_grounding.engine.train import AUTOCAST_DTYPES, configure_optimizer, default_mixed_precision, train_step
+    from fiftyone_grounding.models.precision import AUTOCAST_DTYPES, default_mixed_precision
+    from fiftyone_grounding.engine.loop import train_step
+    from fiftyone_grounding.engine.optim import configure_optimizer
 
     cfg = TrainConfig.from_json(REPO / "training" / f"{recipe}.json")
     batch_size = args.batch_size or cfg.batch_size

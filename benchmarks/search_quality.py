@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     from fiftyone_grounding.engine.config import TrainConfig
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     progress = not args.no_progress
     out = Path(args.out_dir)

@@ -68,7 +68,7 @@ def parse_args(argv=None):
 
 def train_step_fn(model, optimizer, autocast_dtype, loss_weights, grad_clip=1.0):
     """``fit``'s own step (``train.train_step``) on a benchmark batch: returns its loss tensor."""
-    from fiftyone_grounding.engine.train import train_step
+    from fiftyone_grounding.engine.loop import train_step
 
     def step(inputs: dict, boxes: torch.Tensor) -> torch.Tensor:
         loss, _ = train_step(model, {**inputs, "boxes": boxes}, optimizer, loss_weights, grad_clip,
@@ -114,7 +114,9 @@ def main(argv=None):
     from fiftyone_grounding.models.build import build_model
 
     workers = args.workers if args.workers is not None else default_num_workers(device)
-    from fiftyone_grounding.engine.train import SYNC_EVERY, configure_optimizer, default_mixed_precision
+    from fiftyone_grounding.models.precision import default_mixed_precision
+    from fiftyone_grounding.engine.loop import SYNC_EVERY
+    from fiftyone_grounding.engine.optim import configure_optimizer
 
     model = build_model(preset, weights=False, image_size=args.image_size)
     config = model.config
@@ -135,7 +137,8 @@ def main(argv=None):
     info = device_info(device)
     print(f"device: {info['device_name']} ({device}), {info['date']}, torch {info['torch']}")
     print(f"preset {preset!r}: {config.image_encoder} + {config.text_encoder}, {config.image_size} px, "
-          f"d_model {config.d_model}, {model.num_parameters():,} params "
+          f"{config.architecture} (d_model {getattr(config.arch, 'd_model', 'of the image encoder')}), "
+          f"{model.num_parameters():,} params "
           f"({model.num_parameters(trainable_only=True):,} trainable), random weights")
     print(f"batch {B} expressions = {images_per_step} images x <= {ppi} phrases; {warmup} warm-up + "
           f"{steps} timed steps per mode; mixed precision of the project path: {'bf16' if bf16 else 'none (fp32)'}")

@@ -12,7 +12,10 @@ Main entry points (imported lazily, so ``import fiftyone_grounding`` is cheap)::
     import_refcoco(name="refcoco", ...)   # RefCOCO(+/g), gRefCOCO, RefCOCO-M, refcocox into FiftyOne
 """
 
+import sys
 from importlib import import_module
+from importlib.abc import Loader, MetaPathFinder
+from importlib.util import spec_from_loader
 
 __version__ = "0.1.0"
 
@@ -22,14 +25,14 @@ _EXPORTS = {
     "PRESETS": "models.config",
     "get_config": "models.config",
     "GroundingError": "errors",
-    "Grounder": "models.build",
+    "Grounder": "models.decoder",
     "build_model": "models.build",
     "box_loss": "models.losses",
-    "fit": "engine.train",
-    "FitResult": "engine.train",
+    "fit": "engine.fit",
+    "FitResult": "engine.fit",
     "GroundingModel": "inference.model",
-    "evaluate_grounding": "evaluation.evaluate",
-    "evaluate_in_fiftyone": "evaluation.evaluate",
+    "evaluate_grounding": "evaluation.scoring",
+    "evaluate_in_fiftyone": "evaluation.fiftyone_run",
     "ground_phrase": "inference.apply",
     "apply_grounding_model": "inference.apply",
     "load_grounding_model": "app.zoo",
@@ -37,7 +40,7 @@ _EXPORTS = {
     "search_phrase": "inference.search",
     "checkpoint_of": "runs",
     "register_local_source": "app.zoo",
-    "grounding_metrics": "evaluation.evaluate",
+    "grounding_metrics": "evaluation.metrics",
     "make_synthetic_dataset": "data.synthetic",
     "import_refcoco": "sources.importer",
     "load_checkpoint": "models.checkpoint",
@@ -54,3 +57,28 @@ def __getattr__(name):
     if name in _EXPORTS:
         return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Module paths of the released layout (0.1.0) that datasets still hold: FiftyOne stores the class
+# paths of an evaluation's config and results ("fiftyone_grounding.evaluate.GroundingResults") and
+# imports them when the run is loaded (load_evaluation_results, the Model Evaluation panel).
+_LEGACY_MODULES = {"fiftyone_grounding.evaluate": "fiftyone_grounding.evaluation.fiftyone_run"}
+
+
+class _LegacyModules(MetaPathFinder, Loader):
+    """Imports an old module path of ``_LEGACY_MODULES`` as the module that holds its names now
+    (the same module object, so its classes are the same classes). Asked last, so only for a
+    name nothing else provides."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        return spec_from_loader(fullname, self) if fullname in _LEGACY_MODULES else None
+
+    def create_module(self, spec):
+        return None  # a placeholder module, which exec_module replaces
+
+    def exec_module(self, module):
+        # the import system returns what sys.modules holds under the name once the loader is done
+        sys.modules[module.__name__] = import_module(_LEGACY_MODULES[module.__name__])
+
+
+sys.meta_path.append(_LegacyModules())

@@ -34,7 +34,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                        help=TrainConfig.HELP[name] + _DEFAULT)
 
 
-def _split_view(view, args):
+def _samples_of_split_args(view, args):
     """The samples of ``--split`` (one or more split names), or all of them."""
     if not args.split:
         return view
@@ -104,7 +104,7 @@ def train_config_from_args(args) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
-    from .engine.train import fit
+    from .engine.fit import fit
 
     config = train_config_from_args(args)
     view = _load_view(args)
@@ -129,7 +129,7 @@ def cmd_apply(args) -> None:
     from .inference.apply import apply_grounding_model
     from .inference.model import GroundingModel
 
-    view = _split_view(_load_view(args), args)
+    view = _samples_of_split_args(_load_view(args), args)
     model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=args.device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
@@ -141,9 +141,11 @@ def cmd_apply(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone, format_grec_table, format_table
+    from .evaluation.fiftyone_run import evaluate_in_fiftyone
+    from .evaluation.tables import format_grec_table, format_table
+    from .evaluation.scoring import evaluate_grounding
 
-    view = cmd_apply(args) if args.checkpoint else _split_view(_load_view(args), args)
+    view = cmd_apply(args) if args.checkpoint else _samples_of_split_args(_load_view(args), args)
     if args.eval_key:
         result = evaluate_in_fiftyone(view, args.label_field, args.gt_field, eval_key=args.eval_key,
                                       split_field=args.split_field)

@@ -53,7 +53,7 @@ def synthetic_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
     """A 'tiny' model trained for one epoch on ``synthetic_dataset``: its ``best`` folder."""
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     out = tmp_path_factory.mktemp("tiny_run")
     result = fit(synthetic_dataset, preset="tiny", out_dir=str(out), epochs=1, batch_size=16,
@@ -117,3 +117,32 @@ def http_root(tmp_path, monkeypatch):
     yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+class ForwardCounter:
+    """Counts the forward passes of a network through a hook registered on it (``calls``)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self._handle = module.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+@pytest.fixture
+def count_forwards():
+    """``count_forwards(grounding_model)``: a ``ForwardCounter`` of the model's network (one
+    batched forward pass per call of its ``predict_boxes``) from now to the end of the test."""
+    counters = []
+
+    def count(model) -> ForwardCounter:
+        counters.append(ForwardCounter(model.model))
+        return counters[-1]
+
+    yield count
+    for counter in counters:
+        counter.remove()

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 import fiftyone as fo
 
-from fiftyone_grounding.engine.train import fit
+from fiftyone_grounding.engine.fit import fit
 
 
 def main(dataset_name: str, out_dir: str) -> None:

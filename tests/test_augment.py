@@ -122,7 +122,6 @@ def test_a_flip_swaps_left_and_right_in_the_phrase(phrase, swapped):
 def test_parts_combine_by_name():
     assert parse_augment("none") == frozenset()
     assert parse_augment("scale+color") == {"scale", "color"}
-    assert parse_augment("crop-flip") == {"scale", "flip"}  # the earlier name
     assert parse_augment("flip") <= CACHEABLE and not parse_augment("scale+flip") <= CACHEABLE
     with pytest.raises(ConfigError, match=r"Unknown augmentation \['rotate'\]"):
         parse_augment("scale+rotate")

@@ -17,7 +17,7 @@ def random_xyxy(n, seed=0):
 def test_conversions_round_trip():
     b = random_xyxy(100)
     assert torch.allclose(B.box_cxcywh_to_xyxy(B.box_xyxy_to_cxcywh(b)), b)
-    assert torch.allclose(B.box_xywh_to_xyxy(B.box_xyxy_to_xywh(b)), b)
+    assert torch.allclose(B.box_xywh_to_xyxy(torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], 1)), b)
     assert torch.allclose(B.box_xyxy_rel_to_abs(B.box_xyxy_abs_to_rel(b * 500, 640, 480), 640, 480), b * 500)
 
 
@@ -27,14 +27,10 @@ def test_conversions_any_leading_shape():
     assert torch.allclose(B.box_cxcywh_to_xyxy(B.box_xyxy_to_cxcywh(b)), b)
 
 
-def test_fiftyone_and_pixel_round_trip():
+def test_fiftyone_round_trip():
     for box in random_xyxy(50).tolist():
         fo_box = B.xyxy_to_fiftyone_xywh(box)
         assert B.fiftyone_xywh_to_xyxy(fo_box) == pytest.approx(box, abs=1e-12)
-        pix = [box[0] * 640, box[1] * 427, box[2] * 640, box[3] * 427]
-        rel = B.pixel_xyxy_to_fiftyone_xywh(pix, 640, 427)
-        assert rel == pytest.approx(fo_box, abs=1e-9)
-        assert B.fiftyone_xywh_to_pixel_xyxy(rel, 640, 427) == pytest.approx(pix, abs=1e-6)
 
 
 def test_iou_matches_torchvision():
@@ -42,7 +38,6 @@ def test_iou_matches_torchvision():
     ours = B.box_iou(a, b, eps=0)
     ref = tvo.box_iou(a, b).diagonal()
     assert torch.allclose(ours, ref, atol=1e-9)
-    assert torch.allclose(B.box_iou_matrix(a, b, eps=0), tvo.box_iou(a, b), atol=1e-9)
 
 
 def test_giou_diou_match_torchvision():

@@ -12,10 +12,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from fiftyone_grounding.data.cache import VIEWS, cache_key, open_feature_cache
-from fiftyone_grounding.models.config import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
+from fiftyone_grounding.models.encoder_specs import TINY_ENCODER_CONFIGS, TINY_IMAGE_ENCODER
 from fiftyone_grounding.data.batching import GroupBatchSampler
 from fiftyone_grounding.data.augment import hflip_boxes
-from fiftyone_grounding.data.records import Collator, GroundingDataset, GroundingRecords
+from fiftyone_grounding.data.records import GroundingRecords
+from fiftyone_grounding.data.batching import Collator
+from fiftyone_grounding.data.datasets import GroundingDataset
 from fiftyone_grounding.data.text import swap_left_right
 from fiftyone_grounding.models.losses import grounding_loss
 from fiftyone_grounding.models.build import build_model, build_tokenizer
@@ -254,7 +256,7 @@ def test_unchanged_cache_is_reused_without_encoding(tmp_path, model, images):
 
 
 def test_fit_encodes_once_then_reuses_the_cache(synthetic_dataset, tmp_path):
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     view = synthetic_dataset.match({"split": "train"}).limit(12)
     kwargs = dict(preset="tiny", epochs=1, batch_size=8, train_split=None, val_split=None, progress=False,
@@ -283,7 +285,7 @@ def test_fit_encodes_once_then_reuses_the_cache(synthetic_dataset, tmp_path):
 def test_fit_caches_what_it_can_and_says_why_not(synthetic_dataset, tmp_path, preset, budget, reason):
     """The fusion caches its taps; over the disk budget, or for the adapter (whose image
     features depend on the phrase), the images are encoded on the fly and fit says why."""
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     view = synthetic_dataset.match({"split": "train"}).limit(12)
     out = io.StringIO()
@@ -304,7 +306,7 @@ def test_fit_caches_what_it_can_and_says_why_not(synthetic_dataset, tmp_path, pr
 
 def test_cached_text_features_match_the_text_encoder(tmp_path, model):
     from fiftyone_grounding.data.cache import open_text_cache
-    from fiftyone_grounding.data.records import Collator
+    from fiftyone_grounding.data.batching import Collator
     from fiftyone_grounding.models.build import build_tokenizer
 
     tokenizer = build_tokenizer(model.config)

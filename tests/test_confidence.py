@@ -12,10 +12,12 @@ import fiftyone as fo
 
 from fiftyone_grounding.inference.apply import apply_grounding_model
 from fiftyone_grounding.models.checkpoint import load_checkpoint, save_checkpoint
-from fiftyone_grounding.models.confidence import (CALIBRATION_NAME, Calibration, accuracy_at_coverage, auroc,
-                                           confidence_metrics, expected_calibration_error, fit_calibration)
+from fiftyone_grounding.evaluation.confidence import accuracy_at_coverage, auroc, confidence_metrics
+from fiftyone_grounding.models.calibration import (
+    CALIBRATION_NAME, Calibration, expected_calibration_error, fit_calibration)
 from fiftyone_grounding.errors import CheckpointError
-from fiftyone_grounding.evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.fiftyone_run import evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 from fiftyone_grounding.inference.model import GroundingModel
 from fiftyone_grounding.models.build import build_model
 
@@ -119,7 +121,7 @@ def test_a_checkpoint_without_a_quality_head_still_loads_and_applies(tmp_path, s
 def test_the_calibration_folds_split_images_not_rows():
     """The phrases of one image sit in one fold: alike, they would otherwise be fitted on one
     side and judged on the other."""
-    from fiftyone_grounding.models.confidence import two_folds
+    from fiftyone_grounding.models.calibration import two_folds
 
     images = ["a", "a", "a", "b", "c", "c", "b", "d"]
     folds = two_folds(images)

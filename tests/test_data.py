@@ -7,9 +7,10 @@ from PIL import Image
 
 import fiftyone as fo
 
-from fiftyone_grounding.data.batching import GroupBatchSampler
 from fiftyone_grounding.data.augment import hflip
-from fiftyone_grounding.data.records import Collator, GroundingDataset, read_records
+from fiftyone_grounding.data.batching import Collator, GroupBatchSampler
+from fiftyone_grounding.data.datasets import GroundingDataset
+from fiftyone_grounding.data.records import read_records
 from fiftyone_grounding.data.images import load_rgb
 from fiftyone_grounding.data.text import swap_left_right
 from fiftyone_grounding.models.encoders import load_tokenizer
@@ -151,7 +152,7 @@ def test_dataset_groups_phrases_by_image_and_collates(synthetic_dataset):
 
 
 def test_augmentation_is_deterministic_per_epoch(synthetic_dataset):
-    ds = GroundingDataset(read_records(synthetic_dataset), 64, (0.5,) * 3, (0.25,) * 3, augment="crop-flip")
+    ds = GroundingDataset(read_records(synthetic_dataset), 64, (0.5,) * 3, (0.25,) * 3, augment="scale+flip")
     a = ds[3]
     assert torch.equal(a["pixel_values"], ds[3]["pixel_values"]) and a["phrases"] == ds[3]["phrases"]
     boxes = torch.cat([ds[i]["boxes"] for i in range(len(ds))])
@@ -162,7 +163,7 @@ def test_persistent_workers_follow_the_epoch(synthetic_dataset):
     """Workers that live through all epochs (a copy of the dataset made at epoch 0) serve each
     epoch's augmentation, because the sampler tags every index with its epoch."""
     ds = GroundingDataset(read_records(synthetic_dataset.limit(24)), 64, (0.5,) * 3, (0.25,) * 3,
-                          augment="crop-flip", seed=0)
+                          augment="scale+flip", seed=0)
     sampler = GroupBatchSampler(ds.group_sizes(), batch_size=8, seed=0, tag_epoch=True)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, persistent_workers=True,
                                          collate_fn=lambda items: items)
@@ -210,7 +211,7 @@ def test_an_absent_pair_takes_the_image_nearest_to_holding_the_referent():
     (its kinds share both words) is taken, not the one of blue squares; never the phrase's own."""
     import numpy as np
 
-    from fiftyone_grounding.data.records import add_absent_pairs
+    from fiftyone_grounding.data.absent import add_absent_pairs
     from fiftyone_grounding.data.synthetic import object_kinds
 
     def kinds(*objects):

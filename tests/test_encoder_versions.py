@@ -11,7 +11,8 @@ from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from fiftyone_grounding.data.cache import cache_key, text_cache_key
-from fiftyone_grounding.models.config import TINY_ENCODER_CONFIGS, get_config
+from fiftyone_grounding.models.config import get_config
+from fiftyone_grounding.models.encoder_specs import TINY_ENCODER_CONFIGS
 from fiftyone_grounding.models.encoders import (dinov3_blocks, dinov3_taps, load_encoder, load_tokenizer,
                                          tiny_encoder_dir, transformers_major)
 from fiftyone_grounding.errors import ConfigError

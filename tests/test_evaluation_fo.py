@@ -10,8 +10,8 @@ from torchvision.ops import box_iou
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from fiftyone_grounding.evaluation.evaluate import (METRIC_URIS, GroundingEvaluationConfig, evaluate_grounding,
-                                         evaluate_in_fiftyone)
+from fiftyone_grounding.evaluation.fiftyone_run import METRIC_URIS, GroundingEvaluationConfig, evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 from fiftyone_grounding.data.labels import make_detections, migrate_label_scheme
 
 
@@ -233,6 +233,45 @@ def test_delete_and_rename_leave_no_stray_field(dataset_name, tmp_path):
     assert set(_fields(dataset)) - set(before) == {f.replace("first", "second") for f in written}
     assert dataset.values("second_iou")[0] == pytest.approx(2 / 3)
     dataset.delete_evaluation("second")
+    assert _fields(dataset) == before and dataset.list_evaluations() == []
+
+
+def test_a_run_stored_by_the_released_version_still_loads(dataset_name, tmp_path):
+    """FiftyOne stores the class paths of a run's config and results; 0.1.0 wrote those of its
+    flat layout ("fiftyone_grounding.evaluate.GroundingResults"). Such a run loads, in the Model
+    Evaluation panel's own code too, and deletes cleanly."""
+    from bson import json_util
+    from plugins.panels.model_evaluation import EvaluationPanel
+
+    from fiftyone_grounding.evaluation.fiftyone_run import GroundingResults
+
+    gt = [[0.2, 0.2, 0.4, 0.4], [0.2, 0.2, 0.4, 0.4], [0.1, 0.1, 0.2, 0.2]]
+    pred = [[0.28, 0.2, 0.4, 0.4], [0.4, 0.2, 0.4, 0.4], None]
+    dataset = _grounding_dataset(dataset_name, tmp_path, gt, pred)
+    before = _fields(dataset)
+    result = evaluate_in_fiftyone(dataset, "predictions", "ground_truth", eval_key="old")
+    run = dataset._doc.evaluations["old"]  # the run document, rewritten as 0.1.0 stored it
+    assert run.config["cls"] == "fiftyone_grounding.evaluation.fiftyone_run.GroundingEvaluationConfig"
+    run.config["cls"] = "fiftyone_grounding.evaluate.GroundingEvaluationConfig"
+    run.results.seek(0)
+    stored = json_util.loads(run.results.read().decode())
+    assert stored["cls"] == "fiftyone_grounding.evaluation.fiftyone_run.GroundingResults"
+    stored["cls"] = "fiftyone_grounding.evaluate.GroundingResults"
+    run.results.replace(json_util.dumps(stored).encode(), content_type="application/json")
+    run.save()
+    dataset.reload()
+    assert dataset._doc.evaluations["old"].config["cls"] == "fiftyone_grounding.evaluate.GroundingEvaluationConfig"
+
+    info = dataset.get_evaluation_info("old")
+    assert isinstance(info.config, GroundingEvaluationConfig) and info.config.method == "grounding"
+    results = dataset.load_evaluation_results("old", cache=False)
+    assert isinstance(results, GroundingResults)
+    assert results.mAP() == pytest.approx(result["mAP"])
+    panel = EvaluationPanel()
+    assert panel.get_tp_fp_fn(info, results) == (1, 1, 2)
+    assert panel.get_map(results) == pytest.approx(result["mAP"])
+    assert results.custom_metrics["@fiftyone-grounding/grounding/miou"]["value"] == pytest.approx(1 / 3)
+    dataset.delete_evaluation("old")
     assert _fields(dataset) == before and dataset.list_evaluations() == []
 
 

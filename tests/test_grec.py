@@ -80,9 +80,8 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
     """On a synthetic dataset of phrases of no, one and several objects: the truth itself as the
     prediction scores 1; dropping a box of each several-target phrase fails exactly those; a box
     on every no-target phrase fails those; a box below the threshold is not kept."""
-    import fiftyone as fo
-
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, evaluate_grounding, format_grec_table
+    from fiftyone_grounding.evaluation.tables import format_grec_table
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec, evaluate_grounding
     from fiftyone_grounding.data.labels import make_box_detections
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
@@ -133,7 +132,7 @@ def test_evaluate_grec_reads_the_fields_and_scores_as_the_scorer(dataset_name, t
 def test_the_fiftyone_run_of_generalized_phrases_is_cocos_with_the_grec_metrics(dataset_name, tmp_path):
     """FiftyOne's own COCO evaluation counts every box (and the boxes of phrases of nothing):
     the truth as the prediction is all TP; a box on every no-target phrase is an FP each."""
-    from fiftyone_grounding.evaluation.evaluate import evaluate_in_fiftyone
+    from fiftyone_grounding.evaluation.fiftyone_run import evaluate_in_fiftyone
     from fiftyone_grounding.data.labels import make_box_detections
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
 
@@ -168,7 +167,7 @@ def test_a_multi_box_model_trains_on_the_phrases_of_nothing_and_of_several(datas
     from fiftyone_grounding.data.records import NO_TARGET, SEVERAL_TARGETS
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     ds = make_synthetic_dataset(dataset_name, num_images=24, out_dir=str(tmp_path / "images"), seed=8,
                                 several_fraction=0.5, none_fraction=0.3, persistent=False, progress=False)
@@ -204,10 +203,10 @@ def test_multi_box_confidences_are_calibrated_to_the_scorers_matches():
     confidence logit, so the score threshold applies to the calibrated confidence."""
     import torch
 
-    from fiftyone_grounding.models.confidence import Calibration
+    from fiftyone_grounding.models.calibration import Calibration
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.models.build import build_model
-    from fiftyone_grounding.engine.train import matched_queries
+    from fiftyone_grounding.engine.metrics import matched_queries
 
     truth = torch.tensor([[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]])
     queries = torch.tensor([[[0.1, 0.1, 0.4, 0.4], [0.12, 0.1, 0.4, 0.42], [0.0, 0.0, 0.05, 0.05],
@@ -273,7 +272,8 @@ def _phrases_dataset(name):
 def test_evaluate_grec_scores_only_the_thresholds_the_recorded_apply_answers(dataset_name):
     """A field written at 0.7 (its record says so): the 0.5 row is None, not a copy of the 0.7
     row; the same model applied at 0.3: the 0.5 row is real and differs. The table says why."""
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.evaluation.tables import format_grec_table
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec
     from fiftyone_grounding.runs import record_labels
 
     ds = _phrases_dataset(dataset_name)
@@ -304,7 +304,8 @@ def test_evaluate_grec_scores_only_the_thresholds_the_recorded_apply_answers(dat
 def test_evaluate_grec_below_the_written_threshold_scores_nothing_and_says_so(dataset_name):
     """Asked for 0.5 on boxes written from 0.7, the overall and per-sample F1 are None, not the
     0.7 figures; an explicit applied_thresh wins over the record."""
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grec, format_grec_table
+    from fiftyone_grounding.evaluation.tables import format_grec_table
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec
     from fiftyone_grounding.runs import record_labels
 
     ds = _phrases_dataset(dataset_name)
@@ -326,7 +327,7 @@ def test_without_a_record_the_lowest_stored_confidence_bounds_the_sweep(dataset_
     confidences answer every threshold."""
     import fiftyone as fo
 
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grec
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec
 
     ds = _phrases_dataset(dataset_name)
     high = evaluate_grec(ds, "at_07", split_field=None, write=False)  # lowest stored: 0.8
@@ -349,7 +350,7 @@ def test_every_apply_path_records_the_threshold_its_boxes_were_written_from(data
     import torch
 
     from fiftyone_grounding.inference.apply import apply_grounding_model
-    from fiftyone_grounding.evaluation.evaluate import evaluate_grec
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.models.build import build_model
     from fiftyone_grounding.runs import written_from

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import constants
 
 from fiftyone_grounding import hub
-from fiftyone_grounding.models.config import TINY_TEXT_ENCODER
+from fiftyone_grounding.models.encoder_specs import TINY_TEXT_ENCODER
 from fiftyone_grounding.models.encoders import load_encoder, load_tokenizer, tiny_encoder_dir
 from fiftyone_grounding.errors import DownloadError, EncoderUnavailableError
 

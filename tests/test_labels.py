@@ -5,8 +5,8 @@ import fiftyone as fo
 import pytest
 
 from fiftyone_grounding.data.fields import DEFAULT_LABEL
-from fiftyone_grounding.data.labels import (LabelMaker, detections_doc, expression_text, first_box_xyxy, make_detections,
-                                       migrate_label_scheme)
+from fiftyone_grounding.data.labels import (LabelMaker, detection_xyxy, detections_doc, expression_text,
+                                            make_detections, migrate_label_scheme, valid_detection_xyxy)
 
 CASES = [
     ([0.1, 0.2, 0.5, 0.6], "the cat on the sofa", 1.0),
@@ -26,11 +26,23 @@ def test_the_database_form_equals_what_fiftyone_serializes(box, expression, conf
     assert _without_ids(doc) == _without_ids(reference)
     # and FiftyOne reads it as that label
     label = fo.Detections.from_dict(doc)
-    assert first_box_xyxy(label) == pytest.approx(first_box_xyxy(make_detections(box, expression)))
+    assert detection_xyxy(label.detections[0].bounding_box) == pytest.approx(
+        detection_xyxy(make_detections(box, expression).detections[0].bounding_box))
     det = label.detections[0]
     assert det.label == DEFAULT_LABEL and det.confidence == confidence
     assert det.expression == expression_text(expression) == " ".join(expression.split())[:200]
     assert det.id == str(doc["detections"][0]["_id"])
+
+
+def test_a_stored_box_reads_back_as_the_clipped_box_and_a_non_box_as_none():
+    label = make_detections([-0.2, 0.25, 0.5, 1.5], "the cat")  # stored clipped to the image
+    assert detection_xyxy(label.detections[0].bounding_box) == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    assert valid_detection_xyxy(label.detections[0].bounding_box) == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    for not_a_box in (None, [], [0.1, 0.2, 0.3]):
+        assert detection_xyxy(not_a_box) is None and valid_detection_xyxy(not_a_box) is None
+    assert detection_xyxy([0.1, 0.2, 0.0, 0.3]) == pytest.approx([0.1, 0.2, 0.1, 0.5])  # read, but no area
+    assert valid_detection_xyxy([0.1, 0.2, 0.0, 0.3]) is None
+    assert valid_detection_xyxy([0.1, float("nan"), 0.2, 0.3]) is None
 
 
 def test_database_form_labels_written_in_bulk_read_back_as_fiftyone_labels(dataset_name):

@@ -50,13 +50,13 @@ def test_every_preset_builds_and_runs(preset):
     if out.quality is not None:
         assert out.quality.shape == (2,) and torch.isfinite(out.quality).all()
     if not multi:
-        assert len(out.aux_boxes) == model.config.refine_layers  # a box from every earlier stage
+        assert len(out.aux_boxes) == getattr(model.config.arch, "refine_layers", 0)  # a box from every earlier stage
         return
     q = model.config.num_queries  # every query's box and score at every decoder layer, and the existence
     assert out.query_boxes.shape == (2, q, 4) and out.scores.shape == (2, q) and out.exists.shape == (2,)
     assert ((out.clipped().query_boxes >= 0) & (out.clipped().query_boxes <= 1)).all()
     # one stage per decoder layer before the last, and the selected proposals
-    stages = model.config.refine_layers - 1 + int(model.config.query_selection)
+    stages = model.config.arch.refine_layers - 1 + int(model.config.arch.query_selection)
     assert len(out.aux_boxes) == len(out.aux_scores) == stages
     confidence = out.box_confidences()
     assert ((confidence >= 0) & (confidence <= 1)).all()
@@ -84,11 +84,12 @@ def test_frozen_encoders_get_no_gradient_and_do_not_change(preset):
     out = model(pixels, ids, mask)
     if model.config.num_queries:  # two boxes for the first phrase, none for the second
         target = [torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.6, 0.2, 0.9, 0.4]]), torch.zeros(0, 4)]
-        stages = model.config.refine_layers - 1 + int(model.config.query_selection)
+        stages = model.config.arch.refine_layers - 1 + int(model.config.arch.query_selection)
         expected = {"l1", "giou", "score", "exist", "loss"} | {f"aux{k}" for k in range(stages)}
     else:
         target = torch.tensor([[0.1, 0.1, 0.5, 0.5]] * 2)
-        expected = {"l1", "giou", "quality", "exist", "loss"} | {f"aux{k}" for k in range(model.config.refine_layers)}
+        expected = {"l1", "giou", "quality", "exist", "loss"} | {
+            f"aux{k}" for k in range(getattr(model.config.arch, "refine_layers", 0))}
     loss = grounding_loss(out, target, model.config.loss_weights, absent=None if model.config.num_queries
                           else torch.tensor([False, True]))  # (a phrase shown where its object is not)
     assert set(loss) == expected
@@ -136,7 +137,7 @@ def test_query_selection_starts_the_queries_from_the_phrases_most_likely_tokens(
     learned anchors start the decoder as before."""
     torch.manual_seed(0)
     model = build_model("tiny-fusion-multi")
-    assert model.config.query_selection and not hasattr(model, "query_anchor")
+    assert model.config.arch.query_selection and not hasattr(model, "query_anchor")
     ids, mask = tokens(model, ["the red circle", "all the squares"])
     out = model(torch.randn(2, 3, 64, 64), ids, mask)
     q = model.config.num_queries
@@ -149,7 +150,7 @@ def test_query_selection_starts_the_queries_from_the_phrases_most_likely_tokens(
     plain = build_model("tiny-fusion-multi", query_selection=False)
     assert not hasattr(plain, "token_score") and plain.query_anchor.shape == (q, 4)
     out = plain(torch.randn(2, 3, 64, 64), ids, mask)
-    assert len(out.aux_boxes) == plain.config.refine_layers - 1
+    assert len(out.aux_boxes) == plain.config.arch.refine_layers - 1
 
 
 def test_the_quality_head_learns_only_from_its_own_loss():
@@ -179,7 +180,7 @@ def test_the_written_out_decoder_is_pytorchs(norm_first):
     memory repeated per phrase."""
     torch.manual_seed(0)
     model = build_model("tiny", norm_first=norm_first, dropout=0.0).train()
-    d, cfg = model.config.d_model, model.config
+    d, cfg = model.config.arch.d_model, model.config.arch
     reference = torch.nn.TransformerDecoder(
         torch.nn.TransformerDecoderLayer(d, cfg.num_heads, cfg.dim_feedforward, 0.0, batch_first=True,
                                          norm_first=norm_first),
@@ -359,7 +360,7 @@ def test_a_setting_the_architecture_does_not_read_is_refused_by_name():
     with pytest.raises(ConfigError, match=r"norm_first"):
         TrainConfig(preset="tiny-fusion", model={"norm_first": False})
     # what an architecture reads stays open: fusion honours pos_embed, multi-box presets score_thresh
-    assert get_config("fusion", pos_embed="none").pos_embed == "none"
+    assert get_config("fusion", pos_embed="none").arch.pos_embed == "none"
     assert get_config("fusion-multi", score_thresh=0.5).score_thresh == 0.5
     assert "pos_embed" not in unused_fields(get_config("fusion")) and "d_model" in unused_fields(get_config("adapter"))
 

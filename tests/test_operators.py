@@ -17,7 +17,7 @@ from fiftyone.plugins.context import build_plugin_contexts
 
 from fiftyone_grounding.app.install import PLUGIN_DIR
 from fiftyone_grounding.data.labels import expression_text, make_detections
-from fiftyone_grounding.app.operators import shown_results
+from fiftyone_grounding.app.streaming import shown_results
 from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_ENV, register_local_source
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -116,9 +116,8 @@ def test_import_refcoco_form_checks_its_folders(tmp_path):
 
 
 def test_the_import_form_offers_every_source_and_imports_grefcoco(tmp_path, dataset_name):
-    from fiftyone_grounding.sources.common import NAMES
-    from test_sources import write_grefcoco
-    from test_refcoco import draw_images
+    from fiftyone_grounding.sources.base import NAMES
+    from refcoco_files import draw_images, write_grefcoco
 
     ctx = ExecutionContext(request_params={"params": {"source": "refcoco", "variant": "grefcoco"}})
     form = OperatorRegistry().get_operator(uri("import_grounding_dataset")).resolve_input(ctx)
@@ -333,7 +332,8 @@ def test_ground_phrase_needs_a_phrase(dataset, tiny_checkpoint):
 def test_the_grounding_metrics_serve_fiftyones_own_evaluations(dataset):
     """The plugin's EvaluationMetric operators, chosen for a COCO-style evaluation (as the App's
     evaluation form offers them): computed with the run, and gone with it."""
-    from fiftyone_grounding.evaluation.evaluate import METRIC_URIS, evaluate_grounding
+    from fiftyone_grounding.evaluation.fiftyone_run import METRIC_URIS
+    from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 
     boxes = [b[0] for b in dataset.values("ground_truth.detections.bounding_box")]
     shifted = [[x + 0.05 * (i % 3), y, w, h] for i, (x, y, w, h) in enumerate(boxes)]
@@ -356,7 +356,8 @@ def test_the_generalized_metrics_serve_fiftyones_coco_evaluation_and_the_evaluat
     """Phrases of no, one and several objects: Pr@F1=1, N-acc and T-acc chosen for FiftyOne's own
     COCO evaluation (as the App's form offers them) are gRefCOCO's scorer's values, and the
     evaluate operator shows them."""
-    from fiftyone_grounding.evaluation.evaluate import GREC_METRIC_URIS, evaluate_grec
+    from fiftyone_grounding.evaluation.fiftyone_run import GREC_METRIC_URIS
+    from fiftyone_grounding.evaluation.scoring import evaluate_grec
 
     def boxes(*xyxys, confidences=None):
         return fo.Detections(detections=[

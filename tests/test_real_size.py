@@ -19,12 +19,16 @@ import torch
 from PIL import Image, ImageDraw
 
 from fiftyone_grounding.models.checkpoint import load_checkpoint, save_checkpoint
-from fiftyone_grounding.models.config import BGE_SMALL, DINOV3_VITB16, KNOWN_ENCODER_CONFIGS, get_config
-from fiftyone_grounding.data.records import Collator, GroundingDataset, GroundingRecords
+from fiftyone_grounding.models.config import get_config
+from fiftyone_grounding.models.encoder_specs import BGE_SMALL, DINOV3_VITB16, KNOWN_ENCODER_CONFIGS
+from fiftyone_grounding.data.records import GroundingRecords
+from fiftyone_grounding.data.batching import Collator
+from fiftyone_grounding.data.datasets import GroundingDataset
 from fiftyone_grounding.models.encoders import SPECIAL_TOKENS, _config_from_dict, _model_classes
 from fiftyone_grounding.inference.model import GroundingModel
 from fiftyone_grounding.models.build import build_model, build_tokenizer
-from fiftyone_grounding.engine.train import configure_optimizer, train_step
+from fiftyone_grounding.engine.loop import train_step
+from fiftyone_grounding.engine.optim import configure_optimizer
 
 PHRASES = ["the red square on the left", "the blue circle"]
 BOXES = [[0.1, 0.3, 0.35, 0.7], [0.6, 0.2, 0.9, 0.6]]  # normalized xyxy of what the image shows

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_refcoco import draw_images, make_source, save
+from refcoco_files import draw_images, make_source, save
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_the_v2_recipes_train_on_their_tiny_twins(synthetic_dataset, tmp_path, n
     """The recipe as written (scale + colour augmentation on the fly, its schedule), with the
     tiny twin of its preset, for one epoch on the CPU."""
     from fiftyone_grounding.engine.config import TrainConfig
-    from fiftyone_grounding.engine.train import fit
+    from fiftyone_grounding.engine.fit import fit
 
     recipe = TrainConfig.from_json(REPO / "training" / f"{name}.json")
     result = fit(synthetic_dataset, recipe.merged(preset=twin, epochs=1, batch_size=16, num_workers=0,

@@ -10,154 +10,18 @@ import os
 
 import datasets
 import pytest
-from PIL import Image, ImageDraw
 
 import fiftyone as fo
 
-from fiftyone_grounding.models.boxes import fiftyone_xywh_to_pixel_xyxy
 from fiftyone_grounding.data.labels import expression_text
-from fiftyone_grounding.sources.importer import (
-    COCO_CATEGORIES,
-    add_arguments,
-    coco_zoo_request,
-    import_refcoco,
-    plan_zoo_request,
-    run_from_args,
-)
+from fiftyone_grounding.sources.checks import COCO_CATEGORIES
+from fiftyone_grounding.sources.importer import (add_arguments, coco_zoo_request, import_refcoco, plan_zoo_request,
+                                                 run_from_args)
 
-# The features of jxu124/refcoco (its dataset card), in its column order.
-FEATURES = datasets.Features(
-    {
-        "sent_ids": datasets.List(datasets.Value("int64")),
-        "file_name": datasets.Value("string"),
-        "ann_id": datasets.Value("int64"),
-        "ref_id": datasets.Value("int64"),
-        "image_id": datasets.Value("int64"),
-        "split": datasets.Value("string"),
-        "sentences": datasets.List(
-            {
-                "raw": datasets.Value("string"),
-                "sent": datasets.Value("string"),
-                "sent_id": datasets.Value("int64"),
-                "tokens": datasets.List(datasets.Value("string")),
-            }
-        ),
-        "category_id": datasets.Value("int64"),
-        "raw_anns": datasets.Value("string"),
-        "raw_image_info": datasets.Value("string"),
-        "raw_sentences": datasets.Value("string"),
-        "image_path": datasets.Value("string"),
-        "bbox": datasets.List(datasets.Value("float64")),
-        "captions": datasets.List(datasets.Value("string")),
-        "global_image_id": datasets.Value("string"),
-        "anns_id": datasets.Value("string"),
-    }
-)
+from refcoco_files import IMAGES, REFS, UMD, UNC, coco_file, draw_images, make_source, raw_text, save
 
-IMAGES = {9: (64, 48), 25: (80, 60), 30: (50, 70), 42: (96, 64), 49: (40, 40)}  # id -> (width, height)
-
-# (HF split, ref_id, ann_id, image_id, category_id, pixel xyxy box, sent_ids)
-REFS = [
-    ("train", 0, 100, 9, 1, [4.0, 6.0, 30.0, 40.0], [0, 1]),
-    ("train", 1, 101, 9, 18, [32.5, 10.0, 60.0, 44.25], [2, 3, 4]),
-    ("train", 2, 102, 25, 3, [0.0, 0.0, 80.0, 60.0], [5]),
-    ("train", 3, 103, 25, 62, [10.2, 20.7, 33.9, 51.1], [6, 7]),
-    ("validation", 4, 104, 30, 44, [5.0, 5.0, 20.0, 65.0], [8, 9]),
-    ("validation", 5, 105, 30, 90, [21.0, 1.0, 49.5, 30.0], [10]),
-    ("test", 6, 106, 42, 1, [1.0, 2.0, 50.0, 63.0], [11, 12]),
-    ("testB", 7, 107, 49, 67, [3.0, 3.0, 37.0, 30.0], [13]),
-]
-UNC = {"train": "train", "validation": "val", "test": "testA", "testB": "testB"}
-UMD = {"train": "train", "validation": "val", "test": "test"}
 COUNTS = {"train": 8, "val": 3, "testA": 2, "testB": 1}
 TOTAL = 14
-
-
-def coco_file(image_id):
-    return "COCO_train2014_%012d.jpg" % image_id
-
-
-def raw_text(sent_id, category_id):
-    return f"The {COCO_CATEGORIES[category_id].upper()}, No. {sent_id}!"
-
-
-def make_row(split_names, hf_split, ref_id, ann_id, image_id, category_id, box, sent_ids):
-    """One row as jxu124 stores it: one referred object with all of its expressions."""
-    width, height = IMAGES[image_id]
-    x0, y0, x1, y1 = box
-    sentences = []
-    for sent_id in sent_ids:
-        raw = raw_text(sent_id, category_id)
-        sent = raw.lower().replace(",", "").replace(".", "").replace("!", "")
-        sentences.append({"raw": raw, "sent": sent, "sent_id": sent_id, "tokens": sent.split()})
-    ann = {
-        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-        "area": (x1 - x0) * (y1 - y0),
-        "iscrowd": 0,
-        "image_id": image_id,
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
-        "category_id": category_id,
-        "id": ann_id,
-    }
-    info = {
-        "license": 1,
-        "file_name": coco_file(image_id),
-        "coco_url": f"http://images.cocodataset.org/train2014/{coco_file(image_id)}",
-        "height": height,
-        "width": width,
-        "date_captured": "2013-11-14 16:28:13",
-        "id": image_id,
-    }
-    return {
-        "sent_ids": sent_ids,
-        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
-        "ann_id": ann_id,
-        "ref_id": ref_id,
-        "image_id": image_id,
-        "split": split_names[hf_split],
-        "sentences": sentences,
-        "category_id": category_id,
-        "raw_anns": json.dumps(ann),
-        "raw_image_info": json.dumps(info),
-        "raw_sentences": json.dumps(sentences),
-        "image_path": f"coco/train2014/{coco_file(image_id)}",
-        "bbox": box,
-        "captions": [s["sent"] for s in sentences],
-        "global_image_id": f"coco.{image_id}",
-        "anns_id": json.dumps([ann_id]),
-    }
-
-
-def make_source(refs=REFS, split_names=UNC):
-    rows = {}
-    for hf_split, *ref in refs:
-        rows.setdefault(hf_split, []).append(make_row(split_names, hf_split, *ref))
-    return datasets.DatasetDict(
-        {
-            split: datasets.Dataset.from_dict(
-                {k: [r[k] for r in split_rows] for k in FEATURES}, features=FEATURES
-            )
-            for split, split_rows in rows.items()
-        }
-    )
-
-
-def save(dsd, path):
-    dsd.save_to_disk(str(path))
-    return str(path)
-
-
-def draw_images(folder, image_ids=IMAGES):
-    """JPEGs named like COCO train2014 files, with each referred box drawn in."""
-    os.makedirs(folder, exist_ok=True)
-    for image_id in image_ids:
-        image = Image.new("RGB", IMAGES[image_id], (200, 200, 200))
-        draw = ImageDraw.Draw(image)
-        for _, _, _, ref_image, _, box, _ in REFS:
-            if ref_image == image_id:
-                draw.rectangle(box, outline=(255, 0, 0))
-        image.save(os.path.join(folder, coco_file(image_id)), quality=90)
-    return str(folder)
 
 
 @pytest.fixture
@@ -202,8 +66,6 @@ def test_import_fields_boxes_and_metadata(source, images, dataset_name):
             (det,) = sample.ground_truth.detections
             assert det.label == "referent" and det.expression == expression_text(sample.expression)
             assert det.bounding_box == pytest.approx(expected_rel, abs=1e-6)
-            back = fiftyone_xywh_to_pixel_xyxy(det.bounding_box, width, height)
-            assert back == pytest.approx(box, abs=1e-6 * max(width, height))
 
 
 def test_import_twice_adds_nothing(source, images, dataset_name):

@@ -36,16 +36,18 @@ from fiftyone_grounding.models.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, ato
                                            load_checkpoint, resolve_checkpoint_dir)
 from fiftyone_grounding.cli import main as cli_main
 from fiftyone_grounding.models.config import GrounderConfig, get_config
-from fiftyone_grounding.data.records import GroundingDataset, read_records
+from fiftyone_grounding.data.records import read_records
+from fiftyone_grounding.data.datasets import GroundingDataset
 from fiftyone_grounding.models.encoders import load_encoder, tiny_encoder_dir
 from fiftyone_grounding.errors import CheckpointError, EncoderUnavailableError, TrainingError
-from fiftyone_grounding.evaluation.evaluate import evaluate_grounding, evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.fiftyone_run import evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 from fiftyone_grounding.inference.model import GroundingModel
 from fiftyone_grounding.data.images import MAX_IMAGE_PIXELS, load_rgb
 from fiftyone_grounding.data.labels import MAX_EXPRESSION_CHARS
-from fiftyone_grounding.app.operators import shown_results
+from fiftyone_grounding.app.streaming import shown_results
 from fiftyone_grounding.inference.predict import predict_and_crop
-from fiftyone_grounding.engine.train import fit
+from fiftyone_grounding.engine.fit import fit
 from fiftyone_grounding.app.zoo import (DEMO_CHECKPOINT_ENV, download_model, load_grounding_model, load_model,
                                            register_local_source, validate_manifest)
 
@@ -268,7 +270,7 @@ KILLED_FIT = r"""
 import json, sys, time
 from pathlib import Path
 import fiftyone as fo
-from fiftyone_grounding.engine.train import fit
+from fiftyone_grounding.engine.fit import fit
 
 name, out, go, marker, kwargs = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
 while not go.exists():  # imported; wait until the reference run has finished
@@ -377,7 +379,7 @@ def test_sigkill_during_saves_always_leaves_a_complete_checkpoint(tmp_path):
 
 
 def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
-        synthetic_dataset, dataset_name, tiny_checkpoint, grounding_plugin_dir):
+        synthetic_dataset, dataset_name, tiny_checkpoint, grounding_plugin_dir, count_forwards):
     ds = synthetic_dataset.limit(24).clone(dataset_name)
     model = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
     apply_grounding_model(ds, model, label_field="reference", batch_size=4)
@@ -400,9 +402,9 @@ def test_interrupted_apply_keeps_what_it_wrote_and_a_second_run_does_the_rest(
     # batches 1-2 saved, intact (batch 2 was still in flight when batch 3 was interrupted)
     assert written[:8] == reference[:8] and written[8:] == [None] * 16
 
-    before = model.forward_calls
+    forwards = count_forwards(model)
     run = apply_grounding_model(ds, model, label_field="pred", batch_size=4, skip_existing=True)
-    assert run == {"processed": 16, "skipped": []} and model.forward_calls - before == 4
+    assert run == {"processed": 16, "skipped": []} and forwards.calls == 4
     assert ds.values("pred.detections.bounding_box") == reference
 
     # The operator and the CLI take the same option; with nothing left they do nothing.

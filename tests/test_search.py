@@ -9,14 +9,15 @@ import fiftyone as fo
 import fiftyone.operators as foo
 
 from fiftyone_grounding.data.cache import find_feature_cache
+from fiftyone_grounding.models.build import build_model
 from fiftyone_grounding.models.config import get_config
 from fiftyone_grounding.data.fields import GROUNDED_FIELD, PREVIEW_FIELD
 from fiftyone_grounding.errors import InputError
 from fiftyone_grounding.inference.model import GroundingModel
-from fiftyone_grounding.app.operators import shown_results
+from fiftyone_grounding.app.streaming import shown_results
 from fiftyone_grounding.runs import checkpoint_of
-from fiftyone_grounding.inference.search import (clear_box, default_feature_cache_dir, ground_in_sample, keep_box,
-                                       search_phrase)
+from fiftyone_grounding.inference.search import clear_box, ground_in_sample, keep_box, search_phrase
+from fiftyone_grounding.data.cache import default_feature_cache_dir
 
 PHRASE = "the red circle"
 
@@ -35,7 +36,8 @@ def _confidences(view, field):
     return [max(c) if c else None for c in view.values(f"{field}.detections.confidence")]
 
 
-def test_search_ranks_every_image_by_its_confidence_and_reads_the_training_cache(dataset, model, tmp_path):
+def test_search_ranks_every_image_by_its_confidence_and_reads_the_training_cache(dataset, model, tmp_path,
+                                                                                  count_forwards):
     """Every image gets the phrase's box with its confidence; the view comes back most confident
     first, the unreadable image (no box) last; each image is encoded once (two phrases share
     one); the cached features that training left give the boxes the pixels give."""
@@ -44,11 +46,11 @@ def test_search_ranks_every_image_by_its_confidence_and_reads_the_training_cache
     images = len(set(dataset.values("filepath")))
     assert images < len(dataset)  # the synthetic set has two phrases per image
 
-    before = model.forward_calls
+    forwards = count_forwards(model)
     ranked = search_phrase(dataset, PHRASE, model, label_field="cold", batch_size=8, use_cache=False,
                            progress=False)
     # batches of 8 phrases (an image's two in one batch, the image encoded once); the missing file never batched
-    assert model.forward_calls - before == math.ceil((len(dataset) - 1) / 8)
+    assert forwards.calls == math.ceil((len(dataset) - 1) / 8)
     confidences = _confidences(ranked, "cold")
     assert sorted(ranked.values("id")) == sorted(dataset.values("id"))
     assert confidences[-1] is None and ranked.last().id == broken.id
@@ -88,8 +90,8 @@ def test_search_keeps_the_confident_boxes_and_needs_a_phrase_and_a_confidence(da
     with pytest.raises(InputError, match="The phrase is empty"):
         search_phrase(view, "   ", model)
     loss_weights = {k: v for k, v in get_config("tiny").loss_weights.items() if k not in ("quality", "exist")}
-    no_head = GroundingModel.from_preset("tiny", device="cpu", quality_head=False, presence_head=False,
-                                         loss_weights=loss_weights)
+    no_head = GroundingModel(build_model("tiny", quality_head=False, presence_head=False, loss_weights=loss_weights),
+                             device="cpu")
     with pytest.raises(InputError, match="has no confidence"):
         search_phrase(view, PHRASE, no_head)
 

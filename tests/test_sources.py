@@ -1,9 +1,10 @@
 """The data sources besides jxu124: the original REFER files, gRefCOCO, RefCOCO-M and refcocox.
 
-Every source is written here in its real schema: REFER's ``refs(unc).p`` as a pickle of plain
-dicts (protocol 2, as Python 2 wrote it) beside a COCO ``instances.json``; gRefCOCO's
-``grefs(unc).json``; RefCOCO-M as a FiftyOne Hub-format folder (a ``FiftyOneDataset`` export with
-``fiftyone.yml``). Images are JPEGs drawn here; FiftyOne and its database are real; no network.
+Every source is written in its real schema (by ``refcoco_files.py``, RefCOCO-M here): REFER's
+``refs(unc).p`` as a pickle of plain dicts (protocol 2, as Python 2 wrote it) beside a COCO
+``instances.json``; gRefCOCO's ``grefs(unc).json``; RefCOCO-M as a FiftyOne Hub-format folder (a
+``FiftyOneDataset`` export with ``fiftyone.yml``). Images are JPEGs drawn there; FiftyOne and its
+database are real; no network.
 """
 
 import json
@@ -21,42 +22,17 @@ from fiftyone import ViewField as F
 from fiftyone_grounding.engine.config import TrainConfig
 from fiftyone_grounding.data.records import read_records
 from fiftyone_grounding.errors import DownloadError, SourceError
-from fiftyone_grounding.evaluation.evaluate import (GroundingEvaluationConfig, evaluate_grounding, evaluate_in_fiftyone,
-                                         format_table)
+from fiftyone_grounding.evaluation.fiftyone_run import GroundingEvaluationConfig, evaluate_in_fiftyone
+from fiftyone_grounding.evaluation.tables import format_table
+from fiftyone_grounding.evaluation.scoring import evaluate_grounding
 from fiftyone_grounding.sources.importer import import_refcoco
 from fiftyone_grounding.sources.refer import load_refs_pickle
-from fiftyone_grounding.engine.train import fit
+from fiftyone_grounding.engine.fit import fit
 
-from test_refcoco import IMAGES, REFS, UNC, coco_file, draw_images, make_row, make_source, save
+from refcoco_files import (IMAGES, REF_KEYS, REFS, UNC, coco_file, draw_images, make_row, make_source, save,
+                           write_grefcoco, write_instances, write_refer)
 
 REPO = Path(__file__).resolve().parents[1]
-REF_KEYS = ("sent_ids", "file_name", "ann_id", "ref_id", "image_id", "split", "sentences", "category_id")
-CATEGORIES = [{"id": i, "name": n, "supercategory": "thing"} for i, n in ((1, "person"), (3, "car"), (18, "dog"),
-                                                                          (44, "bottle"), (62, "chair"),
-                                                                          (67, "dining table"), (90, "toothbrush"))]
-
-
-def coco_image(image_id):
-    width, height = IMAGES[image_id]
-    return {"id": image_id, "file_name": coco_file(image_id), "width": width, "height": height, "license": 1}
-
-
-def write_instances(folder, annotations, image_ids=IMAGES):
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "instances.json"), "w") as f:
-        json.dump({"images": [coco_image(i) for i in image_ids], "annotations": annotations,
-                   "categories": CATEGORIES}, f)
-
-
-def write_refer(folder, refs=REFS, split_names=UNC, refs_file="refs(unc).p"):
-    """A REFER variant folder: instances.json + a refs pickle of plain dicts, from jxu124-style REFS."""
-    rows = [make_row(split_names, *ref) for ref in refs]
-    write_instances(folder, [json.loads(r["raw_anns"]) for r in rows])
-    with open(os.path.join(folder, refs_file), "wb") as f:
-        pickle.dump([{k: r[k] for k in REF_KEYS} for r in rows], f, protocol=2)
-    return str(folder)
-
-
 @pytest.fixture
 def images(tmp_path):
     return draw_images(tmp_path / "train2014")
@@ -205,34 +181,6 @@ def test_a_refer_ref_whose_sent_ids_disagree_or_repeat_is_skipped_and_counted(tm
     assert "sent_ids of sentences [2, 3, 4] differ from the sent_ids column [2, 4, 3]" in reasons
     assert "sent_ids of sentences [6, 6] differ from the sent_ids column [6, 7]" in reasons
     assert "split 'val' ref 1: sent_id(s) [8] occur more than once in the source" in reasons
-
-
-def write_grefcoco(folder):
-    """gRefCOCO as released: one target, three targets, and no target (ann_id [-1])."""
-    anns = [
-        {"id": 500, "image_id": 9, "category_id": 1, "bbox": [4.0, 6.0, 26.0, 34.0], "area": 884.0, "iscrowd": 0},
-        {"id": 501, "image_id": 42, "category_id": 1, "bbox": [1.0, 2.0, 20.0, 30.0], "area": 600.0, "iscrowd": 0},
-        {"id": 502, "image_id": 42, "category_id": 1, "bbox": [30.0, 2.0, 20.0, 30.0], "area": 600.0, "iscrowd": 0},
-        {"id": 503, "image_id": 42, "category_id": 18, "bbox": [60.0, 10.0, 30.0, 40.0], "area": 1200.0, "iscrowd": 0},
-    ]
-    write_instances(folder, anns)
-
-    def ref(ref_id, image_id, ann_id, category_id, split, sent_ids, texts):
-        sentences = [{"raw": t, "sent": t.lower(), "sent_id": s, "tokens": t.lower().split()}
-                     for s, t in zip(sent_ids, texts)]
-        return {"ref_id": ref_id, "image_id": image_id, "ann_id": ann_id, "category_id": category_id,
-                "split": split, "sent_ids": sent_ids, "sentences": sentences,
-                "file_name": f"COCO_train2014_{image_id:012d}_{ref_id}.jpg"}
-
-    refs = [
-        ref(0, 9, 500, 1, "train", [0, 1], ["Man on the left", "left person"]),
-        ref(1, 42, [501, 502, 503], [1, 1, 18], "train", [2], ["all people and the dog"]),
-        ref(2, 42, [-1], [-1], "val", [3, 4], ["the cat on the sofa", "a red bus"]),
-        ref(3, 42, [501, 502], [1, 1], "testA", [5], ["two people"]),
-    ]
-    with open(os.path.join(folder, "grefs(unc).json"), "w") as f:
-        json.dump(refs, f)
-    return str(folder)
 
 
 def test_grefcoco_keeps_zero_one_or_several_boxes_and_one_box_models_skip_and_count(tmp_path, images,

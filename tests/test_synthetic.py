@@ -11,7 +11,8 @@ import fiftyone as fo
 
 from fiftyone_grounding.data import synthetic as syn
 from fiftyone_grounding.models.boxes import is_valid_xyxy
-from fiftyone_grounding.data.labels import expression_text, first_box_xyxy
+from fiftyone_grounding.data.labels import detection_xyxy, expression_text
+from fiftyone_grounding.errors import InputError
 
 KINDS = {
     "color": set(syn.COLORS),
@@ -218,7 +219,7 @@ def test_dataset_fields_splits_and_regeneration(dataset_name, tmp_path):
         assert np.array_equal(_pixels(Image.open(filepath).convert("RGB")), _pixels(image))
         assert expression in [p for _, p in expressions]
         (target,) = syn.resolve(objects, expression)
-        assert np.allclose(first_box_xyxy(gt), objects[target]["box_xyxy"])
+        assert np.allclose(detection_xyxy(gt.detections[0].bounding_box), objects[target]["box_xyxy"])
         assert category == objects[target]["shape"]
 
     assert len(set(ref_ids)) == len(set(sent_ids)) == len(set(ann_ids)) == len(ds)
@@ -242,6 +243,28 @@ def test_dataset_is_deterministic(dataset_name, tmp_path):
     finally:
         if fo.dataset_exists(other):
             fo.delete_dataset(other)
+
+
+def test_a_spec_makes_what_its_fields_by_name_make(dataset_name, tmp_path):
+    spec = syn.SyntheticSpec(num_images=6, seed=5, several_fraction=0.5)
+    by_name = syn.make_synthetic_dataset(dataset_name, num_images=6, seed=5, several_fraction=0.5,
+                                         out_dir=str(tmp_path / "a"), persistent=False, progress=False)
+    fields = ["expression", "split", "ann_ids", "ground_truth.detections.bounding_box"]
+    other = dataset_name + "-spec"
+    try:
+        by_spec = syn.make_synthetic_dataset(other, spec, out_dir=str(tmp_path / "b"), persistent=False,
+                                             progress=False)
+        assert by_spec.values(fields) == by_name.values(fields)
+        assert {**by_spec.info["synthetic"], "out_dir": None} == {**by_name.info["synthetic"], "out_dir": None}
+        # fields by name replace the spec's
+        again = syn.make_synthetic_dataset(other, spec, seed=6, overwrite=True, out_dir=str(tmp_path / "c"),
+                                           persistent=False, progress=False)
+        assert again.info["synthetic"]["seed"] == 6 and again.values(fields) != by_name.values(fields)
+    finally:
+        if fo.dataset_exists(other):
+            fo.delete_dataset(other)
+    with pytest.raises(InputError, match="num_images must be an integer >= 1"):
+        syn.SyntheticSpec(num_images=0)
 
 
 def test_overwrite_semantics(dataset_name, tmp_path):

@@ -15,10 +15,14 @@ from safetensors.torch import load_file
 from PIL import Image
 
 from fiftyone_grounding.engine.config import TrainConfig
-from fiftyone_grounding.data.records import Collator, GroundingDataset, read_records
+from fiftyone_grounding.data.records import read_records
+from fiftyone_grounding.data.batching import Collator
+from fiftyone_grounding.data.datasets import GroundingDataset
 from fiftyone_grounding.errors import TrainingError
 from fiftyone_grounding.models.build import build_model, build_tokenizer
-from fiftyone_grounding.engine.train import configure_optimizer, cosine_with_warmup, fit, train_step
+from fiftyone_grounding.engine.loop import train_step
+from fiftyone_grounding.engine.optim import configure_optimizer, cosine_with_warmup
+from fiftyone_grounding.engine.fit import fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,6 +175,12 @@ def test_a_run_folder_resumes_only_its_own_run(synthetic_dataset, tmp_path, caps
     assert len(again.history) == 1 and (out / "last" / "model.safetensors").read_bytes() == weights
     longer = fit(synthetic_dataset, out_dir=str(out), epochs=2, **kwargs)  # the epochs may grow
     assert [h["epoch"] for h in longer.history] == [1, 2]
+    # a run folder of the version before the nested model config: its flat config is the same model
+    fingerprint = json.loads((out / "run_fingerprint.json").read_text())
+    flat = json.loads((Path(__file__).parent / "data" / "checkpoints_v2" / "tiny" / "config.json").read_text())
+    assert flat != fingerprint["model"] and "decoder" in fingerprint["model"]
+    (out / "run_fingerprint.json").write_text(json.dumps({**fingerprint, "model": flat}))
+    assert [h["epoch"] for h in fit(synthetic_dataset, out_dir=str(out), epochs=3, **kwargs).history] == [1, 2, 3]
     (out / "run_fingerprint.json").unlink()  # a folder of an earlier version: no fingerprint
     with pytest.raises(TrainingError, match="records no fingerprint"):
         fit(synthetic_dataset, out_dir=str(out), epochs=3, **kwargs)
@@ -193,7 +203,7 @@ def test_the_fp16_loss_scale_is_saved_with_last_and_restored(tmp_path):
     run stands, so last/ keeps them and a resume restores them."""
     from accelerate import Accelerator
 
-    from fiftyone_grounding.engine.train import _resume, _save_last
+    from fiftyone_grounding.engine.state import restore_run, save_last
 
     model = build_model("tiny")
     optimizer = configure_optimizer(model, 1e-3, 1e-4)
@@ -202,11 +212,11 @@ def test_the_fp16_loss_scale_is_saved_with_last_and_restored(tmp_path):
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     accelerator.scaler.scale(torch.ones(()))  # (a scaled loss makes its state)
     accelerator.scaler.update(new_scale=1024.0)  # as after some overflows
-    _save_last(model, optimizer, scheduler, accelerator, tmp_path / "last", 0, [], 0.5)
+    save_last(model, optimizer, scheduler, accelerator, tmp_path / "last", 0, [], 0.5)
     other = Accelerator(cpu=True)
     other.scaler = torch.amp.GradScaler("cpu")
-    _resume(tmp_path / "last", build_model("tiny"), configure_optimizer(model, 1e-3, 1e-4), scheduler, other,
-            is_main=False)
+    restore_run(tmp_path / "last", build_model("tiny"), configure_optimizer(model, 1e-3, 1e-4), scheduler, other,
+                is_main=False)
     assert other.scaler.get_scale() == 1024.0
     assert other.scaler.state_dict() == accelerator.scaler.state_dict()
 
@@ -217,7 +227,7 @@ def test_absent_pairs_show_phrases_with_images_that_lack_their_referent(syntheti
     image's kinds, the kinds of the image's own phrases stand in."""
     import numpy as np
 
-    from fiftyone_grounding.data.records import add_absent_pairs
+    from fiftyone_grounding.data.absent import add_absent_pairs
 
     records = read_records(synthetic_dataset.match({"split": "train"}).limit(24))
     assert all(records.image_kinds) and all(records.categories)  # the synthetic set says what each image holds
@@ -255,8 +265,8 @@ def test_absent_pairs_teach_the_confidence_that_the_object_is_missing(synthetic_
     fit uses the pairs by default (one-box models with quality and presence heads)."""
     import numpy as np
 
-    from fiftyone_grounding.data.records import add_absent_pairs
-    from fiftyone_grounding.engine.train import forward_batch, learns_absence
+    from fiftyone_grounding.data.absent import add_absent_pairs
+    from fiftyone_grounding.engine.loop import forward_batch, learns_absence
 
     torch.manual_seed(0)
     records = read_records(synthetic_dataset.match({"split": "train"}).limit(16))
@@ -306,7 +316,7 @@ def test_a_multi_box_run_keeps_the_epoch_of_the_best_validation_pr_f1(dataset_na
     """gRefCOCO ranks by Pr@(F1=1): best/ is the epoch where the official scorer, on the validation
     split, counts the most phrases right (phrases of nothing included); val IoU stays a column."""
     from fiftyone_grounding.data.synthetic import make_synthetic_dataset
-    from fiftyone_grounding.engine.train import selection_score
+    from fiftyone_grounding.engine.state import selection_score
 
     ds = make_synthetic_dataset(dataset_name, num_images=40, out_dir=str(tmp_path / "images"), seed=3,
                                 several_fraction=0.4, none_fraction=0.3, persistent=False, progress=False)
@@ -318,3 +328,20 @@ def test_a_multi_box_run_keeps_the_epoch_of_the_best_validation_pr_f1(dataset_na
     assert best["epoch"] == 1 + scores.index(max(scores)) and best["val_pr_f1"] == max(scores)
     assert selection_score({"val_pr_f1": 0.2, "val_iou": 0.9}) == 0.2
     assert selection_score({"val_pr_f1": None, "val_iou": 0.9, "train_iou": 0.5}) == 0.9
+
+
+def test_mixed_precision_and_the_skip_tally_are_one_rule_for_training_and_inference():
+    """One autocast (a no-op without a dtype), bf16 only where the device supports it; skipped
+    samples counted once each and tallied by reason, as training prints and inference logs them."""
+    from fiftyone_grounding.data.skips import count_by_reason, once_each
+    from fiftyone_grounding.models.precision import AUTOCAST_DTYPES, autocast, default_mixed_precision
+
+    cpu = torch.device("cpu")
+    assert default_mixed_precision(cpu) == "no" and AUTOCAST_DTYPES["no"] is None
+    with autocast(cpu, AUTOCAST_DTYPES["bf16"]):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast(cpu, None):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    skipped = once_each([("a", "unreadable"), ("b", "no phrase"), ("a", "unreadable"), ("c", "unreadable")])
+    assert skipped == [("a", "unreadable"), ("b", "no phrase"), ("c", "unreadable")]
+    assert count_by_reason(skipped) == "2 x unreadable, 1 x no phrase"

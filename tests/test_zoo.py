@@ -52,11 +52,11 @@ def test_uint8_pixels_normalized_on_the_device_give_the_model_input_of_training(
     assert torch.equal(a.boxes, b.boxes) and np.array_equal(a.confidences, b.confidences)
 
 
-def test_32_samples_take_one_forward_pass(dataset, model):
+def test_32_samples_take_one_forward_pass(dataset, model, count_forwards):
     view = dataset.limit(32)
-    before = model.forward_calls
+    forwards = count_forwards(model)
     view.apply_model(model, label_field="pred", prompt_field="expression", batch_size=32)
-    assert model.forward_calls - before == 1
+    assert forwards.calls == 1
     assert view.count("pred.detections") == 32
 
 
@@ -132,7 +132,7 @@ def test_batched_boxes_equal_one_by_one_predict(dataset, model):
         np.testing.assert_allclose(single.detections[0].bounding_box, boxes[0], atol=1e-4)
 
 
-def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, model):
+def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, model, count_forwards):
     """``apply_grounding_model`` (bulk read, images grouped wherever their samples are, bulk
     writes by id) writes what FiftyOne's ``apply_model`` writes, sample by sample."""
     view = dataset.shuffle(seed=3)  # the expressions of an image are no longer consecutive
@@ -140,11 +140,11 @@ def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, mode
     blank = {ids[5]: "  ", ids[17]: None}
     dataset.set_values("expression", blank, key_field="id")
     view.apply_model(model, label_field="reference", prompt_field="expression", batch_size=16, num_workers=0)
-    calls, fractions = model.forward_calls, []
+    forwards, fractions = count_forwards(model), []
     run = apply_grounding_model(view, model, label_field="fast", batch_size=16,
                                 progress_callback=lambda f, label: fractions.append(f))
     # 78 phrases on 40 images, packed image by image into batches of <= 16 phrases.
-    assert model.forward_calls - calls <= 6
+    assert forwards.calls <= 6
     assert run["processed"] == 80 and sorted(run["skipped"]) == sorted((i, "missing or empty phrase") for i in blank)
     assert fractions[-1] == 1.0 and fractions == sorted(fractions)
     for sid, ref, fast, ref_label, fast_label, ref_conf, fast_conf in zip(*dataset.values(
@@ -161,12 +161,12 @@ def test_fast_apply_equals_fiftyone_apply_model_on_a_shuffled_view(dataset, mode
     assert len(set(dataset.values("fast.detections.confidence", unwind=True))) > 1  # a real confidence, not 1.0
 
 
-def test_fast_apply_batch_size_follows_the_device(dataset, model):
+def test_fast_apply_batch_size_follows_the_device(dataset, model, count_forwards):
     """No batch size given: the default batch size of the model's device (here the CPU)."""
     batch = default_apply_batch_size("cpu")
-    before = model.forward_calls
+    forwards = count_forwards(model)
     run = apply_grounding_model(dataset, model, label_field="pred")  # CPU: 80 phrases, 2 per image
-    assert run["processed"] == 80 and model.forward_calls - before == -(-80 // batch)
+    assert run["processed"] == 80 and forwards.calls == -(-80 // batch)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         apply_grounding_model(dataset, model, label_field="pred", batch_size=0)
 
@@ -407,7 +407,7 @@ def test_the_zoo_loads_a_model_with_its_phrase_source(zoo_dir, dataset, tiny_che
     assert view.values("phrase.detections.expression") == [["the red circle"]] * 6
 
 
-def _zoo_operator_ctx(dataset, remote_params) -> "ExecutionContext":
+def _zoo_operator_ctx(dataset, remote_params):
     from fiftyone.operators.executor import ExecutionContext
 
     return ExecutionContext(request_params={"dataset_name": dataset.name, "params": {

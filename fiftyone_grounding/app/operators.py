@@ -20,81 +20,30 @@ runs from Python::
     apply = foo.get_operator("@fiftyone-grounding/grounding/apply_grounding_model")
     apply(view, model="runs/tiny/best", label_field="predictions").result
 
-Parameters left out take the defaults that the form shows. This module also builds the form
-that FiftyOne's "Apply zoo model" operator shows for this repository's zoo models
-(:func:`zoo_model_inputs`, :func:`parse_zoo_parameters`).
+Parameters left out take the defaults that the form shows. The forms' checks are in
+``forms.py``, the thread that streams progress in ``streaming.py``, the grounding metrics'
+operators in ``metric_operators.py`` (listed in :data:`OPERATORS` too), and the options of the
+zoo models in FiftyOne's "Apply zoo model" form in ``zoo_form.py``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
-import queue
-import re
-import threading
 from typing import Callable, Optional
 
 import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from ..models.config import PRESET_DESCRIPTIONS
-from ..inference.apply import APPLY_BATCH_SIZE_TEXT
-from ..engine.config import TrainConfig
 from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD, SEARCH_FIELD
+from ..engine.config import TrainConfig
 from ..errors import GroundingError, InputError
-from ..evaluation.evaluate import GREC_METRICS, METRICS
-from ..data.text import clean_phrase
-
-NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-
-
-def _is_text(field) -> bool:
-    return isinstance(field, fo.StringField)
-
-
-def _is_detections(field) -> bool:
-    return isinstance(field, fo.EmbeddedDocumentField) and issubclass(field.document_type, fo.Detections)
-
-
-FIELD_KINDS = {"text": _is_text, "Detections": _is_detections}
-
-
-def fields_of_kind(view, kind: str) -> list[str]:
-    return sorted(name for name, field in view.get_field_schema().items() if FIELD_KINDS[kind](field))
-
-
-def name_error(name, what: str) -> Optional[str]:
-    """Why ``name`` cannot be a field name or evaluation key (``what``), or None."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        return f"{name!r} is not a valid {what}: use letters, digits and underscores, starting with a letter."
-    return None
-
-
-def field_error(view, name, kind: str, new_ok: bool = False) -> Optional[str]:
-    """Why ``name`` is not a ``kind`` field of ``view`` (or, with ``new_ok``, a name for a new one), or None."""
-    error = name_error(name, "field name")
-    if error:
-        return error
-    field = view.get_field_schema().get(name)
-    if field is None:
-        if new_ok:
-            return None
-        existing = ", ".join(fields_of_kind(view, kind)) or "none"
-        return f"The dataset has no field {name!r}; its {kind} fields are: {existing}."
-    if not FIELD_KINDS[kind](field):
-        advice = "; choose another name" if new_ok else ""
-        return f"{name!r} is a {type(field).__name__}, not a {kind} field{advice}."
-    return None
-
-
-def _flag(prop, error: Optional[str]):
-    """Show ``error`` under the form field ``prop``; the form cannot run while it is set."""
-    if error:
-        prop.invalid = True
-        prop.error_message = error
-    return prop
-
+from ..evaluation.metrics import GREC_METRICS, METRICS
+from ..inference.apply import APPLY_BATCH_SIZE_TEXT
+from ..models.config import PRESET_DESCRIPTIONS
+from .forms import choices_of, field_error, fields_of_kind, flag, form, missing_dir_error, name_error, phrase_error
+from .metric_operators import METRIC_OPERATORS
+from .streaming import run_in_thread, shown_results
 
 ICONS = {"light_icon": "/assets/icon-light.svg", "dark_icon": "/assets/icon-dark.svg"}  # in the plugin folder
 RiskLevel = types.RiskLevel
@@ -106,45 +55,6 @@ def _config(name: str, label: str, risk_level: RiskLevel, description: Optional[
     return foo.OperatorConfig(name=name, label=label, description=description, dynamic=True,
                               execute_as_generator=True, allow_immediate_execution=True,
                               allow_delegated_execution=True, risk_level=risk_level, **ICONS, **extra)
-
-
-def _form(inputs, label: str):
-    return types.Property(inputs, view=types.View(label=label))
-
-
-def shown_results(execution) -> Optional[dict]:
-    """The results an immediate run showed in the App (its last ``show_output``): what a
-    Python caller of a streaming operator gets instead of FiftyOne's ``None``."""
-    requests = execution.executor.to_json()["requests"] if execution.executor is not None else []
-    shown = [r["params"]["results"] for r in requests if r["operator_uri"] == "show_output"]
-    return shown[-1] if shown else None
-
-
-def _run_in_thread(work: Callable[[Callable[[float, str], None]], dict]):
-    """Run ``work(progress_callback)`` in a thread; yields ``("progress", (fraction, label))``
-    (only the newest of those waiting) and at the end ``("done", result)``; raises its error."""
-    events: queue.Queue = queue.Queue()
-
-    def target() -> None:
-        try:
-            events.put(("done", work(lambda fraction, label: events.put(("progress", (fraction, label))))))
-        except BaseException as e:  # noqa: BLE001 - handed to the generator, which raises it
-            events.put(("error", e))
-
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), daemon=True,
-                              name="fiftyone-grounding-operator")
-    thread.start()
-    while True:
-        kind, value = events.get()
-        while kind == "progress" and not events.empty():  # the App needs the newest only
-            kind, value = events.get_nowait()
-        if kind == "error":
-            thread.join()
-            raise value
-        yield kind, value
-        if kind == "done":
-            thread.join()
-            return
 
 
 class GroundingOperator(foo.Operator):
@@ -192,7 +102,7 @@ class GroundingOperator(foo.Operator):
         """An immediate run: its progress, then ``after``, then the output, as App messages."""
         yield ctx.ops.set_progress(progress=0.0, label=self.STARTING)
         try:
-            for kind, value in _run_in_thread(lambda progress: self.run(ctx, progress)):
+            for kind, value in run_in_thread(lambda progress: self.run(ctx, progress)):
                 if kind == "progress":
                     yield ctx.ops.set_progress(progress=value[0], label=value[1])
                 else:
@@ -216,16 +126,13 @@ class GroundingOperator(foo.Operator):
 
     def field_input(self, ctx, inputs, view, name: str, label: str, kind: str, description: str,
                     new_ok: bool = False):
-        choices = types.AutocompleteView()
-        for field in fields_of_kind(view, kind):
-            choices.add_choice(field, label=field)
         prop = inputs.str(name, label=label, description=description, default=self.DEFAULTS.get(name),
-                          view=choices)
+                          view=choices_of(fields_of_kind(view, kind)))
         value = self.param(ctx, name)
         error = field_error(view, value, kind, new_ok=new_ok)
         if new_ok and not error and view.has_field(value):
             inputs.view(f"{name}_exists", types.Warning(label=f"{value!r} exists: its boxes on these samples are replaced"))
-        return _flag(prop, error)
+        return flag(prop, error)
 
     def model_input(self, ctx, inputs):
         from .zoo import default_checkpoint, model_error
@@ -237,13 +144,13 @@ class GroundingOperator(foo.Operator):
                         "such as fiftyone-grounding/tiny-synthetic-demo; by default the dataset's latest "
                         "trained model, else the demo's")
         given = ctx.params.get("model")
-        return _flag(prop, model_error(default if given is None else given))
+        return flag(prop, model_error(default if given is None else given))
 
     def needs_dataset(self, ctx, inputs) -> bool:
         if ctx.dataset is not None:
             return True
         prop = inputs.view("no_dataset", types.Error(label="Open a dataset first"))
-        _flag(prop, "This operation works on a dataset: open one (or pass ctx={'dataset': ...}).")
+        flag(prop, "This operation works on a dataset: open one (or pass ctx={'dataset': ...}).")
         return False
 
     @staticmethod
@@ -255,9 +162,7 @@ class GroundingOperator(foo.Operator):
     def phrase_input(self, ctx, inputs):
         phrase = inputs.str("phrase", label="Phrase", required=True,
                             description="what to find, e.g. 'the small red circle on the left'")
-        if ctx.params.get("phrase") is not None and clean_phrase(ctx.params["phrase"]) is None:
-            _flag(phrase, "The phrase is empty: type what to find.")
-        return phrase
+        return flag(phrase, phrase_error(ctx.params.get("phrase")))
 
 
 def _nothing_to_show(ctx, results):
@@ -300,7 +205,7 @@ class ImportGroundingDataset(GroundingOperator):
         else:
             importer, error = _refcoco_importer()
             if importer is None:
-                _flag(name_prop, f"The RefCOCO importer cannot be imported ({error}); install "
+                flag(name_prop, f"The RefCOCO importer cannot be imported ({error}); install "
                                  f"fiftyone-grounding with its dependencies.")
             variants = types.Dropdown()
             for variant, text in VARIANT_LABELS.items():
@@ -311,15 +216,15 @@ class ImportGroundingDataset(GroundingOperator):
                                             "save_to_disk copy of jxu124's dataset, a RefCOCO-M copy, or for "
                                             "refcocox a folder of refcoco/, refcoco+/, refcocog/; empty: download "
                                             "from the Hugging Face Hub")
-            _flag(folder, _missing_dir(ctx.params.get("annotations_dir")))
+            flag(folder, missing_dir_error(ctx.params.get("annotations_dir")))
             images = inputs.str("images_dir", label="COCO train2014 folder",
                                 description="empty: fetch the needed images with FiftyOne's coco-2014 zoo dataset")
-            _flag(images, _missing_dir(ctx.params.get("images_dir")))
+            flag(images, missing_dir_error(ctx.params.get("images_dir")))
             if self.param(ctx, "variant") != "refcocox":
                 inputs.str("revision", label="Hub revision", description="empty: the tested revision")
             inputs.int("max_samples", min=1, label="Max expressions", description="empty: all")
             inputs.bool("skip_missing", label="Skip expressions whose image is missing", default=False)
-        return _form(inputs, "Import a grounding dataset")
+        return form(inputs, "Import a grounding dataset")
 
     def _dataset_name(self, ctx) -> str:
         source = self.param(ctx, "source")
@@ -354,7 +259,7 @@ class ImportGroundingDataset(GroundingOperator):
         outputs = types.Object()
         outputs.str("dataset", label="Dataset")
         outputs.int("num_samples", label="Samples (one per referring expression)")
-        return _form(outputs, "Dataset imported")
+        return form(outputs, "Dataset imported")
 
 
 VARIANT_LABELS = {
@@ -376,12 +281,6 @@ def _refcoco_importer():
     return import_refcoco, None
 
 
-def _missing_dir(path) -> Optional[str]:
-    if path and not os.path.isdir(os.path.expanduser(path)):
-        return f"There is no folder {path!r}; give an existing folder or leave it empty."
-    return None
-
-
 class TrainGroundingModel(GroundingOperator):
     """Train a grounding model on the target samples (the App schedules it by default); the run
     is recorded on the dataset (``runs.py``)."""
@@ -401,7 +300,7 @@ class TrainGroundingModel(GroundingOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         if not self.needs_dataset(ctx, inputs):
-            return _form(inputs, "Train a grounding model")
+            return form(inputs, "Train a grounding model")
         view = self.target(ctx)
         presets = types.RadioGroup()
         for value, label in PRESET_DESCRIPTIONS.items():
@@ -421,8 +320,8 @@ class TrainGroundingModel(GroundingOperator):
                    description="empty: train on the whole view")
         inputs.str("val_split", label="Validation split", default=self.DEFAULTS["val_split"],
                    description="picks the best checkpoint; empty: none")
-        _flag(split_prop, self._split_error(ctx, view))
-        return _form(inputs, "Train a grounding model")
+        flag(split_prop, self._split_error(ctx, view))
+        return form(inputs, "Train a grounding model")
 
     def _new_out_dir(self, ctx, stamp: Optional[str] = None) -> str:
         """A new run folder: grounding-runs/<dataset>-<preset>-<UTC date-time> (never one that
@@ -454,7 +353,7 @@ class TrainGroundingModel(GroundingOperator):
 
     def run(self, ctx, progress):
         from ..runs import training_run_key
-        from ..engine.train import fit
+        from ..engine.fit import fit
 
         out_dir = ctx.params.get("out_dir") or self._new_out_dir(ctx)
         result = fit(
@@ -481,7 +380,7 @@ class TrainGroundingModel(GroundingOperator):
         outputs.float("best_val_iou", label="Best validation IoU")
         outputs.int("epochs", label="Epochs trained")
         outputs.str("run_key", label="Recorded on the dataset as the run (dataset.get_run_info(key))")
-        return _form(outputs, "Training finished")
+        return form(outputs, "Training finished")
 
 
 class ApplyGroundingModel(GroundingOperator):
@@ -499,7 +398,7 @@ class ApplyGroundingModel(GroundingOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         if not self.needs_dataset(ctx, inputs):
-            return _form(inputs, "Apply a grounding model")
+            return form(inputs, "Apply a grounding model")
         view = self.target(ctx)
         self.model_input(ctx, inputs)
         self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text",
@@ -510,7 +409,7 @@ class ApplyGroundingModel(GroundingOperator):
                    description=f"phrases per forward pass; empty: {APPLY_BATCH_SIZE_TEXT}")
         inputs.bool("skip_existing", label="Only samples without a prediction in this field",
                     default=False, description="finish an interrupted run instead of predicting everything again")
-        return _form(inputs, "Apply a grounding model")
+        return form(inputs, "Apply a grounding model")
 
     def run(self, ctx, progress):
         from ..inference.apply import apply_grounding_model
@@ -533,7 +432,7 @@ class ApplyGroundingModel(GroundingOperator):
         outputs.int("num_predictions", label="Samples with a box")
         outputs.int("num_skipped", label="Samples skipped (missing phrase or unreadable image)")
         outputs.str("checkpoint", label="Model (recorded on the dataset with the field)")
-        return _form(outputs, "Predictions written")
+        return form(outputs, "Predictions written")
 
 
 class EvaluateGroundingModel(GroundingOperator):
@@ -552,19 +451,19 @@ class EvaluateGroundingModel(GroundingOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         if not self.needs_dataset(ctx, inputs):
-            return _form(inputs, "Evaluate grounding predictions")
+            return form(inputs, "Evaluate grounding predictions")
         view = self.target(ctx)
         self.field_input(ctx, inputs, view, "pred_field", "Prediction field", "Detections", "the predicted boxes")
         self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "the true boxes")
         key = inputs.str("eval_key", label="Evaluation key", default=self.DEFAULTS["eval_key"],
                          description="names the run in the Model Evaluation panel; the IoU goes to <key>_iou")
-        _flag(key, name_error(self.param(ctx, "eval_key"), "evaluation key"))
+        flag(key, name_error(self.param(ctx, "eval_key"), "evaluation key"))
         inputs.str("split_field", label="Split field", default=self.DEFAULTS["split_field"],
                    description="metrics per split too; empty: overall only")
-        return _form(inputs, "Evaluate grounding predictions")
+        return form(inputs, "Evaluate grounding predictions")
 
     def run(self, ctx, progress):
-        from ..evaluation.evaluate import evaluate_in_fiftyone
+        from ..evaluation.fiftyone_run import evaluate_in_fiftyone
 
         metrics = evaluate_in_fiftyone(
             self.target(ctx), pred_field=self.param(ctx, "pred_field"), gt_field=self.param(ctx, "gt_field"),
@@ -588,43 +487,7 @@ class EvaluateGroundingModel(GroundingOperator):
         outputs.str("iou_field", label="Per-sample IoU field (sort the grid by it)")
         outputs.str("eval_key", label="Evaluation key (open the Model Evaluation panel)")
         outputs.str("checkpoint", label="Model that wrote the predictions")
-        return _form(outputs, "Grounding evaluation")
-
-
-class GroundingMetric(foo.EvaluationMetric):
-    """One grounding metric (``KEY`` of ``evaluate.METRICS``) of a detection evaluation run: it is
-    offered in the App's evaluation form and computed, renamed and deleted with the run."""
-
-    KEY = ""
-    LABEL = ""
-    LOWER_IS_BETTER = False
-    DESCRIPTION = "{label} of each sample's first predicted box against its first true box"
-
-    @property
-    def config(self):
-        config = foo.EvaluationMetricConfig(
-            name=self.KEY, label=self.LABEL, eval_types=["detection"], lower_is_better=self.LOWER_IS_BETTER,
-            description=self.DESCRIPTION.format(label=self.LABEL),
-            unlisted=True,  # a metric of evaluation runs, not an operation of the operator browser
-            risk_level=RiskLevel.LOW)  # computes a number from the run's results, writes nothing
-        # FiftyOne reads this flag from the config's kwargs when it stores the value
-        config.kwargs["lower_is_better"] = self.LOWER_IS_BETTER
-        return config
-
-    def compute(self, samples, results, **kwargs):
-        from ..evaluation.evaluate import metric_value
-
-        return metric_value(samples, results, self.KEY)
-
-
-GREC_DESCRIPTION = ("{label}: gRefCOCO's official scorer over every box of phrases of zero, one or several "
-                    "objects (boxes kept at confidence >= 0.7)")
-METRIC_OPERATORS = tuple(
-    type(f"GroundingMetric_{key}", (GroundingMetric,), {"KEY": key, "LABEL": label, "LOWER_IS_BETTER": lower})
-    for key, label, lower in METRICS) + tuple(
-    type(f"GroundingMetric_{key}", (GroundingMetric,), {"KEY": key, "LABEL": label, "LOWER_IS_BETTER": lower,
-                                                        "DESCRIPTION": GREC_DESCRIPTION})
-    for key, label, lower in GREC_METRICS)
+        return form(outputs, "Grounding evaluation")
 
 
 class GroundPhrase(GroundingOperator):
@@ -642,13 +505,13 @@ class GroundPhrase(GroundingOperator):
     def resolve_input(self, ctx):
         inputs = types.Object()
         if not self.needs_dataset(ctx, inputs):
-            return _form(inputs, self.FORM)
+            return form(inputs, self.FORM)
         view = self.target(ctx)
         self.phrase_input(ctx, inputs)
         self.model_input(ctx, inputs)
         self.field_input(ctx, inputs, view, "label_field", "Box field", "Detections",
                          "where the found boxes are written", new_ok=True)
-        return _form(inputs, self.FORM)
+        return form(inputs, self.FORM)
 
     def run(self, ctx, progress):
         from ..inference.apply import ground_phrase
@@ -664,7 +527,7 @@ class GroundPhrase(GroundingOperator):
         outputs = types.Object()
         outputs.str("label_field", label="Box field")
         outputs.int("num_boxes", label="Samples with a box")
-        return _form(outputs, "Boxes written")
+        return form(outputs, "Boxes written")
 
 
 class SearchPhrase(GroundPhrase):
@@ -704,7 +567,7 @@ class SearchPhrase(GroundPhrase):
         outputs.int("num_boxes", label="Samples with a box")
         outputs.float("top_confidence", label="Confidence of the most likely image")
         outputs.str("sort_by", label="Sorted by (descending)")
-        return _form(outputs, "Images ranked by the phrase")
+        return form(outputs, "Images ranked by the phrase")
 
 
 class ReleaseGroundingModels(GroundingOperator):
@@ -724,7 +587,7 @@ class ReleaseGroundingModels(GroundingOperator):
         inputs = types.Object()
         kept = model_cache_info()["models"]
         inputs.view("kept", types.Notice(label=f"{len(kept)} model(s) loaded: " + (", ".join(kept) or "none")))
-        return _form(inputs, "Release the cached grounding models")
+        return form(inputs, "Release the cached grounding models")
 
     def run(self, ctx, progress):
         from .zoo import release_models
@@ -734,61 +597,7 @@ class ReleaseGroundingModels(GroundingOperator):
     def resolve_output(self, ctx):
         outputs = types.Object()
         outputs.int("released", label="Models released (the next run loads its model again)")
-        return _form(outputs, "Models released")
-
-
-# -- FiftyOne's "Apply zoo model" operator, for this repository's zoo models ---------------------
-
-PHRASE_SOURCES = {"field": "Each sample's own phrase, from a text field",
-                  "phrase": "One typed phrase, for every sample"}
-
-
-def zoo_model_inputs(ctx):
-    """The options of a grounding zoo model in FiftyOne's Apply zoo model form (the zoo source's
-    ``resolve_input``; the zoo operator puts them under ``remote_params``): where the phrases
-    come from (a text field of the dataset, or one typed phrase). The confidence threshold and
-    the batch size are the zoo form's own fields (it passes them to ``apply_model``)."""
-    params = ctx.params.get("remote_params") or {}
-    inputs = types.Object()
-    sources = types.RadioGroup()
-    for value, label in PHRASE_SOURCES.items():
-        sources.add_choice(value, label=label)
-    inputs.enum("phrase_source", sources.values(), label="Phrases", default="field", view=sources)
-    if params.get("phrase_source", "field") == "field":
-        fields = fields_of_kind(ctx.dataset, "text") if ctx.dataset is not None else []
-        choices = types.AutocompleteView()
-        for field in fields:
-            choices.add_choice(field, label=field)
-        default = DEFAULT_PROMPT_FIELD if DEFAULT_PROMPT_FIELD in fields else None
-        prop = inputs.str("prompt_field", label="Phrase field", default=default, required=True, view=choices,
-                          description="the text field holding each sample's referring expression")
-        name = params.get("prompt_field", default)
-        if ctx.dataset is not None and name is not None:
-            _flag(prop, field_error(ctx.dataset, name, "text"))
-    else:
-        prop = inputs.str("prompt", label="Phrase", required=True,
-                          description="what to find in every image, e.g. 'the red car on the left'")
-        if params.get("prompt") is not None and clean_phrase(params["prompt"]) is None:
-            _flag(prop, "The phrase is empty: type what to find.")
-    inputs.view("batch_size_hint", types.Notice(
-        label=f"Batch size: set this form's Batch size below ({APPLY_BATCH_SIZE_TEXT} run fastest); empty runs "
-              f"one sample at a time"))
-    return types.Property(inputs)
-
-
-def parse_zoo_parameters(ctx, params: dict) -> None:
-    """The zoo form's values -> ``load_zoo_model`` keyword arguments, in place (the zoo source's
-    ``parse_parameters``): ``prompt_field=...`` or ``prompt=...``."""
-    source = params.pop("phrase_source", "field")
-    field, prompt = params.pop("prompt_field", None), params.pop("prompt", None)
-    params.pop("batch_size_hint", None)
-    if source == "phrase":
-        text = clean_phrase(prompt)
-        if text is None:
-            raise InputError("The phrase is empty: type what to find.")
-        params["prompt"] = text
-    else:
-        params["prompt_field"] = field or DEFAULT_PROMPT_FIELD
+        return form(outputs, "Models released")
 
 
 OPERATORS = (ImportGroundingDataset, TrainGroundingModel, ApplyGroundingModel, EvaluateGroundingModel,

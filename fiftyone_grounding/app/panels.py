@@ -11,7 +11,8 @@ reopen the sample: FiftyOne's open modal does not see fields added after it open
 
 FiftyOne's panel text boxes send their value when typing pauses (there is no Enter event),
 so the phrase is grounded then; the model comes from ``zoo.cached_model`` and is loaded once.
-Each action calls one function of ``search.py``; the state lives in ``ctx.panel.state``.
+Each action calls one function of ``search.py`` (its boxes post-processed as every apply path's:
+``inference/postprocess.py``); the state lives in ``ctx.panel.state``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import fiftyone.operators.types as types
 
 from ..data.fields import GROUNDED_FIELD, PREVIEW_FIELD
 from ..errors import GroundingError
-from .operators import ICONS, fields_of_kind
+from .operators import ICONS
+from .forms import fields_of_kind
 from ..data.text import clean_phrase
 from ..fiftyone_api import root_dataset
 

@@ -12,7 +12,7 @@ delegates FiftyOne's ``download_model`` / ``load_model`` calls to the functions 
 ``foz.register_zoo_model_source`` only takes GitHub repositories and archive URLs;
 offline, :func:`register_local_source` registers a local clone the same way. FiftyOne's
 "Apply zoo model" operator asks for the phrase source through the root ``__init__.py``'s
-``resolve_input`` / ``parse_parameters`` (built in ``operators.zoo_model_inputs``).
+``resolve_input`` / ``parse_parameters`` (built in ``zoo_form.zoo_model_inputs``).
 
 Loaded networks are kept in this process by checkpoint (:func:`cached_model`, the
 ``MODEL_CACHE_SIZE`` most recently used): the App's operators and panel, and the zoo
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, load_config, resolve_checkpoint_dir
-from ..models.confidence import CALIBRATION_NAME
+from ..models.calibration import CALIBRATION_NAME
 from ..errors import CheckpointError, ConfigError, DownloadError, InputError
 
 SOURCE_NAME = "fiftyone-grounding"

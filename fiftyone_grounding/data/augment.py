@@ -26,10 +26,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..models.boxes import clip_to_image
 from .text import swap_left_right
 
 PARTS = ("scale", "color", "flip")
-ALIASES = {"crop-flip": "scale+flip"}  # the name of scale+flip before the parts could be combined
 CACHEABLE = frozenset({"flip"})  # what the feature cache's two views can serve
 MIN_CROP = 0.6  # the smallest crop side, as a share of the image's
 COLOR_JITTER = 0.3  # brightness, contrast and saturation scale by up to 1 +- this
@@ -39,7 +39,6 @@ def parse_augment(augment: str) -> frozenset:
     """``"scale+color"`` -> {"scale", "color"}; ``"none"`` -> {}; unknown parts are refused by name."""
     if not isinstance(augment, str):
         raise ConfigError(f"augment must be a string such as 'scale+color' or 'none', got {augment!r}")
-    augment = ALIASES.get(augment, augment)
     if augment == "none":
         return frozenset()
     parts = frozenset(p.strip() for p in augment.split("+"))
@@ -68,7 +67,7 @@ def crop_boxes(boxes_xyxy: np.ndarray, window: tuple[int, int, int, int], width:
     scale = np.array([width, height, width, height], dtype=np.float64)
     offset = np.array([x0, y0, x0, y0], dtype=np.float64)
     size = np.array([x1 - x0, y1 - y0, x1 - x0, y1 - y0], dtype=np.float64)
-    return np.clip((boxes_xyxy.astype(np.float64) * scale - offset) / size, 0.0, 1.0).astype(np.float32)
+    return clip_to_image((boxes_xyxy.astype(np.float64) * scale - offset) / size).astype(np.float32)
 
 
 def inside_window(boxes_xyxy: np.ndarray, window: tuple[int, int, int, int], width: int, height: int) -> np.ndarray:

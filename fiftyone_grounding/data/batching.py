@@ -1,5 +1,6 @@
 """Batches of image groups: the phrases of an image travel together, so each image is decoded
-and encoded once per batch. Training and inference both pack their batches here."""
+and encoded once per batch. Training and inference both pack their batches here
+(:class:`GroupBatchSampler`); :class:`Collator` stacks a batch's items and tokenizes its phrases."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import os
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
+
+from .text import PhraseTokenizer
 
 MAX_WORKERS = 8
 NUM_WORKERS_TEXT = f"{MAX_WORKERS} on a GPU, 0 on the CPU"
@@ -17,8 +21,6 @@ def default_num_workers(device) -> int:
     """Workers that load items (decode images, read cached features) when the caller gives
     none: on a GPU up to 8 beside it; on the CPU the model already uses every core, so items
     are loaded in the main process."""
-    import torch
-
     return min(MAX_WORKERS, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
 
 
@@ -77,3 +79,46 @@ class GroupBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self._batches)
+
+
+class Collator:
+    """Stacks images once, tokenizes phrases (or reads their cached text features), and maps
+    each phrase to its image."""
+
+    def __init__(self, tokenizer, max_text_len: int, text_cache=None):
+        self.tokenize = PhraseTokenizer(tokenizer, max_text_len)
+        self.text_cache = text_cache
+
+    def __call__(self, items: list[dict]) -> dict:
+        skipped = [s for it in items for s in it.get("skipped", [])]
+        items = [it for it in items if "skipped" not in it]
+        batch = {"skipped": skipped, "sample_ids": [s for it in items for s in it["sample_ids"]]}
+        if not items:
+            return batch
+        phrases = [p for it in items for p in it["phrases"]]
+        if self.text_cache is not None:
+            feats = [self.text_cache.get(p) for p in phrases]  # (L_i, D) each
+            text = {"text_features": torch.nn.utils.rnn.pad_sequence(feats, batch_first=True),  # (B, L, D)
+                    "attention_mask": torch.nn.utils.rnn.pad_sequence(
+                        [torch.ones(len(f), dtype=torch.long) for f in feats], batch_first=True)}
+        else:
+            tokens = self.tokenize(phrases)
+            text = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+        image_key = "image_features" if "image_features" in items[0] else "pixel_values"
+        batch.update(
+            # (I, 3, S, S) pixels, or (I, T, D) cached features
+            **{image_key: torch.stack([it[image_key] for it in items])},
+            image_index=torch.cat([torch.full((len(it["phrases"]),), i, dtype=torch.long)
+                                   for i, it in enumerate(items)]),  # (B,)
+            boxes=torch.cat([it["boxes"] for it in items]),  # (B, 4)
+            phrases=phrases,
+            **text,
+        )
+        if "targets" in items[0]:
+            batch["targets"] = [t for it in items for t in it["targets"]]  # B tensors (g, 4)
+        batch["categories"] = [c for it in items for c in it.get("categories", [None] * len(it["phrases"]))]
+        batch["images"] = [it.get("image") for it in items]  # (I,) the image of each row of the image tensor
+        batch["image_kinds"] = [it.get("image_kinds") for it in items]  # (I,) the kinds each image holds
+        if "crop_area" in items[0]:
+            batch["crop_areas"] = [it["crop_area"] for it in items]
+        return batch

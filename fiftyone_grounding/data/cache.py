@@ -12,7 +12,7 @@ Augmentation: a small fixed set of views is cached per image, the image itself (
 and its horizontal mirror (view 1), each encoded from real pixels (DINOv3's RoPE
 features are not mirror-symmetric, so mirroring features would be wrong). Training picks
 a view per image and epoch and mirrors boxes and swaps left/right in phrases with it.
-Random crops cannot be cached; ``augment="crop-flip"`` trains without the cache.
+Random crops cannot be cached; ``augment="scale+flip"`` trains without the cache.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..models.encoders import transformers_major
+from ..models.encoders import home_dir, transformers_major
+from ..models.precision import autocast
 from ..errors import ImageError, TrainingError
 from .images import RESIZE_METHOD, load_rgb, preprocess_image
 from ..progress import bar
@@ -209,8 +210,7 @@ class FeatureCache(_ShardedStore):
                 continue
             n = views.shape[0]
             pixels = views.flatten(0, 1).to(device, non_blocking=True)  # (2n, 3, S, S)
-            with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 feats = encode(pixels)  # (2n, T, D)
             feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
             if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
@@ -233,6 +233,12 @@ class FeatureCache(_ShardedStore):
                 self._errors.pop(path, None)
         self._save_index()  # a kill keeps every shard already indexed
         return len(paths)
+
+
+def default_feature_cache_dir() -> Path:
+    """Where training caches frozen features (and search looks for them) when no ``cache_dir``
+    is given: ``features/`` under the package's home folder."""
+    return home_dir() / "features"
 
 
 _MODEL_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> its cache key
@@ -310,8 +316,7 @@ class TextFeatureCache(_ShardedStore):
             chunk = todo[start:start + batch_size]
             tokens = tokenize(chunk)
             mask = tokens["attention_mask"]
-            with torch.autocast(torch.device(device).type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with autocast(device, autocast_dtype):
                 feats = model.encode_text(tokens["input_ids"].to(device), mask.to(device))  # (B, L, D)
             feats = feats.float().cpu().numpy()
             blocks = []

@@ -18,7 +18,7 @@ PREVIEW_FIELD = "grounding_preview"
 # ground truth holds no box, and one-box training and evaluation skip it and count it.
 NO_TARGET_FIELD = "no_target"
 
-# What tells training that an image lacks a phrase's referent (data.add_absent_pairs): the kind
+# What tells training that an image lacks a phrase's referent (absent.add_absent_pairs): the kind
 # of object the phrase names (REFERENT_KIND_FIELD; else its referent's CATEGORY_FIELD, as the
 # RefCOCO-family sources write) and every kind of object its image holds (IMAGE_KINDS_FIELD, a
 # list; else the kinds of the image's own phrases). The synthetic set writes both.

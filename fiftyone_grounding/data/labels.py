@@ -8,7 +8,8 @@ test set 10,752 classes (and a 10,752 x 10,752 confusion matrix in the Model Eva
 
 :class:`LabelMaker` is the post-processing step that every apply path uses: box, phrase and
 confidence in, a ``Detections`` out (as a FiftyOne object, or in the database form that bulk
-writes take), with FiftyOne's ``confidence_thresh`` semantics. :func:`migrate_label_scheme`
+writes take), with FiftyOne's ``confidence_thresh`` semantics; :func:`detection_xyxy` and
+:func:`valid_detection_xyxy` read a box back, for every reader of stored boxes. :func:`migrate_label_scheme`
 converts datasets written with the earlier scheme (the phrase as the label).
 """
 
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import fiftyone as fo
 from bson import ObjectId
 
-from ..models.boxes import fiftyone_xywh_to_xyxy, xyxy_to_fiftyone_xywh
+from ..models.boxes import clip_box_to_image, fiftyone_xywh_to_xyxy, is_valid_xyxy, xyxy_to_fiftyone_xywh
 from .fields import DEFAULT_LABEL
 from ..errors import InputError
 from ..progress import fiftyone_progress
@@ -80,8 +81,22 @@ def detections_doc(box_xyxy: Sequence[float], expression: str, confidence: Optio
 
 
 def _detection_fields(box_xyxy: Sequence[float], expression: str, label: str) -> dict:
-    box = [min(max(float(v), 0.0), 1.0) for v in box_xyxy]
+    box = clip_box_to_image(box_xyxy)
     return {"label": label, "bounding_box": xyxy_to_fiftyone_xywh(box), EXPRESSION_ATTR: expression_text(expression)}
+
+
+def detection_xyxy(bounding_box) -> Optional[list[float]]:
+    """Relative xyxy of one ``Detection.bounding_box`` (relative [x, y, w, h], as a label holds it or
+    ``view.values("<field>.detections.bounding_box")`` reads it), or None where it is not four numbers."""
+    if bounding_box is None or len(bounding_box) != 4:
+        return None
+    return fiftyone_xywh_to_xyxy(bounding_box)
+
+
+def valid_detection_xyxy(bounding_box) -> Optional[list[float]]:
+    """:func:`detection_xyxy` where it is a box (finite, positive width and height), else None."""
+    box = detection_xyxy(bounding_box)
+    return box if box is not None and is_valid_xyxy(box) else None
 
 
 def _several(box_xyxy) -> bool:
@@ -123,19 +138,6 @@ class LabelMaker:
         kept = self._kept(box_xyxy, confidence)
         return {"_cls": "Detections", "detections": [detections_doc(box, expression, c, self.label)["detections"][0]
                                                       for box, c in kept]}
-
-
-def first_box_xyxy(label) -> Optional[list[float]]:
-    """Relative xyxy of the first box of a ``Detections`` / ``Detection``, or None."""
-    if label is None:
-        return None
-    if isinstance(label, fo.Detections):
-        if not label.detections:
-            return None
-        label = label.detections[0]
-    if label.bounding_box is None:
-        return None
-    return fiftyone_xywh_to_xyxy(label.bounding_box)
 
 
 def declare_expression_attribute(dataset, field: str) -> None:

@@ -26,8 +26,10 @@ its PNG file and its split.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,6 +39,7 @@ import fiftyone as fo
 
 from .fields import DEFAULT_LABEL, IMAGE_KINDS_FIELD, NO_TARGET_FIELD, REFERENT_KIND_FIELD
 from ..errors import InputError
+from ..models.boxes import clip_box_to_image
 from .labels import declare_expression_attribute, make_box_detections, make_detections
 from ..progress import bar, fiftyone_progress
 
@@ -241,7 +244,7 @@ def generate_scene(
                 shape=shape,
                 color=color,
                 size=size,
-                box_xyxy=[min(max(v, 0), image_size) / image_size for v in box],  # the part inside the image
+                box_xyxy=clip_box_to_image([v / image_size for v in box]),  # the part inside the image
             )
         )
     image = canvas.resize((image_size, image_size), Image.Resampling.BOX)
@@ -573,28 +576,88 @@ def _split_counts(num_images: int, split_fractions: Sequence[tuple[str, float]])
     return counts.tolist()
 
 
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """What a synthetic dataset holds: the same spec (seed included) gives the same phrases,
+    boxes and pixels. The fields are :func:`generate_grec_example`'s (see it and
+    :func:`generate_scene`), plus how many images, their splits (by image; ``(split name,
+    fraction)`` pairs), the seed and the label of every box."""
+
+    num_images: int = 2000
+    image_size: int = 64
+    expressions_per_image: int = 2
+    split_fractions: Sequence[tuple[str, float]] = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+    seed: int = 0
+    min_objects: int = 2
+    max_objects: int = 4
+    lookalike_fraction: float = LOOKALIKE_FRACTION
+    label: str = DEFAULT_LABEL
+    relational_fraction: float = 0.0
+    several_fraction: float = 0.0
+    none_fraction: float = 0.0
+    same_shape_fraction: float = 0.0
+    border_fraction: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.num_images, int) or self.num_images < 1:
+            raise InputError(f"num_images must be an integer >= 1, got {self.num_images!r}")
+
+    @property
+    def grec(self) -> bool:
+        """Whether phrases may denote several objects or none (gRefCOCO's fields on every sample)."""
+        return self.several_fraction > 0 or self.none_fraction > 0
+
+    def example(self, image_id: int) -> tuple[Image.Image, list[dict], list[tuple[list[int], str, str]]]:
+        """Image ``image_id``'s scene, objects and (targets, phrase, kind) triples: it depends on
+        ``(seed, image_id)`` only."""
+        return generate_grec_example(
+            image_rng(self.seed, image_id), self.image_size, self.expressions_per_image, self.min_objects,
+            self.max_objects, self.lookalike_fraction, self.relational_fraction, self.several_fraction,
+            self.none_fraction, self.same_shape_fraction, self.border_fraction,
+        )
+
+    def image_splits(self) -> list[str]:
+        """The split of each image, shuffled so that splits do not follow generation order (a
+        separate stream from the scenes')."""
+        counts = _split_counts(self.num_images, self.split_fractions)
+        splits = np.repeat([split for split, _ in self.split_fractions], counts)
+        return [str(s) for s in splits[np.random.default_rng([self.seed, 0]).permutation(self.num_images)]]
+
+    def info(self, out_dir: str) -> dict:
+        """What ``dataset.info["synthetic"]`` records."""
+        return dict(
+            num_images=self.num_images,
+            image_size=self.image_size,
+            expressions_per_image=self.expressions_per_image,
+            split_fractions=[[split, float(f)] for split, f in self.split_fractions],
+            seed=self.seed,
+            min_objects=self.min_objects,
+            max_objects=self.max_objects,
+            lookalike_fraction=self.lookalike_fraction,
+            relational_fraction=self.relational_fraction,
+            several_fraction=self.several_fraction,
+            none_fraction=self.none_fraction,
+            same_shape_fraction=self.same_shape_fraction,
+            border_fraction=self.border_fraction,
+            out_dir=out_dir,
+            vocabulary=VOCABULARY,
+        )
+
+
 def make_synthetic_dataset(
     name: str = "grounding-synthetic",
-    num_images: int = 2000,
-    image_size: int = 64,
-    expressions_per_image: int = 2,
-    split_fractions: Sequence[tuple[str, float]] = (("train", 0.8), ("val", 0.1), ("test", 0.1)),
+    spec: Optional[SyntheticSpec] = None,
+    *,
     out_dir: Optional[str] = None,
-    seed: int = 0,
     overwrite: bool = False,
     persistent: bool = True,
     progress: bool = True,
-    min_objects: int = 2,
-    max_objects: int = 4,
-    lookalike_fraction: float = LOOKALIKE_FRACTION,
-    label: str = DEFAULT_LABEL,
-    relational_fraction: float = 0.0,
-    several_fraction: float = 0.0,
-    none_fraction: float = 0.0,
-    same_shape_fraction: float = 0.0,
-    border_fraction: float = 0.0,
+    **fields,
 ) -> fo.Dataset:
     """Generate the synthetic referring dataset into FiftyOne (or load it if it exists).
+
+    What it holds is ``spec`` (a :class:`SyntheticSpec`), or the spec of the ``fields`` given
+    by name (``num_images=200, seed=3``; with ``spec`` too, they replace its fields).
 
     One sample per referring expression, with fields ``expression``, ``ground_truth`` (one
     box labelled ``label``, the phrase as its ``expression`` attribute), ``split`` (also a
@@ -602,7 +665,7 @@ def make_synthetic_dataset(
     object), ``sent_id`` (one per expression), ``category`` (the target's shape), ``referent_kind``
     (the kind of object the phrase names: its target's attribute words, "red object") and
     ``image_kinds`` (every kind an object of the image is; training shows a phrase with an image
-    that holds no object of its kind: see ``data.add_absent_pairs``),
+    that holds no object of its kind: see ``data.absent.add_absent_pairs``),
     ``phrase_kind`` ("attribute", or "relational": see :func:`describe_relational`; a share
     ``relational_fraction`` of the phrases where the scene allows) and ``metadata``. Images
     are PNGs under ``out_dir`` (default ``<fo.config.default_dataset_dir>/<name>``); splits
@@ -622,100 +685,102 @@ def make_synthetic_dataset(
     unless ``overwrite=True``, which deletes and regenerates it, or unless its image files
     are gone, which regenerates it too.
     """
-    if not isinstance(num_images, int) or num_images < 1:
-        raise InputError(f"num_images must be an integer >= 1, got {num_images!r}")
-    if fo.dataset_exists(name):
-        if not overwrite:
-            existing = fo.load_dataset(name)
-            missing = next((f for f in existing.values("filepath") if not os.path.exists(f)), None)
-            if missing is None:
-                return existing
-            # e.g. made in a clone that was deleted since: unusable, so it is made again
-            print(f"Regenerating the dataset {name!r}: its images are gone (e.g. {missing})")
-        fo.delete_dataset(name)
+    spec = dataclasses.replace(spec, **fields) if spec is not None else SyntheticSpec(**fields)
+    existing = _reusable(name, overwrite)
+    if existing is not None:
+        return existing
     if out_dir is None:
         out_dir = os.path.join(fo.config.default_dataset_dir, name)
     os.makedirs(out_dir, exist_ok=True)
-
-    split_names = [split for split, _ in split_fractions]
-    counts = _split_counts(num_images, split_fractions)
-    image_splits = np.repeat(split_names, counts)
-    # Shuffle so that splits do not follow generation order (a separate stream from the scenes).
-    image_splits = image_splits[np.random.default_rng([seed, 0]).permutation(num_images)]
-
+    image_splits = spec.image_splits()
     samples = []
-    ann_id = ref_id = 0
-    grec = several_fraction > 0 or none_fraction > 0
-    for image_id in bar(range(num_images), desc="synthetic images", disable=not progress):
-        image, objects, expressions = generate_grec_example(
-            image_rng(seed, image_id), image_size, expressions_per_image, min_objects, max_objects, lookalike_fraction,
-            relational_fraction, several_fraction, none_fraction, same_shape_fraction, border_fraction,
-        )
-        filepath = os.path.join(out_dir, f"{image_id:06d}.png")
-        image.save(filepath)
-        metadata = fo.ImageMetadata(
-            width=image_size,
-            height=image_size,
-            num_channels=3,
-            mime_type="image/png",
-            size_bytes=os.path.getsize(filepath),
-        )
-        split = str(image_splits[image_id])
-        # Object ids are dataset-wide: the first object of this image gets the next free id.
-        first_ann_id = ann_id
-        ann_id += len(objects)
-        kinds = sorted({k for obj in objects for k in object_kinds(obj)})
-        for targets, phrase, kind in expressions:
-            shapes = sorted({objects[t]["shape"] for t in targets})
-            fields = dict(ann_id=first_ann_id + targets[0] if len(targets) == 1 else None,
-                          category=shapes[0] if len(shapes) == 1 else None,
-                          **{REFERENT_KIND_FIELD: referent_kind(phrase) if len(targets) == 1 else None,
-                             IMAGE_KINDS_FIELD: kinds})
-            if grec:
-                fields.update(ann_ids=[first_ann_id + t for t in targets],
-                              categories=[objects[t]["shape"] for t in targets],
-                              **{NO_TARGET_FIELD: not targets})
-            boxes = [objects[t]["box_xyxy"] for t in targets]
-            samples.append(
-                fo.Sample(
-                    filepath=filepath,
-                    tags=[split],
-                    metadata=metadata,
-                    expression=phrase,
-                    ground_truth=(make_detections(boxes[0], phrase, label=label) if len(boxes) == 1
-                                  else make_box_detections(boxes, phrase, label=label)),
-                    split=split,
-                    image_id=image_id,
-                    ref_id=ref_id,
-                    # One sentence per referred object (or set) here, so sentence and ref ids coincide.
-                    sent_id=ref_id,
-                    phrase_kind=kind,
-                    **fields,
-                )
-            )
-            ref_id += 1
+    first_ann_id = 0  # object ids are dataset-wide: an image's first object gets the next free id
+    for image_id in bar(range(spec.num_images), desc="synthetic images", disable=not progress):
+        image_samples, num_objects = _image_samples(spec, image_id, image_splits[image_id], out_dir, first_ann_id,
+                                                    len(samples))
+        samples += image_samples
+        first_ann_id += num_objects
+    return _write_dataset(name, samples, spec, out_dir, persistent, progress)
 
+
+def _reusable(name: str, overwrite: bool) -> Optional[fo.Dataset]:
+    """The existing dataset ``name`` where it may be returned as it is; otherwise None, with any
+    dataset of that name deleted (``overwrite``, or its images are gone)."""
+    if not fo.dataset_exists(name):
+        return None
+    if not overwrite:
+        existing = fo.load_dataset(name)
+        missing = next((f for f in existing.values("filepath") if not os.path.exists(f)), None)
+        if missing is None:
+            return existing
+        # e.g. made in a clone that was deleted since: unusable, so it is made again
+        print(f"Regenerating the dataset {name!r}: its images are gone (e.g. {missing})")
+    fo.delete_dataset(name)
+    return None
+
+
+def _image_samples(spec: SyntheticSpec, image_id: int, split: str, out_dir: str, first_ann_id: int,
+                   first_ref_id: int) -> tuple[list[fo.Sample], int]:
+    """Draw image ``image_id``, save its PNG and return one sample per expression, and how many
+    objects the image holds. One sentence per referred object (or set) here, so sentence and
+    ref ids coincide: the expressions' ids count on from ``first_ref_id``."""
+    image, objects, expressions = spec.example(image_id)
+    filepath = os.path.join(out_dir, f"{image_id:06d}.png")
+    image.save(filepath)
+    metadata = fo.ImageMetadata(
+        width=spec.image_size,
+        height=spec.image_size,
+        num_channels=3,
+        mime_type="image/png",
+        size_bytes=os.path.getsize(filepath),
+    )
+    kinds = sorted({k for obj in objects for k in object_kinds(obj)})
+    samples = []
+    for ref_id, (targets, phrase, kind) in enumerate(expressions, start=first_ref_id):
+        boxes = [objects[t]["box_xyxy"] for t in targets]
+        samples.append(
+            fo.Sample(
+                filepath=filepath,
+                tags=[split],
+                metadata=metadata,
+                expression=phrase,
+                ground_truth=(make_detections(boxes[0], phrase, label=spec.label) if len(boxes) == 1
+                              else make_box_detections(boxes, phrase, label=spec.label)),
+                split=split,
+                image_id=image_id,
+                ref_id=ref_id,
+                sent_id=ref_id,
+                phrase_kind=kind,
+                **_target_fields(objects, targets, phrase, first_ann_id, kinds, spec.grec),
+            )
+        )
+    return samples, len(objects)
+
+
+def _target_fields(objects: list[dict], targets: list[int], phrase: str, first_ann_id: int, kinds: list[str],
+                   grec: bool) -> dict:
+    """The sample fields of a phrase's targets: ``ann_id``, ``category``, its referent's kind and the
+    image's kinds; with ``grec`` also gRefCOCO's ``ann_ids``, ``categories`` and ``no_target``."""
+    shapes = sorted({objects[t]["shape"] for t in targets})
+    fields = dict(ann_id=first_ann_id + targets[0] if len(targets) == 1 else None,
+                  category=shapes[0] if len(shapes) == 1 else None,
+                  **{REFERENT_KIND_FIELD: referent_kind(phrase) if len(targets) == 1 else None,
+                     IMAGE_KINDS_FIELD: kinds})
+    if grec:
+        fields.update(ann_ids=[first_ann_id + t for t in targets],
+                      categories=[objects[t]["shape"] for t in targets],
+                      **{NO_TARGET_FIELD: not targets})
+    return fields
+
+
+def _write_dataset(name: str, samples: list, spec: SyntheticSpec, out_dir: str, persistent: bool,
+                   progress: bool) -> fo.Dataset:
+    """The FiftyOne dataset ``name`` of ``samples``, with the spec recorded in its info."""
     dataset = fo.Dataset(name)
     with fiftyone_progress(progress, "adding the samples") as shown:
         dataset.add_samples(samples, progress=shown)
     declare_expression_attribute(dataset, "ground_truth")
     dataset.persistent = persistent
-    dataset.info["synthetic"] = dict(
-        num_images=num_images,
-        image_size=image_size,
-        expressions_per_image=expressions_per_image,
-        split_fractions=[[split, float(f)] for split, f in split_fractions],
-        seed=seed,
-        min_objects=min_objects,
-        max_objects=max_objects,
-        lookalike_fraction=lookalike_fraction,
-        relational_fraction=relational_fraction,
-        several_fraction=several_fraction,
-        none_fraction=none_fraction,
-        same_shape_fraction=same_shape_fraction,
-        border_fraction=border_fraction,
-        out_dir=out_dir,
-        vocabulary=VOCABULARY,
-    )
+    dataset.info["synthetic"] = spec.info(out_dir)
     dataset.save()
     return dataset

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ..data.augment import parse_augment
 from ..data.fields import DEFAULT_PROMPT_FIELD
 from ..errors import ConfigError
-from ..models.config import DEFAULT_PRESET, PRESETS, GrounderConfig, _int_in, field_names, get_config
+from ..models.config import DEFAULT_PRESET, PRESETS, GrounderConfig, _int_in, field_names, get_config, setting_names
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -107,7 +107,8 @@ class TrainConfig:
             (isinstance(self.cache_features, bool), "cache_features must be true or false"),
             (self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir must be a path"),
             (_number(self.cache_budget_gb) and self.cache_budget_gb >= 0, "cache_budget_gb must be a number >= 0"),
-            (_number(self.negative_share) and 0 <= self.negative_share <= 1, "negative_share must be a number in [0, 1]"),
+            (_number(self.negative_share) and 0 <= self.negative_share <= 1,
+             "negative_share must be a number in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,7 +133,7 @@ class TrainConfig:
             raise ConfigError("Training options must be a JSON object of TrainConfig keys")
         unknown = sorted(set(data) - field_names(cls))
         if unknown:
-            model_keys = [k for k in unknown if k in field_names(GrounderConfig)]
+            model_keys = [k for k in unknown if k in setting_names()]
             hint = (f"; {model_keys} are model settings: pass them as model={{{model_keys[0]!r}: ...}}"
                     if model_keys else f"; the options are {sorted(field_names(cls))}")
             raise ConfigError(f"Unknown training options {unknown}{hint}")

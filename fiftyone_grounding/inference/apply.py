@@ -22,7 +22,9 @@ from ..data.batching import GroupBatchSampler
 from ..data.batching import default_num_workers
 from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD
 from ..errors import InputError
-from .model import GroundingModel, batch_labels, collate_items, log_skipped
+from .model import GroundingModel, log_skipped
+from .items import collate_items
+from .postprocess import batch_labels
 from ..data.images import resized_pixels
 from ..data.labels import LabelMaker
 from ..progress import TimeLeft, fiftyone_progress, shows_progress

@@ -13,138 +13,43 @@ or ``prompt="the red car"`` (one phrase for every sample). ``apply_model(prompt_
 wins over both.
 
 Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
-faster path over whole datasets is ``apply.apply_grounding_model``.
+faster path over whole datasets is ``apply.apply_grounding_model``. This module is FiftyOne's
+model interface; the data loaders' items are in ``items.py``, tokenization in ``phrases.py``,
+the copies to and from the GPU in ``transfer.py`` and post-processing in ``postprocess.py``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 import fiftyone.core.models as fom
-import fiftyone.utils.torch as fout
 
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from ..data.fields import DEFAULT_LABEL
 from ..errors import InputError
-from ..data.images import normalize_pixels_batch, resize_rgb, resized_pixels, rgb_tensor
+from ..data.images import normalize_pixels_batch, resize_rgb, rgb_tensor
 from ..data.labels import LabelMaker
-from ..models.build import Grounder, build_model, build_tokenizer
-from ..data.text import NO_PHRASE, PhraseTokenizer, clean_phrase
+from ..models.decoder import Grounder
+from ..models.precision import autocast, bf16_supported
+from ..data.skips import count_by_reason
+from ..data.text import clean_phrase
+from .items import PROMPT_KEY, GroundingGetItem, collate_items
+from .phrases import phrase_tokenizer, tokenize_distinct
+from .postprocess import BoxPrediction, PostProcess, batch_labels
+from .transfer import Pending, copy_to_host, to_device
 
 logger = logging.getLogger(__name__)
-
-PROMPT_KEY = "prompt_field"  # the get-item key that apply_model(prompt_field=...) fills in
 
 
 def log_skipped(skipped: Sequence[tuple[str, str]]) -> None:
     """One warning that counts the samples that got no prediction, by reason."""
     if not skipped:
         return
-    reasons: dict[str, int] = {}
-    for _, why in skipped:
-        reasons[why] = reasons.get(why, 0) + 1
-    logger.warning("No prediction for %d samples: %s", len(skipped),
-                   ", ".join(f"{n} x {r}" for r, n in reasons.items()))
-
-
-class GroundingGetItem(fout.GetItem):
-    """Loads one sample for inference: its image and its own phrase, together (or, with
-    ``prompt``, the one phrase of every sample)."""
-
-    def __init__(self, image_size: int, field_mapping=None, prompt: Optional[str] = None):
-        self.image_size = image_size
-        self.prompt = prompt
-        self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
-        super().__init__(field_mapping=field_mapping)
-
-    @property
-    def required_keys(self):
-        return ["id", "filepath"] + ([PROMPT_KEY] if self.prompt is None else [])
-
-    def __call__(self, d: dict) -> dict:
-        phrase = self.prompt if self.prompt is not None else clean_phrase(d.get(PROMPT_KEY))
-        item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": phrase, "error": None}
-        if item["phrase"] is None:
-            item["error"] = NO_PHRASE
-            return item
-        # The expressions of an image are consecutive samples: decode the image once for
-        # all of them (decoding costs more than the model on small models).
-        if self._last is None or self._last[0] != d["filepath"]:
-            self._last = (d["filepath"], *resized_pixels(d["filepath"], self.image_size))
-        if self._last[2] is not None:
-            item["error"] = self._last[2]
-        else:
-            item["pixel_values"] = self._last[1]
-        return item
-
-
-def collate_items(items: list[dict]) -> dict:
-    """Inference items (``id``, ``filepath``, ``phrase``, ``error``, and ``pixel_values`` or the
-    cached ``image_features``) -> a batch that stacks each distinct image once and maps every
-    phrase to it. The items of a batch hold one kind of image input."""
-    valid = [i for i, it in enumerate(items) if it.get("error") is None]
-    kind = "image_features" if valid and "image_features" in items[valid[0]] else "pixel_values"
-    image_of: dict[str, int] = {}
-    images, index = [], []
-    for i in valid:
-        path = items[i]["filepath"]
-        if path not in image_of:
-            image_of[path] = len(images)
-            images.append(items[i][kind])
-        index.append(image_of[path])
-    stacked = torch.stack(images) if images else None
-    return {
-        "size": len(items),
-        "ids": [it["id"] for it in items],
-        "valid": valid,
-        "phrases": [items[i]["phrase"] for i in valid],
-        "errors": [(it["id"], it["error"]) for it in items if it.get("error") is not None],
-        "pixel_values": stacked if kind == "pixel_values" else None,  # (I, S, S, 3) uint8
-        "image_features": stacked if kind == "image_features" else None,  # (I, N, D) float16
-        "image_index": torch.tensor(index, dtype=torch.long),  # (B,)
-    }
-
-
-class BoxPrediction(NamedTuple):
-    """The boxes of a batch on the CPU, and the confidence of each (None without a quality head).
-
-    A multi-box model also gives ``sets``: each phrase's kept boxes (k, 4) and their confidences
-    (k,), the most confident first, k maybe 0; ``boxes`` is then each phrase's best box."""
-
-    boxes: torch.Tensor  # (B, 4) normalized xyxy
-    confidences: Optional[np.ndarray] = None  # (B,) in [0, 1]
-    sets: Optional[list[tuple[np.ndarray, np.ndarray]]] = None
-
-
-def batch_labels(batch: dict, prediction: Optional[BoxPrediction], make_label: Callable) -> list:
-    """A label per item of a collated batch, ``make_label(box_xyxy, phrase, confidence)``,
-    None where the item was skipped. ``prediction``: the boxes of its valid items."""
-    out: list = [None] * batch["size"]
-    if prediction is not None and prediction.sets is not None:
-        for i, phrase, (boxes, confidences) in zip(batch["valid"], batch["phrases"], prediction.sets):
-            out[i] = make_label(boxes.tolist(), phrase, confidences.tolist())
-    elif prediction is not None:
-        confidences = (prediction.confidences.tolist() if prediction.confidences is not None
-                       else [None] * len(batch["valid"]))
-        for i, phrase, box, confidence in zip(batch["valid"], batch["phrases"], prediction.boxes.tolist(),
-                                              confidences):
-            out[i] = make_label(box, phrase, confidence)
-    return out
-
-
-class PendingBoxes:
-    """The boxes of a batch queued on the model's device; :meth:`result` waits for them."""
-
-    def __init__(self, wait: Callable[[], BoxPrediction]):
-        self._wait = wait
-
-    def result(self) -> BoxPrediction:
-        """The (B, 4) normalized xyxy boxes on the CPU and their confidences."""
-        return self._wait()
+    logger.warning("No prediction for %d samples: %s", len(skipped), count_by_reason(skipped))
 
 
 def phrase_source(prompt_field: Optional[str] = None, prompt: Optional[str] = None) -> tuple:
@@ -177,16 +82,15 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self._device).eval()
         self.config = model.config
-        self.tokenize = PhraseTokenizer(build_tokenizer(model.config), model.config.max_text_len)
+        self.tokenize = phrase_tokenizer(model.config)
         self._preprocess = True
         if mixed_precision == "auto":
-            use_bf16 = self._device.type == "cuda" and torch.cuda.is_bf16_supported()
+            use_bf16 = bf16_supported(self._device)
         else:
             use_bf16 = mixed_precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
         self.source = str(source) if source is not None else None
-        self.forward_calls = 0  # number of batched forward passes, for inspection
         self._set_options(label=label, confidence_thresh=confidence_thresh, prompt_field=prompt_field, prompt=prompt)
 
     def _set_options(self, label: str, confidence_thresh: Optional[float], prompt_field: Optional[str],
@@ -227,11 +131,6 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         clone.source = str(source) if source is not None else None
         clone._set_options(**{**current, **options})
         return clone
-
-    @classmethod
-    def from_preset(cls, preset: str, weights: bool = True, device=None, **overrides) -> "GroundingModel":
-        """An untrained model of a preset (for timing, or to fine-tune)."""
-        return cls(build_model(preset, weights=weights, **overrides), device=device)
 
     @property
     def device(self) -> torch.device:
@@ -333,7 +232,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     @torch.inference_mode()
     def predict_boxes(self, pixel_values: Optional[torch.Tensor], phrases: Sequence[str],
                       image_index: Optional[torch.Tensor] = None,
-                      image_features: Optional[torch.Tensor] = None) -> PendingBoxes:
+                      image_features: Optional[torch.Tensor] = None) -> Pending[BoxPrediction]:
         """Queue the boxes of ``phrases`` over images: resized uint8 (I, S, S, 3), or model
         input (I, 3, S, S) already normalized, or (with ``pixel_values=None``) the frozen image
         features of a feature cache, ``image_features`` (I, N, D); ``image_index`` (B,) maps
@@ -342,71 +241,23 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         can prepare the next batch or write the last one's labels meanwhile; ``.result()``
         waits for the (B, 4) boxes on the CPU and their confidences (the calibrated quality
         head; None for a model without one)."""
-        cuda = self._device.type == "cuda"
-
-        def to_device(t: torch.Tensor) -> torch.Tensor:
-            # from pinned memory a copy to the GPU does not wait for the batch still running there
-            pin = cuda and t.device.type == "cpu" and not t.is_pinned()
-            return (t.pin_memory() if pin else t).to(self._device, non_blocking=True)
-
-        unique = list(dict.fromkeys(phrases))
-        tokens = self.tokenize(unique)
+        text = tokenize_distinct(self.tokenize, phrases)
         if pixel_values is not None:
-            pixel_values = to_device(pixel_values)
+            pixel_values = to_device(pixel_values, self._device)
             if pixel_values.dtype == torch.uint8:
                 pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
         if image_features is not None:
-            image_features = to_device(image_features)
-        ids, mask = to_device(tokens["input_ids"]), to_device(tokens["attention_mask"])
+            image_features = to_device(image_features, self._device)
+        ids, mask = to_device(text.input_ids, self._device), to_device(text.attention_mask, self._device)
         if image_index is not None:
-            image_index = to_device(image_index)
-        with torch.autocast(self._device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+            image_index = to_device(image_index, self._device)
+        with autocast(self._device, self.autocast_dtype):
             text_features = None
-            if len(unique) < len(phrases):  # e.g. one searched phrase over every image: its text encoded once
-                position = {phrase: i for i, phrase in enumerate(unique)}
-                order = to_device(torch.tensor([position[p] for p in phrases], dtype=torch.long))  # (B,)
+            if text.order is not None:  # e.g. one searched phrase over every image: its text encoded once
+                order = to_device(text.order, self._device)  # (B,)
                 text_features = self.model.encode_text(ids, mask).index_select(0, order)  # (B, T, D_txt)
                 ids, mask = None, mask.index_select(0, order)
             out = self.model(pixel_values, ids, mask, image_index, image_features=image_features,
-                             text_features=text_features).clipped()  # post-processing: boxes inside the image
-        # boxes and quality logits (or every query's box and confidence logit) side by side: one copy to the host
-        if out.scores is not None:
-            result = torch.cat([out.query_boxes.float(), out.box_confidence_logits()[..., None]], -1)  # (B, Q, 5)
-        elif out.quality is None:
-            result = out.boxes.float()
-        else:  # the predicted IoU, times P(present) with a presence head
-            result = torch.cat([out.boxes.float(), out.confidence_logits()[:, None]], 1)
-        self.forward_calls += 1
-        calibration = self.model.calibration
-        score_thresh = self.score_thresh
-
-        def split(values: torch.Tensor) -> BoxPrediction:
-            if values.ndim == 3:  # a multi-box model: each phrase's boxes at or above the threshold
-                boxes, confidences = values[..., :4].numpy(), calibration(values[..., 4].numpy())  # (B, Q)
-                sets = []
-                for row_boxes, row_conf in zip(boxes, confidences):
-                    order = np.argsort(-row_conf, kind="stable")
-                    order = order[row_conf[order] >= score_thresh]
-                    sets.append((row_boxes[order], row_conf[order]))
-                best = values[torch.arange(len(values)), values[..., 4].argmax(1), :4]
-                return BoxPrediction(best, None, sets)
-            if out.quality is None:
-                return BoxPrediction(values)
-            return BoxPrediction(values[:, :4], calibration(values[:, 4].numpy()), None)
-
-        if not cuda:
-            prediction = split(result.cpu())
-            return PendingBoxes(lambda: prediction)
-        # Copy into pinned memory behind the model on the same stream; the event marks its end
-        # (a plain .cpu() later would also wait for every batch queued after this one).
-        host = torch.empty(result.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(result, non_blocking=True)
-        copied = torch.cuda.Event()
-        copied.record(torch.cuda.current_stream(result.device))  # the model's GPU, not the current one
-
-        def wait() -> BoxPrediction:
-            copied.synchronize()
-            return split(host)
-
-        return PendingBoxes(wait)
+                             text_features=text_features)
+        postprocess = PostProcess(self.model.calibration, self.score_thresh)
+        return copy_to_host(postprocess.pack(out), postprocess)  # one copy of boxes and confidences

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from ..models.boxes import box_xyxy_rel_to_abs
 from ..errors import ImageError, InputError
 from ..data.images import load_rgb
+from ..data.labels import detection_xyxy
 
 
 def predict_and_crop(image_path: str, phrase: str, checkpoint: str, out_dir: str = "outputs/predict",
@@ -42,8 +43,7 @@ def predict_and_crop(image_path: str, phrase: str, checkpoint: str, out_dir: str
     draw = ImageDraw.Draw(annotated)
     boxes = []
     for k, det in enumerate(detections.detections):
-        x, y, w, h = det.bounding_box
-        rel = [x, y, x + w, y + h]
+        rel = detection_xyxy(det.bounding_box)
         pix = box_xyxy_rel_to_abs(np.asarray(rel, dtype=np.float64), width, height).tolist()
         x0, y0, x1, y1 = (int(round(v)) for v in pix)
         crop_path = out / (f"{stem}_crop.png" if k == 0 else f"{stem}_crop{k + 1}.png")

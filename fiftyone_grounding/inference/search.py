@@ -8,9 +8,10 @@
   the current sample (a preview box with its confidence and its IoU with the ground truth; keep
   it in a field; clear it).
 
-Boxes are written by ``apply.ground_phrase`` (``LabelMaker`` / ``LabelWriter``), the path every
-apply takes, so a model that finds zero or several boxes per phrase writes them here too; the
-ranking takes each image's most confident box.
+Boxes are post-processed (``postprocess.py``) and written by ``apply.ground_phrase``
+(``LabelMaker`` / ``LabelWriter``), the path every apply takes, so a model that finds zero or
+several boxes per phrase writes them here too; the ranking and the panel take each image's most
+confident box (``postprocess.most_confident`` on one sample).
 """
 
 from __future__ import annotations
@@ -21,20 +22,15 @@ from typing import Callable, Optional
 import numpy as np
 
 from .apply import declare_detections_field, ground_phrase
-from ..models.boxes import box_iou, fiftyone_xywh_to_xyxy
-from ..data.cache import find_feature_cache
+from ..models.boxes import box_iou
+from ..data.cache import default_feature_cache_dir, find_feature_cache
 from ..data.fields import GROUNDED_FIELD, PREVIEW_FIELD, SEARCH_FIELD
-from ..models.encoders import home_dir
 from ..errors import InputError
 from .model import GroundingModel
-from ..data.labels import EXPRESSION_ATTR
+from .postprocess import most_confident
+from ..data.labels import EXPRESSION_ATTR, detection_xyxy
 from ..runs import record_labels
 from ..fiftyone_api import root_dataset
-
-
-def default_feature_cache_dir() -> Path:
-    """Where ``fit`` caches frozen features when its ``cache_dir`` is not given."""
-    return home_dir() / "features"
 
 
 def search_phrase(view, phrase: str, model: GroundingModel, label_field: str = SEARCH_FIELD,
@@ -93,12 +89,11 @@ def ground_in_sample(samples, sample_id: str, phrase: str, model: GroundingModel
     boxes, confidences = values[0][0] or [], values[1][0] or []
     if not boxes:
         return {"phrase": phrase, "confidence": None, "iou": None, "boxes": 0}
-    best = int(np.argmax([c if c is not None else -1.0 for c in confidences]))
+    best = most_confident(confidences)
     truth = values[2][0] if has_truth else None
     iou = None
     if truth:
-        iou = float(box_iou(np.asarray(fiftyone_xywh_to_xyxy(boxes[best])),
-                            np.asarray(fiftyone_xywh_to_xyxy(truth[0]))))
+        iou = float(box_iou(np.asarray(detection_xyxy(boxes[best])), np.asarray(detection_xyxy(truth[0]))))
     return {"phrase": phrase, "confidence": confidences[best], "iou": iou, "boxes": len(boxes)}
 
 

@@ -70,18 +70,19 @@ class AdapterGrounder(GrounderBase):
 
     def __init__(self, config: GrounderConfig, image_encoder: nn.Module, text_encoder: nn.Module):
         super().__init__(config, image_encoder, text_encoder)
+        arch = config.arch  # an AdapterConfig
         blocks = dinov3_blocks(image_encoder)
-        if config.adapter_layers > len(blocks):
-            raise ConfigError(f"adapter_layers {config.adapter_layers} > the image encoder's {len(blocks)} blocks")
+        if arch.adapter_layers > len(blocks):
+            raise ConfigError(f"adapter_layers {arch.adapter_layers} > the image encoder's {len(blocks)} blocks")
         d_img, d_txt = encoder_hidden_size(image_encoder), encoder_hidden_size(text_encoder)
-        self.first_adapted = len(blocks) - config.adapter_layers
+        self.first_adapted = len(blocks) - arch.adapter_layers
         self.reg_token = nn.Parameter(torch.zeros(1, 1, d_img))
         nn.init.normal_(self.reg_token, std=0.02)
-        self.adapters = nn.ModuleList([TextAdapter(d_img, d_txt, config.adapter_dim, config.num_heads)
-                                       for _ in range(config.adapter_layers)])
+        self.adapters = nn.ModuleList([TextAdapter(d_img, d_txt, arch.adapter_dim, arch.num_heads)
+                                       for _ in range(arch.adapter_layers)])
         self._positions: Optional[Tensor] = None  # (N + 1, d_img) of the read-out's memory
-        self.readout = nn.ModuleList([CrossBlock(d_img, config.num_heads, config.dim_feedforward, config.dropout)
-                                      for _ in range(config.num_layers)])
+        self.readout = nn.ModuleList([CrossBlock(d_img, arch.num_heads, arch.dim_feedforward, arch.dropout)
+                                      for _ in range(arch.num_layers)])
         self.head = box_head(d_img, config.head_hidden)
         self.confidence_heads(d_img)
 
@@ -129,7 +130,7 @@ class AdapterGrounder(GrounderBase):
             x = adapter(block(x, position_embeddings=rope), text, padding)
         x = self.image_encoder.norm(x)
         query = x[:, self.num_prefix]  # (B, D_img): the [REG] token
-        memory = x if self.config.pos_embed == "none" else x + self.positions(x)
+        memory = x if self.config.arch.pos_embed == "none" else x + self.positions(x)
         for block in self.readout:
             query = block(query[:, None], memory)[:, 0]
         raw = self.head(query).float().sigmoid()

@@ -1,8 +1,8 @@
 """What every grounding network shares: the frozen encoders, the text encoding, the box head and
 its format, the quality head, the confidence's calibration, and the output type.
 
-The architectures build on :class:`GrounderBase`: ``model.Grounder`` (``decoder``),
-``fusion.FusionGrounder`` (``fusion``), ``adapter.AdapterGrounder`` (``adapter``); ``model.build_model``
+The architectures build on :class:`GrounderBase`: ``decoder.Grounder`` (``decoder``),
+``fusion.FusionGrounder`` (``fusion``), ``adapter.AdapterGrounder`` (``adapter``); ``build.build_model``
 picks one from ``GrounderConfig.architecture``.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import boxes as box_ops
-from .confidence import Calibration
+from .calibration import Calibration
 from .config import GrounderConfig
 from .encoders import encoder_hidden_size, num_prefix_tokens, patch_size
 from ..errors import ConfigError

@@ -59,11 +59,6 @@ def box_xywh_to_xyxy(boxes: Boxes) -> Boxes:
     return _xp(boxes).stack([x, y, x + w, y + h], -1)
 
 
-def box_xyxy_to_xywh(boxes: Boxes) -> Boxes:
-    x0, y0, x1, y1 = _parts(boxes)
-    return _xp(boxes).stack([x0, y0, x1 - x0, y1 - y0], -1)
-
-
 def box_xyxy_abs_to_rel(boxes: Boxes, width: float, height: float) -> Boxes:
     """Pixel xyxy -> normalized xyxy."""
     return boxes / _scale(boxes, width, height)
@@ -80,6 +75,12 @@ def clip_to_image(boxes: Boxes) -> Boxes:
     return boxes.clip(0.0, 1.0)
 
 
+def clip_box_to_image(box: Sequence[float]) -> list[float]:
+    """One normalized box (a list, tuple or array row of 4 numbers) clipped to the image, [0, 1], as
+    a list of floats: the part of a box partly outside the image (:func:`clip_to_image` for arrays)."""
+    return [min(max(float(v), 0.0), 1.0) for v in box]
+
+
 def fiftyone_xywh_to_xyxy(bounding_box: Sequence[float]) -> list[float]:
     """FiftyOne ``Detection.bounding_box`` (relative x, y, w, h) -> relative xyxy list."""
     x, y, w, h = (float(v) for v in bounding_box)
@@ -90,18 +91,6 @@ def xyxy_to_fiftyone_xywh(box: Sequence[float]) -> list[float]:
     """Relative xyxy -> FiftyOne ``Detection.bounding_box`` (relative x, y, w, h)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     return [x0, y0, x1 - x0, y1 - y0]
-
-
-def pixel_xyxy_to_fiftyone_xywh(box: Sequence[float], width: float, height: float) -> list[float]:
-    """Pixel xyxy (RefCOCO's ``bbox``) -> FiftyOne relative [x, y, w, h]."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return [x0 / width, y0 / height, (x1 - x0) / width, (y1 - y0) / height]
-
-
-def fiftyone_xywh_to_pixel_xyxy(bounding_box: Sequence[float], width: float, height: float) -> list[float]:
-    """FiftyOne relative [x, y, w, h] -> pixel xyxy."""
-    x, y, w, h = (float(v) for v in bounding_box)
-    return [x * width, y * height, (x + w) * width, (y + h) * height]
 
 
 def is_valid_xyxy(box: Sequence[float]) -> bool:
@@ -159,8 +148,3 @@ def distance_box_iou(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
     cb = (b[..., :2] + b[..., 2:]) / 2
     dist = ((ca - cb) ** 2).sum(-1)
     return iou - dist / (diag + eps)
-
-
-def box_iou_matrix(a: Boxes, b: Boxes, eps: float = 1e-7) -> Boxes:
-    """Pairwise IoU: ``a`` (N, 4), ``b`` (M, 4) -> (N, M)."""
-    return box_iou(a[:, None, :], b[None, :, :], eps)

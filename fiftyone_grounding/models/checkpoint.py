@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .confidence import Calibration
+from .calibration import Calibration
 from .config import GrounderConfig
 from ..errors import CheckpointError
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import hub
-from .config import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
+from .encoder_specs import KNOWN_ENCODER_CONFIGS, TINY_ENCODER_CONFIGS
 from ..errors import ConfigError, EncoderUnavailableError, InputError
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -42,6 +42,13 @@ def sine_box_embedding(boxes_cxcywh: Tensor, dim: int, temperature: float = 1000
     return torch.cat([angles[..., 0::2].sin(), angles[..., 1::2].cos()], -1).flatten(-2)  # (..., dim)
 
 
+def inverse_sigmoid(x: Tensor, eps: float = 1e-4) -> Tensor:
+    """The logit of ``x`` clamped to [eps, 1 - eps]: where a box head's refinement adds its deltas
+    to a sigmoid box (Deformable DETR's ``inverse_sigmoid``)."""
+    x = x.clamp(eps, 1 - eps)
+    return torch.log(x / (1 - x))
+
+
 class Attention(nn.Module):
     """Multi-head attention: one packed input projection, ``scaled_dot_product_attention``, an
     output projection. Queries attend to ``keys_values`` (itself for self-attention); keys and

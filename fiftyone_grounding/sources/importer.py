@@ -1,6 +1,7 @@
 """Import RefCOCO-family datasets into FiftyOne, one sample per referring expression.
 
-Sources (``import_refcoco(name, source=...)``; what each file holds: ``sources.py``, ``refer.py``):
+Sources (``import_refcoco(name, source=...)``; what each file holds: ``jxu124.py``, ``refer.py``,
+``refer_source.py``, ``combined.py``; their names and revisions: ``base.py``):
 
 - ``refcoco``, ``refcoco+``, ``refcocog``: the Hugging Face datasets ``jxu124/refcoco``,
   ``jxu124/refcocoplus``, ``jxu124/refcocog`` (or a copy written with ``save_to_disk``), or the
@@ -42,30 +43,13 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import fiftyone as fo
 import fiftyone.core.utils as fou
 
-from . import refcoco_m
-from .common import SOURCE_REVISIONS
 from ..data.fields import DEFAULT_LABEL, NO_TARGET_FIELD
-from ..errors import DownloadError, InputError, MissingImagesError
 from ..data.labels import declare_expression_attribute, make_box_detections
+from ..errors import DownloadError, InputError, MissingImagesError
 from ..progress import fiftyone_progress
-from .common import (  # noqa: F401  (re-exported: the importer's public names)
-    COCO_CATEGORIES,
-    COMBINED,
-    GREFCOCO,
-    HUB_IDS,
-    NAMES,
-    REFCOCO_M,
-    REQUIRED_COLUMNS,
-    SPLIT_NAMES,
-    SPLIT_ORDER,
-    VARIANTS,
-    Planned,
-    Source,
-    check_name,
-    load_source,
-    split_order,
-    open_source,
-)
+from . import refcoco_m
+from .base import COMBINED, NAMES, REFCOCO_M, SOURCE_REVISIONS, Planned, Source, check_name, split_order
+from .opening import open_source
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +62,7 @@ DEFAULT_CHUNK_SIZE = 1000
 
 @dataclass
 class _Plan:
-    rows: list  # of sources.Planned
+    rows: list  # of base.Planned
     selected: int  # expressions in the selection (splits, max_samples)
     already_present: int  # of those, expressions the dataset already has
     bad_refs: list  # (where and why, expressions) of the rows skipped for repeated sent_ids
@@ -321,11 +305,11 @@ def import_refcoco(
         max_samples: import only the first ``max_samples`` expressions of the selected splits.
         skip_missing: skip expressions whose image is missing (and report them) instead of
             stopping with the list of missing images.
-        source: where the annotations are (see ``sources.open_source``): None for the Hugging
+        source: where the annotations are (see ``sources.opening.open_source``): None for the Hugging
             Face Hub; a ``save_to_disk`` folder or ``DatasetDict`` (jxu124); a REFER or gRefCOCO
             folder; a local copy of RefCOCO-M; for refcocox a folder of per-variant folders or a
             dict ``{variant: source}``.
-        revision: the Hub revision to load (default: ``config.SOURCE_REVISIONS``); for refcocox a
+        revision: the Hub revision to load (default: ``sources.base.SOURCE_REVISIONS``); for refcocox a
             dict ``{variant: revision}``.
         chunk_size: expressions added per database write; an interruption loses at most one chunk.
         missing_report: where to write the list of missing image files; defaults to
@@ -333,7 +317,7 @@ def import_refcoco(
         zoo_kwargs: extra arguments for ``foz.download_zoo_dataset`` (for example ``num_workers``).
         progress: show a progress bar (True/False; None follows ``fo.config.show_progress_bars``)
             or a callable that receives the ``ProgressBar`` at each update.
-        label: the label of every ground-truth box (``config.DEFAULT_LABEL``, "referent").
+        label: the label of every ground-truth box (``data.fields.DEFAULT_LABEL``, "referent").
 
     Returns:
         the ``fo.Dataset``.
@@ -527,7 +511,7 @@ def add_arguments(parser) -> None:
         "--revision",
         metavar="REV",
         help="the Hugging Face Hub revision to load (a branch, tag or commit); default: the tested one "
-        "(fiftyone_grounding.config.SOURCE_REVISIONS). Not for refcocox",
+        "(fiftyone_grounding.sources.base.SOURCE_REVISIONS). Not for refcocox",
     )
     parser.add_argument(
         "--images-dir",

@@ -21,12 +21,11 @@ from typing import Iterator, Optional
 
 import fiftyone as fo
 
-from .common import SOURCE_REVISIONS
+from ..data.labels import detection_xyxy, make_box_detections
 from ..errors import DownloadError, SourceError
-from ..models.boxes import fiftyone_xywh_to_xyxy
-from ..data.labels import make_box_detections
+from .base import HUB_IDS, REFCOCO_M, SOURCE_REVISIONS
 
-HUB_ID = "Voxel51/RefCOCO-M"
+HUB_ID = HUB_IDS[REFCOCO_M]
 SPLIT = "val"
 KEY_FIELD = "refcoco_m_id"
 LABEL_FIELD = "detections"  # the Hub dataset's field of expression detections
@@ -40,7 +39,7 @@ def load_refcoco_m(source=None, revision: Optional[str] = None) -> fo.Dataset:
             copy of the Hub repository (a folder with ``fiftyone.yml``, ``metadata.json``,
             ``samples.json`` and ``data/``, e.g. from ``huggingface_hub.snapshot_download(
             "Voxel51/RefCOCO-M", repo_type="dataset", local_dir=FOLDER)``).
-        revision: the Hub revision (default: ``config.SOURCE_REVISIONS``).
+        revision: the Hub revision (default: ``base.SOURCE_REVISIONS``).
     """
     revision = revision or SOURCE_REVISIONS[HUB_ID]
     name = f"refcoco-m-source-{uuid.uuid4().hex[:8]}"
@@ -107,7 +106,8 @@ def refcoco_m_samples(hub: fo.Dataset, wanted: set, label: str, stats: dict) -> 
             if not text.strip():
                 stats["empty_expressions"].append(det.id)
                 continue
-            if det.bounding_box is None or len(det.bounding_box) != 4:
+            box = detection_xyxy(det.bounding_box)
+            if box is None:
                 raise SourceError(f"{HUB_ID} sample {sample.filepath}: detection {det.id} has no bounding box.")
             extra = {k: det[k] for k in ("mask", "mask_path") if det.has_field(k) and det[k] is not None}
             yield fo.Sample(
@@ -115,8 +115,7 @@ def refcoco_m_samples(hub: fo.Dataset, wanted: set, label: str, stats: dict) -> 
                 tags=[SPLIT],
                 metadata=metadata,
                 expression=text,
-                ground_truth=make_box_detections([fiftyone_xywh_to_xyxy(det.bounding_box)], text,
-                                                 label=label, per_box=[extra]),
+                ground_truth=make_box_detections([box], text, label=label, per_box=[extra]),
                 split=SPLIT,
                 image_id=_int_or_none(sample["image_id"] if sample.has_field("image_id") else None),
                 ref_id=_int_or_none(det["ref_id"] if det.has_field("ref_id") else None),

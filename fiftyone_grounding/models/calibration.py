@@ -1,19 +1,14 @@
-"""The confidence of a box: its calibration, and the metrics that say how much it can be trusted.
+"""The quality head's calibration: the logit it predicts -> the confidence a ``Detection`` carries.
 
 A model with a quality head predicts the IoU of its own box (a logit). ``Calibration`` maps that
 logit to the ``confidence`` its ``Detection`` carries: the probability that the box is right,
 i.e. overlaps the true box at IoU >= 0.5. It is fitted on the validation split at the end of
 training (Platt scaling: ``sigmoid(a * logit + b)``, strictly increasing, so it never ties two
-boxes that the head told apart) and kept only where it lowers the calibration error there;
-otherwise the confidence is the predicted IoU itself. It is saved with the checkpoint as
-``calibration.json``.
-
-The metrics (all on scored samples, a missing prediction counting as IoU 0 and confidence 0):
-
-- ``auroc``: how well the confidence tells boxes with IoU >= 0.5 from the others (0.5 is chance);
-- ``ece``: expected calibration error, the mean gap between confidence and accuracy over
-  10 equal-width confidence bins, weighted by their share of the samples;
-- ``acc_at_50_coverage`` / ``acc_at_80_coverage``: Acc@0.5 of the 50% / 80% most confident.
+boxes that the head told apart) and kept only where it lowers the calibration error there
+(``expected_calibration_error``: the mean gap between confidence and accuracy over 10
+equal-width confidence bins, weighted by their share of the samples); otherwise the confidence
+is the predicted IoU itself. It is saved with the checkpoint as ``calibration.json``. How far a
+confidence can be trusted (AUROC, accuracy at coverage) is measured in ``evaluation/confidence.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ from ..errors import CheckpointError
 CALIBRATION_NAME = "calibration.json"
 CORRECT_IOU = 0.5  # a box is right when its IoU with the truth is at least this
 ECE_BINS = 10
-COVERAGES = (0.5, 0.8)
 CALIBRATION_METHODS = ("identity", "platt")
 
 
@@ -140,7 +134,8 @@ def fit_calibration(logits: Sequence[float], ious: Sequence[float], groups: Opti
     if np.mean(held_out) >= np.mean(identity_folds):
         return Calibration(fitted_on=n, val_ece=identity_ece)
     a, b = _fit_platt(logits, correct)
-    return Calibration("platt", a, b, fitted_on=n, val_ece=expected_calibration_error(_sigmoid(a * logits + b), correct))
+    fitted_ece = expected_calibration_error(_sigmoid(a * logits + b), correct)
+    return Calibration("platt", a, b, fitted_on=n, val_ece=fitted_ece)
 
 
 def two_folds(groups: Sequence) -> np.ndarray:
@@ -150,28 +145,6 @@ def two_folds(groups: Sequence) -> np.ndarray:
     for g in groups:
         fold_of.setdefault(g, len(fold_of) % 2)
     return np.asarray([fold_of[g] for g in groups], dtype=np.int64)
-
-
-# -- metrics ------------------------------------------------------------------------------
-
-
-def auroc(scores: Sequence[float], positive: Sequence[bool]) -> Optional[float]:
-    """Area under the ROC curve: the chance that a random positive scores above a random
-    negative (ties count half). None when either class is absent."""
-    scores = np.asarray(scores, dtype=np.float64)
-    positive = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    # average ranks of tied scores (1-based)
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool], bins: int = ECE_BINS
@@ -188,30 +161,3 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
         if members.any():
             total += members.sum() * abs(correct[members].mean() - conf[members].mean())
     return float(total / conf.size)
-
-
-def accuracy_at_coverage(confidences: Sequence[float], correct: Sequence[bool], coverage: float) -> Optional[float]:
-    """Accuracy of the ``coverage`` share of the samples with the highest confidence (ties
-    broken by sample order)."""
-    conf = np.asarray(confidences, dtype=np.float64)
-    correct = np.asarray(correct, dtype=bool)
-    if conf.size == 0:
-        return None
-    keep = max(1, int(math.ceil(coverage * conf.size)))
-    order = np.argsort(-conf, kind="mergesort")[:keep]
-    return float(correct[order].mean())
-
-
-def confidence_metrics(ious: Sequence[float], confidences: Sequence[Optional[float]]) -> dict:
-    """AUROC, ECE and accuracy at 50% / 80% coverage of the confidences of scored samples (a
-    missing confidence counts as 0). All None when no sample has a confidence."""
-    keys = ["auroc", "ece"] + [f"acc_at_{round(c * 100)}_coverage" for c in COVERAGES]
-    present = [c for c in confidences if c is not None]
-    if not present:
-        return {k: None for k in keys}
-    conf = np.asarray([0.0 if c is None else float(c) for c in confidences], dtype=np.float64)
-    correct = np.asarray(ious, dtype=np.float64) >= CORRECT_IOU
-    out = {"auroc": auroc(conf, correct), "ece": expected_calibration_error(conf, correct)}
-    for c in COVERAGES:
-        out[f"acc_at_{round(c * 100)}_coverage"] = accuracy_at_coverage(conf, correct, c)
-    return out
