@@ -84,7 +84,7 @@ def run_fiftyone(args, device, preset, tmp: Path) -> dict:
     import fiftyone as fo
 
     from fiftyone_grounding.inference.apply import apply_grounding_model
-    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.devices import default_num_workers
     from fiftyone_grounding.inference.model import GroundingModel
     from fiftyone_grounding.data.images import load_rgb
 

@@ -61,7 +61,7 @@ def main(argv=None):
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     import fiftyone as fo
 
-    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.devices import default_num_workers
     from fiftyone_grounding.engine.fit import fit
 
     workers = args.workers if args.workers is not None else default_num_workers(device)

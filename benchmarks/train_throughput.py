@@ -109,7 +109,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
 
     from fiftyone_grounding.data.cache import open_feature_cache
-    from fiftyone_grounding.data.batching import default_num_workers
+    from fiftyone_grounding.devices import default_num_workers
     from fiftyone_grounding.data.images import load_rgb
     from fiftyone_grounding.models.build import build_model
 

@@ -13,8 +13,8 @@ import sys
 
 from .demo import DEMO_DEFAULTS, TASKS
 from .models.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
-from .inference.apply import APPLY_BATCH_SIZE_TEXT, WORKER_TYPES
-from .data.batching import NUM_WORKERS_TEXT
+from .sources.base import COMBINED, DEFAULT_CHUNK_SIZE, NAMES
+from .devices import APPLY_BATCH_SIZE_TEXT, NUM_WORKERS_TEXT, WORKER_TYPES
 from .engine.config import TrainConfig
 from .data.fields import DEFAULT_LABEL
 from .errors import GroundingError, InputError
@@ -198,10 +198,128 @@ def cmd_install_plugin(args) -> None:
     print(install_plugin(force=args.force).message())
 
 
-def cmd_import_refcoco(args) -> None:
-    from .sources.importer import run_from_args
+def add_import_refcoco_arguments(parser) -> None:
+    """Add the ``import-refcoco`` arguments to an ``argparse`` parser."""
+    parser.description = (
+        "Import a RefCOCO-family dataset into a persistent FiftyOne dataset, one sample per referring "
+        "expression: refcoco, refcoco+, refcocog (Hugging Face jxu124/refcoco, refcocoplus, refcocog, "
+        "or the original REFER files), grefcoco (gRefCOCO: zero, one or several objects per "
+        "expression), refcoco-m (Voxel51/RefCOCO-M, RefCOCO val with pixel-accurate masks) or "
+        "refcocox (the three as one training set, minus every training image in any val/test split). "
+        "Running it again adds only what is missing, so an interrupted import can simply be restarted."
+    )
+    parser.add_argument(
+        "name",
+        nargs="?",
+        default="refcoco",
+        choices=list(NAMES),
+        help="which dataset to import (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        metavar="SPLIT",
+        help="splits to import: train val testA testB (refcoco, refcoco+, grefcoco), train val test "
+        "(refcocog), train refcoco/val refcocog/test ... (refcocox); Hugging Face names (validation, "
+        "test) also work for jxu124 copies. Default: all",
+    )
+    parser.add_argument(
+        "--source",
+        metavar="PATH",
+        help="a local copy of the annotations: a save_to_disk folder of jxu124's dataset "
+        "(datasets.load_dataset('jxu124/refcoco').save_to_disk(PATH); refcocoplus, refcocog), a REFER "
+        "folder (instances.json + refs(unc).p or refs(umd).p), a gRefCOCO folder (grefs(unc).json + "
+        "instances.json), a RefCOCO-M copy (huggingface_hub.snapshot_download of Voxel51/RefCOCO-M), or "
+        "for refcocox a folder holding refcoco/, refcoco+/ and refcocog/. Default: load from the Hugging "
+        "Face Hub",
+    )
+    parser.add_argument(
+        "--revision",
+        metavar="REV",
+        help="the Hugging Face Hub revision to load (a branch, tag or commit); default: the tested one "
+        "(fiftyone_grounding.sources.base.SOURCE_REVISIONS). Not for refcocox",
+    )
+    parser.add_argument(
+        "--images-dir",
+        metavar="DIR",
+        help="folder of COCO train2014 images (COCO_train2014_<id>.jpg). Default: fetch only the "
+        "needed images through FiftyOne's coco-2014 zoo dataset (refcoco-m ships its images)",
+    )
+    parser.add_argument(
+        "--dataset-name",
+        metavar="NAME",
+        help="FiftyOne dataset to create or extend (default: the name argument, e.g. refcoco)",
+    )
+    parser.add_argument(
+        "--max-samples", type=int, metavar="N", help="import only the first N expressions, for a quick look"
+    )
+    parser.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="skip expressions whose image is missing (listed in the report) instead of stopping",
+    )
+    parser.add_argument(
+        "--missing-report", metavar="FILE", help="where to write the list of missing image files"
+    )
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="N",
+        help="expressions written per database call; an interruption loses at most one chunk "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-workers", type=int, metavar="N", help="download threads for the zoo fetch of images"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    run_from_args(args)
+
+def import_refcoco_from_args(args) -> int:
+    """Run ``import_refcoco`` from parsed ``add_import_refcoco_arguments`` arguments; prints a summary,
+    returns 0."""
+    from .sources.importer import import_refcoco
+
+    if args.revision and args.name == COMBINED:
+        raise InputError("--revision names one Hub revision; refcocox loads three (use the Python API's "
+                         "revision={variant: ...}).")
+    dataset = import_refcoco(
+        name=args.name,
+        splits=args.splits,
+        images_dir=args.images_dir,
+        dataset_name=args.dataset_name,
+        max_samples=args.max_samples,
+        skip_missing=args.skip_missing,
+        source=args.source,
+        revision=args.revision,
+        chunk_size=args.chunk_size,
+        missing_report=args.missing_report,
+        zoo_kwargs={"num_workers": args.num_workers} if args.num_workers else None,
+        progress=False if args.no_progress else None,
+    )
+    record = dataset.info["refcoco"]
+    last = record["last_import"]
+    counts = dataset.count_values("split")
+    per_split = ", ".join(f"{s} {counts[s]}" for s in record["splits"])
+    print(f"Dataset {dataset.name!r}: {len(dataset)} expressions ({per_split})")
+    print(f"This run added {last['added']}; {last['already_present']} were already present.")
+    if "targets" in record:
+        t = record["targets"]
+        print(f"Targets: {t['one']} expressions refer to one object, {t['several']} to several, {t['none']} to "
+              "none (one-box training and evaluation skip the last two kinds)")
+    if last.get("skipped_bad_refs"):
+        print(f"Skipped {last['skipped_bad_refs']} refs ({last['skipped_bad_ref_expressions']} expressions) whose "
+              f"sent_ids disagree with their sentences or repeat, e.g. {last['bad_refs'][0]}")
+    if last["missing_images"]:
+        print(
+            f"Skipped {last['skipped_missing_image']} expressions of {last['missing_images']} missing "
+            f"images; list in {last['missing_report']}"
+        )
+    return 0
+
+
+def cmd_import_refcoco(args) -> None:
+    import_refcoco_from_args(args)
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -346,12 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "
                                               "refcocox into FiftyOne",
                        description="Import a RefCOCO-family dataset into FiftyOne, one sample per expression.")
-    try:
-        from .sources.importer import add_arguments
-
-        add_arguments(p)
-    except ImportError:  # pragma: no cover - refcoco module is part of the package
-        pass
+    add_import_refcoco_arguments(p)
     p.set_defaults(func=cmd_import_refcoco)
     return parser
 

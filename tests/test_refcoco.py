@@ -15,8 +15,8 @@ import fiftyone as fo
 
 from fiftyone_grounding.data.labels import expression_text
 from fiftyone_grounding.sources.checks import COCO_CATEGORIES
-from fiftyone_grounding.sources.importer import (add_arguments, coco_zoo_request, import_refcoco, plan_zoo_request,
-                                                 run_from_args)
+from fiftyone_grounding.cli import add_import_refcoco_arguments, import_refcoco_from_args
+from fiftyone_grounding.sources.importer import coco_zoo_request, import_refcoco, plan_zoo_request
 
 from refcoco_files import IMAGES, REFS, UMD, UNC, coco_file, draw_images, make_source, raw_text, save
 
@@ -203,8 +203,8 @@ def test_a_row_whose_sent_ids_disagree_or_repeat_is_skipped_counted_and_the_impo
     assert texts[9] == raw_text(9, 44)  # the first row of sent_id 9 keeps it
 
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    assert run_from_args(parser.parse_args(["refcoco", "--source", path, "--images-dir", images,
+    add_import_refcoco_arguments(parser)
+    assert import_refcoco_from_args(parser.parse_args(["refcoco", "--source", path, "--images-dir", images,
                                             "--dataset-name", dataset_name, "--no-progress"])) == 0
     out = capsys.readouterr().out
     assert "This run added 0; 10 were already present." in out
@@ -289,7 +289,7 @@ def test_refcocog_split_names(tmp_path, images, dataset_name):
 
 def test_cli_helpers(source, images, dataset_name, capsys):
     parser = argparse.ArgumentParser(prog="fiftyone-grounding import-refcoco")
-    add_arguments(parser)
+    add_import_refcoco_arguments(parser)
     assert "save_to_disk" in parser.format_help() and "--skip-missing" in parser.format_help()
     args = parser.parse_args(
         [
@@ -305,7 +305,7 @@ def test_cli_helpers(source, images, dataset_name, capsys):
             "testA",
         ]
     )
-    assert run_from_args(args) == 0
+    assert import_refcoco_from_args(args) == 0
     assert fo.load_dataset(dataset_name).count_values("split") == {"val": 3, "testA": 2}
     out = capsys.readouterr().out
     assert "5 expressions (val 3, testA 2)" in out and "This run added 5" in out

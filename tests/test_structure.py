@@ -7,13 +7,12 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fiftyone_grounding"
 
 # Each layer imports only from the layers listed before it (and itself). The bottom modules are
 # the package's own top-level files below everything; cli and demo sit above everything.
-BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api"}  # fiftyone_api: FiftyOne's private names
+BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api", "devices"}  # fiftyone_api: FiftyOne's private names
 LAYERS = ["bottom", "models", "data", "evaluation", "sources", "engine", "inference", "app", "top"]
 MAY_IMPORT = {
     "bottom": {"bottom"},
@@ -221,3 +220,15 @@ def test_fiftyone_private_names_are_read_in_one_module():
     found = [f"{path.relative_to(PACKAGE)}:{n}" for path in sorted(PACKAGE.rglob("*.py")) if path.name != "fiftyone_api.py"
              for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
     assert not found, found
+
+
+def test_the_command_line_starts_without_torch_or_fiftyone():
+    """``fiftyone-grounding --help`` (and every subcommand's parser) is read without loading torch,
+    transformers or FiftyOne: each subcommand imports what it runs when it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fiftyone_grounding.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'fiftyone') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -14,7 +14,7 @@ import fiftyone as fo
 import fiftyone.zoo as foz
 
 from fiftyone_grounding.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
-from fiftyone_grounding.inference.apply import default_apply_batch_size
+from fiftyone_grounding.devices import default_apply_batch_size
 from fiftyone_grounding.data.images import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
 from fiftyone_grounding.data.labels import expression_text
 from fiftyone_grounding.inference.apply import apply_grounding_model, ground_phrase

@@ -39,7 +39,7 @@ from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD, SEARCH_FIELD
 from ..engine.config import TrainConfig
 from ..errors import GroundingError, InputError
 from ..evaluation.metrics import GREC_METRICS, METRICS
-from ..inference.apply import APPLY_BATCH_SIZE_TEXT
+from ..devices import APPLY_BATCH_SIZE_TEXT
 from ..models.config import PRESET_DESCRIPTIONS
 from .forms import choices_of, field_error, fields_of_kind, flag, form, missing_dir_error, name_error, phrase_error
 from .metric_operators import METRIC_OPERATORS

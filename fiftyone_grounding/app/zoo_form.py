@@ -13,7 +13,7 @@ import fiftyone.operators.types as types
 from ..data.fields import DEFAULT_PROMPT_FIELD
 from ..data.text import clean_phrase
 from ..errors import InputError
-from ..inference.apply import APPLY_BATCH_SIZE_TEXT
+from ..devices import APPLY_BATCH_SIZE_TEXT
 from .forms import EMPTY_PHRASE, choices_of, field_error, fields_of_kind, flag, phrase_error
 
 PHRASE_SOURCES = {"field": "Each sample's own phrase, from a text field",

@@ -4,7 +4,6 @@ and encoded once per batch. Training and inference both pack their batches here
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -12,17 +11,6 @@ import torch
 from torch.utils.data import Sampler
 
 from .text import PhraseTokenizer
-
-MAX_WORKERS = 8
-NUM_WORKERS_TEXT = f"{MAX_WORKERS} on a GPU, 0 on the CPU"
-
-
-def default_num_workers(device) -> int:
-    """Workers that load items (decode images, read cached features) when the caller gives
-    none: on a GPU up to 8 beside it; on the CPU the model already uses every core, so items
-    are loaded in the main process."""
-    return min(MAX_WORKERS, os.cpu_count() or 1) if torch.device(device).type == "cuda" else 0
-
 
 class GroupBatchSampler(Sampler[list[int]]):
     """Packs image groups into batches of at most ``batch_size`` phrases.

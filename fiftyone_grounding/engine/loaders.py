@@ -8,7 +8,8 @@ from typing import Optional
 
 from torch.utils.data import DataLoader
 
-from ..data.batching import Collator, GroupBatchSampler, default_num_workers
+from ..data.batching import Collator, GroupBatchSampler
+from ..devices import default_num_workers
 from ..data.datasets import GroundingDataset
 from ..models.build import build_tokenizer
 from ..models.decoder import Grounder

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from ..data.batching import GroupBatchSampler
-from ..data.batching import default_num_workers
+from ..devices import WORKER_TYPES, default_apply_batch_size, default_num_workers
 from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD
 from ..errors import InputError
 from .model import GroundingModel, log_skipped
@@ -31,17 +31,6 @@ from ..progress import TimeLeft, fiftyone_progress, shows_progress
 from ..runs import record_labels
 from ..data.text import NO_PHRASE, clean_phrase
 from ..fiftyone_api import root_dataset, stored_field_names
-
-WORKER_TYPES = ("thread", "process")  # what decodes images for apply_grounding_model
-APPLY_BATCH_SIZE = {"cuda": 256, "cpu": 64}  # phrases per forward pass when applying a model
-APPLY_BATCH_SIZE_TEXT = f"{APPLY_BATCH_SIZE['cuda']} on a GPU, {APPLY_BATCH_SIZE['cpu']} on the CPU"
-
-
-def default_apply_batch_size(device) -> int:
-    """Phrases per forward pass when applying a model and the caller gives none: 256 on a
-    GPU (the host's cost per batch is then small against the GPU's work; the speed figures
-    are measured at 256), 64 on the CPU (larger batches gain nothing there)."""
-    return APPLY_BATCH_SIZE["cuda" if torch.device(device).type == "cuda" else "cpu"]
 
 
 class LabelWriter:

@@ -29,6 +29,8 @@ from typing import Iterable, Iterator, Optional, Union
 
 from ..errors import InputError
 
+DEFAULT_CHUNK_SIZE = 1000  # expressions the importer writes per database call
+
 # The Hugging Face Hub revision each dataset source loads unless told otherwise. The importer's
 # column checks and tests follow these; the jxu124 datasets changed their columns between
 # revisions, so a copy saved from another revision is refused with the columns it expects.
