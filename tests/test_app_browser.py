@@ -29,8 +29,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 OPERATOR_LABELS = tuple(op().config.label for op in OPERATORS if not op().config.unlisted)
 TIMEOUT_MS = 60_000
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason=f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                 reason=f"Chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")]
 
 
 def _free_port() -> int:

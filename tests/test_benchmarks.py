@@ -15,6 +15,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # the benchmark scripts, each end to end
+
 
 # the options every benchmark gets here: the CPU, one thread (what a script has of them)
 COMMON = {"evaluate_throughput": ["--device", "cpu"], "flops": [], "compare_architectures": ["--threads", "1"],

@@ -105,6 +105,7 @@ def test_predict_writes_every_box_of_a_multi_box_model_or_says_there_is_none(tmp
     assert confidences == sorted(confidences, reverse=True)  # the most confident first
 
 
+@pytest.mark.slow
 def test_the_grec_demo_end_to_end_small(tmp_path, dataset_name):
     """demo --task grec: both models trained, applied and scored as gRefCOCO's scorer, per kind."""
     out = tmp_path / "grec.json"

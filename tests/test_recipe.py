@@ -14,6 +14,7 @@ from refcoco_files import draw_images, make_source, save
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("fiftyone-grounding", path=str(Path(sys.executable).parent)) is None,
                     reason="the package is not installed (pip install -e .): no fiftyone-grounding command")
 def test_refcoco_script_imports_trains_and_evaluates(tmp_path, dataset_name):

@@ -294,6 +294,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(synthetic_dataset, dataset_name, tmp_path,
                                                                       capsys):
     ds = synthetic_dataset.match({"split": "train"}).limit(16).clone(dataset_name)
@@ -354,6 +355,7 @@ def _save_forever(path: str, arrays: list) -> None:
         atomic_write_dir(path, write)
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_always_leaves_a_complete_checkpoint(tmp_path):
     path = tmp_path / "ckpt"
     arrays = [np.full((512, 512), float(v), np.float32) for v in range(7)]  # 1 MB each
@@ -451,6 +453,7 @@ apply_grounding_model(dataset, model, label_field=field, batch_size=2)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_applying_to_one_dataset_do_not_disturb_each_other(synthetic_dataset, dataset_name,
                                                                         tiny_checkpoint, tmp_path):
     ds = synthetic_dataset.limit(24).clone(dataset_name)

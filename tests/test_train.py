@@ -111,6 +111,7 @@ def _rank_batches(view, batch_size: int, rank: int, world: int, epoch: int = 0) 
     return [[records.filepaths[items.groups[g][0]] for g in batch] for batch in sampler]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_processes_train_one_model_when_one_gets_a_batch_of_unreadable_images(synthetic_dataset, tmp_path,

@@ -481,25 +481,16 @@ def describe_absent(objects: list[dict], rng: np.random.Generator) -> Optional[s
 
 def generate_grec_example(
     rng: np.random.Generator,
-    image_size: int = 64,
-    expressions_per_image: int = 2,
-    min_objects: int = 2,
-    max_objects: int = 4,
-    lookalike_fraction: float = LOOKALIKE_FRACTION,
-    relational_fraction: float = 0.0,
     several_fraction: float = 0.0,
     none_fraction: float = 0.0,
-    same_shape_fraction: float = 0.0,
-    border_fraction: float = 0.0,
+    **scene,
 ) -> tuple[Image.Image, list[dict], list[tuple[list[int], str, str]]]:
     """:func:`generate_example`, with phrases that denote several objects or none: each phrase
     becomes one of no object with probability ``none_fraction`` and, otherwise, one of several
     with probability ``several_fraction`` where the scene allows. Returns (targets, phrase,
-    kind) triples, ``kind`` one of :data:`KINDS`. With both fractions at 0 it draws exactly what
-    :func:`generate_example` draws."""
-    image, objects, expressions = generate_example(rng, image_size, expressions_per_image, min_objects, max_objects,
-                                                   lookalike_fraction, relational_fraction, same_shape_fraction,
-                                                   border_fraction)
+    kind) triples, ``kind`` one of :data:`KINDS`. ``scene``: :func:`generate_example`'s settings;
+    with both fractions at 0 it draws exactly what :func:`generate_example` draws."""
+    image, objects, expressions = generate_example(rng, **scene)
     out = []
     for target, phrase in expressions:
         single = ([target], phrase, "relational" if relation_of(phrase) else "attribute")
@@ -611,10 +602,11 @@ class SyntheticSpec:
         """Image ``image_id``'s scene, objects and (targets, phrase, kind) triples: it depends on
         ``(seed, image_id)`` only."""
         return generate_grec_example(
-            image_rng(self.seed, image_id), self.image_size, self.expressions_per_image, self.min_objects,
-            self.max_objects, self.lookalike_fraction, self.relational_fraction, self.several_fraction,
-            self.none_fraction, self.same_shape_fraction, self.border_fraction,
-        )
+            image_rng(self.seed, image_id), self.several_fraction, self.none_fraction, image_size=self.image_size,
+            expressions_per_image=self.expressions_per_image, min_objects=self.min_objects,
+            max_objects=self.max_objects, lookalike_fraction=self.lookalike_fraction,
+            relational_fraction=self.relational_fraction, same_shape_fraction=self.same_shape_fraction,
+            border_fraction=self.border_fraction)
 
     def image_splits(self) -> list[str]:
         """The split of each image, shuffled so that splits do not follow generation order (a

@@ -59,7 +59,8 @@ EXTRA_COLUMNS = (("val_pr_f1", "val Pr@F1=1"), ("crop_area", "crop area"))
 
 def table_row(r: dict) -> str:
     line = (f"{r['epoch']:>5} | {format_metric(r['train_loss'], 10)} | {format_metric(r['train_iou'], 9)} | "
-            f"{format_metric(r['val_loss'], 9)} | {format_metric(r['val_iou'], 8)} | {r['lr']:>9.2e} | {r['seconds']:>6.1f}")
+            f"{format_metric(r['val_loss'], 9)} | {format_metric(r['val_iou'], 8)} | {r['lr']:>9.2e} | "
+            f"{r['seconds']:>6.1f}")
     extras = [f"{name} {format_metric(r[key])}" for key, name in EXTRA_COLUMNS if key in r]
     return line + ("  (" + ", ".join(extras) + ")" if extras else "")
 

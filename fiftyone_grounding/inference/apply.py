@@ -263,8 +263,9 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     log_skipped(skipped)
     _redeclare_if_dropped(dataset, label_field)
     if record is not None:
+        written_from = model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh
         record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
-                      confidence_thresh=model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh)
+                      confidence_thresh=written_from)
     return {"processed": total, "skipped": skipped}
 
 

@@ -14,8 +14,8 @@ wins over both.
 
 Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
 faster path over whole datasets is ``apply.apply_grounding_model``. This module is FiftyOne's
-model interface; the data loaders' items are in ``items.py``, tokenization in ``phrases.py``,
-the copies to and from the GPU in ``transfer.py`` and post-processing in ``postprocess.py``.
+model interface; the data loaders' items are in ``items.py`` and ``get_item.py``, tokenization in
+``phrases.py``, the copies to and from the GPU in ``transfer.py`` and post-processing in ``postprocess.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ..models.decoder import Grounder
 from ..models.precision import autocast, bf16_supported
 from ..data.skips import count_by_reason
 from ..data.text import clean_phrase
-from .items import PROMPT_KEY, GroundingGetItem, collate_items
+from .items import PROMPT_KEY, collate_items
 from .phrases import phrase_tokenizer, tokenize_distinct
 from .postprocess import BoxPrediction, PostProcess, batch_labels
 from .transfer import Pending, copy_to_host, to_device
@@ -191,6 +191,8 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             raise InputError("This grounding model has no phrases to find: pass apply_model(..., "
                              "prompt_field='expression'), or load it with prompt_field=... or prompt='...'.")
         prompt = None if PROMPT_KEY in mapping else self.prompt
+        from .get_item import GroundingGetItem
+
         return GroundingGetItem(self.config.image_size, field_mapping=mapping, prompt=prompt)
 
     def __enter__(self):
