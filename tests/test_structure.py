@@ -223,18 +223,35 @@ def test_fiftyone_private_names_are_read_in_one_module():
     assert not found, found
 
 
-def test_each_process_loads_only_what_it_runs():
+def test_the_command_line_starts_without_torch_or_fiftyone():
     """``fiftyone-grounding --help`` (and every subcommand's parser) is read without loading torch,
-    transformers or FiftyOne: each subcommand imports what it runs when it runs. Training and the
-    fast apply path never load torchvision's models (seconds of imports, through FiftyOne's torch
-    utilities): only ``dataset.apply_model`` needs them."""
+    transformers or FiftyOne: each subcommand imports what it runs when it runs."""
     import subprocess
     import sys
 
     code = ("import sys; from fiftyone_grounding.cli import build_parser; build_parser(); "
-            "print(sorted(m for m in ('torch', 'transformers', 'fiftyone') if m in sys.modules)); "
-            "import fiftyone_grounding.engine.fit, fiftyone_grounding.inference.apply; "
-            "import fiftyone_grounding.inference.search; "
-            "print(sorted(m for m in ('torchvision.models', 'fiftyone.utils.torch') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'fiftyone') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["[]", "[]"], out
+    assert out.strip() == "[]", out
+
+
+def test_only_apply_model_loads_fiftyones_torch_utilities():
+    """FiftyOne's torch utilities load torchvision's models (seconds of imports per process):
+    only get_item.py (FiftyOne's get-item for ``dataset.apply_model``) imports them, and only
+    from inside a function, so training, the fast apply path and search never load them."""
+    heavy = {"fiftyone.utils.torch", "torchvision"}
+    at_top = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:  # module level only
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n in heavy or n.split(".")[0] == "torchvision" for n in names):
+                at_top.setdefault(_module_name(path), []).extend(names)
+    assert set(at_top) == {"inference.get_item"}, at_top
+    graph = _imports()
+    importers = {m for m, deps in graph.items() if "inference.get_item" in deps}
+    assert importers == {"inference.model"}, importers
+    model_tree = ast.parse((PACKAGE / "inference" / "model.py").read_text())
+    top_level = {node.module for node in model_tree.body if isinstance(node, ast.ImportFrom)}
+    assert "get_item" not in top_level, "inference/model.py must import get_item inside build_get_item"
