@@ -215,7 +215,7 @@ class GrounderBase(nn.Module):
         """Start the box head at the mean training box (its bias in logit space, DETR-style
         prior) instead of a centered half-image box, which the loss takes hundreds of steps
         to unlearn."""
-        box = mean_box_xyxy.float().clamp(0.0, 1.0)
+        box = box_ops.clip_to_image(mean_box_xyxy.float())
         if self.config.box_format == "cxcywh":
             box = box_ops.box_xyxy_to_cxcywh(box)
         last = self.head[-1]

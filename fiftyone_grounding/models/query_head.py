@@ -102,7 +102,7 @@ class QueryHead:
         the image (with query selection they come from the chosen tokens: nothing to set)."""
         if self.config.arch.query_selection:
             return
-        mean = box_ops.box_xyxy_to_cxcywh(mean_box_xyxy.float().clamp(0.0, 1.0))
+        mean = box_ops.box_xyxy_to_cxcywh(box_ops.clip_to_image(mean_box_xyxy.float()))
         anchors = _spread_boxes(self.config.arch.num_queries)
         anchors[:, 2:] = mean[2:].clamp(0.02, 0.98)
         self.query_anchor.copy_(inverse_sigmoid(anchors).to(self.query_anchor.dtype))
