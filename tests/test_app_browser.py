@@ -43,7 +43,7 @@ def _free_port() -> int:
 README = Path(__file__).resolve().parents[1] / "README.md"
 DEMO = "grounding-synthetic-demo"  # the dataset the README's App section opens
 # the README's main command, made small: 40 images, one epoch
-DEMO_ARGS = "--num-images 24 --epochs 1 --overwrite"
+DEMO_ARGS = "--num-images 40 --epochs 1 --overwrite"
 
 
 def _readme_python(section: str) -> str:
