@@ -44,7 +44,7 @@ test: install browser
 # see .venv's transformers 5 as installed there.
 FLOOR := .venv-floor
 FLOOR_PINS := transformers==4.56.2 tokenizers==0.22.2 huggingface_hub==0.36.2
-FLOOR_TESTS := tests/test_encoder_versions.py tests/test_preprocessing.py tests/test_model.py
+FLOOR_TESTS := tests/test_encoder_versions.py tests/test_preprocessing.py tests/test_model.py tests/test_checkpoint_compat.py
 
 $(FLOOR)/.installed: $(VENV)/.installed Makefile
 	rm -rf $(FLOOR)
