@@ -14,7 +14,7 @@ from typing import Any, Optional
 from ..data.augment import parse_augment
 from ..data.fields import DEFAULT_PROMPT_FIELD
 from ..errors import ConfigError
-from ..models.config import DEFAULT_PRESET, PRESETS, GrounderConfig, _int_in, field_names, get_config, setting_names
+from ..models.config import DEFAULT_PRESET, PRESETS, GrounderConfig, int_in, field_names, get_config, setting_names
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -88,8 +88,8 @@ class TrainConfig:
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}"),
             (isinstance(self.model, dict), "model must be an object of GrounderConfig overrides"),
             (self.out_dir is None or isinstance(self.out_dir, (str, os.PathLike)), "out_dir must be a path"),
-            (_int_in(self.epochs, 1, 100_000), "epochs must be an integer >= 1"),
-            (_int_in(self.batch_size, 1, 1_000_000), "batch_size must be an integer >= 1"),
+            (int_in(self.epochs, 1, 100_000), "epochs must be an integer >= 1"),
+            (int_in(self.batch_size, 1, 1_000_000), "batch_size must be an integer >= 1"),
             (_number(self.lr) and self.lr > 0, "lr must be a positive number"),
             (_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay must be a number >= 0"),
             (_number(self.warmup_frac) and 0 <= self.warmup_frac < 1, "warmup_frac must be a number in [0, 1)"),
@@ -101,8 +101,8 @@ class TrainConfig:
              "phrase_field, gt_field and split_field must be field names"),
             (all(getattr(self, k) is None or isinstance(getattr(self, k), str) for k in ("train_split", "val_split")),
              "train_split and val_split must be split names or null"),
-            (self.num_workers is None or _int_in(self.num_workers, 0, 1024), "num_workers must be an integer >= 0"),
-            (_int_in(self.seed, 0, 2**63 - 1), "seed must be an integer >= 0"),
+            (self.num_workers is None or int_in(self.num_workers, 0, 1024), "num_workers must be an integer >= 0"),
+            (int_in(self.seed, 0, 2**63 - 1), "seed must be an integer >= 0"),
             (self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be one of {MIXED_PRECISIONS}"),
             (isinstance(self.cache_features, bool), "cache_features must be true or false"),
             (self.cache_dir is None or isinstance(self.cache_dir, (str, os.PathLike)), "cache_dir must be a path"),

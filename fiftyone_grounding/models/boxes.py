@@ -77,8 +77,8 @@ def clip_to_image(boxes: Boxes) -> Boxes:
 
 def clip_box_to_image(box: Sequence[float]) -> list[float]:
     """One normalized box (a list, tuple or array row of 4 numbers) clipped to the image, [0, 1], as
-    a list of floats: the part of a box partly outside the image (:func:`clip_to_image` for arrays)."""
-    return [min(max(float(v), 0.0), 1.0) for v in box]
+    a list of floats: the part of a box partly outside the image (:func:`clip_to_image` on a list)."""
+    return clip_to_image(np.asarray(box, dtype=np.float64)).tolist()
 
 
 def fiftyone_xywh_to_xyxy(bounding_box: Sequence[float]) -> list[float]:

@@ -43,7 +43,8 @@ MULTI_BOX_TERMS = ("score", "exist")
 _QUERY_ONLY_FIELDS = ("score_thresh", "query_selection")
 
 
-def _int_in(value, lo, hi) -> bool:
+def int_in(value, lo, hi) -> bool:
+    """An integer (not a bool) in [lo, hi]: the check of every integer setting, model or training."""
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
@@ -65,8 +66,8 @@ def _raise_failed(checks) -> None:
 def _layer_checks(config) -> list:
     """The checks of the settings every architecture's trained layers have."""
     return [
-        (_int_in(config.num_layers, 1, 64), "num_layers must be an integer in [1, 64]"),
-        (_int_in(config.dim_feedforward, 8, 65536), "dim_feedforward must be an integer in [8, 65536]"),
+        (int_in(config.num_layers, 1, 64), "num_layers must be an integer in [1, 64]"),
+        (int_in(config.dim_feedforward, 8, 65536), "dim_feedforward must be an integer in [8, 65536]"),
         (_fraction(config.dropout), "dropout must be a number in [0, 1)"),
         (config.pos_embed in POS_EMBEDS, f"pos_embed must be one of {POS_EMBEDS}"),
     ]
@@ -74,10 +75,10 @@ def _layer_checks(config) -> list:
 
 def _width_checks(config) -> list:
     """The checks of ``d_model`` and the heads that divide it (decoder, fusion)."""
-    width_ok = _int_in(config.d_model, 8, 8192)
+    width_ok = int_in(config.d_model, 8, 8192)
     return [
         (width_ok, "d_model must be an integer in [8, 8192]"),
-        (_int_in(config.num_heads, 1, 128) and width_ok and config.d_model % config.num_heads == 0,
+        (int_in(config.num_heads, 1, 128) and width_ok and config.d_model % config.num_heads == 0,
          "num_heads must divide d_model"),
         (config.pos_embed != "sine" or (width_ok and config.d_model % 4 == 0),
          "d_model must be divisible by 4 with pos_embed='sine'"),
@@ -164,12 +165,12 @@ class FusionConfig(_ArchitectureConfig):
 
     def validate(self) -> None:
         _raise_failed(_width_checks(self) + _layer_checks(self) + [
-            (all(_int_in(v, 1, 256) for v in self.image_layers) and self.image_layers == sorted(set(self.image_layers)),
+            (all(int_in(v, 1, 256) for v in self.image_layers) and self.image_layers == sorted(set(self.image_layers)),
              "image_layers must be increasing 1-based DINOv3 layer numbers"),
-            (_int_in(self.level_pool, 1, 16), "level_pool must be an integer in [1, 16]"),
-            (_int_in(self.refine_layers, 0, 16), "refine_layers must be an integer in [0, 16]"),
-            (_int_in(self.num_queries, 0, 300), "num_queries must be an integer in [0, 300]"),
-            (self.num_queries == 0 or _int_in(self.refine_layers, 1, 16), _NEEDS_QUERY_DECODER),
+            (int_in(self.level_pool, 1, 16), "level_pool must be an integer in [1, 16]"),
+            (int_in(self.refine_layers, 0, 16), "refine_layers must be an integer in [0, 16]"),
+            (int_in(self.num_queries, 0, 300), "num_queries must be an integer in [0, 300]"),
+            (self.num_queries == 0 or int_in(self.refine_layers, 1, 16), _NEEDS_QUERY_DECODER),
             (isinstance(self.score_thresh, (int, float)) and 0.0 <= self.score_thresh <= 1.0,
              "score_thresh must be a number in [0, 1]"),
             (isinstance(self.query_selection, bool) and (not self.query_selection or self.num_queries > 0),
@@ -204,13 +205,13 @@ class AdapterConfig(_ArchitectureConfig):
     adapter_dim: int = 0
 
     def validate(self) -> None:
-        _raise_failed([(_int_in(self.num_heads, 1, 128), "num_heads must be an integer in [1, 128]")]
+        _raise_failed([(int_in(self.num_heads, 1, 128), "num_heads must be an integer in [1, 128]")]
                       + _layer_checks(self) + [
-            (_int_in(self.adapter_layers, 0, 256), "adapter_layers must be an integer >= 0"),
-            (_int_in(self.adapter_dim, 0, 65536), "adapter_dim must be an integer >= 0"),
-            (_int_in(self.adapter_layers, 1, 256) and _int_in(self.adapter_dim, 8, 65536),
+            (int_in(self.adapter_layers, 0, 256), "adapter_layers must be an integer >= 0"),
+            (int_in(self.adapter_dim, 0, 65536), "adapter_dim must be an integer >= 0"),
+            (int_in(self.adapter_layers, 1, 256) and int_in(self.adapter_dim, 8, 65536),
              "the adapter architecture needs adapter_layers >= 1 and adapter_dim >= 8"),
-            (not _int_in(self.num_heads, 1, 128) or not _int_in(self.adapter_dim, 8, 65536)
+            (not int_in(self.num_heads, 1, 128) or not int_in(self.adapter_dim, 8, 65536)
              or self.adapter_dim % self.num_heads == 0, "num_heads must divide adapter_dim"),
         ])
 
@@ -299,12 +300,12 @@ class GrounderConfig:
             (isinstance(self.preset, str), "preset must be a string"),
             (isinstance(self.image_encoder, str) and self.image_encoder, "image_encoder must be a non-empty string"),
             (isinstance(self.text_encoder, str) and self.text_encoder, "text_encoder must be a non-empty string"),
-            (_int_in(self.image_size, 16, 4096), "image_size must be an integer in [16, 4096]"),
-            (not _int_in(self.image_size, 16, 4096) or self.image_size % patch == 0,
+            (int_in(self.image_size, 16, 4096), "image_size must be an integer in [16, 4096]"),
+            (not int_in(self.image_size, 16, 4096) or self.image_size % patch == 0,
              f"image_size must be a multiple of the image encoder's patch size ({patch} px): the encoder drops "
              "the border strip that a partial patch would hold"),
-            (_int_in(self.max_text_len, 4, 512), "max_text_len must be an integer in [4, 512]"),
-            (_int_in(self.head_hidden, 4, 65536), "head_hidden must be an integer in [4, 65536]"),
+            (int_in(self.max_text_len, 4, 512), "max_text_len must be an integer in [4, 512]"),
+            (int_in(self.head_hidden, 4, 65536), "head_hidden must be an integer in [4, 65536]"),
             (self.query in QUERY_MODES, f"query must be one of {QUERY_MODES}"),
             (self.box_format in BOX_FORMATS, f"box_format must be one of {BOX_FORMATS}"),
             (self.loss_weights and set(self.loss_weights) <= set(LOSS_TERMS),
