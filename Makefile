@@ -32,8 +32,11 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/fiftyone-grounding demo --json outputs/demo/metrics.json $(DEMO_ARGS)
 
+# the suite on TEST_WORKERS processes (pytest-xdist), each test whole in one of them, an idle worker
+# taking tests queued for a busy one; conftest.py gives each worker its share of the cores for torch
+TEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests
 
 # pyproject.toml allows transformers >= 4.56, and DINOv3 differs between 4.x and 5.x (its module
 # layout, its hidden_states: see encoders.dinov3_taps), so CI also runs the tests that build and

@@ -93,14 +93,23 @@ def test_each_architecture_at_its_real_size(preset, tokens, real_encoders, image
     assert model.image_encoder.config.hidden_size == 768 and model.text_encoder.config.hidden_size == 384
     batch = _one_batch(model, image_640x480)
     assert batch["pixel_values"].shape == (1, 3, config.image_size, config.image_size)
+    encoded = []  # what the step's image encoding gives (read on its way: ViT-B at 384 px runs once)
     if tokens is not None:  # the cacheable features: the last tap whole, the earlier ones pooled 2x2
         assert model.image_feature_shape() == (tokens, 768)
-        assert model.encode_images(batch["pixel_values"]).shape == (1, tokens, 768)
+
+        def encode_images(pixel_values, _encode=model.encode_images):
+            features = _encode(pixel_values)
+            encoded.append(tuple(features.shape))
+            return features
+        model.encode_images = encode_images
     model.init_box_bias(torch.tensor(BOXES).mean(0))
     model.train()
     optimizer = configure_optimizer(model, lr=1e-4, weight_decay=1e-4)
     before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     loss, pred = train_step(model, batch, optimizer, config.loss_weights, grad_clip=1.0)
+    if tokens is not None:
+        del model.encode_images
+        assert encoded == [(1, tokens, 768)]
     assert torch.isfinite(loss) and pred.shape == (2, 4)
     after = model.trainable_state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
