@@ -26,6 +26,16 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 import pytest  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """With pytest-xdist, the controller starts FiftyOne's database before its workers start (it
+    stays up while the controller runs): workers that each found none running started two mongod
+    on one folder, the second failed (status 100) and that worker's tests lost the database."""
+    if session.config.pluginmanager.hasplugin("dsession"):  # the controller of a distributed run
+        import fiftyone.core.odm.database as fod
+
+        fod.get_db_conn()
+
+
 @pytest.fixture
 def dataset_name():
     """A unique dataset name; the dataset is deleted after the test."""
