@@ -3,7 +3,6 @@
 import functools
 import http.server
 import os
-import sys
 import threading
 import uuid
 
@@ -20,8 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_share))
-    if "torch" in sys.modules:  # (imported by a plugin first: tell it directly)
-        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402
 
