@@ -98,7 +98,6 @@ class DemoTask:
     # (dataset, test view, models, each model's key -> the confidence its boxes were written from)
     # -> the figures of metrics.json; prints them
     score: Callable
-    records_checkpoint: bool  # the App's forms offer its (one) model's checkpoint
 
 
 def _describe_splits(dataset) -> str:
@@ -153,8 +152,7 @@ DEMO_TASKS = {
         models=(DemoModel("tiny", "tiny", "the 'tiny' preset", "run", "predictions", "applying the model"),),
         applying="Applying the best checkpoint to the test split ({count} expressions)",
         scoring="Evaluating",
-        score=_score_rec,
-        records_checkpoint=True),
+        score=_score_rec),
     # tiny-fusion-multi and the one-box tiny trained alike (the one-box model skips the phrases it cannot learn)
     "grec": DemoTask(
         generating="Generating the synthetic dataset {name!r} ({num_images} images; phrases of no, one or several "
@@ -167,8 +165,7 @@ DEMO_TASKS = {
                           "tiny", "pred_one_box", "applying one_box")),
         applying="Applying both to the test split ({count} expressions)",
         scoring="Scoring as gRefCOCO's official scorer (boxes at confidence >= 0.7, GIoU >= 0.5, F1 = 1)",
-        score=_score_grec,
-        records_checkpoint=False),
+        score=_score_grec),
 }
 TASKS = tuple(DEMO_TASKS)
 
@@ -241,10 +238,11 @@ def run_demo(
     print(f"[{steps}/{steps}] {spec.scoring}")
     figures = spec.score(dataset, test, spec.models, written_from)
     checkpoints = {key: str(run.best_dir) for key, run in runs.items()}
+    one_model = len(spec.models) == 1  # its checkpoint is recorded for the App's forms to offer
     summary = {
         **figures,
         "dataset": name,
-        **({"checkpoint": checkpoints[spec.models[0].key]} if len(runs) == 1 else {"checkpoints": checkpoints}),
+        **({"checkpoint": checkpoints[spec.models[0].key]} if one_model else {"checkpoints": checkpoints}),
         "seconds": round(time.time() - t0, 1),
         # the figures are exact for one set of these and one kind of CPU (the same code gave
         # other figures on other days); compare them before comparing the metrics
@@ -255,7 +253,7 @@ def run_demo(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(summary, indent=2))
         print(f"Wrote {json_path}")
-    if spec.records_checkpoint:
+    if one_model:
         from .app.zoo import record_demo_checkpoint
 
         record_demo_checkpoint(runs[spec.models[0].key].best_dir)  # the App's forms offer it by this absolute path

@@ -466,6 +466,3 @@ def _add_in_chunks(dataset: fo.Dataset, samples, total: int, chunk_size: int, pr
             added += len(chunk)
             pb.update(len(chunk))
     return added
-
-
-# ---------------------------------------------------------------- CLI
