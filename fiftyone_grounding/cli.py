@@ -462,8 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_install_plugin)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "
-                                              "refcocox into FiftyOne",
-                       description="Import a RefCOCO-family dataset into FiftyOne, one sample per expression.")
+                                              "refcocox into FiftyOne")  # (its description: add_import_refcoco_arguments)
     add_import_refcoco_arguments(p)
     p.set_defaults(func=cmd_import_refcoco)
     return parser

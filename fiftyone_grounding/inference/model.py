@@ -34,7 +34,7 @@ from ..errors import InputError
 from ..data.images import normalize_pixels_batch, resize_rgb, rgb_tensor
 from ..data.labels import LabelMaker
 from ..models.decoder import Grounder
-from ..models.precision import autocast, bf16_supported
+from ..models.precision import autocast, default_mixed_precision
 from ..data.skips import count_by_reason
 from ..data.text import clean_phrase
 from .items import PROMPT_KEY, collate_items
@@ -85,10 +85,8 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self.tokenize = phrase_tokenizer(model.config)
         self._preprocess = True
         if mixed_precision == "auto":
-            use_bf16 = bf16_supported(self._device)
-        else:
-            use_bf16 = mixed_precision == "bf16"
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+            mixed_precision = default_mixed_precision(self._device)
+        self.autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
         self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
         self.source = str(source) if source is not None else None
         self._set_options(label=label, confidence_thresh=confidence_thresh, prompt_field=prompt_field, prompt=prompt)
