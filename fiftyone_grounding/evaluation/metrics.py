@@ -11,7 +11,6 @@ import numpy as np
 
 from .confidence import COVERAGES, confidence_metrics
 
-THRESHOLDS = (0.5, 0.75)
 MAP_THRESHOLDS = tuple(np.round(np.linspace(0.5, 0.95, 10), 2))
 
 # Every metric of a grounding evaluation: key, label in tables and the App, whether lower is better.

@@ -107,13 +107,6 @@ def score_samples(view, pred_field: str, gt_field: str) -> SampleScores:
     return out
 
 
-def sample_ious(view, pred_field: str, gt_field: str) -> tuple[list[str], list[Optional[float]]]:
-    """Per-sample IoU of the first predicted with the first valid true box: None where the
-    sample has no valid true box, 0.0 where it has no prediction."""
-    scores = score_samples(view, pred_field, gt_field)
-    return scores.ids, [None if np.isnan(v) else float(v) for v in scores.ious]
-
-
 def _split_metrics(scores: SampleScores, splits) -> dict:
     scored = scores.scored
     out = {}
