@@ -47,7 +47,7 @@ from ..data.fields import DEFAULT_LABEL, NO_TARGET_FIELD
 from ..data.labels import declare_expression_attribute, make_box_detections
 from ..errors import DownloadError, InputError, MissingImagesError
 from ..progress import fiftyone_progress
-from . import refcoco_m
+from . import ref_l4 as ref_l4_reviews, refcoco_m
 from .base import COMBINED, DEFAULT_CHUNK_SIZE, REFCOCO_M, SOURCE_REVISIONS, Planned, Source, check_name, split_order
 from .opening import open_source
 
@@ -268,6 +268,7 @@ def import_refcoco(
     zoo_kwargs: Optional[dict] = None,
     progress: Union[None, bool, Callable] = None,
     label: str = DEFAULT_LABEL,
+    ref_l4=None,
 ) -> fo.Dataset:
     """Import a RefCOCO-family dataset into a persistent FiftyOne dataset, one sample per expression.
 
@@ -317,6 +318,11 @@ def import_refcoco(
         progress: show a progress bar (True/False; None follows ``fo.config.show_progress_bars``)
             or a callable that receives the ``ProgressBar`` at each update.
         label: the label of every ground-truth box (``data.fields.DEFAULT_LABEL``, "referent").
+        ref_l4: join Ref-L4's human review of the val/test expressions after the import
+            (``ref_l4.join_ref_l4``: fields ``ref_l4_caption_quality``, ``ref_l4_wrong``; CC BY-NC
+            4.0, evaluation only): a folder of its ``*_reviewed.json`` files, or True to download
+            them from the Hub (read before the import, so a failure comes first). refcoco, refcoco+,
+            refcocog and refcocox only.
 
     Returns:
         the ``fo.Dataset``.
@@ -324,6 +330,9 @@ def import_refcoco(
     name = check_name(name)
     if chunk_size < 1:
         raise InputError(f"chunk_size must be at least 1, got {chunk_size}.")
+    reviews = None
+    if ref_l4 is not None and ref_l4 is not False:
+        reviews = ref_l4_reviews.load_ref_l4(None if ref_l4 is True else ref_l4, ref_l4_reviews.joinable_variants(name))
     dataset_name = dataset_name or name
     if name == REFCOCO_M:
         return _import_refcoco_m(
@@ -353,7 +362,10 @@ def import_refcoco(
     dataset = _open_dataset(dataset, dataset_name, name, src.info())
     stats = {"empty_expressions": [], "bad_refs": list(plan.bad_refs)}
     added = _add_in_chunks(dataset, _samples(src, plan.rows, images_dir, stats, label), plan.new, chunk_size, progress)
-    return _finish(dataset, name, plan.selected, plan.already_present, added, missing, stats)
+    dataset = _finish(dataset, name, plan.selected, plan.already_present, added, missing, stats)
+    if reviews is not None:
+        ref_l4_reviews.join_ref_l4(dataset, source=reviews, progress=progress)
+    return dataset
 
 
 def _import_refcoco_m(dataset_name, splits, images_dir, max_samples, skip_missing, source, revision, chunk_size,
