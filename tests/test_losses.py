@@ -128,3 +128,63 @@ def test_the_models_box_reaches_past_the_border_with_its_gradient():
     assert out.boxes[0, 0] < 0
     out.boxes[0, 0].backward()
     assert last.bias.grad[0] != 0 and last.bias.grad[2] != 0
+
+
+def test_the_judge_term_is_the_bce_of_the_quality_head_at_other_boxes_against_their_iou():
+    """IoU-Net (Jiang et al. 2018) trains its IoU predictor on jittered true boxes: here the quality
+    head reads K other boxes per phrase and learns their IoU with the true box (torchvision's);
+    a phrase without a true box: 0 for every box."""
+    from fiftyone_grounding.models.losses import judge_loss
+
+    target = box_cxcywh_to_xyxy(TGT)
+    boxes = torch.stack([box_cxcywh_to_xyxy(SRC), target, box_cxcywh_to_xyxy(TGT.flip(0))], 1)  # (3, 3, 4)
+    logits = torch.randn(3, 3)
+    iou = torch.stack([torch.diag(torchvision_box_iou(boxes[:, k], target)) for k in range(3)], 1)
+    assert judge_loss(logits, boxes, target) == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, iou).item(), rel=1e-5)
+    absent = target.clone()
+    absent[1] = float("nan")
+    iou[1] = 0.0
+    assert judge_loss(logits, boxes, absent) == pytest.approx(
+        F.binary_cross_entropy_with_logits(logits, iou).item(), rel=1e-5)
+
+
+def test_the_judged_boxes_span_every_iou_and_take_another_object_of_the_same_image():
+    import numpy as np
+
+    from fiftyone_grounding.models.losses import judge_boxes
+
+    target = torch.tensor([[0.1, 0.1, 0.3, 0.4], [0.6, 0.5, 0.9, 0.8], [0.2, 0.6, 0.5, 0.9], [float("nan")] * 4])
+    image_index = torch.tensor([0, 0, 1, 1])
+    ious = []
+    for seed in range(50):
+        boxes = judge_boxes(target, image_index, np.random.default_rng(seed))
+        assert boxes.shape == (4, 4, 4) and (boxes[..., 2:] > boxes[..., :2]).all()
+        assert ((boxes >= 0) & (boxes <= 1)).all()
+        assert torch.equal(boxes[0, 2], target[1]) and torch.equal(boxes[1, 2], target[0])  # the image's other object
+        ious.append(torchvision_box_iou(boxes[0, :2], target[:1])[:, 0])
+    ious = torch.cat(ious)
+    assert ious.max() > 0.8 and ious.min() < 0.2 and 0.3 < ious.median() < 0.8
+
+
+def test_the_judge_term_trains_the_quality_head_only_and_given_boxes_read_that_head():
+    """The judged boxes come in detached (no gradient to the box head or the fusion); reading the
+    head at the model's own box gives the model's own quality."""
+    import numpy as np
+
+    from fiftyone_grounding.models.build import build_model
+    from fiftyone_grounding.models.losses import judge_boxes
+
+    torch.manual_seed(0)
+    model = build_model("tiny", weights=False)
+    pixels = torch.randn(2, 3, 64, 64)
+    ids = torch.randint(5, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    target = torch.tensor([[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]])
+    out = model(pixels, ids, mask, judge_boxes=judge_boxes(target, torch.arange(2), np.random.default_rng(0)))
+    grounding_loss(out, target, {"l1": 0.0, "giou": 1e-9, "judge": 1.0})["judge"].backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("quality_head.") for n in grads)
+    with torch.no_grad():
+        out = model(pixels, ids, mask)
+        assert torch.allclose(model.given_box_scores(out, out.boxes), out.quality.sigmoid(), atol=1e-6)

@@ -89,7 +89,7 @@ def test_search_keeps_the_confident_boxes_and_needs_a_phrase_and_a_confidence(da
     assert ranked.count("sure.detections") == 0 and len(ranked) == 10
     with pytest.raises(InputError, match="The phrase is empty"):
         search_phrase(view, "   ", model)
-    loss_weights = {k: v for k, v in get_config("tiny").loss_weights.items() if k not in ("quality", "exist")}
+    loss_weights = {k: v for k, v in get_config("tiny").loss_weights.items() if k not in ("quality", "judge", "exist")}
     no_head = GroundingModel(build_model("tiny", quality_head=False, presence_head=False, loss_weights=loss_weights),
                              device="cpu")
     with pytest.raises(InputError, match="has no confidence"):

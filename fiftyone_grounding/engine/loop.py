@@ -13,7 +13,7 @@ from ..data.absent import add_absent_pairs
 from ..errors import TrainingError
 from ..models.boxes import box_iou
 from ..models.config import GrounderConfig
-from ..models.losses import grounding_loss
+from ..models.losses import grounding_loss, judge_boxes
 from ..models.precision import autocast
 from .metrics import grec_right, iou_with_first_box, matched_queries
 from .optim import clip_groups
@@ -51,7 +51,7 @@ def forward_batch(model, batch: dict):
     return model(pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"),
                  input_ids=batch.get("input_ids"), text_features=batch.get("text_features"),
                  attention_mask=batch["attention_mask"],
-                 image_index=batch["image_index"])
+                 image_index=batch["image_index"], judge_boxes=batch.get("judge_boxes"))
 
 
 def train_step(model, batch: dict, optimizer, loss_weights: dict, grad_clip: float = 0.0, *, scheduler=None,
@@ -164,6 +164,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, accelerator, config: Gr
                 stand_in = one_phrase_batch(batch)
             if negative_share > 0:
                 batch = add_absent_pairs(batch, negative_share, np.random.default_rng([seed, epoch, step]))
+            if config.loss_weights.get("judge"):  # other boxes for the quality head to judge (the "judge" term)
+                batch["judge_boxes"] = judge_boxes(batch["boxes"], batch["image_index"],
+                                                   np.random.default_rng([seed, epoch, step, 1]))
             crop_areas = batch.get("crop_areas") or []
             batch = to_device(batch, device)
             loss, pred = train_step(model, batch, optimizer, config.loss_weights, grad_clip, scheduler=scheduler,

@@ -106,7 +106,8 @@ class AdapterGrounder(GrounderBase):
 
     def forward(self, pixel_values: Optional[Tensor] = None, input_ids: Optional[Tensor] = None,
                 attention_mask: Optional[Tensor] = None, image_index: Optional[Tensor] = None,
-                image_features: Optional[Tensor] = None, text_features: Optional[Tensor] = None) -> GroundingOutput:
+                image_features: Optional[Tensor] = None, text_features: Optional[Tensor] = None,
+                judge_boxes: Optional[Tensor] = None) -> GroundingOutput:
         if image_features is not None:
             raise ConfigError("The adapter architecture reads the phrase inside the image encoder: it takes pixels, "
                               "not cached image features (train it with cache_features=False)")
@@ -115,7 +116,7 @@ class AdapterGrounder(GrounderBase):
         if image_index is None:
             image_index = torch.arange(text_features.shape[0], device=text_features.device)
         lower, rope = self.encode_images(pixel_values)
-        return self.decode_lower(lower, rope, text_features, attention_mask, image_index)
+        return self.judge(self.decode_lower(lower, rope, text_features, attention_mask, image_index), judge_boxes)
 
     def decode_lower(self, lower: Tensor, rope: tuple[Tensor, Tensor], text_features: Tensor,
                      attention_mask: Tensor, image_index: Tensor) -> GroundingOutput:

@@ -39,6 +39,13 @@ class GroundingOutput(NamedTuple):
     # with a presence head (their phrase's object is in the image); None otherwise
     exists: Optional[Tensor] = None
     aux_scores: tuple = ()  # (B, Q) logits of the earlier stages
+    # (B, D) the query that made each one-box model's box: the quality head reads it to judge any
+    # other box for the phrase (GrounderBase.given_box_scores); None for multi-box models
+    query: Optional[Tensor] = None
+    # training: (B, K, 4) other boxes for each phrase (losses.judge_boxes) and the quality head's
+    # logits of them (B, K), for the "judge" loss term
+    judge_boxes: Optional[Tensor] = None
+    judged: Optional[Tensor] = None
 
     def clipped(self) -> "GroundingOutput":
         """The boxes clipped to the image, as post-processing writes them (what metrics and
@@ -160,17 +167,29 @@ class GrounderBase(nn.Module):
         image_index: Optional[Tensor] = None,
         image_features: Optional[Tensor] = None,
         text_features: Optional[Tensor] = None,
+        judge_boxes: Optional[Tensor] = None,
     ) -> GroundingOutput:
         """Boxes for phrases over images, each given as model inputs (pixels, token ids) or as
         cached frozen-encoder features; ``image_index`` (B,) maps each phrase to its image
-        (default: phrase i -> image i), so an image shared by several phrases is encoded once."""
+        (default: phrase i -> image i), so an image shared by several phrases is encoded once.
+        ``judge_boxes`` (B, K, 4), training: other boxes for the quality head to judge (inside the
+        forward, so that distributed training sees every use of the head)."""
         if image_features is None:
             image_features = self.encode_images(pixel_values)
         if text_features is None:
             text_features = self.encode_text(input_ids, attention_mask)
         if image_index is None:
             image_index = torch.arange(text_features.shape[0], device=text_features.device)
-        return self.decode(image_features, text_features, attention_mask, image_index)
+        return self.judge(self.decode(image_features, text_features, attention_mask, image_index), judge_boxes)
+
+    def judge(self, out: GroundingOutput, judge_boxes: Optional[Tensor]) -> GroundingOutput:
+        """``out`` with the quality head's logits of ``judge_boxes`` (B, K, 4), for the "judge"
+        loss term (a one-box model with a quality head; ``out`` unchanged otherwise)."""
+        if judge_boxes is None or out.query is None or self.quality_head is None:
+            return out
+        k = judge_boxes.shape[1]
+        judged = self.quality_head(out.query[:, None].expand(-1, k, -1), box_ops.box_xyxy_to_cxcywh(judge_boxes))
+        return out._replace(judge_boxes=judge_boxes, judged=judged)  # judged: (B, K)
 
     def decode(self, image_features: Tensor, text_features: Tensor, attention_mask: Tensor,
                image_index: Optional[Tensor] = None) -> GroundingOutput:
@@ -208,7 +227,22 @@ class GrounderBase(nn.Module):
             quality = self.quality_head(query, box_ops.box_xyxy_to_cxcywh(boxes))
         if self.presence_head is not None:
             exists = self.presence_head(query).squeeze(-1).float()  # (B,)
-        return GroundingOutput(boxes, quality, tuple(aux_boxes), exists=exists)
+        return GroundingOutput(boxes, quality, tuple(aux_boxes), exists=exists, query=query)
+
+    @torch.no_grad()
+    def given_box_scores(self, out: GroundingOutput, boxes_xyxy: Tensor) -> Optional[Tensor]:
+        """(B,) how right the model finds a given box for each phrase (e.g. its annotation), in
+        [0, 1], from the output ``out`` of those phrases: a one-box model's quality head read at
+        that box (its predicted IoU of the box with the phrase's object: the same head, the same
+        query, another box); a multi-box model's best ``confidence x IoU`` of its boxes with the
+        given one (a box query that found it, and how surely). None for a model with neither (the
+        seed). ``boxes_xyxy``: (B, 4) normalized."""
+        if out.query is not None and self.quality_head is not None:
+            return self.quality_head(out.query, box_ops.box_xyxy_to_cxcywh(boxes_xyxy.to(out.query.dtype))).sigmoid()
+        if out.query_boxes is not None:
+            ious = box_ops.box_iou(out.query_boxes.float(), boxes_xyxy.float()[:, None])  # (B, Q), broadcast
+            return (out.box_confidences() * ious).amax(-1)
+        return None
 
     @torch.no_grad()
     def init_box_bias(self, mean_box_xyxy: Tensor) -> None:

@@ -34,10 +34,12 @@ BOX_FORMATS = ("xyxy", "cxcywh")
 QUERY_MODES = ("text", "reg")
 POS_EMBEDS = ("none", "sine")
 BOX_LOSS_TERMS = ("l1", "giou", "diou")
-# quality: BCE of the quality head against the box's IoU; score: focal loss of each box query's
-# score (multi-box heads); exist: BCE of the phrase's existence score (multi-box heads; the
-# presence head of one-box models)
-LOSS_TERMS = BOX_LOSS_TERMS + ("quality", "score", "exist")
+# quality: BCE of the quality head against the box's IoU; judge: the same head read at other boxes
+# (the true box jittered, another object's box, a random box: IoU-Net's jittered boxes), so that
+# it can judge any box for the phrase, an annotation's included; score: focal loss of each box
+# query's score (multi-box heads); exist: BCE of the phrase's existence score (multi-box heads;
+# the presence head of one-box models)
+LOSS_TERMS = BOX_LOSS_TERMS + ("quality", "judge", "score", "exist")
 MULTI_BOX_TERMS = ("score", "exist")
 # The fusion settings that only matter with box queries (num_queries > 0).
 _QUERY_ONLY_FIELDS = ("score_thresh", "query_selection")
@@ -316,6 +318,8 @@ class GrounderConfig:
             (isinstance(self.quality_head, bool), "quality_head must be true or false"),
             (self.quality_head == (self.loss_weights.get("quality", 0) > 0),
              "quality_head needs a loss_weights['quality'] > 0, and that weight needs quality_head: true"),
+            (self.quality_head or "judge" not in self.loss_weights,
+             "loss_weights 'judge' trains the quality head: give it only with quality_head: true"),
             (self.architecture == "decoder" or (self.query == "reg" and self.box_format == "cxcywh"),
              "the fusion and adapter architectures read a [REG] query (query: reg) and predict cxcywh boxes"),
             (queries == 0 or not self.quality_head, _NEEDS_QUERY_DECODER),
@@ -427,7 +431,7 @@ def unused_fields(config: GrounderConfig) -> set[str]:
 # The presets' flat settings (what each architecture reads, nothing more; get_config routes them).
 # One-box heads: the predicted IoU (quality) and P(present) give the confidence.
 _ONE_BOX = dict(quality_head=True, presence_head=True,
-                loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0, "exist": 1.0})
+                loss_weights={"l1": 5.0, "giou": 2.0, "quality": 1.0, "judge": 1.0, "exist": 1.0})
 # Multi-box heads: each box query's score and the phrase's existence give the confidence.
 _MULTI_BOX = dict(quality_head=False, presence_head=False,
                   loss_weights={"l1": 5.0, "giou": 2.0, "score": 2.0, "exist": 1.0})

@@ -61,6 +61,61 @@ def quality_loss(quality_logits: Tensor, pred_xyxy: Tensor, target_xyxy: Tensor,
     return F.binary_cross_entropy_with_logits(quality_logits.float(), iou)
 
 
+JUDGED_PER_PHRASE = 4  # two jittered true boxes, another phrase's box, a random box
+
+
+def judge_boxes(target_xyxy: Tensor, image_index: Tensor, rng) -> Tensor:
+    """(B, K=4, 4) other boxes for the quality head to judge per phrase (``rng``: a numpy
+    Generator; the boxes are made on the CPU): the true box twice jittered, its centre moved by
+    up to 60% of its size and each side scaled by up to 2x either way (IoU-Net, Jiang et al. 2018,
+    trains its IoU predictor on jittered true boxes; here from near 1 down to 0), the true box of
+    another phrase of the same image where there is one (another object), else of the batch, and
+    a random box. A phrase without a true box (NaN row) gets random boxes only."""
+    import numpy as np
+
+    target = target_xyxy.detach().float().cpu().numpy()
+    b = target.shape[0]
+    present = np.isfinite(target).all(1)
+    cx, cy = (target[:, 0] + target[:, 2]) / 2, (target[:, 1] + target[:, 3]) / 2
+    w, h = target[:, 2] - target[:, 0], target[:, 3] - target[:, 1]
+
+    def random_boxes(n):
+        c, size = rng.uniform(0.1, 0.9, (n, 2)), rng.uniform(0.05, 0.6, (n, 2))
+        return np.concatenate([c - size / 2, c + size / 2], 1)
+
+    def jittered():
+        reach = rng.uniform(0, 0.6, (b, 1))
+        shift = rng.uniform(-1, 1, (b, 2)) * reach
+        scale = np.exp(rng.uniform(-1, 1, (b, 2)) * rng.uniform(0, np.log(2), (b, 1)))
+        ncx, ncy = cx + shift[:, 0] * w, cy + shift[:, 1] * h
+        nw, nh = w * scale[:, 0], h * scale[:, 1]
+        return np.stack([ncx - nw / 2, ncy - nh / 2, ncx + nw / 2, ncy + nh / 2], 1)
+
+    images = image_index.cpu().numpy()
+    other = np.empty(b, dtype=np.int64)
+    for i in range(b):
+        same = np.flatnonzero((images == images[i]) & present & (np.arange(b) != i))
+        pool = same if len(same) else np.flatnonzero(present & (np.arange(b) != i))
+        other[i] = pool[rng.integers(len(pool))] if len(pool) else i
+    others = np.where(present[other, None], target[other], random_boxes(b))
+    boxes = np.stack([jittered(), jittered(), others, random_boxes(b)], 1)  # (B, K, 4)
+    boxes[~present] = random_boxes(int((~present).sum()) * JUDGED_PER_PHRASE).reshape(-1, JUDGED_PER_PHRASE, 4)
+    boxes = np.clip(np.nan_to_num(boxes, nan=0.5), 0.0, 1.0)
+    boxes[..., 2:] = np.maximum(boxes[..., 2:], boxes[..., :2] + 1e-3)
+    return torch.from_numpy(boxes.astype(np.float32))
+
+
+def judge_loss(judged_logits: Tensor, boxes_xyxy: Tensor, target_xyxy: Tensor) -> Tensor:
+    """BCE of the quality head's logits at other boxes (B, K) against each box's IoU with the
+    phrase's true box (B, 4; a NaN row, no true box: 0), as :func:`quality_loss` for its own box."""
+    with torch.no_grad():
+        target = target_xyxy.float()
+        present = torch.isfinite(target).all(-1)  # (B,)
+        iou = box_ops.box_iou(boxes_xyxy.float(), torch.nan_to_num(target)[:, None]).clamp(0.0, 1.0)  # (B, K)
+        iou = iou * present[:, None]
+    return F.binary_cross_entropy_with_logits(judged_logits.float(), iou)
+
+
 FOCAL_ALPHA, FOCAL_GAMMA = 0.25, 2.0  # the box queries' score loss (Deformable DETR's)
 
 
@@ -84,6 +139,9 @@ def grounding_loss(output, target, weights: dict[str, float], absent: Optional[T
     if output.quality is not None and weights.get("quality"):
         terms["quality"] = quality_loss(output.quality, output.boxes, target, absent)
         terms["loss"] = terms["loss"] + weights["quality"] * terms["quality"]
+    if output.judged is not None and weights.get("judge"):
+        terms["judge"] = judge_loss(output.judged, output.judge_boxes, target)
+        terms["loss"] = terms["loss"] + weights["judge"] * terms["judge"]
     if output.exists is not None and weights.get("exist"):  # the presence head: 1 where the referent is here
         present = torch.ones_like(output.exists) if absent is None else (~absent).float()
         terms["exist"] = F.binary_cross_entropy_with_logits(output.exists.float(), present)
