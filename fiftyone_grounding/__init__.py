@@ -10,6 +10,8 @@ Main entry points (imported lazily, so ``import fiftyone_grounding`` is cheap)::
     evaluate_grounding(view, pred, gt)    # mIoU, Acc@0.5, Acc@0.75, overall and per split
     make_synthetic_dataset(...)           # the offline synthetic referring dataset
     import_refcoco(name="refcoco", ...)   # RefCOCO(+/g), gRefCOCO, RefCOCO-M, refcocox into FiftyOne
+    join_ref_l4(dataset, source=FOLDER)   # Ref-L4's human review of val/test: ref_l4_wrong per sample
+    compute_label_errors(view, model=...) # P(the annotation is wrong) per sample, its kind, the model's box
 """
 
 import sys
@@ -43,6 +45,8 @@ _EXPORTS = {
     "grounding_metrics": "evaluation.metrics",
     "make_synthetic_dataset": "data.synthetic",
     "import_refcoco": "sources.importer",
+    "join_ref_l4": "sources.ref_l4",
+    "compute_label_errors": "qa.label_errors",
     "load_checkpoint": "models.checkpoint",
     "save_checkpoint": "models.checkpoint",
     "convert_checkpoint": "models.checkpoint",

@@ -163,6 +163,21 @@ def cmd_evaluate(args) -> None:
             json.dump(result, f, indent=2)
 
 
+def cmd_label_errors(args) -> None:
+    from .qa.label_errors import compute_label_errors
+
+    view = _samples_of_split_args(_load_view(args), args)
+    if args.preset:
+        compute_label_errors(view, preset=args.preset, folds=args.folds, out_dir=args.out_dir,
+                             train_options={"epochs": args.epochs}, phrase_field=args.phrase_field,
+                             gt_field=args.gt_field, field=args.field, device=args.device,
+                             progress=not args.no_progress)
+    else:
+        compute_label_errors(view, model=_checkpoint(args, view), phrase_field=args.phrase_field,
+                             gt_field=args.gt_field, field=args.field, device=args.device,
+                             progress=not args.no_progress)
+
+
 def cmd_migrate_labels(args) -> None:
     from .data.labels import migrate_label_scheme
 
@@ -272,6 +287,16 @@ def add_import_refcoco_arguments(parser) -> None:
     parser.add_argument(
         "--num-workers", type=int, metavar="N", help="download threads for the zoo fetch of images"
     )
+    parser.add_argument(
+        "--ref-l4",
+        nargs="?",
+        const=True,
+        metavar="FOLDER",
+        help="after the import, mark the val/test expressions Ref-L4's human review found wrong (fields "
+        "ref_l4_caption_quality, ref_l4_wrong; CC BY-NC 4.0, evaluation only): FOLDER holds its "
+        "refcocos_annotation_reviewed/*_reviewed.json files; without FOLDER they are downloaded from the "
+        "Hugging Face Hub (JierunChen/Ref-L4). refcoco, refcoco+, refcocog, refcocox",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -296,6 +321,7 @@ def import_refcoco_from_args(args) -> int:
         missing_report=args.missing_report,
         zoo_kwargs={"num_workers": args.num_workers} if args.num_workers else None,
         progress=False if args.no_progress else None,
+        ref_l4=getattr(args, "ref_l4", None),
     )
     record = dataset.info["refcoco"]
     last = record["last_import"]
@@ -315,6 +341,11 @@ def import_refcoco_from_args(args) -> int:
             f"Skipped {last['skipped_missing_image']} expressions of {last['missing_images']} missing "
             f"images; list in {last['missing_report']}"
         )
+    if getattr(args, "ref_l4", None) and "ref_l4" in dataset.info:
+        r = dataset.info["ref_l4"]
+        print(f"Ref-L4: {r['matched']} expressions reviewed, {r['wrong']} marked wrong (ref_l4_wrong); "
+              f"{r['not_reviewed']} not reviewed; {r['entries_without_sample']} of {r['entries']} reviewed "
+              "entries have no sample here")
     return 0
 
 
@@ -460,6 +491,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace a copy of the plugin already there (e.g. from `fiftyone plugins download`)")
     p.set_defaults(func=cmd_install_plugin)
+
+    text = "score each annotation with the probability that it is wrong (label errors)"
+    p = sub.add_parser("label-errors", help=text, description=(
+        "Score each annotation (phrase + box) with the probability that it is wrong, its likely kind "
+        "(wrong_object, bad_box, no_target, ambiguous) and the model's box; tag the likely ones 'suspect'. "
+        "Predictions come from models that never trained on the sample: --checkpoint scores only the samples "
+        "outside its recorded training view; --preset trains --folds models on image-disjoint folds."))
+    _add_data_args(p)
+    p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. val test)")
+    p.add_argument("--checkpoint", help="a trained checkpoint folder (default: the best checkpoint of the latest "
+                                        "training run on the dataset, else the demo's)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="instead: train fold models of this preset")
+    p.add_argument("--folds", type=int, default=5, help="with --preset: folds (models trained)" + _DEFAULT)
+    p.add_argument("--epochs", type=int, default=10, help="with --preset: epochs per fold" + _DEFAULT)
+    p.add_argument("--out-dir", help="with --preset: the fold runs' folder (default: runs/label_errors_FIELD)")
+    p.add_argument("--field", default="label_error", help="the score's field (its kind, driver, model box and "
+                                                          "review beside it: FIELD_kind, ...)" + _DEFAULT)
+    p.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_label_errors)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "
                                               "refcocox into FiftyOne")  # (its description: add_import_refcoco_arguments)

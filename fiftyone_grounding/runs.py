@@ -12,6 +12,9 @@ FiftyOne keeps custom runs with the dataset (``dataset.list_runs()``, ``get_run_
   source and the thresholds below which no box was written (``score_thresh``: a multi-box
   model's, None for a one-box model; ``confidence_thresh``); a later write to the field replaces
   the record;
+- every label-error scoring (``qa.label_errors.compute_label_errors``): key
+  ``label_errors_<field>``, method ``fiftyone_grounding.label_errors``, with the checkpoints that
+  scored it, the folds, the estimated error rate and the counts;
 - every grounding evaluation (``evaluate_in_fiftyone``): key ``eval_<eval key>``, method
   ``fiftyone_grounding.evaluate``, with the fields it compared, the fields it wrote and the
   checkpoint behind the predictions.
@@ -30,6 +33,7 @@ from .fiftyone_api import root_dataset
 TRAIN_METHOD = "fiftyone_grounding.train"
 LABELS_METHOD = "fiftyone_grounding.labels"
 EVALUATE_METHOD = "fiftyone_grounding.evaluate"
+LABEL_ERRORS_METHOD = "fiftyone_grounding.label_errors"
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_]")
 
 
@@ -102,6 +106,18 @@ def record_evaluation(view, eval_key: str, pred_field: str, gt_field: str, field
     key = evaluation_run_key(eval_key)
     _register(view, key, EVALUATE_METHOD, eval_key=eval_key, pred_field=pred_field, gt_field=gt_field,
               checkpoint=checkpoint_of(view, pred_field), fields=list(fields), metrics=metrics)
+    return key
+
+
+def label_errors_run_key(field: str) -> str:
+    return _key("label_errors", field)
+
+
+def record_label_errors(view, field: str, **how) -> str:
+    """Record a label-error scoring of ``view`` into ``field`` (the checkpoints that scored it,
+    the folds, the estimated error rate, counts); returns its key."""
+    key = label_errors_run_key(field)
+    _register(view, key, LABEL_ERRORS_METHOD, field=field, **how)
     return key
 
 

@@ -19,7 +19,7 @@ import fiftyone as fo
 
 from fiftyone_grounding.data.fields import GROUNDED_FIELD, PREVIEW_FIELD
 from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_ENV
-from fiftyone_grounding.app.operators import OPERATORS
+from fiftyone_grounding.app.registry import OPERATORS
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -389,3 +389,43 @@ def test_the_grounding_panel_grounds_a_typed_phrase_keeps_it_and_follows_the_mod
         assert [d.expression for d in _poll(lambda: _boxes(dataset, third, PREVIEW_FIELD))] == [phrase]
         assert _poll(lambda: not _boxes(dataset, second, PREVIEW_FIELD))
         assert [d.expression for d in _boxes(dataset, first, GROUNDED_FIELD)] == [phrase]
+
+
+def _reviewed(dataset, sample_id: str):
+    """The review answer the App's server wrote on the sample, None before it has."""
+    dataset.reload()
+    return dataset[sample_id]["label_error_reviewed"] if dataset.has_field("label_error_reviewed") else None
+
+
+def test_the_grounding_panel_shows_a_label_error_beside_the_models_box_and_records_the_review(
+        app, chromium, tiny_checkpoint):
+    """On a sample that Find label errors scored, the panel shows P(wrong), its kind and driver,
+    and its two answers write what they say: "Use the model's box" replaces the annotated box
+    with the model's (the old one kept on the box) and records "fixed"; "Annotation is right"
+    records "ok"; then the panel says how many reviewed flags were wrong annotations."""
+    from playwright.sync_api import expect
+
+    from fiftyone_grounding.qa.label_errors import compute_label_errors
+
+    dataset, url = app
+    compute_label_errors(dataset, model=tiny_checkpoint, progress=False, say=lambda line: None)
+    dataset.select(dataset.values("id")[:2]).tag_samples("suspect")  # two flags to review, whatever they scored
+    with _app_page(chromium, url) as page:
+        page.locator('[data-cy="looker"]').first.click()
+        first = _modal_sample_id(page)
+        panel = _open_grounding_panel(page)
+        expect(panel.get_by_text("P(wrong)", exact=False)).to_be_visible()
+        before = dataset[first].ground_truth.detections[0].bounding_box
+        model_box = dataset[first].label_error_box.detections[0].bounding_box
+        panel.get_by_role("button", name="Use the model's box").click()
+        assert _poll(lambda: _reviewed(dataset, first)) == "fixed"
+        fixed = dataset[first].ground_truth.detections[0]
+        assert fixed.bounding_box == pytest.approx(model_box)
+        assert fixed["previous_bounding_box"] == pytest.approx(before)
+
+        page.keyboard.press("ArrowRight")
+        second = _modal_sample_id(page, other_than=first)
+        expect(panel.get_by_text("P(wrong)", exact=False)).to_be_visible()
+        panel.get_by_role("button", name="Annotation is right").click()
+        assert _poll(lambda: _reviewed(dataset, second)) == "ok"
+        expect(panel.get_by_text("1 of 2 reviewed flags were wrong annotations (precision 0.50)")).to_be_visible()

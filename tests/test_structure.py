@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fiftyone_grounding"
 # Each layer imports only from the layers listed before it (and itself). The bottom modules are
 # the package's own top-level files below everything; cli and demo sit above everything.
 BOTTOM = {"errors", "hub", "progress", "runs", "fiftyone_api", "devices"}  # fiftyone_api: FiftyOne's private names
-LAYERS = ["bottom", "models", "data", "evaluation", "sources", "engine", "inference", "app", "top"]
+LAYERS = ["bottom", "models", "data", "evaluation", "sources", "engine", "inference", "qa", "app", "top"]
 MAY_IMPORT = {
     "bottom": {"bottom"},
     "models": {"bottom", "models"},
@@ -22,7 +22,9 @@ MAY_IMPORT = {
     "sources": {"bottom", "models", "data", "sources"},
     "engine": {"bottom", "models", "data", "evaluation", "engine"},
     "inference": {"bottom", "models", "data", "evaluation", "inference"},
-    "app": {"bottom", "models", "data", "sources", "engine", "inference", "evaluation", "app"},
+    # label QA trains fold models (engine) and reads their boxes (inference)
+    "qa": {"bottom", "models", "data", "evaluation", "engine", "inference", "qa"},
+    "app": {"bottom", "models", "data", "sources", "engine", "inference", "evaluation", "qa", "app"},
     "top": set(LAYERS),
 }
 

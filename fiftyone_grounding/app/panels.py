@@ -6,7 +6,12 @@ with its confidence, and its IoU with the ground-truth box where the sample has 
 moves the box into a field, **Clear** removes it, **Search the dataset** opens the search
 operator with the phrase. Moving to another sample grounds the phrase there (and clears the
 previous sample's preview). A multi-box model draws every box it keeps (none where the phrase
-refers to nothing). The first time on a dataset the panel declares its preview field and asks to
+refers to nothing).
+
+On a sample that "Find label errors" scored, the panel also shows its P(wrong), kind and driver,
+draws the annotation beside the model's box (``label_error_box``), and offers the two review
+answers (``qa/review.py``): **Annotation is right** and **Use the model's box**; after a review
+it shows how many of the reviewed flags were wrong annotations. The first time on a dataset the panel declares its preview field and asks to
 reopen the sample: FiftyOne's open modal does not see fields added after it opened.
 
 FiftyOne's panel text boxes send their value when typing pauses (there is no Enter event),
@@ -28,6 +33,7 @@ from ..data.text import clean_phrase
 from ..fiftyone_api import root_dataset
 
 GT_FIELD = "ground_truth"  # the ground truth the panel compares with, where the dataset has it
+LABEL_ERROR_FIELD = "label_error"  # compute_label_errors' default field: the panel reviews it
 PANEL_HELP = """Type a phrase: its box is drawn on this sample (field `{preview}`) with the model's
 confidence, and its IoU with the ground truth when the sample has one. **Keep** copies the box to a
 field; **Search the dataset** ranks every image by the phrase."""
@@ -50,6 +56,19 @@ def _format_result(result: dict, gt_field) -> str:
     if result.get("iou") is not None:
         parts.append(f"IoU with {gt_field} {result['iou']:.2f}")
     return " · ".join(parts)
+
+
+def _format_label_error(info: dict) -> str:
+    """One line: P(wrong), its kind and driver, and the review answer if there is one."""
+    line = f"**P(wrong) {info['score']:.2f}**"
+    if info.get("kind"):
+        line += f" · {info['kind']}"
+    if info.get("driver"):
+        line += f" (driven by {info['driver'].replace('_', ' ')})"
+    line += f" · the annotation and the model's box (`{LABEL_ERROR_FIELD}_box`) are drawn"
+    if info.get("reviewed"):
+        line += f" · reviewed: {info['reviewed']}"
+    return line
 
 
 class GroundingPanel(foo.Panel):
@@ -80,6 +99,7 @@ class GroundingPanel(foo.Panel):
             declare_detections_field(root_dataset(samples), PREVIEW_FIELD)
             ctx.ops.reload_dataset()
             state.message = FIRST_USE.format(preview=PREVIEW_FIELD)
+        self._label_error(ctx)
         if clean_phrase(state.phrase):
             self._ground(ctx)
 
@@ -99,10 +119,62 @@ class GroundingPanel(foo.Panel):
     def on_change_current_sample(self, ctx):
         """The modal moved to another sample (or closed): the phrase follows it."""
         self._clear_previous(ctx)
+        self._label_error(ctx)
         self._ground(ctx)
 
     def on_unload(self, ctx):
         self._clear_previous(ctx)
+
+    # -- label errors --------------------------------------------------------------------------
+
+    def _label_error(self, ctx) -> None:
+        """The current sample's label-error score, kind and driver, in the panel's state (None
+        where it was not scored), with the annotation and the model's box drawn."""
+        state = ctx.panel.state
+        state.label_error = None
+        samples = self._samples(ctx)
+        if not ctx.current_sample or not samples.has_field(LABEL_ERROR_FIELD):
+            return
+        try:
+            sample = samples[ctx.current_sample]
+        except KeyError:
+            return
+        score = sample[LABEL_ERROR_FIELD]
+        if score is None:
+            return
+        get = lambda name: sample[name] if sample.has_field(name) else None  # noqa: E731
+        state.label_error = {"score": float(score), "kind": get(f"{LABEL_ERROR_FIELD}_kind"),
+                             "driver": get(f"{LABEL_ERROR_FIELD}_driver"),
+                             "reviewed": get(f"{LABEL_ERROR_FIELD}_reviewed")}
+        shown = [f for f in (state.gt_field, f"{LABEL_ERROR_FIELD}_box") if f]
+        ctx.ops.set_active_fields(fields=list(dict.fromkeys(list(ctx.active_fields or []) + shown)))
+
+    def annotation_is_right(self, ctx):
+        from ..qa.review import mark_right
+
+        self._review(ctx, lambda samples, sample_id: mark_right(samples, sample_id, field=LABEL_ERROR_FIELD))
+
+    def use_model_box(self, ctx):
+        from ..qa.review import use_model_box
+
+        gt = ctx.panel.state.gt_field or GT_FIELD
+        self._review(ctx, lambda samples, sample_id: use_model_box(samples, sample_id, gt_field=gt,
+                                                                   field=LABEL_ERROR_FIELD))
+
+    def _review(self, ctx, answer) -> None:
+        from ..qa.review import review_line, review_precision
+
+        if not ctx.current_sample:
+            return
+        samples = self._samples(ctx)
+        try:
+            answer(samples, ctx.current_sample)
+        except GroundingError as e:
+            ctx.panel.state.message = str(e)
+            return
+        ctx.panel.state.message = review_line(review_precision(root_dataset(samples), field=LABEL_ERROR_FIELD))
+        self._label_error(ctx)
+        ctx.ops.reload_samples()
 
     def ground(self, ctx):
         self._ground(ctx)
@@ -180,6 +252,11 @@ class GroundingPanel(foo.Panel):
         if state.result:
             # not name="result": a view shows the panel state's value of its name (the result dict)
             panel.md(_format_result(state.result, state.gt_field), name="result_line")
+        if state.label_error:
+            panel.md(_format_label_error(state.label_error), name="label_error_line")
+            review = panel.h_stack("review", align_x="left", gap=2)
+            review.btn("annotation_is_right", label="Annotation is right", on_click=self.annotation_is_right)
+            review.btn("use_model_box", label="Use the model's box", on_click=self.use_model_box)
         if state.message:
             panel.md(state.message, name="message")
         buttons = panel.h_stack("actions", align_x="left", gap=2)

@@ -42,6 +42,17 @@ class GroundingRecords:
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    def take(self, rows) -> "GroundingRecords":
+        """The records of ``rows`` (in that order; a row may repeat), without the skipped list."""
+        rows = [int(i) for i in rows]
+
+        def pick(values):
+            return None if values is None else [values[i] for i in rows]
+
+        return GroundingRecords(sample_ids=pick(self.sample_ids), filepaths=pick(self.filepaths),
+                                phrases=pick(self.phrases), boxes=pick(self.boxes), targets=pick(self.targets),
+                                categories=pick(self.categories), image_kinds=pick(self.image_kinds))
+
     def mean_box(self) -> list[float]:
         """The mean of every true box (the box head's starting point)."""
         boxes = [b for t in self.targets for b in t] if self.targets is not None else self.boxes

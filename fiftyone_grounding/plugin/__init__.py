@@ -19,8 +19,7 @@ except ImportError:  # this folder inside a clone that was not pip-installed
 
 def register(p):
     """Register this plugin's operators and panel (plugin hook)."""
-    from fiftyone_grounding.app.operators import OPERATORS
-    from fiftyone_grounding.app.panels import PANELS
+    from fiftyone_grounding.app.registry import OPERATORS, PANELS
 
     for operator in OPERATORS + PANELS:
         p.register(operator)

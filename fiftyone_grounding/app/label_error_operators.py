@@ -1,0 +1,113 @@
+"""The App's label-QA operator: "Grounding: find label errors" (scheduled by default).
+
+It runs ``qa.label_errors.compute_label_errors`` on the target samples: with a trained model
+(the samples it did not train on), or by training models on image-disjoint folds of the view. The
+samples at least half likely wrong get the ``suspect`` tag, and an App that watches opens the view
+sorted by ``label_error``, most likely wrong first; the Grounding panel then shows each sample's
+annotation beside the model's box, with the score and kind, and the two review answers.
+"""
+
+from __future__ import annotations
+
+import fiftyone.operators.types as types
+
+from ..data.fields import DEFAULT_PROMPT_FIELD
+from ..models.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS
+from .forms import flag, form, name_error
+from .operators import GroundingOperator, RiskLevel, _config
+
+CHECKPOINT, FOLDS = "checkpoint", "folds"
+
+
+class FindLabelErrors(GroundingOperator):
+    """Score every annotation of the target samples with the probability that it is wrong."""
+
+    DEFAULTS = {"how": CHECKPOINT, "preset": DEFAULT_PRESET, "folds": 5, "epochs": 10,
+                "phrase_field": DEFAULT_PROMPT_FIELD, "gt_field": "ground_truth", "field": "label_error"}
+    STARTING = "Loading the samples"
+
+    @property
+    def config(self):
+        return _config("find_label_errors", "Grounding: find label errors", RiskLevel.MEDIUM,
+                       description="Scores each annotation with the probability that it is wrong, tags the likely "
+                                   "ones 'suspect' and sorts the view by it; scheduled by default",
+                       default_choice_to_delegated=True)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return form(inputs, "Find label errors")
+        view = self.target(ctx)
+        how = types.RadioGroup()
+        how.add_choice(CHECKPOINT, label="With a trained model: score the samples it did not train on")
+        how.add_choice(FOLDS, label="Train models on image-disjoint folds of these samples; each scores the fold "
+                                    "it did not see (every sample scored)")
+        inputs.enum("how", how.values(), label="Predictions from", default=CHECKPOINT, view=how)
+        if self.param(ctx, "how") == FOLDS:
+            presets = types.Dropdown()
+            for value, label in PRESET_DESCRIPTIONS.items():
+                presets.add_choice(value, label=f"{value}: {label}")
+            inputs.enum("preset", presets.values(), label="Preset", default=self._preset(ctx), view=presets,
+                        description="by default the preset of the dataset's latest trained model")
+            inputs.int("folds", min=2, label="Folds", default=self.DEFAULTS["folds"],
+                       description="models trained; each on the other folds' images")
+            inputs.int("epochs", min=1, label="Epochs per fold", default=self.DEFAULTS["epochs"])
+        else:
+            self.model_input(ctx, inputs)
+        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text", "each sample's referring expression")
+        self.field_input(ctx, inputs, view, "gt_field", "Annotation field", "Detections",
+                         "the annotated box (one per sample) to check")
+        prop = inputs.str("field", label="Score field", default=self.DEFAULTS["field"],
+                          description="P(wrong) goes here; its kind, driver and the model's box beside it "
+                                      "(<field>_kind, <field>_driver, <field>_box)")
+        flag(prop, name_error(self.param(ctx, "field"), "field name"))
+        return form(inputs, "Find label errors")
+
+    def _preset(self, ctx) -> str:
+        """The preset given, else that of the model the forms offer (the dataset's latest trained
+        one, else the demo's), else the default preset."""
+        from ..models.checkpoint import load_config
+        from .zoo import default_checkpoint
+
+        if ctx.params.get("preset"):
+            return ctx.params["preset"]
+        checkpoint = default_checkpoint(ctx.dataset)
+        return load_config(checkpoint).preset if checkpoint else DEFAULT_PRESET
+
+    def run(self, ctx, progress):
+        from ..qa.label_errors import compute_label_errors
+        from .zoo import load_grounding_model
+
+        how = self.param(ctx, "how")
+        options = dict(phrase_field=self.param(ctx, "phrase_field"), gt_field=self.param(ctx, "gt_field"),
+                       field=self.param(ctx, "field"), progress=False, progress_callback=progress)
+        if how == FOLDS:
+            import os
+
+            import fiftyone as fo
+
+            out_dir = os.path.join(fo.config.default_dataset_dir, "grounding-runs",
+                                   f"{ctx.dataset.name}-label-errors-{options['field']}")
+            result = compute_label_errors(self.target(ctx), preset=self._preset(ctx),
+                                          folds=self.param(ctx, "folds"), out_dir=out_dir,
+                                          train_options={"epochs": self.param(ctx, "epochs")}, **options)
+        else:
+            result = compute_label_errors(self.target(ctx), model=load_grounding_model(self.param(ctx, "model")),
+                                          **options)
+        return {"field": result.field, "scored": result.scored, "suspects": result.suspects,
+                "error_rate": result.error_rate, "summary": result.summary()}
+
+    def after(self, ctx, results):
+        yield ctx.ops.reload_dataset()
+        yield ctx.ops.set_view(self.target(ctx).sort_by(results["field"], reverse=True))
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.str("summary", label="Result")
+        outputs.int("scored", label="Annotations scored")
+        outputs.int("suspects", label="Tagged 'suspect' (P(wrong) >= 0.5)")
+        outputs.float("error_rate", label="Estimated share of wrong annotations")
+        return form(outputs, "Label errors scored: the view is sorted by P(wrong)")
+
+
+LABEL_ERROR_OPERATORS = (FindLabelErrors,)

@@ -1,0 +1,96 @@
+"""Honest predictions: a model never scores an annotation it trained on.
+
+Given a preset, :func:`train_fold_models` trains k models on image-disjoint folds of the view
+(:func:`image_folds`; an image's phrases all in one fold) and each fold is scored by the model that
+did not see it. The frozen-encoder feature cache is shared by the k runs, so the images are encoded
+once. Each fold's run lives in ``<out_dir>/fold<i>`` and resumes like any training run, so an
+interrupted scoring keeps the folds already trained.
+
+Given a trained checkpoint, :func:`trained_rows` finds the samples its training run recorded on
+this dataset (its view's train split) so that they, and every other phrase of their images, are
+left out of the scoring.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..data.records import GroundingRecords
+from ..engine.splits import samples_of_split
+from ..fiftyone_api import root_dataset
+from ..models.checkpoint import resolve_checkpoint_dir
+from ..runs import TRAIN_METHOD
+
+FOLD_SPLIT_FIELD = "label_error_split"  # the fold runs' split field: train / val / held_out
+VAL_SHARE = 0.1  # of the images a fold trains on: validation (best checkpoint, calibration)
+
+
+def image_folds(filepaths: list[str], k: int, seed: int = 0) -> np.ndarray:
+    """Each row's fold in ``range(k)``, by image: the images shuffled (seeded) and dealt in turn,
+    so that no image is in two folds and the folds differ in size by at most one image."""
+    images = sorted(set(filepaths))
+    order = np.random.default_rng([seed, 26]).permutation(len(images))
+    fold_of = {images[j]: n % k for n, j in enumerate(order)}
+    return np.asarray([fold_of[p] for p in filepaths], dtype=np.int64)
+
+
+def _fold_splits(records: GroundingRecords, folds: np.ndarray, fold: int, seed: int) -> dict:
+    """sample id -> "held_out" (the fold), "val" (a share of the other images) or "train"."""
+    others = sorted({p for p, f in zip(records.filepaths, folds) if f != fold})
+    rng = np.random.default_rng([seed, fold, 27])
+    val = {others[i] for i in rng.choice(len(others), size=max(1, int(round(VAL_SHARE * len(others)))),
+                                         replace=False)} if len(others) > 1 else set()
+    return {sid: "held_out" if f == fold else ("val" if p in val else "train")
+            for sid, p, f in zip(records.sample_ids, records.filepaths, folds)}
+
+
+def train_fold_models(view, records: GroundingRecords, folds: np.ndarray, out_dir, *, train_options: dict,
+                      say: Callable[[str], None] = print, progress: bool = True,
+                      progress_callback: Optional[Callable[[float, str], None]] = None) -> list[Path]:
+    """Train one model per fold on the other folds' images (``fit`` with ``train_options``);
+    returns each fold's ``best/`` checkpoint folder."""
+    from ..engine.fit import fit
+
+    dataset = root_dataset(view)
+    k = int(folds.max()) + 1
+    best = []
+    for fold in range(k):
+        splits = _fold_splits(records, folds, fold, int(train_options.get("seed", 0)))
+        dataset.set_values(FOLD_SPLIT_FIELD, splits, key_field="id")
+        say(f"Fold {fold + 1}/{k}: training on {sum(v == 'train' for v in splits.values())} phrases whose images "
+            f"fold {fold + 1} does not hold")
+
+        def fold_progress(fraction: float, label: str, fold=fold) -> None:
+            if progress_callback is not None:
+                progress_callback((fold + fraction) / k, f"fold {fold + 1}/{k}: {label}")
+
+        result = fit(view, **{**train_options, "out_dir": str(Path(out_dir) / f"fold{fold}"),
+                              "split_field": FOLD_SPLIT_FIELD, "train_split": "train", "val_split": "val"},
+                     progress=progress, progress_callback=fold_progress)
+        best.append(result.best_dir)
+    return best
+
+
+def trained_rows(view, checkpoint, records: GroundingRecords) -> tuple[np.ndarray, Optional[str]]:
+    """The rows of ``records`` that ``checkpoint``'s training run trained on, or that share an
+    image with one (a model may remember an image's objects), and the run's key; no rows and
+    None where this dataset holds no record of training that checkpoint."""
+    dataset = root_dataset(view)
+    folder = resolve_checkpoint_dir(checkpoint).resolve()
+    for key in dataset.list_runs(method=TRAIN_METHOD):
+        config = dataset.get_run_info(key).config
+        recorded = getattr(config, "checkpoint", None)
+        if not recorded or Path(recorded).resolve() != folder:
+            continue
+        train_config = getattr(config, "train_config", None) or {}
+        trained = samples_of_split(dataset.load_run_view(key), train_config.get("split_field", "split"),
+                                   train_config.get("train_split", "train"))
+        ids = set(trained.values("id"))
+        images = set(trained.values("filepath"))
+        rows = [i for i, (sid, path) in enumerate(zip(records.sample_ids, records.filepaths))
+                if sid in ids or path in images]
+        return np.asarray(rows, dtype=np.int64), key
+    return np.zeros(0, dtype=np.int64), None

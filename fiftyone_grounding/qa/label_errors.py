@@ -1,0 +1,217 @@
+"""``compute_label_errors``: the probability that each sample's annotation is wrong.
+
+    from fiftyone_grounding import compute_label_errors
+    result = compute_label_errors(dataset.match_tags("val"), preset="tiny", folds=5, epochs=10)
+    session.view = result.view  # the most likely errors first
+
+Per sample it writes (``field`` = ``label_error`` by default):
+
+- ``label_error``: P(the annotation is wrong), for the view's own error rate (``combine.py``);
+- ``label_error_kind``: its most likely kind: ``wrong_object`` (the box is on another object than
+  the phrase names), ``bad_box`` (the right object, a poor box), ``no_target`` (the phrase names
+  nothing in the image), or ``ambiguous`` (a multi-box model finds several objects for it);
+- ``label_error_driver``: what drove the score: ``disagreement`` (the model is sure of a box
+  elsewhere), ``given_box`` (the model's judgement of the annotated box itself), ``ambiguity``,
+  ``absence`` (the model finds nothing the phrase names);
+- ``label_error_box``: the model's box, to compare with the annotation in the App;
+- ``label_error_fold``: the fold whose model scored it (k-fold scoring);
+
+and tags the samples at least ``suspect_thresh`` likely wrong ``suspect`` (the tag is first taken
+off the view's other samples). The run is recorded on the dataset (``runs.py``: key
+``label_errors_<field>``).
+
+Honest predictions (``folds.py``): with a ``preset`` it trains ``folds`` models on image-disjoint
+folds and each scores the fold it did not see; with a trained ``model`` it scores only the
+samples outside its recorded training view and says how many it left out.
+
+The signals (``signals.py``) are combined by a classifier fitted on a copy of the scored
+annotations with errors injected (``inject.py``, ``combine.py``): no hand labels are needed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..data.fields import DEFAULT_LABEL, DEFAULT_PROMPT_FIELD
+from ..data.labels import make_detections
+from ..data.records import read_records
+from ..errors import InputError
+from ..fiftyone_api import root_dataset
+from ..models.checkpoint import load_checkpoint
+from ..models.precision import AUTOCAST_DTYPES, default_mixed_precision
+from ..runs import record_label_errors
+from .combine import AMBIGUOUS, REPORTED_KIND, fit_error_model
+from .folds import image_folds, train_fold_models, trained_rows
+from .inject import KINDS, plan_corruptions, with_corrupted_copies
+from .signals import Signals, compute_signals, scoring_progress
+
+SUSPECT_TAG = "suspect"
+SUSPECT_THRESH = 0.5  # more likely wrong than right
+CALIBRATION_ROWS = 4000  # at most this many annotations get an injected copy to fit the score on
+TRAINING_SHARE = 0.9  # of the progress reported while fold models train; the scoring takes the rest
+
+
+@dataclass
+class LabelErrorResult:
+    """What :func:`compute_label_errors` did."""
+
+    view: object  # the scored samples, the most likely errors first
+    field: str
+    scored: int
+    suspects: int
+    error_rate: float  # the view's estimated share of wrong annotations
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    fitted_on: dict = field(default_factory=dict)  # class -> annotations the score was fitted on
+    checkpoints: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        skipped = "".join(f"; {n} skipped ({why})" for why, n in self.skipped.items())
+        return (f"Scored {self.scored} annotations: about {self.error_rate:.1%} look wrong; {self.suspects} tagged "
+                f"'{SUSPECT_TAG}' (P(wrong) >= {SUSPECT_THRESH}){skipped}. Sorted by `{self.field}`.")
+
+
+def _load(model):
+    """A ``GrounderBase`` and its checkpoint folder from a ``GroundingModel`` or a checkpoint path."""
+    from ..inference.model import GroundingModel
+
+    if isinstance(model, GroundingModel):
+        if model.source is None:
+            raise InputError("This GroundingModel does not say which checkpoint it came from, so the samples it "
+                             "trained on cannot be left out: pass the checkpoint folder instead.")
+        return model.model, model.source
+    return load_checkpoint(model), str(model)
+
+
+def compute_label_errors(view, model=None, *, preset: Optional[str] = None, folds: int = 5,
+                         train_options: Optional[dict] = None, out_dir=None,
+                         phrase_field: str = DEFAULT_PROMPT_FIELD, gt_field: str = "ground_truth",
+                         field: str = "label_error", suspect_thresh: float = SUSPECT_THRESH,
+                         batch_size: int = 64, device=None, seed: int = 0, progress: bool = True,
+                         progress_callback: Optional[Callable[[float, str], None]] = None,
+                         say: Callable[[str], None] = print) -> LabelErrorResult:
+    """Score every annotation of ``view`` (a phrase and its one box) with the probability that it
+    is wrong; see the module's docstring for the fields written.
+
+    ``model``: a trained checkpoint folder (or ``GroundingModel``): only the samples outside its
+    recorded training view are scored. Else ``preset`` (with ``train_options``: ``fit``'s options,
+    e.g. ``{"epochs": 10}``): ``folds`` models are trained on image-disjoint folds of the view, in
+    ``out_dir`` (default ``runs/label_errors_<field>``), each scoring the fold it did not see."""
+    import torch
+
+    if model is None and preset is None:
+        raise InputError("Give model= (a trained checkpoint: scores the samples it did not train on) or preset= "
+                         "(trains models on image-disjoint folds of the view, each scoring the fold it did not see).")
+    if model is not None and preset is not None:
+        raise InputError("Give model= or preset=, not both.")
+    if model is None and (not isinstance(folds, int) or folds < 2):
+        raise InputError(f"folds must be an integer >= 2, got {folds!r}")
+    dataset = root_dataset(view)
+    records = read_records(view, phrase_field, gt_field)
+    skipped = {}
+    for _, reason in records.skipped:
+        skipped[reason] = skipped.get(reason, 0) + 1
+    if len(records) == 0:
+        raise InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
+                         f"one box in {gt_field!r}.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast_dtype = AUTOCAST_DTYPES[default_mixed_precision(device)]
+    rng = np.random.default_rng([seed, 26])
+
+    if model is not None:
+        network, source = _load(model)
+        left_out, run_key = trained_rows(view, source, records)
+        if run_key is None:
+            say(f"No training run of {source} is recorded on this dataset: every sample is scored as one it did not "
+                f"train on. If it did, its scores are too kind.")
+        elif len(left_out):
+            skipped[f"trained on by {Path(source).name}, or an image it trained on"] = len(left_out)
+        fold_of = np.zeros(len(records), dtype=np.int64)
+        fold_of[left_out] = -1
+        networks, checkpoints = [network], [source]  # networks: loaded, or checkpoint folders loaded in turn
+    else:
+        fold_of = image_folds(records.filepaths, folds, seed)
+        options = {"seed": seed, **(train_options or {}), "preset": preset}
+        out_dir = out_dir or str(Path("runs") / f"label_errors_{field}")
+        training_progress = None if progress_callback is None else (
+            lambda fraction, label: progress_callback(TRAINING_SHARE * fraction, label))
+        checkpoints = [str(p) for p in train_fold_models(view, records, fold_of, out_dir, train_options=options,
+                                                         say=say, progress=progress,
+                                                         progress_callback=training_progress)]
+        networks = checkpoints
+
+    scored = np.flatnonzero(fold_of >= 0)
+    if len(scored) == 0:
+        raise InputError("Every sample of this view is one the model trained on (or shares an image with one): "
+                         "score a view it did not train on (e.g. the val or test split), or pass preset= to "
+                         "train fold models.")
+    calib_rows = np.sort(rng.choice(scored, size=min(len(scored), CALIBRATION_ROWS), replace=False))
+    corruptions = plan_corruptions(records, calib_rows, rng)
+    both, labels = with_corrupted_copies(records, corruptions)
+    copy_fold = np.concatenate([fold_of, fold_of[[c.index for c in corruptions]]])
+    rows_needed = np.concatenate([scored, len(records) + np.arange(len(corruptions))])
+    signals = Signals(np.full((len(both.phrases), 4), np.nan), {})
+    on_batch = scoring_progress(len(rows_needed), say if progress else None, progress_callback,
+                                start=TRAINING_SHARE if model is None else 0.0)
+    for k, network in enumerate(networks):
+        rows = rows_needed[copy_fold[rows_needed] == k]
+        network = load_checkpoint(network) if isinstance(network, str) else network  # one fold model at a time
+        part = compute_signals(network, both.take(rows), device=device, batch_size=batch_size,
+                               autocast_dtype=autocast_dtype, on_batch=on_batch)
+        _put(signals, rows, part, len(both.phrases))
+        for row, reason in part.skipped:
+            if rows[row] < len(records):  # an annotation's (its injected copies share its image)
+                skipped[reason] = skipped.get(reason, 0) + 1
+
+    fit_rows = np.concatenate([calib_rows, len(records) + np.arange(len(corruptions))])
+    fit_rows = fit_rows[np.isfinite(signals["iou"][fit_rows])]
+    error_model = fit_error_model(signals.take(fit_rows), [labels[i] for i in fit_rows], KINDS, seed=seed)
+    readable = scored[np.isfinite(signals["iou"][scored])]
+    mine = signals.take(readable)
+    wrong = error_model.probability(mine)
+    drivers = error_model.drivers(mine)
+    reported = [AMBIGUOUS if d == "ambiguity" else REPORTED_KIND[k] for k, d in zip(error_model.kind(mine), drivers)]
+    suspects = _write(dataset, view, records, readable, mine, wrong, reported, drivers, fold_of, field,
+                      suspect_thresh, with_folds=model is None)
+    error_rate = error_model.error_rate
+    record_label_errors(view, field, checkpoints=checkpoints, folds=folds if model is None else None,
+                        error_rate=error_rate, scored=len(readable), suspects=suspects,
+                        fitted_on={k: int(v) for k, v in error_model.fitted_on.items()})
+    result = LabelErrorResult(view=view.sort_by(field, reverse=True), field=field, scored=len(readable),
+                              suspects=suspects, error_rate=error_rate, skipped=skipped,
+                              fitted_on=dict(error_model.fitted_on), checkpoints=checkpoints)
+    say(result.summary())
+    return result
+
+
+def _put(signals: Signals, rows: np.ndarray, part: Signals, n: int) -> None:
+    signals.boxes[rows] = part.boxes
+    for name, values in part.values.items():
+        if name not in signals.values:
+            signals.values[name] = np.full(n, np.nan)
+        signals.values[name][rows] = values
+
+
+def _write(dataset, view, records, rows, signals: Signals, wrong, kinds, drivers, fold_of, field: str,
+           suspect_thresh: float, with_folds: bool) -> int:
+    """Write the scores, kinds, drivers and model boxes in bulk; tag the suspects."""
+    ids = [records.sample_ids[i] for i in rows]
+    conf = signals["confidence"]
+    boxes = {sid: make_detections(list(box), records.phrases[i], label=DEFAULT_LABEL,
+                                  confidence=None if math.isnan(c) else float(c))
+             for sid, i, box, c in zip(ids, rows, signals.boxes, conf)}
+    dataset.set_values(field, dict(zip(ids, map(float, wrong))), key_field="id")
+    dataset.set_values(f"{field}_kind", dict(zip(ids, kinds)), key_field="id")
+    dataset.set_values(f"{field}_driver", dict(zip(ids, drivers)), key_field="id")
+    dataset.set_values(f"{field}_box", boxes, key_field="id")
+    if with_folds:
+        dataset.set_values(f"{field}_fold", {sid: int(fold_of[i]) for sid, i in zip(ids, rows)}, key_field="id")
+    view.untag_samples(SUSPECT_TAG)
+    flagged = [sid for sid, p in zip(ids, wrong) if p >= suspect_thresh]
+    if flagged:
+        dataset.select(flagged).tag_samples(SUSPECT_TAG)
+    return len(flagged)
