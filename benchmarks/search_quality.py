@@ -55,11 +55,10 @@ def parse_args(argv=None):
 
 def average_precision(ranked_relevant: list[bool]) -> float:
     """The mean of the precision at the rank of each relevant item (0 relevant: nan)."""
-    hits = np.asarray(ranked_relevant, dtype=bool)
-    if not hits.any():
-        return float("nan")
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
+    from fiftyone_grounding.evaluation.flagging import average_precision as ap_of_scores
+
+    ap = ap_of_scores(-np.arange(len(ranked_relevant)), ranked_relevant)  # ranked: the first scores highest
+    return float("nan") if ap is None else ap
 
 
 def unseen_scenes(n: int, seed: int, folder: Path, name: str):

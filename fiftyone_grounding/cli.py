@@ -166,6 +166,8 @@ def cmd_evaluate(args) -> None:
 def cmd_label_errors(args) -> None:
     from .qa.label_errors import compute_label_errors
 
+    if args.preset and args.checkpoint:
+        raise InputError("give --checkpoint (score with a trained model) or --preset (train fold models), not both")
     view = _samples_of_split_args(_load_view(args), args)
     if args.preset:
         compute_label_errors(view, preset=args.preset, folds=args.folds, out_dir=args.out_dir,

@@ -121,6 +121,17 @@ def record_label_errors(view, field: str, **how) -> str:
     return key
 
 
+def latest_label_errors(samples) -> Optional[dict]:
+    """``{"field": ..., "gt_field": ...}`` of the latest label-error scoring recorded on
+    ``samples``' dataset, or None."""
+    dataset = root_dataset(samples)
+    runs = [dataset.get_run_info(key) for key in dataset.list_runs(method=LABEL_ERRORS_METHOD)]
+    if not runs:
+        return None
+    config = max(runs, key=lambda info: info.timestamp).config
+    return {"field": getattr(config, "field", "label_error"), "gt_field": getattr(config, "gt_field", None)}
+
+
 def checkpoint_of(samples, label_field: str) -> Optional[str]:
     """The checkpoint (or zoo model) that last wrote ``label_field`` through this package, or None."""
     dataset = root_dataset(samples)

@@ -2,9 +2,10 @@
 
 It runs ``qa.label_errors.compute_label_errors`` on the target samples: with a trained model
 (the samples it did not train on), or by training models on image-disjoint folds of the view. The
-samples at least half likely wrong get the ``suspect`` tag, and an App that watches opens the view
-sorted by ``label_error``, most likely wrong first; the Grounding panel then shows each sample's
-annotation beside the model's box, with the score and kind, and the two review answers.
+samples at least half likely wrong get the ``suspect`` tag; the ranking (most likely wrong first)
+is saved as the view "label errors (<field>)", and an App that watches opens it at once; the
+Grounding panel then shows each sample's annotation beside the model's box, with the score and
+kind, and the two review answers.
 """
 
 from __future__ import annotations
@@ -94,8 +95,11 @@ class FindLabelErrors(GroundingOperator):
         else:
             result = compute_label_errors(self.target(ctx), model=load_grounding_model(self.param(ctx, "model")),
                                           **options)
+        # a scheduled run opens no view: the ranking is saved, for the App's saved-views menu
+        saved = f"label errors ({result.field})"
+        ctx.dataset.save_view(saved, result.view, overwrite=True)
         return {"field": result.field, "scored": result.scored, "suspects": result.suspects,
-                "error_rate": result.error_rate, "summary": result.summary()}
+                "error_rate": result.error_rate, "summary": result.summary(), "saved_view": saved}
 
     def after(self, ctx, results):
         yield ctx.ops.reload_dataset()
@@ -107,6 +111,7 @@ class FindLabelErrors(GroundingOperator):
         outputs.int("scored", label="Annotations scored")
         outputs.int("suspects", label="Tagged 'suspect' (P(wrong) >= 0.5)")
         outputs.float("error_rate", label="Estimated share of wrong annotations")
+        outputs.str("saved_view", label="Saved view (the ranking, most likely wrong first)")
         return form(outputs, "Label errors scored: the view is sorted by P(wrong)")
 
 

@@ -33,7 +33,7 @@ from ..data.text import clean_phrase
 from ..fiftyone_api import root_dataset
 
 GT_FIELD = "ground_truth"  # the ground truth the panel compares with, where the dataset has it
-LABEL_ERROR_FIELD = "label_error"  # compute_label_errors' default field: the panel reviews it
+LABEL_ERROR_FIELD = "label_error"  # compute_label_errors' default field (the panel reads the latest run's)
 PANEL_HELP = """Type a phrase: its box is drawn on this sample (field `{preview}`) with the model's
 confidence, and its IoU with the ground truth when the sample has one. **Keep** copies the box to a
 field; **Search the dataset** ranks every image by the phrase."""
@@ -65,7 +65,7 @@ def _format_label_error(info: dict) -> str:
         line += f" · {info['kind']}"
     if info.get("driver"):
         line += f" (driven by {info['driver'].replace('_', ' ')})"
-    line += f" · the annotation and the model's box (`{LABEL_ERROR_FIELD}_box`) are drawn"
+    line += f" · the annotation and the model's box (`{info.get('field', LABEL_ERROR_FIELD)}_box`) are drawn"
     if info.get("reviewed"):
         line += f" · reviewed: {info['reviewed']}"
     return line
@@ -130,36 +130,41 @@ class GroundingPanel(foo.Panel):
     def _label_error(self, ctx) -> None:
         """The current sample's label-error score, kind and driver, in the panel's state (None
         where it was not scored), with the annotation and the model's box drawn."""
+        from ..runs import latest_label_errors
+
         state = ctx.panel.state
         state.label_error = None
         samples = self._samples(ctx)
-        if not ctx.current_sample or not samples.has_field(LABEL_ERROR_FIELD):
+        scoring = latest_label_errors(samples) or {"field": LABEL_ERROR_FIELD, "gt_field": None}
+        name = scoring["field"]
+        if not ctx.current_sample or not samples.has_field(name):
             return
         try:
             sample = samples[ctx.current_sample]
         except KeyError:
             return
-        score = sample[LABEL_ERROR_FIELD]
+        score = sample[name]
         if score is None:
             return
-        get = lambda name: sample[name] if sample.has_field(name) else None  # noqa: E731
-        state.label_error = {"score": float(score), "kind": get(f"{LABEL_ERROR_FIELD}_kind"),
-                             "driver": get(f"{LABEL_ERROR_FIELD}_driver"),
-                             "reviewed": get(f"{LABEL_ERROR_FIELD}_reviewed")}
-        shown = [f for f in (state.gt_field, f"{LABEL_ERROR_FIELD}_box") if f]
+        get = lambda suffix: sample[name + suffix] if sample.has_field(name + suffix) else None  # noqa: E731
+        gt_field = scoring["gt_field"] or state.gt_field or GT_FIELD
+        state.label_error = {"score": float(score), "kind": get("_kind"), "driver": get("_driver"),
+                             "reviewed": get("_reviewed"), "field": name, "gt_field": gt_field}
+        shown = [gt_field, f"{name}_box"]
         ctx.ops.set_active_fields(fields=list(dict.fromkeys(list(ctx.active_fields or []) + shown)))
 
     def annotation_is_right(self, ctx):
         from ..qa.review import mark_right
 
-        self._review(ctx, lambda samples, sample_id: mark_right(samples, sample_id, field=LABEL_ERROR_FIELD))
+        field = (ctx.panel.state.label_error or {}).get("field", LABEL_ERROR_FIELD)
+        self._review(ctx, lambda samples, sample_id: mark_right(samples, sample_id, field=field))
 
     def use_model_box(self, ctx):
         from ..qa.review import use_model_box
 
-        gt = ctx.panel.state.gt_field or GT_FIELD
-        self._review(ctx, lambda samples, sample_id: use_model_box(samples, sample_id, gt_field=gt,
-                                                                   field=LABEL_ERROR_FIELD))
+        scoring = ctx.panel.state.label_error or {}
+        self._review(ctx, lambda samples, sample_id: use_model_box(
+            samples, sample_id, gt_field=scoring.get("gt_field", GT_FIELD), field=scoring.get("field", LABEL_ERROR_FIELD)))
 
     def _review(self, ctx, answer) -> None:
         from ..qa.review import review_line, review_precision
@@ -172,7 +177,8 @@ class GroundingPanel(foo.Panel):
         except GroundingError as e:
             ctx.panel.state.message = str(e)
             return
-        ctx.panel.state.message = review_line(review_precision(root_dataset(samples), field=LABEL_ERROR_FIELD))
+        field = (ctx.panel.state.label_error or {}).get("field", LABEL_ERROR_FIELD)
+        ctx.panel.state.message = review_line(review_precision(root_dataset(samples), field=field))
         self._label_error(ctx)
         ctx.ops.reload_samples()
 

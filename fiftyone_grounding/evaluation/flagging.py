@@ -14,25 +14,30 @@ BUDGETS = (0.01, 0.05, 0.10)  # shares of the samples a reviewer looks at
 
 
 def average_precision(scores: Sequence[float], positive: Sequence[bool]) -> Optional[float]:
-    """Mean of the precision at each positive's rank, ranked by score (highest first; ties in
-    their given order, after a stable sort), as scikit-learn's ``average_precision_score`` without
-    ties. None without positives."""
+    """Average precision as scikit-learn's ``average_precision_score``: the sum over the distinct
+    scores, highest first, of (recall gained there) x (precision there), so that tied samples count
+    as one step. None without positives."""
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     if not positive.any():
         return None
     order = np.argsort(-scores, kind="mergesort")
-    hits = positive[order]
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
+    ordered, hits = scores[order], np.cumsum(positive[order])
+    last = np.r_[np.flatnonzero(ordered[1:] != ordered[:-1]), len(ordered) - 1]  # each tie group's end
+    precision = hits[last] / (last + 1)
+    recall = hits[last] / hits[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
 def at_budget(scores: Sequence[float], positive: Sequence[bool], budget: float) -> tuple:
-    """(precision, recall) of flagging the top ``budget`` share of the ranking (at least one)."""
+    """(precision, recall) of reviewing the top ``budget`` share of the ranking (at least one
+    sample); where the cut falls inside a group of tied scores, the group's share of positives is
+    counted for the part of it reviewed (the expected value over orders of the tie)."""
     scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
     k = max(1, int(round(budget * len(scores))))
-    top = np.argsort(-scores, kind="mergesort")[:k]
-    found = int(positive[top].sum())
-    return found / k, (found / int(positive.sum()) if positive.any() else None)
+    cut = np.sort(scores)[::-1][k - 1]
+    above, tied = scores > cut, scores == cut
+    found = positive[above].sum() + (k - above.sum()) * positive[tied].mean()
+    return float(found / k), (float(found / positive.sum()) if positive.any() else None)
 
 
 def flagging_metrics(scores: Sequence[float], kinds: Sequence[str], budgets: Sequence[float] = BUDGETS) -> dict:

@@ -8,10 +8,13 @@ share of wrong ones (learning from positive and unlabelled examples). So:
   linear: a box far from the model's means more when the model is sure of its own) tells the
   annotations from the copies of each kind; ``g(x)``, one minus its probability of "annotation",
   ranks the samples, and its most likely kind is the sample's kind;
+- every sample is scored by a classifier that was not fitted on it (two-fold cross-fitting: the
+  rows are split in two halves, each half scored by the classifier of the other; a sample outside
+  the fitted rows by the mean of both): fitted on a real error as "annotation", a classifier would
+  learn to excuse it;
 - the view's error rate ``pi`` is the mixture proportion of the copies' ``g`` distribution in the
   annotations' (Blanchard, Lee & Scott 2010; Scott 2015: the smallest ratio of the two tails,
-  ``min_t P(g > t | annotation) / P(g > t | copy)``, over tails that hold enough copies), both
-  from ``g`` fitted without them (two-fold cross-fitting);
+  ``min_t P(g > t | annotation) / P(g > t | copy)``, over tails that hold enough copies);
 - ``P(wrong | x) = sigmoid(logit g(x) + delta)``, with ``delta`` such that the mean of ``P(wrong)``
   over the annotations is ``pi`` (calibrated in the large; a monotone map, so the ranking is
   ``g``'s, with no ties at 1).
@@ -28,7 +31,7 @@ its log-odds of being wrong the most.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -90,11 +93,12 @@ class ErrorModel:
     mean: np.ndarray
     std: np.ndarray
     classes: list  # "" (an annotation), then the injected kinds
-    layers: list  # [(W (in, out), b (out,)), ...] of the MLP, ReLU between
+    halves: list  # the two MLPs, each [(W (in, out), b (out,)), ...] with ReLU between, fitted on one half
     error_rate: float  # pi: the annotations' estimated share of errors
     shift: float  # delta
     typical: np.ndarray  # (F,) an average annotation's standardized features (the drivers' reference)
     fitted_on: dict = field(default_factory=dict)  # "annotations", and each kind -> count
+    fitted_half: Optional[np.ndarray] = None  # the half each row it was fitted on fell in
 
     def _x(self, signals: Signals) -> np.ndarray:
         f = features(signals)
@@ -102,26 +106,42 @@ class ErrorModel:
         x = np.where(np.isnan(x), self.mean, x)  # a signal missing here (an unreadable box): the average
         return (x - self.mean) / self.std
 
-    def probability(self, signals: Signals) -> np.ndarray:
-        """(N,) P(the annotation is wrong)."""
-        return _sigmoid(_error_logit(_forward(self.layers, self._x(signals))) + self.shift)
+    def logits(self, signals: Signals, half: Optional[np.ndarray] = None) -> np.ndarray:
+        """(N, C) class logits, each sample's from the half's MLP that was not fitted on it
+        (``half``: the half a sample was fitted in, -1 or None: in neither; then the mean of both)."""
+        x = self._x(signals)
+        both = [_forward(layers, x) for layers in self.halves]
+        out = (both[0] + both[1]) / 2
+        if half is not None:
+            half = np.asarray(half)
+            for h in (0, 1):  # the MLP of half 1 - h was fitted on half 1 - h: it never saw half h
+                out[half == h] = both[1 - h][half == h]
+        return out
 
-    def kind(self, signals: Signals) -> list[str]:
+    def probability(self, signals: Signals, half: Optional[np.ndarray] = None) -> np.ndarray:
+        """(N,) P(the annotation is wrong)."""
+        return _sigmoid(_error_logit(self.logits(signals, half)) + self.shift)
+
+    def kind(self, signals: Signals, half: Optional[np.ndarray] = None) -> list[str]:
         """Each sample's most likely kind, were its annotation wrong."""
-        return [self.classes[1 + i] for i in _forward(self.layers, self._x(signals))[:, 1:].argmax(1)]
+        return [self.classes[1 + i] for i in self.logits(signals, half)[:, 1:].argmax(1)]
 
     def drivers(self, signals: Signals) -> list[str]:
         """Per sample, the part whose features, set to an average annotation's, lower its
-        log-odds of being wrong the most."""
+        log-odds of being wrong the most (with the mean of both MLPs)."""
         x = self._x(signals)
-        full = _error_logit(_forward(self.layers, x))
+
+        def error_logit(inputs):
+            return _error_logit(sum(_forward(layers, inputs) for layers in self.halves) / 2)
+
+        full = error_logit(x)
         parts = [p for p in PARTS if any(c in self.columns for c in PARTS[p])]
         drops = []
         for part in parts:
             cols = [self.columns.index(c) for c in PARTS[part] if c in self.columns]
             ablated = x.copy()
             ablated[:, cols] = self.typical[cols]
-            drops.append(full - _error_logit(_forward(self.layers, ablated)))
+            drops.append(full - error_logit(ablated))
         return [parts[i] for i in np.stack(drops, axis=1).argmax(1)]
 
 
@@ -210,14 +230,13 @@ def fit_error_model(signals: Signals, labels: Sequence[str], kinds: Sequence[str
     std = np.nanstd(x, axis=0)
     std = np.where(std > 1e-8, std, 1.0)
     x = (np.where(np.isnan(x), mean, x) - mean) / std
-    # g of every row from a fit that did not see it (two folds): the error rate's estimate
+    # each half's MLP; every fitted row's g from the MLP of the other half
     half = np.random.default_rng([seed, 28]).permutation(len(x)) % 2
+    halves = [_fit_mlp(x[half == h], y[half == h], len(classes), seed) for h in (0, 1)]
     held_out = np.empty(len(x))
     for h in (0, 1):
-        layers = _fit_mlp(x[half != h], y[half != h], len(classes), seed)
-        held_out[half == h] = _sigmoid(_error_logit(_forward(layers, x[half == h])))
-    rate = mixture_proportion(held_out[y == 0], held_out[y > 0])
-    layers = _fit_mlp(x, y, len(classes), seed)
-    shift = _shift_to_mean(_error_logit(_forward(layers, x[y == 0])), rate)
+        held_out[half == h] = _error_logit(_forward(halves[1 - h], x[half == h]))
+    rate = mixture_proportion(_sigmoid(held_out[y == 0]), _sigmoid(held_out[y > 0]))
+    shift = _shift_to_mean(held_out[y == 0], rate)
     fitted_on = {"annotations": int((y == 0).sum()), **{k: int((labels == k).sum()) for k in classes[1:]}}
-    return ErrorModel(columns, mean, std, classes, layers, rate, shift, x[y == 0].mean(0), fitted_on)
+    return ErrorModel(columns, mean, std, classes, halves, rate, shift, x[y == 0].mean(0), fitted_on, half)

@@ -3,12 +3,14 @@
 Given a preset, :func:`train_fold_models` trains k models on image-disjoint folds of the view
 (:func:`image_folds`; an image's phrases all in one fold) and each fold is scored by the model that
 did not see it. The frozen-encoder feature cache is shared by the k runs, so the images are encoded
-once. Each fold's run lives in ``<out_dir>/fold<i>`` and resumes like any training run, so an
-interrupted scoring keeps the folds already trained.
+once. Each fold's run lives in ``<out_dir>/fold<i>-<hash>``, the hash naming which samples the
+fold holds out (also listed in its ``held_out.json``): an interrupted scoring resumes the folds
+already trained, and a view whose folds have changed since (samples added or left out) trains new
+ones, never reusing a model that trained on a sample it is now to score.
 
 Given a trained checkpoint, :func:`trained_rows` finds the samples its training run recorded on
-this dataset (its view's train split) so that they, and every other phrase of their images, are
-left out of the scoring.
+this dataset (its view's train split, as the split field says now) so that they, and every other
+phrase of their images, are left out of the scoring.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from ..data.records import GroundingRecords
 from ..engine.splits import samples_of_split
 from ..fiftyone_api import root_dataset
+from ..errors import CheckpointError
 from ..models.checkpoint import resolve_checkpoint_dir
 from ..runs import TRAIN_METHOD
 
@@ -54,11 +57,19 @@ def train_fold_models(view, records: GroundingRecords, folds: np.ndarray, out_di
     returns each fold's ``best/`` checkpoint folder."""
     from ..engine.fit import fit
 
+    import hashlib
+    import json
+
     dataset = root_dataset(view)
     k = int(folds.max()) + 1
     best = []
     for fold in range(k):
         splits = _fold_splits(records, folds, fold, int(train_options.get("seed", 0)))
+        held_out = sorted(sid for sid, split in splits.items() if split == "held_out")
+        digest = hashlib.sha256(json.dumps([held_out, sorted(splits.items())]).encode()).hexdigest()[:8]
+        run_dir = Path(out_dir) / f"fold{fold}-{digest}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "held_out.json").write_text(json.dumps({"fold": fold, "sample_ids": held_out}))
         dataset.set_values(FOLD_SPLIT_FIELD, splits, key_field="id")
         say(f"Fold {fold + 1}/{k}: training on {sum(v == 'train' for v in splits.values())} phrases whose images "
             f"fold {fold + 1} does not hold")
@@ -67,7 +78,7 @@ def train_fold_models(view, records: GroundingRecords, folds: np.ndarray, out_di
             if progress_callback is not None:
                 progress_callback((fold + fraction) / k, f"fold {fold + 1}/{k}: {label}")
 
-        result = fit(view, **{**train_options, "out_dir": str(Path(out_dir) / f"fold{fold}"),
+        result = fit(view, **{**train_options, "out_dir": str(run_dir),
                               "split_field": FOLD_SPLIT_FIELD, "train_split": "train", "val_split": "val"},
                      progress=progress, progress_callback=fold_progress)
         best.append(result.best_dir)
@@ -79,11 +90,14 @@ def trained_rows(view, checkpoint, records: GroundingRecords) -> tuple[np.ndarra
     image with one (a model may remember an image's objects), and the run's key; no rows and
     None where this dataset holds no record of training that checkpoint."""
     dataset = root_dataset(view)
-    folder = resolve_checkpoint_dir(checkpoint).resolve()
+    try:
+        folder = resolve_checkpoint_dir(checkpoint).resolve()
+    except CheckpointError:  # a zoo model's name: trained elsewhere, no record here
+        return np.zeros(0, dtype=np.int64), None
     for key in dataset.list_runs(method=TRAIN_METHOD):
         config = dataset.get_run_info(key).config
-        recorded = getattr(config, "checkpoint", None)
-        if not recorded or Path(recorded).resolve() != folder:
+        run_dir = getattr(config, "out_dir", None)
+        if not run_dir or Path(run_dir).resolve() not in (folder, *folder.parents):  # its best/, last/, ...
             continue
         train_config = getattr(config, "train_config", None) or {}
         trained = samples_of_split(dataset.load_run_view(key), train_config.get("split_field", "split"),

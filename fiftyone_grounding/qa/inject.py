@@ -17,7 +17,6 @@ annotation cannot take (an image with one object) is not forced on it: another k
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -148,14 +147,6 @@ def choose_rows(records: GroundingRecords, rate: float, rng: np.random.Generator
     return np.sort(rng.choice(len(records), size=min(count, len(records)), replace=False))
 
 
-def corrupted(records: GroundingRecords, corruptions: Sequence[Corruption]) -> GroundingRecords:
-    """A copy of ``records`` with each corruption applied to its row."""
-    phrases, boxes = list(records.phrases), [list(b) for b in records.boxes]
-    for c in corruptions:
-        phrases[c.index], boxes[c.index] = c.phrase, list(c.box)
-    return dataclasses.replace(records, phrases=phrases, boxes=boxes)
-
-
 def with_corrupted_copies(records: GroundingRecords, corruptions: Sequence[Corruption]) -> tuple:
     """The records followed by one corrupted copy per corruption (the copy keeps its original's
     sample id, image and kinds), and each row's kind ("" for the originals)."""
@@ -163,3 +154,21 @@ def with_corrupted_copies(records: GroundingRecords, corruptions: Sequence[Corru
     both.phrases[len(records):] = [c.phrase for c in corruptions]
     both.boxes[len(records):] = [list(c.box) for c in corruptions]
     return both, [""] * len(records) + [c.kind for c in corruptions]
+
+
+def write_corruptions(view, records: GroundingRecords, corruptions: Sequence[Corruption],
+                      phrase_field: str = "expression", gt_field: str = "ground_truth") -> dict:
+    """Make the corruptions real in ``view``'s annotations (to measure a flagger on them: the
+    benchmark, the tests): each corrupted sample's phrase and box replaced in bulk. Returns each
+    record's sample id -> its injected kind ("" where untouched)."""
+    from ..data.labels import make_detections
+
+    kinds = {sid: "" for sid in records.sample_ids}
+    phrases, boxes = {}, {}
+    for c in corruptions:
+        sid = records.sample_ids[c.index]
+        kinds[sid], phrases[sid] = c.kind, c.phrase
+        boxes[sid] = make_detections(list(c.box), c.phrase)
+    view.set_values(phrase_field, phrases, key_field="id")
+    view.set_values(gt_field, boxes, key_field="id")
+    return kinds

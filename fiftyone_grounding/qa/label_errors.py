@@ -1,7 +1,7 @@
 """``compute_label_errors``: the probability that each sample's annotation is wrong.
 
     from fiftyone_grounding import compute_label_errors
-    result = compute_label_errors(dataset.match_tags("val"), preset="tiny", folds=5, epochs=10)
+    result = compute_label_errors(dataset, preset="tiny", folds=5, train_options={"epochs": 10})
     session.view = result.view  # the most likely errors first
 
 Per sample it writes (``field`` = ``label_error`` by default):
@@ -43,7 +43,6 @@ from ..data.records import read_records
 from ..errors import InputError
 from ..fiftyone_api import root_dataset
 from ..models.checkpoint import load_checkpoint
-from ..models.precision import AUTOCAST_DTYPES, default_mixed_precision
 from ..runs import record_label_errors
 from .combine import AMBIGUOUS, REPORTED_KIND, fit_error_model
 from .folds import image_folds, train_fold_models, trained_rows
@@ -52,7 +51,11 @@ from .signals import Signals, compute_signals, scoring_progress
 
 SUSPECT_TAG = "suspect"
 SUSPECT_THRESH = 0.5  # more likely wrong than right
-CALIBRATION_ROWS = 4000  # at most this many annotations get an injected copy to fit the score on
+CALIBRATION_ROWS = 4000  # at most this many annotations get injected copies to fit the score on
+MIN_COPIES = 400  # a small view gets several copies of each annotation, up to COPIES_PER_ROW
+COPIES_PER_ROW = 10
+# what a scoring writes (the review answer, <field>_reviewed, is a person's work: kept)
+WRITTEN = ("", "_kind", "_driver", "_box", "_fold")
 TRAINING_SHARE = 0.9  # of the progress reported while fold models train; the scoring takes the rest
 
 
@@ -75,16 +78,29 @@ class LabelErrorResult:
                 f"'{SUSPECT_TAG}' (P(wrong) >= {SUSPECT_THRESH}){skipped}. Sorted by `{self.field}`.")
 
 
-def _load(model):
-    """A ``GrounderBase`` and its checkpoint folder from a ``GroundingModel`` or a checkpoint path."""
+def _load(model, device):
+    """A ``GrounderBase``, its checkpoint folder (or zoo name) and the device to score on, from a
+    ``GroundingModel`` (its own device, unless ``device`` is given) or a checkpoint path."""
+    import torch
+
     from ..inference.model import GroundingModel
 
     if isinstance(model, GroundingModel):
         if model.source is None:
             raise InputError("This GroundingModel does not say which checkpoint it came from, so the samples it "
                              "trained on cannot be left out: pass the checkpoint folder instead.")
-        return model.model, model.source
-    return load_checkpoint(model), str(model)
+        return model.model, model.source, torch.device(device) if device else model.device
+    return load_checkpoint(model), str(model), _device(device)
+
+
+def _device(device):
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _count(skipped: dict, reason: str, n: int = 1) -> None:
+    skipped[reason] = skipped.get(reason, 0) + n
 
 
 def compute_label_errors(view, model=None, *, preset: Optional[str] = None, folds: int = 5,
@@ -100,9 +116,8 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
     ``model``: a trained checkpoint folder (or ``GroundingModel``): only the samples outside its
     recorded training view are scored. Else ``preset`` (with ``train_options``: ``fit``'s options,
     e.g. ``{"epochs": 10}``): ``folds`` models are trained on image-disjoint folds of the view, in
-    ``out_dir`` (default ``runs/label_errors_<field>``), each scoring the fold it did not see."""
-    import torch
-
+    ``out_dir`` (default ``runs/label_errors_<field>``), each scoring the fold it did not see.
+    ``device``: where to score (default: a ``GroundingModel``'s own, else a GPU where there is one)."""
     if model is None and preset is None:
         raise InputError("Give model= (a trained checkpoint: scores the samples it did not train on) or preset= "
                          "(trains models on image-disjoint folds of the view, each scoring the fold it did not see).")
@@ -112,30 +127,33 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
         raise InputError(f"folds must be an integer >= 2, got {folds!r}")
     dataset = root_dataset(view)
     records = read_records(view, phrase_field, gt_field)
-    skipped = {}
+    skipped: dict = {}
     for _, reason in records.skipped:
-        skipped[reason] = skipped.get(reason, 0) + 1
+        _count(skipped, reason)
     if len(records) == 0:
         raise InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
                          f"one box in {gt_field!r}.")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast_dtype = AUTOCAST_DTYPES[default_mixed_precision(device)]
-    rng = np.random.default_rng([seed, 26])
 
     if model is not None:
-        network, source = _load(model)
+        network, source, device = _load(model, device)
         left_out, run_key = trained_rows(view, source, records)
         if run_key is None:
             say(f"No training run of {source} is recorded on this dataset: every sample is scored as one it did not "
                 f"train on. If it did, its scores are too kind.")
         elif len(left_out):
-            skipped[f"trained on by {Path(source).name}, or an image it trained on"] = len(left_out)
+            _count(skipped, f"trained on by {Path(source).name}, or an image it trained on", len(left_out))
         fold_of = np.zeros(len(records), dtype=np.int64)
         fold_of[left_out] = -1
         networks, checkpoints = [network], [source]  # networks: loaded, or checkpoint folders loaded in turn
     else:
+        device = _device(device)
+        images = len(set(records.filepaths))
+        if images < folds:
+            raise InputError(f"{folds} folds need at least {folds} images; this view has {images}: lower folds, or "
+                             f"score it with a trained model (model=...).")
         fold_of = image_folds(records.filepaths, folds, seed)
-        options = {"seed": seed, **(train_options or {}), "preset": preset}
+        options = {"seed": seed, **(train_options or {}), "preset": preset, "phrase_field": phrase_field,
+                   "gt_field": gt_field}
         out_dir = out_dir or str(Path("runs") / f"label_errors_{field}")
         training_progress = None if progress_callback is None else (
             lambda fraction, label: progress_callback(TRAINING_SHARE * fraction, label))
@@ -149,56 +167,75 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
         raise InputError("Every sample of this view is one the model trained on (or shares an image with one): "
                          "score a view it did not train on (e.g. the val or test split), or pass preset= to "
                          "train fold models.")
+    rng = np.random.default_rng([seed, 26])
     calib_rows = np.sort(rng.choice(scored, size=min(len(scored), CALIBRATION_ROWS), replace=False))
-    corruptions = plan_corruptions(records, calib_rows, rng)
+    copies = min(COPIES_PER_ROW, -(-MIN_COPIES // len(calib_rows)))  # a small view: several copies each
+    corruptions = [c for _ in range(copies) for c in plan_corruptions(records, calib_rows, rng)]
     both, labels = with_corrupted_copies(records, corruptions)
     copy_fold = np.concatenate([fold_of, fold_of[[c.index for c in corruptions]]])
-    rows_needed = np.concatenate([scored, len(records) + np.arange(len(corruptions))])
-    signals = Signals(np.full((len(both.phrases), 4), np.nan), {})
-    on_batch = scoring_progress(len(rows_needed), say if progress else None, progress_callback,
-                                start=TRAINING_SHARE if model is None else 0.0)
-    for k, network in enumerate(networks):
-        rows = rows_needed[copy_fold[rows_needed] == k]
-        network = load_checkpoint(network) if isinstance(network, str) else network  # one fold model at a time
-        part = compute_signals(network, both.take(rows), device=device, batch_size=batch_size,
-                               autocast_dtype=autocast_dtype, on_batch=on_batch)
-        _put(signals, rows, part, len(both.phrases))
-        for row, reason in part.skipped:
-            if rows[row] < len(records):  # an annotation's (its injected copies share its image)
-                skipped[reason] = skipped.get(reason, 0) + 1
+    copy_rows = len(records) + np.arange(len(corruptions))
+    signals = _score(networks, both, np.concatenate([scored, copy_rows]), copy_fold, device, batch_size,
+                     scoring_progress(len(scored) + len(copy_rows), say if progress else None, progress_callback,
+                                      start=TRAINING_SHARE if model is None else 0.0),
+                     skipped, len(records))
 
-    fit_rows = np.concatenate([calib_rows, len(records) + np.arange(len(corruptions))])
+    readable = scored[np.isfinite(signals["iou"][scored])]
+    if len(readable) == 0:
+        raise InputError(f"No image of this view could be read: {skipped}")
+    fit_rows = np.concatenate([calib_rows, copy_rows])
     fit_rows = fit_rows[np.isfinite(signals["iou"][fit_rows])]
     error_model = fit_error_model(signals.take(fit_rows), [labels[i] for i in fit_rows], KINDS, seed=seed)
-    readable = scored[np.isfinite(signals["iou"][scored])]
+    # each scored annotation by the half of the score's classifier that was not fitted on it
+    half_of = dict(zip(fit_rows.tolist(), error_model.fitted_half.tolist()))
+    halves = np.asarray([half_of.get(int(i), -1) for i in readable])
     mine = signals.take(readable)
-    wrong = error_model.probability(mine)
+    wrong = error_model.probability(mine, halves)
     drivers = error_model.drivers(mine)
-    reported = [AMBIGUOUS if d == "ambiguity" else REPORTED_KIND[k] for k, d in zip(error_model.kind(mine), drivers)]
+    reported = [AMBIGUOUS if d == "ambiguity" else REPORTED_KIND[k]
+                for k, d in zip(error_model.kind(mine, halves), drivers)]
     suspects = _write(dataset, view, records, readable, mine, wrong, reported, drivers, fold_of, field,
                       suspect_thresh, with_folds=model is None)
-    error_rate = error_model.error_rate
-    record_label_errors(view, field, checkpoints=checkpoints, folds=folds if model is None else None,
-                        error_rate=error_rate, scored=len(readable), suspects=suspects,
+    record_label_errors(view, field, gt_field=gt_field, phrase_field=phrase_field, checkpoints=checkpoints,
+                        folds=folds if model is None else None, error_rate=error_model.error_rate,
+                        scored=len(readable), suspects=suspects,
                         fitted_on={k: int(v) for k, v in error_model.fitted_on.items()})
     result = LabelErrorResult(view=view.sort_by(field, reverse=True), field=field, scored=len(readable),
-                              suspects=suspects, error_rate=error_rate, skipped=skipped,
+                              suspects=suspects, error_rate=error_model.error_rate, skipped=skipped,
                               fitted_on=dict(error_model.fitted_on), checkpoints=checkpoints)
     say(result.summary())
     return result
 
 
-def _put(signals: Signals, rows: np.ndarray, part: Signals, n: int) -> None:
-    signals.boxes[rows] = part.boxes
-    for name, values in part.values.items():
-        if name not in signals.values:
-            signals.values[name] = np.full(n, np.nan)
-        signals.values[name][rows] = values
+def _score(networks: list, both, rows_needed: np.ndarray, copy_fold: np.ndarray, device, batch_size: int,
+           on_batch, skipped: dict, originals: int) -> Signals:
+    """The signals of ``rows_needed`` of ``both``, each row under its fold's network (loaded one at
+    a time); the unreadable annotations are counted in ``skipped`` (their copies share their image)."""
+    from ..models.precision import AUTOCAST_DTYPES, default_mixed_precision
+
+    autocast_dtype = AUTOCAST_DTYPES[default_mixed_precision(device)]
+    n = len(both.phrases)
+    signals = Signals(np.full((n, 4), np.nan), {})
+    for k, network in enumerate(networks):
+        rows = rows_needed[copy_fold[rows_needed] == k]
+        network = load_checkpoint(network) if isinstance(network, str) else network
+        part = compute_signals(network, both.take(rows), device=device, batch_size=batch_size,
+                               autocast_dtype=autocast_dtype, on_batch=on_batch)
+        signals.boxes[rows] = part.boxes
+        for name, values in part.values.items():
+            signals.values.setdefault(name, np.full(n, np.nan))[rows] = values
+        for row, reason in part.skipped:
+            if rows[row] < originals:
+                _count(skipped, reason)
+    return signals
 
 
 def _write(dataset, view, records, rows, signals: Signals, wrong, kinds, drivers, fold_of, field: str,
            suspect_thresh: float, with_folds: bool) -> int:
-    """Write the scores, kinds, drivers and model boxes in bulk; tag the suspects."""
+    """Clear what an earlier scoring wrote on the view, write the scores, kinds, drivers and model
+    boxes in bulk, and tag the suspects."""
+    for suffix in WRITTEN:
+        if view.has_field(field + suffix):
+            view.clear_sample_field(field + suffix)
     ids = [records.sample_ids[i] for i in rows]
     conf = signals["confidence"]
     boxes = {sid: make_detections(list(box), records.phrases[i], label=DEFAULT_LABEL,

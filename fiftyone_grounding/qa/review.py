@@ -43,7 +43,7 @@ def mark_right(samples, sample_id: str, field: str = "label_error") -> None:
 def use_model_box(samples, sample_id: str, gt_field: str = "ground_truth", field: str = "label_error") -> list:
     """Replace the annotated box of ``sample_id`` with the model's (``<field>_box``), keeping the
     old box as the new detection's ``previous_bounding_box``; returns the new box (FiftyOne's
-    relative ``[x, y, w, h]``)."""
+    relative ``[x, y, w, h]``). Used again, it keeps the annotator's box, not the model's."""
     sample = _sample(samples, sample_id)
     model = sample[f"{field}_box"] if sample.has_field(f"{field}_box") else None
     if model is None or not model.detections:
@@ -53,7 +53,8 @@ def use_model_box(samples, sample_id: str, gt_field: str = "ground_truth", field
         raise InputError(f"`{gt_field}` of this sample holds {0 if truth is None else len(truth.detections)} boxes; "
                          "use the model's box on annotations of one box")
     detection = truth.detections[0]
-    detection["previous_bounding_box"] = list(detection.bounding_box)
+    if not (detection.has_field("previous_bounding_box") and detection["previous_bounding_box"]):
+        detection["previous_bounding_box"] = list(detection.bounding_box)  # the annotator's box, kept once
     detection.bounding_box = list(model.detections[0].bounding_box)
     sample[f"{field}_{REVIEWED}"] = FIXED
     sample.save()

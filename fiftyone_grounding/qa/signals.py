@@ -3,11 +3,13 @@
 For each record (an image, a phrase, its annotated box), from one forward pass of a model that did
 not train on it:
 
-- ``box``, ``confidence``: the model's own box for the phrase and its calibrated confidence;
+- ``box``, ``confidence``: the model's own box for the phrase and its confidence, calibrated as
+  the apply paths write it (a multi-box model: its most confident box's);
 - ``iou``: that box's IoU with the annotation; disagreement is ``confidence x (1 - iou)``: the model
   is sure of a box elsewhere;
 - ``given``: how right the model finds the annotated box itself (``GrounderBase.given_box_scores``:
-  the quality head read at that box, or a multi-box model's best ``confidence x IoU``);
+  the quality head read at that box, or a multi-box model's best ``confidence x IoU``; NaN for a
+  checkpoint trained before the ``judge`` loss term, whose quality head never learned other boxes);
 - ``exists``: the probability that the phrase refers to something in the image (the presence
   head, or a multi-box model's existence score);
 - ``ambiguity``: a multi-box model's confidence in a second box away from its best one (IoU < 0.3):
@@ -62,9 +64,10 @@ def _batch_signals(model, out, given_boxes: torch.Tensor) -> dict:
     boxes = out.boxes.float()
     n = boxes.shape[0]
     nan = torch.full((n,), float("nan"))
-    given = model.given_box_scores(out, given_boxes)
+    judges = out.scores is not None or bool(model.config.loss_weights.get("judge"))
+    given = model.given_box_scores(out, given_boxes) if judges else None
     if out.scores is not None:  # multi-box: the best box's confidence; a second box away from it
-        conf = out.box_confidences().cpu()  # (B, Q)
+        conf = torch.from_numpy(model.calibration(out.box_confidence_logits().cpu().numpy())).float()  # (B, Q)
         top = conf.argmax(-1)
         confidence = conf.gather(1, top[:, None])[:, 0]
         best = out.query_boxes.float().cpu()[torch.arange(n), top]
