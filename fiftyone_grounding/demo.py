@@ -20,7 +20,7 @@ from .errors import InputError
 DEMO_DATASET = "grounding-synthetic-demo"
 # each task's defaults where an argument is None (grec's models cost more per step: fewer images)
 DEMO_DEFAULTS = {
-    "rec": dict(out_dir="outputs/demo", dataset_name=DEMO_DATASET, num_images=14000, epochs=12),
+    "rec": dict(out_dir="outputs/demo", dataset_name=DEMO_DATASET, num_images=14000, epochs=10),
     "grec": dict(out_dir="outputs/demo-grec", dataset_name="grounding-synthetic-grec", num_images=6000, epochs=12),
 }
 GREC_FRACTIONS = dict(several_fraction=0.3, none_fraction=0.2)  # of the phrases, where the scene allows
