@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fiftyone-grounding",
         description="Visual grounding for FiftyOne: find the box a phrase refers to. "
-                    "Start with `fiftyone-grounding demo` (offline, CPU, ~10 minutes).",
+                    "Start with `fiftyone-grounding demo` (offline, CPU, 6-11 minutes).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
