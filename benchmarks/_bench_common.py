@@ -238,5 +238,17 @@ def write_json(path: Optional[str], payload: dict) -> None:
     print(f"wrote {path}")
 
 
+def summarize(script: str, argv, args, results: dict, table: str, **extra) -> dict:
+    """What a quality benchmark reports: the command that ran it, its options, ``extra`` figures,
+    its results and table, the library versions and the machine; written to ``--json`` when given."""
+    from fiftyone_grounding.demo import library_versions, machine_info
+
+    summary = {"command": f"python benchmarks/{script}.py " + " ".join(argv or []), "args": vars(args), **extra,
+               "results": results, "table": table, "versions": library_versions(), "machine": machine_info()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def fmt_rate(x: float) -> str:
     return f"{x:,.1f}" if x < 1000 else f"{x:,.0f}"

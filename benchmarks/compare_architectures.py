@@ -23,12 +23,10 @@ is a FiftyOne dataset named ``--dataset`` (kept, to look at in the App).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import _bench_common  # (also puts the repository on sys.path)
-from fiftyone_grounding.demo import library_versions, machine_info
 
 PRESETS = ("tiny", "tiny-fusion", "tiny-adapter")
 # scenes closer to RefCOCO's (synthetic.generate_scene)
@@ -101,12 +99,7 @@ def main(argv=None) -> dict:
         }
     table = format_table(results)
     print("\n" + table)
-    summary = {"command": "python benchmarks/compare_architectures.py " + " ".join(argv or []),
-               "args": vars(args), "results": results, "table": table,
-               "versions": library_versions(), "machine": machine_info()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return summary
+    return _bench_common.summarize("compare_architectures", argv, args, results, table)
 
 
 def _figures(m: dict) -> dict:

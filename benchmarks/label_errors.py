@@ -26,14 +26,12 @@ the checkpoint given by ``--checkpoint`` (real errors; Ref-L4 is CC BY-NC 4.0: e
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 import _bench_common  # (also puts the repository on sys.path)
-from fiftyone_grounding.demo import library_versions, machine_info
 
 SCORES = ("product", "random", "1 - confidence", "1 - IoU", "confidence x (1 - IoU)", "Brain mistakenness",
           "Brain possible_spurious", "cleanlab")
@@ -219,12 +217,8 @@ def main(argv=None) -> dict:
         print(f"{rate} errors: {r['errors']} of {r['samples']}; the product estimates {r['estimated_error_rate']:.1%} "
               f"and names the kind of {r['kind_accuracy']:.0%} of them as a user would fix it; "
               f"scored in {r['product_seconds']:.0f} s")
-    summary = {"command": "python benchmarks/label_errors.py " + " ".join(argv or []), "args": vars(args),
-               "train_seconds": round(train_seconds, 1), "best_val_iou": best_val_iou, "results": results,
-               "table": table, "versions": library_versions(), "machine": machine_info()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return summary
+    return _bench_common.summarize("label_errors", argv, args, results, table,
+                                   train_seconds=round(train_seconds, 1), best_val_iou=best_val_iou)
 
 
 def main_ref_l4(args, argv) -> dict:
@@ -252,11 +246,7 @@ def main_ref_l4(args, argv) -> dict:
                           "product": flagging_metrics(np.asarray(scored.values("label_error")), kinds)}}
     table = format_table(results)
     print("\n" + table)
-    summary = {"command": "python benchmarks/label_errors.py " + " ".join(argv or []), "args": vars(args),
-               "results": results, "table": table, "versions": library_versions(), "machine": machine_info()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return summary
+    return _bench_common.summarize("label_errors", argv, args, results, table)
 
 
 def format_table(results: dict) -> str:

@@ -19,14 +19,12 @@ share of relevant images (what a random ranking scores).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 import _bench_common  # (also puts the repository on sys.path)
-from fiftyone_grounding.demo import library_versions, machine_info
 
 PHRASES = (("yellow", "triangle"), ("red", "circle"), ("blue", "square"), ("green", "triangle"),
            ("white", "circle"), ("red", "square"))
@@ -120,11 +118,7 @@ def main(argv=None) -> dict:
                                  **search_scores(scenes, model)}
     table = format_table(results)
     print("\n" + table)
-    summary = {"command": "python benchmarks/search_quality.py " + " ".join(argv or []), "args": vars(args),
-               "results": results, "table": table, "versions": library_versions(), "machine": machine_info()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-    return summary
+    return _bench_common.summarize("search_quality", argv, args, results, table)
 
 
 def format_table(results: dict) -> str:

@@ -14,6 +14,13 @@ MAX_WORKERS = 8
 NUM_WORKERS_TEXT = f"{MAX_WORKERS} on a GPU, 0 on the CPU"
 
 
+def resolve_device(device=None):
+    """``device`` as a ``torch.device``; None: the GPU where there is one, else the CPU."""
+    import torch
+
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _is_cuda(device) -> bool:
     import torch
 

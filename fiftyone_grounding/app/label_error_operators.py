@@ -13,7 +13,7 @@ from __future__ import annotations
 import fiftyone.operators.types as types
 
 from ..data.fields import DEFAULT_PROMPT_FIELD
-from ..models.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS
+from ..models.config import DEFAULT_PRESET
 from .forms import flag, form, name_error
 from .operators import GroundingOperator, RiskLevel, _config
 
@@ -45,11 +45,8 @@ class FindLabelErrors(GroundingOperator):
                                     "it did not see (every sample scored)")
         inputs.enum("how", how.values(), label="Predictions from", default=CHECKPOINT, view=how)
         if self.param(ctx, "how") == FOLDS:
-            presets = types.Dropdown()
-            for value, label in PRESET_DESCRIPTIONS.items():
-                presets.add_choice(value, label=f"{value}: {label}")
-            inputs.enum("preset", presets.values(), label="Preset", default=self._preset(ctx), view=presets,
-                        description="by default the preset of the dataset's latest trained model")
+            self.preset_input(inputs, self._preset(ctx), "by default the preset of the dataset's latest trained model",
+                              choices=types.Dropdown)
             inputs.int("folds", min=2, label="Folds", default=self.DEFAULTS["folds"],
                        description="models trained; each on the other folds' images")
             inputs.int("epochs", min=1, label="Epochs per fold", default=self.DEFAULTS["epochs"])

@@ -146,6 +146,15 @@ class GroundingOperator(foo.Operator):
         given = ctx.params.get("model")
         return flag(prop, model_error(default if given is None else given))
 
+    @staticmethod
+    def preset_input(inputs, default: str, description: Optional[str] = None, choices=types.RadioGroup):
+        """The ``preset`` field: every preset with its one-line description."""
+        presets = choices()
+        for value, label in PRESET_DESCRIPTIONS.items():
+            presets.add_choice(value, label=f"{value}: {label}")
+        return inputs.enum("preset", presets.values(), label="Preset", default=default, view=presets,
+                           description=description)
+
     def needs_dataset(self, ctx, inputs) -> bool:
         if ctx.dataset is not None:
             return True
@@ -302,10 +311,7 @@ class TrainGroundingModel(GroundingOperator):
         if not self.needs_dataset(ctx, inputs):
             return form(inputs, "Train a grounding model")
         view = self.target(ctx)
-        presets = types.RadioGroup()
-        for value, label in PRESET_DESCRIPTIONS.items():
-            presets.add_choice(value, label=f"{value}: {label}")
-        inputs.enum("preset", presets.values(), label="Preset", default=self.DEFAULTS["preset"], view=presets)
+        self.preset_input(inputs, self.DEFAULTS["preset"])
         inputs.str("out_dir", label="Output folder",
                    description="checkpoints go to <folder>/best and <folder>/last. Empty: a new folder "
                                f"{self._new_out_dir(ctx, stamp='<date-time>')}. A folder holding an unfinished run "

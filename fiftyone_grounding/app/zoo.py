@@ -49,6 +49,7 @@ from typing import Optional
 
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, load_config, resolve_checkpoint_dir
 from ..models.calibration import CALIBRATION_NAME
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DownloadError, InputError
 
 SOURCE_NAME = "fiftyone-grounding"
@@ -269,12 +270,9 @@ _STATS = {"hits": 0, "misses": 0}
 def _cache_key(folder: Path, device, mixed_precision: str) -> tuple:
     """A checkpoint's identity: its folder, and its files' sizes and times (a checkpoint written
     again in the same folder is loaded again), the device and the precision."""
-    import torch
-
     stamp = tuple((name, p.stat().st_size, p.stat().st_mtime_ns)
                   for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME) if (p := folder / name).exists())
-    device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return str(folder.resolve()), stamp, str(device), mixed_precision
+    return str(folder.resolve()), stamp, str(resolve_device(device)), mixed_precision
 
 
 def cached_model(checkpoint, device=None, mixed_precision: str = "auto", **options):

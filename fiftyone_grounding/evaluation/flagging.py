@@ -43,8 +43,11 @@ def at_budget(scores: Sequence[float], positive: Sequence[bool], budget: float) 
 def flagging_metrics(scores: Sequence[float], kinds: Sequence[str], budgets: Sequence[float] = BUDGETS) -> dict:
     """``kinds``: each sample's true error kind ("" where its annotation is right). Returns
     ``{"overall": {...}, "<kind>": {...}}``, each with auroc, ap, and precision/recall at each
-    budget; the per-kind figures rank that kind among the clean samples only."""
-    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf)
+    budget; the per-kind figures rank that kind among the clean samples only. A sample without a
+    score (NaN) ranks last."""
+    scores = np.asarray(scores, dtype=np.float64)
+    scored = np.isfinite(scores)
+    scores = np.where(scored, scores, scores[scored].min() - 1 if scored.any() else 0.0)
     kinds = np.asarray(kinds, dtype=object)
     wrong = kinds != ""
     out = {"overall": _metrics(scores, wrong, budgets)}
@@ -55,9 +58,7 @@ def flagging_metrics(scores: Sequence[float], kinds: Sequence[str], budgets: Seq
 
 
 def _metrics(scores: np.ndarray, positive: np.ndarray, budgets: Sequence[float]) -> dict:
-    finite = np.where(np.isfinite(scores), scores, np.nanmin(np.where(np.isfinite(scores), scores, np.nan)) - 1
-                      if np.isfinite(scores).any() else 0.0)
-    row = {"count": int(positive.sum()), "auroc": auroc(finite, positive), "ap": average_precision(finite, positive)}
+    row = {"count": int(positive.sum()), "auroc": auroc(scores, positive), "ap": average_precision(scores, positive)}
     for b in budgets:
-        row[f"precision@{b:.0%}"], row[f"recall@{b:.0%}"] = at_budget(finite, positive, b)
+        row[f"precision@{b:.0%}"], row[f"recall@{b:.0%}"] = at_budget(scores, positive, b)
     return row

@@ -30,6 +30,7 @@ import fiftyone.core.models as fom
 
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from ..data.fields import DEFAULT_LABEL
+from ..devices import resolve_device
 from ..errors import InputError
 from ..data.images import normalize_pixels_batch, resize_rgb, rgb_tensor
 from ..data.labels import LabelMaker
@@ -79,7 +80,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         sample's phrase) or ``prompt`` (one phrase for all): the phrases ``apply_model`` grounds
         when it is given no ``prompt_field``; ``source``: the checkpoint folder or zoo name the
         network came from (recorded with the fields it writes)."""
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._device = resolve_device(device)
         self.model = model.to(self._device).eval()
         self.config = model.config
         self.tokenize = phrase_tokenizer(model.config)

@@ -91,12 +91,16 @@ def judge_boxes(target_xyxy: Tensor, image_index: Tensor, rng) -> Tensor:
         nw, nh = w * scale[:, 0], h * scale[:, 1]
         return np.stack([ncx - nw / 2, ncy - nh / 2, ncx + nw / 2, ncy + nh / 2], 1)
 
-    images = image_index.cpu().numpy()
-    other = np.empty(b, dtype=np.int64)
-    for i in range(b):
-        same = np.flatnonzero((images == images[i]) & present & (np.arange(b) != i))
-        pool = same if len(same) else np.flatnonzero(present & (np.arange(b) != i))
-        other[i] = pool[rng.integers(len(pool))] if len(pool) else i
+    # each phrase's other box: a random present phrase of its image, else of the batch (every step:
+    # (B, B) masks, no loop over the phrases)
+    images, rows = image_index.cpu().numpy(), np.arange(b)
+    candidate = present[None, :] & (rows[:, None] != rows[None, :])  # (B, B)
+    same = candidate & (images[:, None] == images[None, :])
+    pool = np.where(same.any(1)[:, None], same, candidate)
+    sizes = pool.sum(1)
+    pick = np.zeros(b, dtype=np.int64)
+    pick[sizes > 0] = rng.integers(sizes[sizes > 0])  # the pick's rank in the row's pool
+    other = np.where(sizes > 0, np.argmax(pool & (np.cumsum(pool, 1) - 1 == pick[:, None]), 1), rows)
     others = np.where(present[other, None], target[other], random_boxes(b))
     boxes = np.stack([jittered(), jittered(), others, random_boxes(b)], 1)  # (B, K, 4)
     boxes[~present] = random_boxes(int((~present).sum()) * JUDGED_PER_PHRASE).reshape(-1, JUDGED_PER_PHRASE, 4)

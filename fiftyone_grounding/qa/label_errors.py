@@ -40,6 +40,7 @@ import numpy as np
 from ..data.fields import DEFAULT_LABEL, DEFAULT_PROMPT_FIELD
 from ..data.labels import make_detections
 from ..data.records import read_records
+from ..devices import resolve_device
 from ..errors import InputError
 from ..fiftyone_api import root_dataset
 from ..models.checkpoint import load_checkpoint
@@ -81,22 +82,14 @@ class LabelErrorResult:
 def _load(model, device):
     """A ``GrounderBase``, its checkpoint folder (or zoo name) and the device to score on, from a
     ``GroundingModel`` (its own device, unless ``device`` is given) or a checkpoint path."""
-    import torch
-
     from ..inference.model import GroundingModel
 
     if isinstance(model, GroundingModel):
         if model.source is None:
             raise InputError("This GroundingModel does not say which checkpoint it came from, so the samples it "
                              "trained on cannot be left out: pass the checkpoint folder instead.")
-        return model.model, model.source, torch.device(device) if device else model.device
-    return load_checkpoint(model), str(model), _device(device)
-
-
-def _device(device):
-    import torch
-
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return model.model, model.source, resolve_device(device) if device else model.device
+    return load_checkpoint(model), str(model), resolve_device(device)
 
 
 def _count(skipped: dict, reason: str, n: int = 1) -> None:
@@ -146,7 +139,7 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
         fold_of[left_out] = -1
         networks, checkpoints = [network], [source]  # networks: loaded, or checkpoint folders loaded in turn
     else:
-        device = _device(device)
+        device = resolve_device(device)
         images = len(set(records.filepaths))
         if images < folds:
             raise InputError(f"{folds} folds need at least {folds} images; this view has {images}: lower folds, or "

@@ -36,6 +36,7 @@ from ..data.datasets import GroundingDataset
 from ..data.records import GroundingRecords
 from ..models import boxes as box_ops
 from ..models.build import build_tokenizer
+from ..engine.loop import forward_batch, to_device
 from ..models.precision import autocast
 from ..progress import TimeLeft
 
@@ -120,11 +121,9 @@ def compute_signals(model, records: GroundingRecords, *, device=None, batch_size
         if "boxes" not in batch:
             continue
         index = np.asarray([int(s) for s in batch["sample_ids"]])
-        inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        inputs = to_device(batch, device)
         with autocast(device, autocast_dtype):
-            out = model(pixel_values=inputs.get("pixel_values"), image_features=inputs.get("image_features"),
-                        input_ids=inputs.get("input_ids"), attention_mask=inputs["attention_mask"],
-                        image_index=inputs["image_index"]).clipped()
+            out = forward_batch(model, inputs).clipped()
         values = _batch_signals(model, out, inputs["boxes"])
         result.boxes[index] = values.pop("boxes").numpy()
         for name, v in values.items():
