@@ -16,7 +16,7 @@ from .models.config import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS
 from .sources.base import COMBINED, DEFAULT_CHUNK_SIZE, NAMES
 from .devices import APPLY_BATCH_SIZE_TEXT, NUM_WORKERS_TEXT, WORKER_TYPES
 from .engine.config import TrainConfig
-from .data.fields import DEFAULT_LABEL
+from .data.fields import DEFAULT_LABEL, SEARCH_FIELD
 from .errors import GroundingError, InputError
 
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
@@ -32,6 +32,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     for name in ("phrase_field", "gt_field", "split_field"):
         p.add_argument("--" + name.replace("_", "-"), default=getattr(_TRAIN_DEFAULTS, name),
                        help=TrainConfig.HELP[name] + _DEFAULT)
+
+
+def _add_distributed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", action="store_true", help=(
+        "run as one rank of `torchrun` or `accelerate launch` (one or many nodes, one shared database: "
+        "FIFTYONE_DATABASE_URI): each rank runs its share of the images on its own device (cuda:LOCAL_RANK); "
+        "with --skip-existing a rerun finishes what a dead rank left" if p.prog.endswith("apply") else
+        "run as one rank of `torchrun` or `accelerate launch` (one or many nodes, one shared database: "
+        "FIFTYONE_DATABASE_URI): each rank runs its share of the images on its own device (cuda:LOCAL_RANK)"))
 
 
 def _samples_of_split_args(view, args):
@@ -125,19 +134,62 @@ def _checkpoint(args, dataset=None) -> str:
     return found
 
 
+def _rank_and_device(args):
+    """(shard, device): this process's rank under ``--distributed`` (else one process) and its device."""
+    from .inference.distributed import ONE_PROCESS, launched_shard, rank_device
+
+    shard = launched_shard() if getattr(args, "distributed", False) else ONE_PROCESS
+    return shard, rank_device(args.device, shard)
+
+
+def _ranks_line(run: dict) -> str:
+    """``"; ranks: 1,024 + 1,010 samples"`` for a distributed run (the rank that prints it is rank 0)."""
+    if "ranks" not in run:
+        return ""
+    return "; ranks: " + " + ".join(f"{r['processed']:,}" for r in run["ranks"]) + " samples"
+
+
 def cmd_apply(args) -> None:
     from .inference.apply import apply_grounding_model
     from .inference.model import GroundingModel
 
+    shard, device = _rank_and_device(args)
     view = _samples_of_split_args(_load_view(args), args)
-    model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=args.device)
+    model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=device)
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 worker_type=args.worker_type, skip_existing=args.skip_existing,
-                                confidence_thresh=args.confidence_thresh)
-    print(f"wrote {args.label_field!r} on {run['processed']} of {len(view)} samples"
-          + (f"; no box for {len(run['skipped'])} (first: {run['skipped'][:3]})" if run["skipped"] else ""))
+                                confidence_thresh=args.confidence_thresh, write_every=args.write_every,
+                                distributed=shard,
+                                progress=False if shard.distributed and shard.rank else None)
+    if shard.rank == 0:
+        processed = sum(r["processed"] for r in run["ranks"]) if "ranks" in run else run["processed"]
+        print(f"wrote {args.label_field!r} on {processed} of {len(view)} samples" + _ranks_line(run)
+              + (f"; no box for {len(run['skipped'])} (first: {run['skipped'][:3]})" if run["skipped"] else ""))
     return view
+
+
+def cmd_search(args) -> None:
+    from .fiftyone_api import root_dataset
+    from .inference.model import GroundingModel
+    from .inference.search import search_phrase
+
+    shard, device = _rank_and_device(args)
+    view = _samples_of_split_args(_load_view(args), args)
+    model = GroundingModel.from_checkpoint(_checkpoint(args, view), device=device)
+    ranked = search_phrase(view, args.phrase, model, label_field=args.label_field, batch_size=args.batch_size,
+                           use_cache=not args.no_cache, distributed=shard,
+                           progress=False if shard.distributed and shard.rank else None)
+    if shard.rank:
+        return
+    if args.save_view:
+        root_dataset(view).save_view(args.save_view, ranked, overwrite=True)
+    top = ranked.limit(args.top).values(["filepath", f"{args.label_field}.detections.confidence"])
+    print(f"{args.phrase!r}: the {min(args.top, len(view))} most likely of {len(view)} samples "
+          f"(boxes in {args.label_field!r}" + (f", view {args.save_view!r}" if args.save_view else "") + "):")
+    for path, confidences in zip(*top):
+        best = max(confidences) if confidences else None
+        print(f"  {best:.3f}  {path}" if best is not None else f"  -      {path}")
 
 
 def cmd_evaluate(args) -> None:
@@ -444,16 +496,41 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"workers that decode images ahead of the model (default: {NUM_WORKERS_TEXT})")
         p.add_argument("--worker-type", choices=WORKER_TYPES, default=WORKER_TYPES[0],
                        help="decode in threads (default: nothing to start) or in DataLoader processes")
-        p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
+        p.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when present)")
         p.add_argument("--skip-existing", action="store_true",
                        help="only samples without a prediction in --label-field (finish an interrupted run)")
         p.add_argument("--confidence-thresh", type=float,
                        help="write no box less confident than this (default: write every box)")
+        if name == "apply":
+            p.add_argument("--write-every", type=int, default=1024, metavar="N",
+                           help="write the labels every N samples (a killed run loses at most N)" + _DEFAULT)
+            _add_distributed_arg(p)
         if name == "evaluate":
             p.add_argument("--eval-key", help="also record the evaluation as a FiftyOne run of this name "
                                               "(the App's Model Evaluation panel)")
             p.add_argument("--json", help="write the metrics to this JSON file")
         p.set_defaults(func=func)
+
+    text = "find a typed phrase in every image and rank the images by the model's confidence"
+    p = sub.add_parser("search", help=text, description=(
+        text[0].upper() + text[1:] + ". Each sample's box goes to --label-field; the ranking is printed and, "
+        "with --save-view, saved as a view to open in the App."))
+    p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
+    p.add_argument("--split-field", default=_TRAIN_DEFAULTS.split_field, help=TrainConfig.HELP["split_field"] + _DEFAULT)
+    p.add_argument("phrase", help='what to find, e.g. "the red car on the left"')
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the best checkpoint of the latest training run "
+                                        "on the dataset, else the demo's)")
+    p.add_argument("--label-field", default=SEARCH_FIELD, help="field for the boxes" + _DEFAULT)
+    p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits")
+    p.add_argument("--top", type=int, default=10, help="print the most likely TOP images" + _DEFAULT)
+    p.add_argument("--save-view", metavar="NAME", help="save the ranking as the dataset's view NAME")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"phrases per forward pass (default: {APPLY_BATCH_SIZE_TEXT})")
+    p.add_argument("--no-cache", action="store_true", help="encode every image, even where training cached its "
+                                                         "features for this model")
+    p.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when present)")
+    _add_distributed_arg(p)
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("migrate-labels", help="convert a dataset's boxes to the label scheme of this version",
                        description="Datasets written before this version label each box with its phrase. "

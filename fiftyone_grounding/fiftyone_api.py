@@ -1,8 +1,11 @@
 """The few things fiftyone-grounding needs from FiftyOne that FiftyOne has no public name for,
 each in one function, so that a FiftyOne release that renames one breaks one place (FiftyOne
-1.22: ``SampleCollection._root_dataset``, ``Dataset._doc``, the ``datasets`` collection)."""
+1.22: ``SampleCollection._root_dataset``, ``Dataset._doc``, the ``datasets`` collection,
+``SampleCollection._aggregate``)."""
 
 from __future__ import annotations
+
+from typing import Iterator
 
 
 def is_collection(samples) -> bool:
@@ -28,3 +31,28 @@ def stored_field_names(dataset) -> set[str]:
 
     stored = get_db_conn().datasets.find_one({"name": dataset.name}, {"sample_fields.name": 1}) or {}
     return {f.get("name") for f in stored.get("sample_fields", [])}
+
+
+def stream_by_filepath(view, fields: tuple[str, ...] = (), page: int = 32768) -> Iterator[tuple]:
+    """``(sample id, filepath, *fields)`` of every sample of ``view``, in filepath order (an
+    image's samples next to each other), read a page of about ``page`` samples at a time: memory
+    holds one page whatever the size of the view (``view.values`` holds every value at once).
+    Each page is its own query, from where the last one ended (keyset paging on the file path,
+    whole images per page), so no database cursor waits, and times out, while the caller works.
+    ``fields``: top-level sample fields (a missing value reads as None)."""
+    project = {"filepath": 1, **{field: 1 for field in fields}}
+    after = None
+    while True:
+        part = view if after is None else view.match({"filepath": {"$gt": after}})
+        docs = list(part.sort_by("filepath").limit(page)._aggregate(post_pipeline=[{"$project": project}]))
+        if not docs:
+            return
+        last, full = docs[-1]["filepath"], len(docs) == page
+        if full:  # the last image may go on in the next page: read it whole now
+            docs = [d for d in docs if d["filepath"] != last]
+            docs += list(view.match({"filepath": last})._aggregate(post_pipeline=[{"$project": project}]))
+        for doc in docs:
+            yield (str(doc["_id"]), doc["filepath"], *(doc.get(field) for field in fields))
+        if not full:
+            return
+        after = last

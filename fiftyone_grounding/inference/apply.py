@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import itertools
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
@@ -30,7 +30,8 @@ from ..data.labels import LabelMaker
 from ..progress import TimeLeft, fiftyone_progress, shows_progress
 from ..runs import record_labels
 from ..data.text import NO_PHRASE, clean_phrase
-from ..fiftyone_api import root_dataset, stored_field_names
+from ..fiftyone_api import root_dataset, stored_field_names, stream_by_filepath
+from .distributed import first_rank_first, process_group, shard_of
 
 
 class LabelWriter:
@@ -159,58 +160,135 @@ def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_work
     ))
 
 
-def _chained(loaders: list):
-    """The batches of each loader in turn; every loader is closed at the end (also on an error)."""
-    try:
-        for loader in loaders:
-            yield from loader
-    finally:
-        for loader in loaders:
-            if hasattr(loader, "close"):
-                loader.close()
+# Phrases held in memory at once: a view is read from one database cursor in chunks of whole
+# images, so memory is bounded by this and the batches, not by the size of the view.
+ROWS_PER_CHUNK = 32768
 
 
-def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: Optional[int] = None,
-            num_workers: Optional[int] = None, worker_type: str = WORKER_TYPES[0], progress=None,
-            progress_callback=None, write_every: int = 1024, overlap: Optional[bool] = None,
-            confidence_thresh: Optional[float] = None, features=None, record: Optional[dict] = None) -> dict:
-    """Predict and write a box for each ``(sample id, filepath, phrase)`` of ``rows``; the loop
-    that the public functions run. ``features``: a feature cache; the images it holds are read
-    from it, the others decoded. ``record``: how the phrases were chosen, recorded on the dataset
-    with the model's checkpoint (None: not recorded). Returns ``{"processed", "skipped"}``."""
-    import fiftyone.core.utils as fou
+def _chunks(rows: Iterable[tuple], chunk_rows: int = ROWS_PER_CHUNK) -> Iterator[list[tuple]]:
+    """``rows`` (in filepath order) cut into lists of at least ``chunk_rows`` rows (the last one
+    may be shorter) that never split an image's rows."""
+    chunk: list[tuple] = []
+    for row in rows:
+        if len(chunk) >= chunk_rows and row[1] != chunk[-1][1]:
+            yield chunk
+            chunk = []
+        chunk.append(row)
+    if chunk:
+        yield chunk
 
+
+def _batches(chunks: Iterable[list[tuple]], model: GroundingModel, batch_size: int, num_workers: Optional[int],
+             worker_type: str, features, skipped: list):
+    """Collated batches of each chunk's images (those a feature cache holds first, read from it;
+    then the others, decoded); rows without a phrase go to ``skipped``. Each chunk's loader is
+    closed when it is done, or when the caller stops early (``close()`` on this generator)."""
+    for chunk in chunks:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for sid, path, phrase in chunk:
+            text = clean_phrase(phrase)
+            if text is None:
+                skipped.append((sid, NO_PHRASE))
+            else:
+                groups.setdefault(path, []).append((sid, text))
+        cached = [g for g in groups.items() if features is not None and g[0] in features]
+        decoded = [g for g in groups.items() if features is None or g[0] not in features]
+        for part, source in ((cached, features), (decoded, None)):
+            if not part:
+                continue
+            loader = _loader(ImageGroups(part, model.config.image_size, source), batch_size, model, num_workers,
+                             worker_type)
+            try:
+                yield from loader
+            finally:
+                if hasattr(loader, "close"):
+                    loader.close()
+
+
+def _count(rows: Iterable[tuple], features=None) -> tuple[int, int, int, int]:
+    """(rows, rows with a phrase, images with a phrase, those of them in ``features``) of ``rows``
+    in filepath order."""
+    total = phrases = images = cached = 0
+    last = None
+    for _, path, phrase in rows:
+        total += 1
+        if clean_phrase(phrase) is not None:
+            phrases += 1
+            if path != last:
+                images += 1
+                cached += features is not None and path in features
+            last = path
+    return total, phrases, images, cached
+
+
+def _ground(view, model: GroundingModel, label_field: str, rows: Callable[[], Iterable[tuple]], *,
+            batch_size: Optional[int] = None, num_workers: Optional[int] = None,
+            worker_type: str = WORKER_TYPES[0], progress=None, progress_callback=None, write_every: int = 1024,
+            overlap: Optional[bool] = None, confidence_thresh: Optional[float] = None, features=None,
+            record: Optional[dict] = None, distributed=False) -> dict:
+    """Predict and write a box for each ``(sample id, filepath, phrase)`` that ``rows()`` yields in
+    filepath order (called twice: to count, then to run); the loop that the public functions run.
+    ``features``: a feature cache; the images it holds are read from it, the others decoded.
+    ``record``: how the phrases were chosen, recorded on the dataset with the model's checkpoint
+    (None: not recorded). ``distributed``: run this rank's images only (``distributed.py``).
+    Returns ``{"processed", "skipped"}`` (of this rank; with ``"ranks"``: every rank's counts)."""
     if batch_size is None:
         batch_size = default_apply_batch_size(model.device)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if worker_type not in WORKER_TYPES:
         raise InputError(f"worker_type must be one of {', '.join(WORKER_TYPES)}, got {worker_type!r}")
-    if not rows:
-        return {"processed": 0, "skipped": []}
-    skipped: list[tuple[str, str]] = []
-    groups: dict[str, list[tuple[str, str]]] = {}
-    for sid, path, phrase in rows:
-        text = clean_phrase(phrase)
-        if text is None:
-            skipped.append((sid, NO_PHRASE))
-        else:
-            groups.setdefault(path, []).append((sid, text))
+    shard = shard_of(distributed)
+
+    def mine() -> Iterator[tuple]:
+        return (row for row in rows() if shard.owns(row[1]))
+
     dataset = root_dataset(view)
+    with process_group(shard) as group:
+        total, phrases, images, cached = _count(mine(), features)
+        if total or shard.distributed:
+            first_rank_first(group, _declare_on, dataset, label_field, shard)
+        run = {"processed": 0, "skipped": []}
+        if total:
+            run = _run(dataset, model, label_field, mine(), (total, phrases, images, cached), shard,
+                       batch_size=batch_size,
+                       num_workers=num_workers, worker_type=worker_type, progress=progress,
+                       progress_callback=progress_callback, write_every=write_every, overlap=overlap,
+                       confidence_thresh=confidence_thresh, features=features)
+        counts = group.gather({"processed": run["processed"], "skipped": len(run["skipped"])})
+        if shard.distributed:
+            run["ranks"] = counts
+        if shard.rank == 0 and sum(c["processed"] for c in counts):
+            _redeclare_if_dropped(dataset, label_field)
+            if record is not None:
+                written_from = model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh
+                record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
+                              confidence_thresh=written_from)
+    return run
+
+
+def _declare_on(dataset, label_field: str, shard) -> None:
+    if shard.rank != 0:
+        dataset.reload()  # the field rank 0 declared
     declare_detections_field(dataset, label_field)
 
-    cached = [g for g in groups.items() if features is not None and g[0] in features]
-    decoded = [g for g in groups.items() if features is None or g[0] not in features]
-    loader = _chained([_loader(ImageGroups(part, model.config.image_size, source), batch_size, model, num_workers,
-                               worker_type)
-                       for part, source in ((cached, features), (decoded, None)) if part])
+
+def _run(dataset, model: GroundingModel, label_field: str, rows: Iterable[tuple], counts: tuple, shard, *,
+         batch_size: int, num_workers: Optional[int], worker_type: str, progress,
+         progress_callback, write_every: int, overlap: Optional[bool], confidence_thresh: Optional[float],
+         features) -> dict:
+    import fiftyone.core.utils as fou
+
+    total, phrases, images, cached = counts
+    skipped: list[tuple[str, str]] = []
+    loader = _batches(_chunks(rows), model, batch_size, num_workers, worker_type, features, skipped)
     if overlap is None:
         overlap = model.device.type == "cuda"
-    done, total = len(skipped), len(rows)
+    done = 0
     verbose = shows_progress(progress)  # what it will run, and how long it will take, on stdout
-    if verbose and groups:
-        print(_plan(model, len(rows) - len(skipped), len(groups), len(cached), batch_size), flush=True)
-    time_left = TimeLeft(len(groups), unit="images")
+    if verbose and phrases:
+        print(_plan(model, phrases, images, cached, batch_size, shard), flush=True)
+    time_left = TimeLeft(images, unit="images")
     in_flight = None  # (batch, its pending boxes): queued on the device, not written yet
 
     make_label = model.labels.doc if confidence_thresh is None else LabelMaker(
@@ -222,7 +300,6 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
     with model, fiftyone_progress(progress, "grounding") as bar_progress, \
             fou.ProgressBar(total=total, progress=bar_progress) as bar, \
             LabelWriter(dataset, label_field, write_every) as writer:
-        bar.update(done)
 
         def settle() -> None:
             """Write the labels of the batch in flight and count it as done."""
@@ -260,22 +337,19 @@ def _ground(view, model: GroundingModel, label_field: str, rows, *, batch_size: 
                     writer.add(in_flight[0]["ids"], labels_of(*in_flight))
             finally:
                 loader.close()
+        bar.update(total - done)  # the rows without a phrase
     log_skipped(skipped)
-    _redeclare_if_dropped(dataset, label_field)
-    if record is not None:
-        written_from = model.labels.confidence_thresh if confidence_thresh is None else confidence_thresh
-        record_labels(view, label_field, model.source, **record, score_thresh=model.applied_score_thresh,
-                      confidence_thresh=written_from)
     return {"processed": total, "skipped": skipped}
 
 
-def _plan(model: GroundingModel, phrases: int, images: int, cached: int, batch_size: int) -> str:
+def _plan(model: GroundingModel, phrases: int, images: int, cached: int, batch_size: int, shard) -> str:
     """``"Grounding 2,468 phrases in 1,234 images (tiny, cpu, batch 64)"``."""
     name = model.config.preset if model.config.preset != "custom" else model.config.architecture
-    details = [name, model.device.type, f"batch {batch_size:,}"]
+    details = [name, str(model.device), f"batch {batch_size:,}"]
     if cached:
         details.append(f"{cached:,} images from the feature cache")
-    return (f"Grounding {phrases:,} phrase{'s' if phrases != 1 else ''} in {images:,} "
+    where = f"{shard}: " if shard.distributed else ""
+    return (f"{where}Grounding {phrases:,} phrase{'s' if phrases != 1 else ''} in {images:,} "
             f"image{'s' if images != 1 else ''} ({', '.join(details)})")
 
 
@@ -285,7 +359,7 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
                           skip_existing: bool = False, progress: Optional[bool] = None,
                           progress_callback: Optional[Callable[[float, str], None]] = None,
                           write_every: int = 1024, overlap: Optional[bool] = None,
-                          confidence_thresh: Optional[float] = None) -> dict:
+                          confidence_thresh: Optional[float] = None, distributed=False) -> dict:
     """Predict a box for every sample of ``view`` from its own phrase in ``prompt_field`` and
     write it to ``label_field`` (one ``Detections``); the fast path behind the CLI and the
     operators, equal in result to ``view.apply_model(model, label_field, prompt_field=...)``.
@@ -294,8 +368,9 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
       model loaded with ``prompt="..."`` and no ``prompt_field`` here grounds that one phrase
       in every image, as :func:`ground_phrase` does.
 
-    - Reads ids, file paths and phrases in one query, groups the samples by image (each image
-      decoded and encoded once per batch, wherever its samples are in the view), runs
+    - Reads ids, file paths and phrases from one database cursor in filepath order, in chunks of
+      whole images (memory is bounded by a chunk, ``ROWS_PER_CHUNK`` phrases, not by the view),
+      groups the samples by image (each image decoded and encoded once per batch), runs
       batches of about ``batch_size`` phrases (default: ``default_apply_batch_size``,
       256 on a GPU, 64 on the CPU), and writes the labels in bulk by sample id every
       ``write_every`` samples from a background thread, so an interrupted run keeps what it
@@ -319,44 +394,58 @@ def apply_grounding_model(view, model: GroundingModel, label_field: str = "predi
       ``apply_model``: a box less confident than it is dropped, the sample gets an empty
       ``Detections``.
 
-    Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}``.
+    - ``distributed``: under ``torchrun`` / ``accelerate launch``, this process runs only its
+      rank's images (``distributed.py``: an image's phrases on one rank, on ``cuda:LOCAL_RANK``
+      unless the model is elsewhere); with ``skip_existing`` a rerun finishes what a dead rank left.
+
+    Returns ``{"processed": number of samples run, "skipped": [(sample id, reason), ...]}`` (this
+    rank's; distributed, also ``"ranks"``: every rank's ``{"processed", "skipped"}`` counts).
     """
     todo = view.exists(label_field, False) if skip_existing and view.has_field(label_field) else view
     if prompt_field is None and model.prompt is not None and model.prompt_field is None:
-        ids, paths = todo.values(["id", "filepath"])
-        rows = [(sid, path, model.prompt) for sid, path in zip(ids, paths)]
+        def rows():
+            return ((sid, path, model.prompt) for sid, path in stream_by_filepath(todo))
+
         record = {"phrase": model.prompt}
     else:
         prompt_field = prompt_field or model.prompt_field or DEFAULT_PROMPT_FIELD
         if not todo.has_field(prompt_field):
             raise InputError(f"The view has no field {prompt_field!r} with the phrases; pass prompt_field=")
-        rows = list(zip(*todo.values(["id", "filepath", prompt_field])))
+
+        def rows():
+            return stream_by_filepath(todo, (prompt_field,))
+
         record = {"prompt_field": prompt_field}
     return _ground(view, model, label_field, rows, batch_size=batch_size, num_workers=num_workers,
                    worker_type=worker_type, progress=progress, progress_callback=progress_callback,
-                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh, record=record)
+                   write_every=write_every, overlap=overlap, confidence_thresh=confidence_thresh, record=record,
+                   distributed=distributed)
 
 
 def ground_phrase(view, phrase: str, model: GroundingModel, label_field: str = GROUNDED_FIELD,
                   batch_size: Optional[int] = None, progress: Optional[bool] = None,
                   progress_callback: Optional[Callable[[float, str], None]] = None,
-                  confidence_thresh: Optional[float] = None, features=None, record: bool = True) -> int:
+                  confidence_thresh: Optional[float] = None, features=None, record: bool = True,
+                  distributed=False) -> int:
     """Find one typed ``phrase`` in every image of ``view``; writes its boxes as a ``Detections``
     each (one box, or a multi-box model's zero or more; an unreadable image gets none, and loses
     what the field held).
 
     ``features``: a feature cache to read the images it holds from (``search.search_phrase``
-    passes one); ``record=False``: do not record the field on the dataset (the panel's preview).
-    Returns how many boxes were written (``confidence_thresh`` drops the less confident ones).
+    passes one); ``record=False``: do not record the field on the dataset (the panel's preview);
+    ``distributed``: this rank's images only (see :func:`apply_grounding_model`).
+    Returns how many boxes were written (in the whole view) (``confidence_thresh`` drops the less confident ones).
     """
     text = clean_phrase(phrase)
     if text is None:
         raise InputError("The phrase is empty: type what to find, e.g. 'the red circle on the left'.")
-    ids, paths = view.values(["id", "filepath"])
-    run = _ground(view, model, label_field, [(sid, path, text) for sid, path in zip(ids, paths)],
-                  batch_size=batch_size, progress=progress, progress_callback=progress_callback,
-                  confidence_thresh=confidence_thresh, features=features,
-                  record={"phrase": text} if record else None)
+
+    def rows():
+        return ((sid, path, text) for sid, path in stream_by_filepath(view))
+
+    run = _ground(view, model, label_field, rows, batch_size=batch_size, progress=progress,
+                  progress_callback=progress_callback, confidence_thresh=confidence_thresh, features=features,
+                  record={"phrase": text} if record else None, distributed=distributed)
     if run["skipped"]:  # no stale box of another phrase on the samples that got none
         root_dataset(view).set_values(label_field, {sid: None for sid, _ in run["skipped"]}, key_field="id")
     return view.count(f"{label_field}.detections")

@@ -36,7 +36,7 @@ from ..fiftyone_api import root_dataset
 def search_phrase(view, phrase: str, model: GroundingModel, label_field: str = SEARCH_FIELD,
                   batch_size: Optional[int] = None, confidence_thresh: Optional[float] = None,
                   use_cache: bool = True, cache_dir=None, progress: Optional[bool] = None,
-                  progress_callback: Optional[Callable[[float, str], None]] = None):
+                  progress_callback: Optional[Callable[[float, str], None]] = None, distributed=False):
     """Where ``phrase`` is in every image of ``view``, images ranked by how sure the model is.
 
     Writes each sample's box, with its confidence and the phrase, to ``label_field`` (a
@@ -46,7 +46,10 @@ def search_phrase(view, phrase: str, model: GroundingModel, label_field: str = S
     ``use_cache``, images whose frozen features training cached for this model (under
     ``cache_dir``, default that of ``fit``) are read from the cache instead of being decoded
     and encoded; the adapter architecture reads the phrase inside the image encoder and always
-    encodes. ``confidence_thresh`` drops the less confident boxes.
+    encodes. ``confidence_thresh`` drops the less confident boxes. ``distributed``: under
+    ``torchrun`` / ``accelerate launch``, this rank grounds its share of the images only
+    (``apply.apply_grounding_model``); the ranking is a view of the whole, ready once every rank
+    has written (each rank returns when all are done).
     """
     if not model.model.has_confidence:
         raise InputError("This model has no confidence (it was trained without a quality head), so it cannot rank "
@@ -55,7 +58,8 @@ def search_phrase(view, phrase: str, model: GroundingModel, label_field: str = S
     if use_cache:
         features = find_feature_cache(Path(cache_dir) if cache_dir else default_feature_cache_dir(), model.model)
     ground_phrase(view, phrase, model, label_field=label_field, batch_size=batch_size, progress=progress,
-                  progress_callback=progress_callback, confidence_thresh=confidence_thresh, features=features)
+                  progress_callback=progress_callback, confidence_thresh=confidence_thresh, features=features,
+                  distributed=distributed)
     return rank_by_confidence(view, label_field)
 
 
