@@ -38,9 +38,16 @@ def set_threads(threads: Optional[int]) -> None:
 
 
 def resolve_device(name: Optional[str]) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device`` (None: the GPU where there is one, else the CPU), as the package resolves it.
+    A GPU named with its index (``cuda:1``) also becomes CUDA's current GPU for the benchmark's
+    process, so that what torch ties to the current GPU (``pin_memory()``, DataLoader pin threads,
+    the profiler, ``fit``'s Accelerate, which takes no device) is tied to it, not to GPU 0."""
+    from fiftyone_grounding.devices import resolve_device as package_device
+
+    device = package_device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def device_info(device: torch.device) -> dict:
@@ -68,12 +75,14 @@ def device_info(device: torch.device) -> dict:
 
 
 def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    """Wait for the work queued on ``device`` (that GPU, not the current one)."""
+    from fiftyone_grounding.devices import synchronize
+
+    synchronize(device)
 
 
 class Timer:
-    """Wall-clock timer with ``torch.cuda.synchronize()`` at both ends."""
+    """Wall-clock timer that waits for ``device`` (``torch.cuda.synchronize(device)``) at both ends."""
 
     def __init__(self, device: torch.device):
         self.device = device

@@ -102,6 +102,7 @@ def saved_for_backward():
 
 
 def measure(recipe: str, args, device, tmp: Path) -> dict:
+    from fiftyone_grounding.devices import peak_memory_gib, reset_peak_memory
     from fiftyone_grounding.engine.config import TrainConfig
     from fiftyone_grounding.models.precision import AUTOCAST_DTYPES, default_mixed_precision
     from fiftyone_grounding.engine.loop import train_step
@@ -120,7 +121,7 @@ def measure(recipe: str, args, device, tmp: Path) -> dict:
     dtype = AUTOCAST_DTYPES[mp]
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     with saved_for_backward() as saved:  # a first step, its activations counted
         train_step(model, batch, optimizer, model.config.loss_weights, cfg.grad_clip, autocast_dtype=dtype)[0].item()
     times = []
@@ -132,7 +133,7 @@ def measure(recipe: str, args, device, tmp: Path) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times) if times else float("nan")
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = peak_memory_gib(device)  # None off CUDA
     # the estimate: every weight, the trainable ones' gradients and AdamW's two moments (float32),
     # and the activations the step saved for its backward pass
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

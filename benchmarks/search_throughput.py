@@ -33,9 +33,9 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from _bench_common import build_offline, device_info, fmt_rate, resolve_device, set_threads, write_images, write_json
+from _bench_common import (build_offline, device_info, fmt_rate, resolve_device, set_threads, sync, write_images,
+                           write_json)
 
 PHRASE = "the small red circle on the left"
 
@@ -89,8 +89,7 @@ def main(argv=None) -> dict:
                 ranked = search_phrase(view, PHRASE, model, label_field="found", batch_size=args.batch_size,
                                        use_cache=use_cache, cache_dir=cache_root, progress=False)
                 ranked.first()  # the sorted view is read, as the App does
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                sync(device)
                 return time.perf_counter() - t
 
             results = {}

@@ -1,7 +1,7 @@
 """Training throughput: the seed's step against the project's training path, on one device.
 
 Modes, all on the same model (same weights) and the same device, each timed after its own
-warm-up steps with ``torch.cuda.synchronize()`` around the timed loop:
+warm-up steps with ``torch.cuda.synchronize(device)`` around the timed loop:
 
   seed          the seed's step: fp32, both encoders every step, one image per phrase
                 (the image tensor repeated for each of its phrases)
@@ -109,7 +109,7 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
 
     from fiftyone_grounding.data.cache import open_feature_cache
-    from fiftyone_grounding.devices import default_num_workers
+    from fiftyone_grounding.devices import default_num_workers, peak_memory_gib, reset_peak_memory
     from fiftyone_grounding.data.images import load_rgb
     from fiftyone_grounding.models.build import build_model
 
@@ -275,10 +275,10 @@ def main(argv=None):
             for mode in modes:
                 if cuda:
                     torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(device)
+                    reset_peak_memory(device)
                 times[mode].append(timed_run(mode))
                 if cuda:
-                    peak[mode] = torch.cuda.max_memory_allocated(device) / 2**30
+                    peak[mode] = peak_memory_gib(device)
 
         if args.profile:
             profile_mode(args.profile, timed_run, device)

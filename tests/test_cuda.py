@@ -1,5 +1,6 @@
 """What only a CUDA GPU can run: batches in flight (``predict_boxes`` before ``.result()``) and
-``apply_grounding_model`` with one batch in flight, checked against the CPU.
+``apply_grounding_model`` with one batch in flight, checked against the CPU; and, with two GPUs,
+a model on ``cuda:1`` that predicts, trains, caches features and fits there, leaving GPU 0 untouched.
 
 Skipped without a GPU (CI has none); ``benchmarks/run_gpu.sh`` runs this file after the apply benchmark.
 """
@@ -47,3 +48,57 @@ def test_apply_on_the_gpu_writes_the_boxes_of_the_cpu(synthetic_dataset, tiny_ch
     assert run == {"processed": 40, "skipped": []}
     ref, got = view.values(["cuda_ref.detections.bounding_box", f"cuda_{worker_type}.detections.bounding_box"])
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-4)
+
+
+# -- any GPU, not only GPU 0 (issue 27) ------------------------------------------------------------
+# Everything runs on cuda:1 in a fresh process (tests/cuda_device_script.py), so that nothing this
+# process put on GPU 0 counts; then GPU 0 must hold no memory and no CUDA context of it.
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+
+
+@pytest.fixture(scope="module")
+def on_gpu_1(synthetic_dataset, tiny_checkpoint, tmp_path_factory):
+    """What the script reports after predicting, training a step, caching features and fitting on cuda:1."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    repo = Path(__file__).resolve().parents[1]
+    work = tmp_path_factory.mktemp("gpu1")
+    name = f"fog-gpu1-{uuid.uuid4().hex[:8]}"
+    dataset = synthetic_dataset.clone(name)
+    dataset.persistent = True  # the script loads it by name
+    try:
+        env = dict(os.environ, PYTHONPATH=str(repo), ACCELERATE_TORCH_DEVICE="cuda:1")
+        proc = subprocess.run([sys.executable, str(repo / "tests" / "cuda_device_script.py"), str(tiny_checkpoint),
+                               "cuda:1", str(work), str(work / "report.json"), name],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads((work / "report.json").read_text())
+    finally:
+        dataset.delete()
+
+
+@two_gpus
+def test_a_model_on_gpu_1_predicts_trains_and_reports_its_memory_there(on_gpu_1):
+    assert on_gpu_1["boxes_finite"] and on_gpu_1["loss_finite"]
+    assert on_gpu_1["parameters_on"] == ["cuda:1"] and on_gpu_1["fit_parameters_on"] == ["cuda:1"]
+    assert on_gpu_1["cached"] == 4 and on_gpu_1["fit_val_iou"] is not None
+    assert on_gpu_1["peak_gib"] > 0  # the memory statistic of cuda:1, not of the current GPU
+    # bf16 as cuda:1 has it (its own capability, not GPU 0's)
+    expected = "torch.bfloat16" if torch.cuda.get_device_capability(1) >= (8, 0) else "None"
+    assert on_gpu_1["autocast"] == expected
+
+
+@two_gpus
+def test_a_model_on_gpu_1_leaves_gpu_0_untouched(on_gpu_1):
+    """No tensor (allocated now or at any time) and no CUDA context on GPU 0: nothing of predict,
+    the training step, the cache's pinned loader or fit (under ACCELERATE_TORCH_DEVICE) went there."""
+    assert on_gpu_1["allocated_elsewhere"]["0"] == 0 and on_gpu_1["peak_elsewhere"]["0"] == 0
+    assert 0 not in on_gpu_1["contexts_elsewhere"], on_gpu_1

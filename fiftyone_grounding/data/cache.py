@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..devices import on_device
 from ..models.encoders import home_dir, transformers_major
 from ..models.precision import autocast
 from ..errors import ImageError, TrainingError
@@ -197,33 +198,35 @@ class FeatureCache(_ShardedStore):
         todo = sorted({p for p in paths if p not in self._index})
         if not todo:
             return 0
-        loader = DataLoader(_ImageViews(todo, config.image_size, config.image_mean, config.image_std),
-                            batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                            pin_memory=torch.device(device).type == "cuda")
-        pending: list[np.ndarray] = []
-        pending_paths: list[str] = []
-        count = 0
-        for idx, views, errors in bar(loader, desc="caching image features", disable=not progress, leave=False):
-            for i, why in errors:
-                self._errors[todo[i]] = why
-            if views is None:
-                continue
-            n = views.shape[0]
-            pixels = views.flatten(0, 1).to(device, non_blocking=True)  # (2n, 3, S, S)
-            with autocast(device, autocast_dtype):
-                feats = encode(pixels)  # (2n, T, D)
-            feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
-            if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
-                raise TrainingError("Image features overflow float16, so the feature cache cannot store them; "
-                                    "train with cache_features=False")
-            pending.append(feats.astype(np.float16))
-            pending_paths.extend(todo[i] for i in idx)
-            # Bounded memory: flush a shard every few hundred MB whatever the dataset size.
-            if sum(a.nbytes for a in pending) >= self.shard_bytes:
-                count += self._flush(pending, pending_paths)
-                pending, pending_paths = [], []
-        count += self._flush(pending, pending_paths)
-        return count
+        # the loader pins its batches for ``device``'s GPU (and its pin thread works there), not the current one
+        with on_device(device):
+            loader = DataLoader(_ImageViews(todo, config.image_size, config.image_mean, config.image_std),
+                                batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                pin_memory=torch.device(device).type == "cuda")
+            pending: list[np.ndarray] = []
+            pending_paths: list[str] = []
+            count = 0
+            for idx, views, errors in bar(loader, desc="caching image features", disable=not progress, leave=False):
+                for i, why in errors:
+                    self._errors[todo[i]] = why
+                if views is None:
+                    continue
+                n = views.shape[0]
+                pixels = views.flatten(0, 1).to(device, non_blocking=True)  # (2n, 3, S, S)
+                with autocast(device, autocast_dtype):
+                    feats = encode(pixels)  # (2n, T, D)
+                feats = feats.float().reshape(n, len(VIEWS), *feats.shape[1:]).cpu().numpy()
+                if not np.isfinite(feats).all() or np.abs(feats).max() > 6e4:
+                    raise TrainingError("Image features overflow float16, so the feature cache cannot store them; "
+                                        "train with cache_features=False")
+                pending.append(feats.astype(np.float16))
+                pending_paths.extend(todo[i] for i in idx)
+                # Bounded memory: flush a shard every few hundred MB whatever the dataset size.
+                if sum(a.nbytes for a in pending) >= self.shard_bytes:
+                    count += self._flush(pending, pending_paths)
+                    pending, pending_paths = [], []
+            count += self._flush(pending, pending_paths)
+            return count
 
     def _flush(self, arrays: list[np.ndarray], paths: list[str]) -> int:
         if arrays:

@@ -24,6 +24,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..data.skips import once_each
+from ..devices import on_device
 from ..errors import InputError
 from ..models.build import build_model
 from ..models.decoder import Grounder
@@ -92,7 +93,7 @@ def fit(
     ``train_<run folder>``, with this config, the view, the checkpoint folder, its best val IoU
     and whether it completed or failed).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     cfg = _train_config(config, options)
@@ -104,17 +105,24 @@ def fit(
     if resume_dir is not None:
         check_same_run(out, fingerprint)  # a run folder resumes only the run it holds
 
-    probe = torch.device("cpu") if cpu or not torch.cuda.is_available() else torch.device("cuda")
-    mp = default_mixed_precision(probe) if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    # The device this process trains on, as the Accelerator below will have it (Accelerate's shared
+    # state: under torchrun the rank's cuda:LOCAL_RANK, else ACCELERATE_TORCH_DEVICE or the current
+    # GPU): its bf16 decides "auto", not GPU 0's.
+    device = PartialState(cpu=cpu).device
+    mp = default_mixed_precision(device) if cfg.mixed_precision == "auto" else cfg.mixed_precision
     # broadcast_buffers=False: the only buffers are the frozen encoders' constants, which every
-    # process loads alike; DDP would otherwise send them from rank 0 before every forward
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mp,
-                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    # process loads alike; DDP would otherwise send them from rank 0 before every forward.
+    # on_device: Accelerate's own bf16 check (torch.cuda.is_bf16_supported()) asks the current GPU.
+    with on_device(device):
+        accelerator = Accelerator(cpu=cpu, mixed_precision=mp,
+                                  kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     is_main = accelerator.is_main_process
     set_seed(cfg.seed)
 
     splits = read_splits(view, cfg, model_config, say=is_main)
-    with recorded(view, cfg, out, best_dir, is_main) as run:
+    # on_device: the loaders' pinned batches, the caches' and everything else tied to CUDA's
+    # current GPU belong to this process's GPU
+    with on_device(accelerator.device), recorded(view, cfg, out, best_dir, is_main) as run:
         model = build_model(config=model_config, weights=weights)
         if resume_dir is None:
             model.init_box_bias(torch.tensor(splits.train.mean_box()))

@@ -13,6 +13,8 @@ from typing import Callable, Generic, TypeVar, Union
 
 import torch
 
+from ..devices import on_device
+
 T = TypeVar("T")
 
 
@@ -21,7 +23,10 @@ def to_device(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.T
     device = torch.device(device)
     # from pinned memory a copy to the GPU does not wait for the batch still running there
     pin = device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned()
-    return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+    if not pin:
+        return tensor.to(device, non_blocking=True)
+    with on_device(device):  # pinned for the model's GPU (pin_memory() pins for the current one)
+        return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class Pending(Generic[T]):
@@ -42,10 +47,12 @@ def copy_to_host(values: torch.Tensor, finish: Callable[[torch.Tensor], T]) -> P
         return Pending(lambda: done)
     # Copy into pinned memory behind the model on the same stream; the event marks its end
     # (a plain .cpu() later would also wait for every batch queued after this one).
-    host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
-    host.copy_(values, non_blocking=True)
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(values.device))  # the model's GPU, not the current one
+    # On the model's GPU, not the current one: the pinned memory, the copy and the event that ends it.
+    with on_device(values.device):
+        host = torch.empty(values.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(values, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(values.device))
 
     def wait() -> T:
         copied.synchronize()
