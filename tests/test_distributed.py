@@ -76,10 +76,20 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def _written(ds, field: str) -> int:
-    """Samples with a value in ``field``, which another process may have declared meanwhile."""
+def _rank_pids(launcher: int) -> dict:
+    """{RANK: pid} of the worker processes a torchrun process started (from /proc)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+        ranks[int(environ.get("RANK", -1))] = pid
+    return ranks
+
+
+def _written(ds, field: str) -> set:
+    """The samples with a value in ``field``, which another process may have declared meanwhile."""
     ds.reload()
-    return ds.exists(field).count() if ds.has_field(field) else 0
+    return set(ds.exists(field).values("id")) if ds.has_field(field) else set()
 
 
 def _boxes(view, field: str) -> dict:
@@ -95,8 +105,6 @@ def test_two_ranks_under_torchrun_write_the_boxes_of_one_process_and_a_rerun_fin
     writing its earlier images); torchrun stops the other. The rerun with --skip-existing runs only
     the samples left, and in the end every sample has the box one process gives it, written by
     exactly one rank."""
-    import psutil
-
     ds = synthetic_dataset.clone(dataset_name)
     one = GroundingModel.from_checkpoint(tiny_checkpoint, device="cpu")
     apply_grounding_model(ds, one, label_field="one", batch_size=4, progress=False)
@@ -121,11 +129,11 @@ def test_two_ranks_under_torchrun_write_the_boxes_of_one_process_and_a_rerun_fin
     proc = _torchrun(args, env)
     other = owned[1 - stuck_rank]
     deadline = time.monotonic() + 180
-    while _written(ds, "dist") < len(other) + 4:  # the other rank done, the stuck one past a batch
+    while not (other <= _written(ds, "dist") and len(_written(ds, "dist") - other) >= 4):
+        # until the other rank is done and the stuck one has written a batch
         assert proc.poll() is None and time.monotonic() < deadline, _finish(proc, 1)
         time.sleep(0.5)
-    ranks = {int(p.environ().get("RANK", -1)): p for p in psutil.Process(proc.pid).children()}
-    ranks[stuck_rank].send_signal(signal.SIGKILL)
+    os.kill(_rank_pids(proc.pid)[stuck_rank], signal.SIGKILL)
     out = _finish(proc)
     assert proc.returncode != 0, out  # torchrun reports the dead rank and stops the other
 

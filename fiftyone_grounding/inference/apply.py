@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from ..data.batching import GroupBatchSampler
-from ..devices import WORKER_TYPES, default_apply_batch_size, default_num_workers
+from ..devices import WORKER_TYPES, default_apply_batch_size, default_num_workers, on_device
 from ..data.fields import DEFAULT_PROMPT_FIELD, GROUNDED_FIELD
 from ..errors import InputError
 from .model import GroundingModel, log_skipped
@@ -154,10 +154,12 @@ def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_work
     if worker_type == "thread":
         return thread_loader(items, batches, workers)  # predict_boxes pins the pixels
     workers = min(workers, len(batches))  # a few selected samples start no idle processes
-    return iter(torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         items, batch_sampler=batches, num_workers=workers, collate_fn=collate_groups,
         pin_memory=model.device.type == "cuda", prefetch_factor=4 if workers else None,
-    ))
+    )
+    with on_device(model.device):  # its pin-memory thread pins for the model's GPU, not the current one
+        return iter(loader)
 
 
 # Phrases held in memory at once: a view is read from one database cursor in chunks of whole
@@ -297,7 +299,7 @@ def _run(dataset, model: GroundingModel, label_field: str, rows: Iterable[tuple]
     def labels_of(batch, pending) -> list:
         return batch_labels(batch, pending.result() if pending is not None else None, make_label)
 
-    with model, fiftyone_progress(progress, "grounding") as bar_progress, \
+    with model, on_device(model.device), fiftyone_progress(progress, "grounding") as bar_progress, \
             fou.ProgressBar(total=total, progress=bar_progress) as bar, \
             LabelWriter(dataset, label_field, write_every) as writer:
 
