@@ -16,7 +16,9 @@ from fiftyone_grounding.evaluation.flagging import at_budget, average_precision,
 from fiftyone_grounding.models.boxes import box_iou
 from fiftyone_grounding.qa import combine, inject
 from fiftyone_grounding.qa.folds import _fold_splits, image_folds
-from fiftyone_grounding.qa.label_errors import SUSPECT_TAG, compute_label_errors
+from fiftyone_grounding.inference.distributed import Shard
+from fiftyone_grounding.qa.label_errors import (SUSPECT_TAG, calibrate_label_errors, compute_label_errors,
+                                                score_label_errors)
 from fiftyone_grounding.qa.review import mark_right, review_precision, use_model_box
 
 
@@ -134,6 +136,18 @@ def test_a_checkpoint_scores_only_what_it_did_not_train_on_and_ranks_injected_er
     first = result.view.first()
     assert first.label_error == max(scores) and len(first.label_error_box.detections) == 1
     assert dataset.has_run("label_errors_label_error")
+
+    # Two ranks' (or operator tasks') score steps, each on its share of the images, then one
+    # calibration of the whole view: the scores of one process.
+    one = dict(zip(ids, scores))
+    parts = [score_label_errors(dataset, checkpoint, distributed=Shard(rank, 2), progress=False, say=said.append)
+             for rank in (0, 1)]
+    assert sum(p["scored"] for p in parts) == len(view) and min(p["scored"] for p in parts) > 0
+    assert sum(p["left_out"] for p in parts) == len(dataset.match_tags("train"))
+    again = calibrate_label_errors(dataset, checkpoint, progress=False, say=said.append)
+    two = dict(zip(*dataset.exists("label_error").values(["id", "label_error"])))
+    assert again.scored == len(view) and two.keys() == one.keys()
+    np.testing.assert_allclose([two[k] for k in one], list(one.values()), atol=1e-4)
 
 
 def test_the_review_answers_write_what_they_say(synthetic_dataset, dataset_name, tiny_checkpoint):

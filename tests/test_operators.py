@@ -490,3 +490,68 @@ def test_the_forms_default_model_is_the_latest_training_run_else_the_demos_never
 
     main(["apply", "--dataset", dataset_name, "--label-field", "cli"])
     assert dataset.count("cli.detections") == 4
+
+
+DISTRIBUTED = {"apply_grounding_model", "ground_phrase", "search_phrase", "score_label_errors"}
+
+
+def test_the_operators_whose_work_splits_by_samples_declare_it_and_each_task_writes_only_its_batch(
+        dataset, tiny_checkpoint, monkeypatch):
+    """``allow_distributed_execution`` (open-source FiftyOne's OperatorConfig keeps it False: the
+    flag is read from what the operators ask for). A deployment that splits a run gives each task
+    its batch as the target view: two tasks on two halves write the boxes of one run, each only
+    on its own samples."""
+    import numpy as np
+
+    asked = {}
+
+    class Recorder(foo.OperatorConfig):
+        def __init__(self, name, **kwargs):
+            asked[name] = kwargs.get("allow_distributed_execution", False)
+            super().__init__(name, **kwargs)
+
+    monkeypatch.setattr(foo, "OperatorConfig", Recorder)
+    registered = [op for op in OperatorRegistry().list_operators() if op.plugin_name == PLUGIN]
+    for op in registered:
+        op.config
+    assert {name for name, yes in asked.items() if yes} == DISTRIBUTED
+    monkeypatch.undo()
+
+    ids = dataset.values("id")
+    halves = [ids[::2], ids[1::2]]
+    params = {"model": str(tiny_checkpoint), "label_field": "tasks"}
+    for k, half in enumerate(halves):
+        execute("apply_grounding_model", view=dataset.select(half), params=params)
+        assert set(dataset.exists("tasks").values("id")) == set(ids[::2] if k == 0 else ids)
+    execute("apply_grounding_model", dataset=dataset, params={**params, "label_field": "whole"})
+    tasks, whole = dataset.values("tasks.detections.bounding_box"), dataset.values("whole.detections.bounding_box")
+    np.testing.assert_allclose(np.asarray(tasks), np.asarray(whole), atol=1e-6)
+
+
+def test_apply_then_evaluate_is_one_pipeline(dataset, tiny_checkpoint):
+    view = dataset.match(F("split") == "val")
+    execute("apply_then_evaluate", view=view, params={"model": str(tiny_checkpoint), "label_field": "piped",
+                                                      "eval_key": "piped_eval"})
+    assert dataset.count("piped.detections") == len(view) < len(dataset)
+    assert "piped_eval" in dataset.list_evaluations() and view.exists("piped_eval_iou").count() == len(view)
+
+
+def test_label_errors_in_two_steps_as_tasks_then_once(dataset, tiny_checkpoint):
+    """The score step as two tasks (two halves of the samples), then the calibration once, through
+    the pipeline operator: every annotation scored, P(wrong) on all of them."""
+    ids = dataset.values("id")
+    params = {"model": str(tiny_checkpoint)}
+    parts = []
+    for half in (ids[::2], ids[1::2]):
+        results, _ = execute("score_label_errors", view=dataset.select(half), params=params)
+        assert results["scored"] + results["left_out"] == len(half)  # left out: the model's training split
+        parts.append(results["scored"])
+    scored = dataset.exists("label_error_signals").count()
+    assert scored == sum(parts) and min(parts) > 0
+    results, _ = execute("calibrate_label_errors", dataset=dataset, params=params)
+    assert results["scored"] == scored == dataset.exists("label_error").count()
+    assert "label errors (label_error)" in dataset.list_saved_views()
+
+    dataset.delete_sample_fields(["label_error", "label_error_signals"])
+    execute("find_label_errors_at_scale", dataset=dataset, params={**params, "field": "piped_error"})
+    assert dataset.exists("piped_error").count() == scored

@@ -1,4 +1,6 @@
-"""The App's label-QA operator: "Grounding: find label errors" (scheduled by default).
+"""The App's label-QA operators: "Grounding: find label errors" (scheduled by default), and its
+two steps for many workers: "score annotations" (distributed: each task its own batch of samples)
+then "calibrate label errors" (once, the whole view); ``pipelines.py`` chains them.
 
 It runs ``qa.label_errors.compute_label_errors`` on the target samples: with a trained model
 (the samples it did not train on), or by training models on image-disjoint folds of the view. The
@@ -15,7 +17,7 @@ import fiftyone.operators.types as types
 from ..data.fields import DEFAULT_PROMPT_FIELD
 from ..models.config import DEFAULT_PRESET
 from .forms import flag, form, name_error
-from .operators import GroundingOperator, RiskLevel, _config
+from .operators import GroundingOperator, RiskLevel, _config, _nothing_to_show
 
 CHECKPOINT, FOLDS = "checkpoint", "folds"
 
@@ -52,13 +54,7 @@ class FindLabelErrors(GroundingOperator):
             inputs.int("epochs", min=1, label="Epochs per fold", default=self.DEFAULTS["epochs"])
         else:
             self.model_input(ctx, inputs)
-        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text", "each sample's referring expression")
-        self.field_input(ctx, inputs, view, "gt_field", "Annotation field", "Detections",
-                         "the annotated box (one per sample) to check")
-        prop = inputs.str("field", label="Score field", default=self.DEFAULTS["field"],
-                          description="P(wrong) goes here; its kind, driver and the model's box beside it "
-                                      "(<field>_kind, <field>_driver, <field>_box)")
-        flag(prop, name_error(self.param(ctx, "field"), "field name"))
+        label_error_fields(self, ctx, inputs, view)
         return form(inputs, "Find label errors")
 
     def _preset(self, ctx) -> str:
@@ -92,6 +88,10 @@ class FindLabelErrors(GroundingOperator):
         else:
             result = compute_label_errors(self.target(ctx), model=load_grounding_model(self.param(ctx, "model")),
                                           **options)
+        return self.finish(ctx, result)
+
+    @staticmethod
+    def finish(ctx, result) -> dict:
         # a scheduled run opens no view: the ranking is saved, for the App's saved-views menu
         saved = f"label errors ({result.field})"
         ctx.dataset.save_view(saved, result.view, overwrite=True)
@@ -112,4 +112,87 @@ class FindLabelErrors(GroundingOperator):
         return form(outputs, "Label errors scored: the view is sorted by P(wrong)")
 
 
-LABEL_ERROR_OPERATORS = (FindLabelErrors,)
+class ScoreLabelErrors(GroundingOperator):
+    """Step 1 of finding label errors at scale: the signals of each annotation of the target
+    samples under a trained model. Distributed: each task scores its own batch of samples
+    (``qa.label_errors.score_label_errors``); "Grounding: calibrate label errors" then runs once."""
+
+    DEFAULTS = {"phrase_field": DEFAULT_PROMPT_FIELD, "gt_field": "ground_truth", "field": "label_error"}
+    STARTING = "Loading the model"
+    FORM = "Score annotations (label errors, step 1 of 2)"
+    after = staticmethod(_nothing_to_show)
+
+    @property
+    def config(self):
+        return _config("score_label_errors", "Grounding: score annotations (label errors, step 1)",
+                       RiskLevel.MEDIUM, distributed=True,
+                       description="Step 1 of 2 of finding label errors over many workers: each annotation's "
+                                   "signals under a trained model; then 'calibrate label errors'")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return form(inputs, self.FORM)
+        self.model_input(ctx, inputs)
+        label_error_fields(self, ctx, inputs, self.target(ctx))
+        return form(inputs, self.FORM)
+
+    def run(self, ctx, progress):
+        from ..qa.label_errors import score_label_errors
+        from .zoo import load_grounding_model
+
+        part = score_label_errors(self.target(ctx), load_grounding_model(self.param(ctx, "model")),
+                                  phrase_field=self.param(ctx, "phrase_field"), gt_field=self.param(ctx, "gt_field"),
+                                  field=self.param(ctx, "field"), progress=False, progress_callback=progress)
+        return {"scored": part["scored"], "left_out": part["left_out"]}
+
+    def resolve_output(self, ctx):
+        outputs = types.Object()
+        outputs.int("scored", label="Annotations scored")
+        outputs.int("left_out", label="Left out (the model trained on them, or on their image)")
+        return form(outputs, "Scored: run 'Grounding: calibrate label errors' once every part is done")
+
+
+class CalibrateLabelErrors(FindLabelErrors):
+    """Step 2 of finding label errors at scale, once for the whole view after step 1 scored all of
+    it: the score's classifier fitted on injected errors, each annotation's P(wrong) written."""
+
+    FORM = "Calibrate label errors (step 2 of 2)"
+
+    @property
+    def config(self):
+        return _config("calibrate_label_errors", "Grounding: calibrate label errors (step 2)", RiskLevel.MEDIUM,
+                       description="Step 2 of 2: P(wrong) of every annotation that step 1 scored, the suspects "
+                                   "tagged and the view sorted by it")
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        if not self.needs_dataset(ctx, inputs):
+            return form(inputs, self.FORM)
+        self.model_input(ctx, inputs)
+        label_error_fields(self, ctx, inputs, self.target(ctx))
+        return form(inputs, self.FORM)
+
+    def run(self, ctx, progress):
+        from ..qa.label_errors import calibrate_label_errors
+        from .zoo import load_grounding_model
+
+        result = calibrate_label_errors(self.target(ctx), load_grounding_model(self.param(ctx, "model")),
+                                        phrase_field=self.param(ctx, "phrase_field"),
+                                        gt_field=self.param(ctx, "gt_field"), field=self.param(ctx, "field"),
+                                        progress=False, progress_callback=progress)
+        return self.finish(ctx, result)
+
+
+def label_error_fields(op: GroundingOperator, ctx, inputs, view) -> None:
+    """The phrase, annotation and score fields of the label-error forms."""
+    op.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text", "each sample's referring expression")
+    op.field_input(ctx, inputs, view, "gt_field", "Annotation field", "Detections",
+                   "the annotated box (one per sample) to check")
+    prop = inputs.str("field", label="Score field", default=op.DEFAULTS["field"],
+                      description="P(wrong) goes here; its kind, driver and the model's box beside it "
+                                  "(<field>_kind, <field>_driver, <field>_box)")
+    flag(prop, name_error(op.param(ctx, "field"), "field name"))
+
+
+LABEL_ERROR_OPERATORS = (FindLabelErrors, ScoreLabelErrors, CalibrateLabelErrors)

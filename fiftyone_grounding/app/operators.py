@@ -50,11 +50,17 @@ RiskLevel = types.RiskLevel
 
 
 def _config(name: str, label: str, risk_level: RiskLevel, description: Optional[str] = None,
-            **extra) -> foo.OperatorConfig:
-    """A dynamic operator that runs immediately (its progress streamed to the App) or delegated."""
+            distributed: bool = False, **extra) -> foo.OperatorConfig:
+    """A dynamic operator that runs immediately (its progress streamed to the App) or delegated.
+
+    ``distributed``: its work splits by samples (``allow_distributed_execution``): where the
+    deployment runs delegated operators as several tasks (FiftyOne Enterprise), each task gets its
+    own batch of the target samples as ``ctx.target_view()``, writes only those and needs none of
+    the others; open-source FiftyOne runs it as one task."""
     return foo.OperatorConfig(name=name, label=label, description=description, dynamic=True,
                               execute_as_generator=True, allow_immediate_execution=True,
-                              allow_delegated_execution=True, risk_level=risk_level, **ICONS, **extra)
+                              allow_delegated_execution=True, allow_distributed_execution=distributed,
+                              risk_level=risk_level, **ICONS, **extra)
 
 
 class GroundingOperator(foo.Operator):
@@ -119,7 +125,9 @@ class GroundingOperator(foo.Operator):
     def param(self, ctx, name: str):
         from .zoo import default_checkpoint
 
-        value = ctx.params.get(name)
+        # A pipeline stage's own parameters are in ctx.request_params: FiftyOne 1.22 runs a live
+        # pipeline's stages on one context whose ctx.params stay the pipeline's.
+        value = (ctx.request_params.get("params") or ctx.params).get(name)
         if value is not None:
             return value
         return default_checkpoint(ctx.dataset) if name == "model" else self.DEFAULTS.get(name)
@@ -399,7 +407,7 @@ class ApplyGroundingModel(GroundingOperator):
     @property
     def config(self):
         return _config("apply_grounding_model", "Grounding: apply a model", RiskLevel.MEDIUM,
-                       description="Writes the boxes of each sample's phrase to a Detections field")
+                       description="Writes the boxes of each sample's phrase to a Detections field", distributed=True)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -506,7 +514,7 @@ class GroundPhrase(GroundingOperator):
     @property
     def config(self):
         return _config("ground_phrase", "Grounding: find a phrase", RiskLevel.MEDIUM,
-                       description="Writes the box of a typed phrase on each target sample")
+                       description="Writes the box of a typed phrase on each target sample", distributed=True)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -546,7 +554,8 @@ class SearchPhrase(GroundPhrase):
     @property
     def config(self):
         return _config("search_phrase", "Grounding: search for a phrase", RiskLevel.MEDIUM,
-                       description="Finds a typed phrase in every image and sorts them by confidence")
+                       description="Finds a typed phrase in every image and sorts them by confidence",
+                       distributed=True)  # each task ranks its own batch; the App's sort is a view of all
 
     def run(self, ctx, progress):
         from ..inference.search import search_phrase
