@@ -1,5 +1,6 @@
 """``GroundingModel`` with FiftyOne's ``apply_model``, and this repository as a remote model-zoo source."""
 
+import shutil
 import socket
 import tarfile
 import threading
@@ -12,15 +13,18 @@ import torch
 
 import fiftyone as fo
 import fiftyone.zoo as foz
+from huggingface_hub import constants
 
+from fiftyone_grounding import hub
+from fiftyone_grounding.models.calibration import CALIBRATION_NAME
 from fiftyone_grounding.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from fiftyone_grounding.devices import default_apply_batch_size
 from fiftyone_grounding.data.images import load_rgb, normalize_pixels_batch, preprocess_image, resize_rgb, rgb_tensor
 from fiftyone_grounding.data.labels import expression_text
 from fiftyone_grounding.inference.apply import apply_grounding_model, ground_phrase
 from fiftyone_grounding.inference.model import GroundingModel
-from fiftyone_grounding.app.zoo import (DEMO_CHECKPOINT_ENV, SEED_URL_ENV, DownloadError,
-                                           register_local_source)
+from fiftyone_grounding.app.zoo import DEMO_CHECKPOINT_ENV, MODELS, DownloadError, register_local_source
+from hub_cache import cache_repo, checkpoint_files, use_cache
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO = "fiftyone-grounding/tiny-synthetic-demo"
@@ -282,24 +286,36 @@ def test_local_source_loads_the_demo_checkpoint(zoo_dir, tiny_checkpoint, monkey
     assert not copied.exists() and not foz.is_zoo_model_downloaded(DEMO)
 
 
-def test_github_style_archive_source_and_url_download(zoo_dir, tiny_checkpoint, http_root, monkeypatch):
+def test_github_style_archive_source_and_hub_checkpoint(zoo_dir, tiny_checkpoint, http_root, monkeypatch,
+                                                         tmp_path):
+    """The source from an archive URL; the seed model's checkpoint from its Hub repository at the
+    pinned revision, read from the Hugging Face cache (offline) into FiftyOne's zoo folder, where
+    it stays loadable when that cache is gone."""
     root, base = http_root
     # The repository as an archive with one top folder, like GitHub's, for foz.register_zoo_model_source.
     with tarfile.open(root / "fiftyone-grounding.tar.gz", "w:gz") as tar:
         for name in ("manifest.json", "__init__.py", "fiftyone_grounding"):
             tar.add(REPO_ROOT / name, arcname=f"fiftyone-grounding-main/{name}",
                     filter=lambda info: None if "__pycache__" in info.name else info)
-    # A checkpoint folder served by URL (a tiny one stands in for the seed's trained weights).
-    (root / "seed").mkdir()
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        (root / "seed" / name).write_bytes((tiny_checkpoint / name).read_bytes())
-    monkeypatch.setenv(SEED_URL_ENV, f"{base}/seed/")
+    # The seed's repository in the Hugging Face cache (a tiny checkpoint stands in for its weights);
+    # its main branch holds something else: the zoo reads the pinned revision.
+    entry = MODELS[SEED]
+    assert entry.repo_id == SEED and entry.revision
+    cache = use_cache(monkeypatch, tmp_path / "hf-cache")
+    cache_repo(cache, entry.repo_id, checkpoint_files(tiny_checkpoint), revision=entry.revision)
+    cache_repo(cache, entry.repo_id, {CONFIG_NAME: b"{}"})
 
     foz.register_zoo_model_source(f"{base}/fiftyone-grounding.tar.gz")
     assert {SEED, DEMO, "fiftyone-grounding/grounder-refcoco"} <= set(foz.list_zoo_models())
     model = foz.load_zoo_model(SEED, cache=False)
-    assert isinstance(model, GroundingModel)
+    assert isinstance(model, GroundingModel) and model.source == SEED
     assert foz.is_zoo_model_downloaded(SEED)
+    copied = zoo_dir / "fiftyone-grounding" / "seed-refcoco"
+    assert {p.name for p in copied.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME}
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
+        assert (copied / name).read_bytes() == (tiny_checkpoint / name).read_bytes() and not (copied / name).is_symlink()
+    shutil.rmtree(cache)
+    assert isinstance(foz.load_zoo_model(SEED, cache=False), GroundingModel)
 
 
 def _one_sentence(error) -> str:
@@ -312,17 +328,25 @@ def _one_sentence(error) -> str:
 def test_download_fails_with_one_clear_sentence(zoo_dir, tmp_path, monkeypatch):
     register_local_source(str(REPO_ROOT))
     target = zoo_dir / "fiftyone-grounding" / "seed-refcoco"  # the checkpoint folder
+    use_cache(monkeypatch, tmp_path / "hf-cache")  # empty
+    revision = MODELS[SEED].revision
 
-    monkeypatch.delenv(SEED_URL_ENV, raising=False)
     with pytest.raises(DownloadError) as error:
         foz.load_zoo_model(SEED, cache=False)
-    assert SEED_URL_ENV in _one_sentence(error)
+    assert _one_sentence(error).startswith(
+        f"{SEED} (revision {revision!r}) is not in the local Hugging Face cache and the Hub cannot be used "
+        "(HF_HUB_OFFLINE is set): unset HF_HUB_OFFLINE to download it")
 
-    monkeypatch.setenv(SEED_URL_ENV, f"http://127.0.0.1:{_free_port()}/nothing-here")
+    # not declared offline, but the endpoint does not answer: said at once, not after retries
+    port = _free_port()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setattr(hub, "_probes", {})
     with pytest.raises(DownloadError) as error:
         foz.load_zoo_model(SEED, cache=False)
-    assert "Could not download" in _one_sentence(error)
+    assert f"the Hub cannot be used (cannot connect to 127.0.0.1:{port}: " in _one_sentence(error)
     assert not target.exists()
 
     monkeypatch.setenv(DEMO_CHECKPOINT_ENV, str(tmp_path / "no-checkpoint"))

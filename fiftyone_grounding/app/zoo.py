@@ -20,13 +20,18 @@ hooks, start at once the second time; :func:`release_models` frees them.
 
 Models (a trained checkpoint folder each: ``config.json`` + ``model.safetensors``):
 
-- ``fiftyone-grounding/seed-refcoco``: the ``seed`` preset (Hub encoders); its trained
-  weights come from the folder URL in ``$FIFTYONE_GROUNDING_SEED_URL``.
-- ``fiftyone-grounding/grounder-refcoco``: the improved ``grounder`` preset; weights from
-  ``$FIFTYONE_GROUNDING_GROUNDER_URL``.
+- ``fiftyone-grounding/seed-refcoco``: the ``seed`` preset (Hub encoders), trained on RefCOCO;
+  the Hugging Face Hub repository of the same name at the tag ``ZOO_REVISION``.
+- ``fiftyone-grounding/grounder-refcoco``: the improved ``grounder`` preset; the Hub repository
+  of the same name at that tag.
 - ``fiftyone-grounding/tiny-synthetic-demo``: the checkpoint that ``fiftyone-grounding demo``
   writes, copied from ``$FIFTYONE_GROUNDING_DEMO_CHECKPOINT`` or, unset, the folder the demo
   recorded (:func:`demo_checkpoint_dir`).
+
+The Hub repositories are fetched into the Hugging Face cache (``checkpoint.resolve_checkpoint_dir``,
+which also reads that cache alone under ``HF_HUB_OFFLINE=1``) and linked or copied from there into
+FiftyOne's model zoo folder. Any Hub repository of a checkpoint loads without the zoo, too:
+``load_grounding_model("org/name")``.
 
 The model the App's forms and the CLI offer when none is given is :func:`default_checkpoint`:
 the latest training run's best checkpoint on the dataset, else the demo's. Every path is
@@ -41,27 +46,26 @@ import os
 import re
 import shutil
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, load_config, resolve_checkpoint_dir
+from ..models.checkpoint import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_dir, hub_checkpoint,
+                                 resolve_checkpoint_dir)
 from ..models.calibration import CALIBRATION_NAME
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DownloadError, InputError
 
 SOURCE_NAME = "fiftyone-grounding"
 MANIFEST_NAME = "manifest.json"
-SEED_URL_ENV = "FIFTYONE_GROUNDING_SEED_URL"
-GROUNDER_URL_ENV = "FIFTYONE_GROUNDING_GROUNDER_URL"
+# The tag of the Hub repositories' checkpoints that this version loads: a checkpoint pushed later
+# (another format, another training) gets another tag, and installed versions keep theirs.
+ZOO_REVISION = "v1"
 DEMO_CHECKPOINT_ENV = "FIFTYONE_GROUNDING_DEMO_CHECKPOINT"
 # where the demo records its checkpoint: FiftyOne's execution store (in its database, so the App's
 # server, a notebook and the command line all read the same)
 STORE_NAME = "fiftyone_grounding"
 DEMO_CHECKPOINT_KEY = "demo_checkpoint"
-DOWNLOAD_TIMEOUT_S = 60
 # What a source folder holds for FiftyOne: the manifest, the module it imports, the package.
 SOURCE_FILES = (MANIFEST_NAME, "__init__.py", "fiftyone_grounding")
 # Path segments a manifest may use: no "..", no leading dot, no separators.
@@ -74,17 +78,17 @@ MODEL_CACHE_SIZE = 2
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """Where a zoo model's checkpoint comes from: the folder URL, or with ``local`` the local
-    folder, that the environment variable ``env`` names."""
+    """Where a zoo model's checkpoint comes from: the Hugging Face Hub repository ``repo_id`` at
+    ``revision``, or (``repo_id`` None) the local folder of the offline demo."""
 
-    env: str
-    local: bool = False
+    repo_id: Optional[str] = None
+    revision: Optional[str] = None
 
 
 MODELS: dict[str, ZooEntry] = {
-    f"{SOURCE_NAME}/seed-refcoco": ZooEntry(SEED_URL_ENV),
-    f"{SOURCE_NAME}/grounder-refcoco": ZooEntry(GROUNDER_URL_ENV),
-    f"{SOURCE_NAME}/tiny-synthetic-demo": ZooEntry(DEMO_CHECKPOINT_ENV, local=True),
+    f"{SOURCE_NAME}/seed-refcoco": ZooEntry("fiftyone-grounding/seed-refcoco", ZOO_REVISION),
+    f"{SOURCE_NAME}/grounder-refcoco": ZooEntry("fiftyone-grounding/grounder-refcoco", ZOO_REVISION),
+    f"{SOURCE_NAME}/tiny-synthetic-demo": ZooEntry(),
 }
 
 
@@ -197,23 +201,24 @@ NO_DEFAULT_MODEL = ("No model yet: type a checkpoint folder or a zoo model name,
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> None:
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        shutil.copy2(src / name, dst / name)
-
-
-def _download_checkpoint(url: str, dst: Path) -> None:
-    base = url.rstrip("/")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        with urllib.request.urlopen(f"{base}/{name}", timeout=DOWNLOAD_TIMEOUT_S) as response, \
-                open(dst / name, "wb") as f:
-            shutil.copyfileobj(response, f)
+    """The checkpoint's files (its calibration too, where it has one) into ``dst``: hard links
+    where the file system allows (the Hugging Face cache's files are never written again, and a
+    checkpoint folder is replaced whole, never edited), else copies."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME):
+        source = (src / name).resolve()  # the cache's snapshot files are links to its blobs
+        if not source.is_file():
+            continue
+        try:
+            os.link(source, dst / name)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(source, dst / name)
 
 
 def download_model(model_name: str, model_path: str) -> None:
     """Fetch ``model_name``'s checkpoint into ``checkpoint_dir(model_path)`` (FiftyOne's remote-zoo hook)."""
     entry = _entry(model_name)
     target = _zoo_checkpoint_dir(model_path)
-    if entry.local:
+    if entry.repo_id is None:
         src = demo_checkpoint_dir()
         try:
             if src is None:
@@ -222,30 +227,14 @@ def download_model(model_name: str, model_path: str) -> None:
         except CheckpointError as e:
             raise DownloadError(
                 f"No checkpoint to copy for {model_name} ({e}): run `fiftyone-grounding demo` first "
-                f"or set {entry.env} to a checkpoint folder."
+                f"or set {DEMO_CHECKPOINT_ENV} to a checkpoint folder."
             ) from None
-        atomic_write_dir(target, lambda tmp: _copy_checkpoint(src, tmp))
-        return
-
-    url = os.environ.get(entry.env, "").strip()
-    if not url:
-        raise DownloadError(
-            f"{model_name} has no download URL: set {entry.env} to the URL of a folder holding its "
-            f"{CONFIG_NAME} and {WEIGHTS_NAME} (for example a Hugging Face '.../resolve/main' URL)."
-        )
-
-    def fetch(tmp: Path) -> None:
+    else:
         try:
-            _download_checkpoint(url, tmp)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise DownloadError(
-                f"Could not download {model_name} from {url} ({reason}): check {entry.env} and your "
-                f"connection, or put {CONFIG_NAME} and {WEIGHTS_NAME} into {target} by hand."
-            ) from None
-        load_config(tmp)  # a config that does not parse fails here, not at load time
-
-    atomic_write_dir(target, fetch)
+            src = resolve_checkpoint_dir(entry.repo_id, revision=entry.revision)
+        except CheckpointError as e:  # offline and not cached, not found, gated: one sentence that says what to do
+            raise DownloadError(str(e)) from None
+    atomic_write_dir(target, lambda tmp: _copy_checkpoint(src, tmp))
 
 
 def load_model(model_name: str, model_path: str, device=None, **kwargs):
@@ -282,7 +271,8 @@ def cached_model(checkpoint, device=None, mixed_precision: str = "auto", **optio
     ``options`` (``prompt_field``, ``prompt``, ``confidence_thresh``, ``label``, ``source``)."""
     from ..inference.model import GroundingModel
 
-    folder = resolve_checkpoint_dir(Path(checkpoint).expanduser())
+    repo = hub_checkpoint(checkpoint)  # a Hub repository: recorded by its name, not its place in the cache
+    folder = resolve_checkpoint_dir(checkpoint if repo is not None else Path(checkpoint).expanduser())
     key = _cache_key(folder, device, mixed_precision)
     with _MODELS_LOCK:  # one load at a time: two runs asking for one checkpoint load it once
         model = _MODELS.get(key)
@@ -295,7 +285,7 @@ def cached_model(checkpoint, device=None, mixed_precision: str = "auto", **optio
         else:
             _STATS["hits"] += 1
             _MODELS.move_to_end(key)
-    options.setdefault("source", str(folder))
+    options.setdefault("source", str(repo) if repo is not None else str(folder))
     return model.with_options(**options)
 
 
@@ -335,6 +325,8 @@ def model_error(model: str) -> Optional[str]:
     try:
         zoo_model = foz.get_zoo_model(model)
     except ValueError:
+        if hub_checkpoint(model) is not None:
+            return None  # a Hugging Face Hub repository: fetching it is no form check, loading it says what is wrong
         where = "" if path.is_absolute() else " by its absolute path (a relative one is read from the folder the process runs in)"
         return (f"{model!r} is neither a checkpoint folder nor a registered zoo model: give the folder "
                 f"that training wrote (e.g. <run>/best){where}, or register this repository as a zoo source.")
@@ -352,9 +344,19 @@ def load_grounding_model(model: str, device=None, **options):
     if error:
         raise InputError(error)
     model = model.strip()
-    if Path(model).expanduser().exists():
+    if Path(model).expanduser().exists() or not _is_zoo_model(model):  # a folder, or a Hub repository
         return cached_model(model, device=device, **options)
     return foz.load_zoo_model(model, device=device, **options)
+
+
+def _is_zoo_model(name: str) -> bool:
+    import fiftyone.zoo as foz
+
+    try:
+        foz.get_zoo_model(name)
+    except ValueError:
+        return False
+    return True
 
 
 def register_local_source(source_dir: Optional[str] = None, overwrite: bool = False) -> str:

@@ -7,6 +7,11 @@ unpickles: weights are safetensors, everything else JSON; ``convert_checkpoint``
 old ``.pt`` state dict with torch's weights-only loader, which refuses code. Folders are written
 atomically (written beside, then renamed), so a kill during a save leaves the previous
 checkpoint loadable.
+
+Wherever a checkpoint folder is asked for, a Hugging Face Hub repository holding the same files
+will do: ``org/name``, or ``org/name@revision`` (also ``revision=``), fetched into the Hugging
+Face cache by ``hub_repo.download_snapshot`` (safetensors and JSON only). A local path that
+exists always wins over a repository of the same name.
 """
 
 from __future__ import annotations
@@ -23,13 +28,17 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .calibration import Calibration
+from .calibration import CALIBRATION_NAME, Calibration
 from .config import GrounderConfig
-from ..errors import CheckpointError
+from .hub_repo import CARD_NAME, HubRepo, download_snapshot, parse_hub_repo, repo_files
+from ..errors import CheckpointError, InputError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+# What a checkpoint's Hub repository holds, and all that is fetched from one: the checkpoint's
+# files (calibration.json only for models with a quality head or box queries) and its model card.
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CALIBRATION_NAME, CARD_NAME)
 
 PathLike = Union[str, os.PathLike]
 
@@ -56,9 +65,58 @@ def atomic_write_dir(path: PathLike, write: Callable[[Path], None]) -> Path:
 BEST_DIR = "best"  # the checkpoint a training run keeps: <run folder>/best
 
 
-def resolve_checkpoint_dir(path: PathLike) -> Path:
+def hub_checkpoint(path: PathLike, revision: Optional[str] = None) -> Optional[HubRepo]:
+    """The Hub repository that ``path`` names, or None where it is a local path.
+
+    Only a string names a repository (a ``pathlib.Path`` is local: the folders that code builds,
+    such as a fresh run's ``out/last``, never send a request to the Hub), and only where no path
+    of that name exists here (nor the copy a kill mid-swap left beside it): then ``org/name`` or
+    ``org/name@revision`` is a repository. ``revision`` (a branch, tag or commit) applies to a
+    repository only, and must agree with a revision after ``@``.
+    """
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    is_local = (not isinstance(path, str) or not text.strip() or local.exists()
+                or local.with_name(f".{local.name}.old").exists())
+    repo = None if is_local else parse_hub_repo(text)
+    if revision is None or revision == "":
+        return repo
+    if repo is None:
+        raise InputError(f"revision={revision!r} applies to a Hugging Face Hub repository (org/name), and {text} "
+                         "is a local path: leave the revision out.")
+    if repo.revision not in (None, revision):
+        raise InputError(f"{text} names revision {repo.revision!r} and revision= names {revision!r}: give one.")
+    return HubRepo(repo.repo_id, revision)
+
+
+def _hub_checkpoint_dir(repo: HubRepo) -> Path:
+    """The cached snapshot of ``repo`` as a checkpoint folder; a repository whose weights are a
+    pickle only is refused (its pickle is never fetched)."""
+    folder = download_snapshot(repo, HUB_FILES)
+    missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    pickles = sorted(name for name in repo_files(repo, folder) if name.lower().endswith(PICKLE_SUFFIXES))
+    if WEIGHTS_NAME in missing and pickles:
+        raise CheckpointError(
+            f"The Hugging Face Hub repository {repo.shown} holds its weights as a pickle only ({pickles[0]}), "
+            f"which can run code when loaded, so it is not fetched: fiftyone-grounding reads {WEIGHTS_NAME}; "
+            f"convert it (`fiftyone-grounding convert {pickles[0]} OUT_DIR --preset NAME`, which reads tensors "
+            f"only) and push OUT_DIR (`fiftyone-grounding push-to-hub OUT_DIR {repo.repo_id}`).")
+    raise CheckpointError(
+        f"The Hugging Face Hub repository {repo.shown} is not a fiftyone-grounding checkpoint: it has no "
+        f"{' and no '.join(missing)} (in the local cache, if the Hub was off); push one with "
+        f"`fiftyone-grounding push-to-hub RUN_DIR {repo.repo_id}`.")
+
+
+def resolve_checkpoint_dir(path: PathLike, revision: Optional[str] = None) -> Path:
     """The checkpoint folder at ``path`` (or the one a kill mid-swap left beside it); a training
-    run's folder (``out_dir``, holding ``best/`` and ``last/``) means its ``best/``."""
+    run's folder (``out_dir``, holding ``best/`` and ``last/``) means its ``best/``; a Hugging Face
+    Hub repository (``org/name``, ``org/name@revision``, ``revision=``; see :func:`hub_checkpoint`)
+    means its snapshot in the Hugging Face cache, fetched first where it is not there."""
+    repo = hub_checkpoint(path, revision)
+    if repo is not None:
+        return _hub_checkpoint_dir(repo)
     path = Path(path)
     if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / BEST_DIR).is_dir():
         path = path / BEST_DIR
@@ -100,15 +158,17 @@ def save_checkpoint(model, path: PathLike, extra: Optional[dict] = None,
     return atomic_write_dir(path, write)
 
 
-def load_config(path: PathLike) -> GrounderConfig:
-    return GrounderConfig.from_json(resolve_checkpoint_dir(path) / CONFIG_NAME)
+def load_config(path: PathLike, revision: Optional[str] = None) -> GrounderConfig:
+    return GrounderConfig.from_json(resolve_checkpoint_dir(path, revision=revision) / CONFIG_NAME)
 
 
-def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", weights: bool = True):
-    """Rebuild a ``Grounder`` from a checkpoint folder (encoders via ``from_pretrained``)."""
+def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu", weights: bool = True,
+                    revision: Optional[str] = None):
+    """Rebuild a ``Grounder`` from a checkpoint folder, a training run's folder or a Hugging Face
+    Hub repository (``org/name``, at ``revision``) (encoders via ``from_pretrained``)."""
     from .build import build_model
 
-    folder = resolve_checkpoint_dir(path)
+    folder = resolve_checkpoint_dir(path, revision=revision)
     config = GrounderConfig.from_json(folder / CONFIG_NAME)
     model = build_model(config=config, weights=weights)
     load_trainable_weights(model, folder / WEIGHTS_NAME)

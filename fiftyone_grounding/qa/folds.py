@@ -24,7 +24,7 @@ from ..data.records import GroundingRecords
 from ..engine.splits import samples_of_split
 from ..fiftyone_api import root_dataset
 from ..errors import CheckpointError
-from ..models.checkpoint import resolve_checkpoint_dir
+from ..models.checkpoint import hub_checkpoint, resolve_checkpoint_dir
 from ..runs import TRAIN_METHOD
 
 FOLD_SPLIT_FIELD = "label_error_split"  # the fold runs' split field: train / val / held_out
@@ -90,6 +90,8 @@ def trained_rows(view, checkpoint, records: GroundingRecords) -> tuple[np.ndarra
     image with one (a model may remember an image's objects), and the run's key; no rows and
     None where this dataset holds no record of training that checkpoint."""
     dataset = root_dataset(view)
+    if hub_checkpoint(checkpoint) is not None:  # a Hub repository or a zoo name: no run folder here to match
+        return np.zeros(0, dtype=np.int64), None
     try:
         folder = resolve_checkpoint_dir(checkpoint).resolve()
     except CheckpointError:  # a zoo model's name: trained elsewhere, no record here
