@@ -23,6 +23,7 @@ os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
 _DEFAULT = " (default: %(default)s)"  # argparse fills in the option's default
+_HUB = ", or a Hugging Face Hub repository ORG/NAME[@REVISION]"  # what --checkpoint also takes
 _TRAIN_DEFAULTS = TrainConfig()
 _PRESETS_TEXT = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
 
@@ -34,13 +35,11 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                        help=TrainConfig.HELP[name] + _DEFAULT)
 
 
-def _add_distributed_arg(p: argparse.ArgumentParser) -> None:
+def _add_distributed_arg(p: argparse.ArgumentParser, then: str = "") -> None:
     p.add_argument("--distributed", action="store_true", help=(
         "run as one rank of `torchrun` or `accelerate launch` (one or many nodes, one shared database: "
-        "FIFTYONE_DATABASE_URI): each rank runs its share of the images on its own device (cuda:LOCAL_RANK); "
-        "with --skip-existing a rerun finishes what a dead rank left" if p.prog.endswith("apply") else
-        "run as one rank of `torchrun` or `accelerate launch` (one or many nodes, one shared database: "
-        "FIFTYONE_DATABASE_URI): each rank runs its share of the images on its own device (cuda:LOCAL_RANK)"))
+        "FIFTYONE_DATABASE_URI, the same media paths): each rank runs its share of the images on its own device "
+        "(cuda:LOCAL_RANK)" + then))
 
 
 def _samples_of_split_args(view, args):
@@ -220,16 +219,40 @@ def cmd_label_errors(args) -> None:
 
     if args.preset and args.checkpoint:
         raise InputError("give --checkpoint (score with a trained model) or --preset (train fold models), not both")
+    if args.preset and args.distributed:
+        raise InputError("--distributed scores with a trained model (--checkpoint); --preset trains fold models in "
+                         "one process: run it without --distributed, or train a model first and score with it")
     view = _samples_of_split_args(_load_view(args), args)
     if args.preset:
         compute_label_errors(view, preset=args.preset, folds=args.folds, out_dir=args.out_dir,
                              train_options={"epochs": args.epochs}, phrase_field=args.phrase_field,
                              gt_field=args.gt_field, field=args.field, device=args.device,
                              progress=not args.no_progress)
+    elif args.distributed:
+        _distributed_label_errors(view, args)
     else:
         compute_label_errors(view, model=_checkpoint(args, view), phrase_field=args.phrase_field,
                              gt_field=args.gt_field, field=args.field, device=args.device,
                              progress=not args.no_progress)
+
+
+def _distributed_label_errors(view, args) -> None:
+    """Each rank scores its share of the images; once all are done, rank 0 calibrates the whole view."""
+    from .inference.distributed import process_group
+    from .qa.label_errors import calibrate_label_errors, score_label_errors
+
+    shard, device = _rank_and_device(args)
+    options = dict(phrase_field=args.phrase_field, gt_field=args.gt_field, field=args.field, device=device,
+                   progress=not args.no_progress and shard.rank == 0)
+    checkpoint = _checkpoint(args, view)
+    with process_group(shard) as group:
+        part = score_label_errors(view, checkpoint, distributed=shard, **options)
+        counts = group.gather(part["scored"])
+        if shard.rank == 0:
+            print(f"scored {' + '.join(f'{n:,}' for n in counts)} annotations on {shard.world_size} ranks; "
+                  f"calibrating on rank 0")
+            calibrate_label_errors(view, checkpoint, **options)
+        group.barrier()  # the others end with rank 0, so the launcher's status is the whole run's
 
 
 def cmd_migrate_labels(args) -> None:
@@ -259,6 +282,20 @@ def cmd_convert(args) -> None:
 
     out = convert_checkpoint(args.src, args.out_dir, args.preset)  # a CheckpointError ends in main
     print(f"wrote {out} (config.json + model.safetensors); load it with --checkpoint {out}")
+
+
+def cmd_push_to_hub(args) -> None:
+    from .engine.publish import prepare_hub_folder, push_to_hub
+
+    if args.dry_run:
+        out = prepare_hub_folder(args.run_dir, args.dry_run, args.repo_id)
+        print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))}): what would be pushed to "
+              f"{args.repo_id}; nothing was uploaded")
+        return
+    url = push_to_hub(args.run_dir, args.repo_id, private=args.private, token=args.token, revision=args.revision,
+                      commit_message=args.commit_message)
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"pushed to {url}; load it with --checkpoint {args.repo_id}{at}")
 
 
 def cmd_install_plugin(args) -> None:
@@ -485,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "overall and per split")):
         p = sub.add_parser(name, help=text, description=text + ".")
         _add_data_args(p)
-        p.add_argument("--checkpoint", help="checkpoint folder" + (
+        p.add_argument("--checkpoint", help="checkpoint folder" + _HUB + (
             " (default: the best checkpoint of the latest training run on the dataset, else the demo's)"
             if name == "apply" else "; predictions are made with it first"))
         p.add_argument("--label-field", default="predictions", help="field for (or with) the predictions" + _DEFAULT)
@@ -504,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "apply":
             p.add_argument("--write-every", type=int, default=1024, metavar="N",
                            help="write the labels every N samples (a killed run loses at most N)" + _DEFAULT)
-            _add_distributed_arg(p)
+            _add_distributed_arg(p, "; with --skip-existing a rerun finishes what a dead rank left")
         if name == "evaluate":
             p.add_argument("--eval-key", help="also record the evaluation as a FiftyOne run of this name "
                                               "(the App's Model Evaluation panel)")
@@ -518,8 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="name of the FiftyOne dataset")
     p.add_argument("--split-field", default=_TRAIN_DEFAULTS.split_field, help=TrainConfig.HELP["split_field"] + _DEFAULT)
     p.add_argument("phrase", help='what to find, e.g. "the red car on the left"')
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the best checkpoint of the latest training run "
-                                        "on the dataset, else the demo's)")
+    p.add_argument("--checkpoint", help="checkpoint folder" + _HUB + " (default: the best checkpoint of the latest "
+                                        "training run on the dataset, else the demo's)")
     p.add_argument("--label-field", default=SEARCH_FIELD, help="field for the boxes" + _DEFAULT)
     p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits")
     p.add_argument("--top", type=int, default=10, help="print the most likely TOP images" + _DEFAULT)
@@ -547,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT_DIR/<image>_crop.png and OUT_DIR/<image>_box.png.")
     p.add_argument("image", help="image file")
     p.add_argument("phrase", help='referring phrase, e.g. "the small red circle on the left"')
-    p.add_argument("--checkpoint", help="checkpoint folder (default: the demo's)")
+    p.add_argument("--checkpoint", help="checkpoint folder" + _HUB + " (default: the demo's)")
     p.add_argument("--out-dir", default="outputs/predict", help="where the crop and the boxed image go" + _DEFAULT)
     p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
     p.set_defaults(func=cmd_predict)
@@ -560,6 +597,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="checkpoint folder to write")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the preset the weights were trained with")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("push-to-hub", help="upload a trained checkpoint with its model card to the Hugging Face Hub",
+                       description="Upload RUN_DIR's best checkpoint (config.json, model.safetensors, calibration.json "
+                                   "where it has one) with a model card written from what the run recorded "
+                                   "(README.md) to the Hub model repository ORG/NAME, created where missing. Then "
+                                   "anyone loads it with --checkpoint ORG/NAME (ORG/NAME@REVISION for a branch, tag "
+                                   "or commit), or GroundingModel.from_checkpoint('ORG/NAME').")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a training run's folder (its best/ is pushed) or a checkpoint "
+                                                      "folder")
+    p.add_argument("repo_id", metavar="ORG/NAME", help="the Hub model repository")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                                                          "its visibility)")
+    p.add_argument("--token", help="a Hugging Face token with write access (default: the one `hf auth login` saved, "
+                                   "or $HF_TOKEN)")
+    p.add_argument("--revision", metavar="BRANCH", help="push to this branch, created from main where missing; load "
+                                                        "it as ORG/NAME@BRANCH (default: main)")
+    p.add_argument("--commit-message", help="the commit's message (default: names the preset and the val IoU)")
+    p.add_argument("--dry-run", metavar="OUT_DIR", help="write what would be uploaded into OUT_DIR and upload nothing")
+    p.set_defaults(func=cmd_push_to_hub)
 
     p = sub.add_parser("install-plugin", help="install the App plugin into FiftyOne's plugins folder",
                        description="Link the installed package's plugin folder into FiftyOne's plugins folder "
@@ -579,8 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
         "outside its recorded training view; --preset trains --folds models on image-disjoint folds."))
     _add_data_args(p)
     p.add_argument("--split", nargs="+", metavar="SPLIT", help="only samples of these splits (e.g. val test)")
-    p.add_argument("--checkpoint", help="a trained checkpoint folder (default: the best checkpoint of the latest "
-                                        "training run on the dataset, else the demo's)")
+    p.add_argument("--checkpoint", help="a trained checkpoint folder" + _HUB + " (default: the best checkpoint of "
+                                        "the latest training run on the dataset, else the demo's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="instead: train fold models of this preset")
     p.add_argument("--folds", type=int, default=5, help="with --preset: folds (models trained)" + _DEFAULT)
     p.add_argument("--epochs", type=int, default=10, help="with --preset: epochs per fold" + _DEFAULT)
@@ -589,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "review beside it: FIELD_kind, ...)" + _DEFAULT)
     p.add_argument("--device", help="cpu | cuda | cuda:1 (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_distributed_arg(p, "; once all are done, rank 0 calibrates the score on the whole view (--checkpoint only)")
     p.set_defaults(func=cmd_label_errors)
 
     p = sub.add_parser("import-refcoco", help="import RefCOCO / RefCOCO+ / RefCOCOg / gRefCOCO / RefCOCO-M / "

@@ -1,10 +1,12 @@
 """The few things fiftyone-grounding needs from FiftyOne that FiftyOne has no public name for,
 each in one function, so that a FiftyOne release that renames one breaks one place (FiftyOne
 1.22: ``SampleCollection._root_dataset``, ``Dataset._doc``, the ``datasets`` collection,
-``SampleCollection._aggregate``)."""
+``SampleCollection._aggregate``, the names of ``compute_embeddings`` and ``apply_model`` in
+``fiftyone.core.models``)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Iterator
 
 
@@ -56,3 +58,24 @@ def stream_by_filepath(view, fields: tuple[str, ...] = (), page: int = 32768) ->
         if not full:
             return
         after = last
+
+
+def fiftyone_is_embedding() -> bool:
+    """Whether the caller is FiftyOne's ``compute_embeddings`` (which FiftyOne Brain's
+    ``compute_similarity``, ``compute_visualization`` and ``compute_uniqueness`` call) rather
+    than its ``apply_model``: both build a model's data-loader item with the same
+    ``build_get_item(field_mapping)`` call and nothing else tells them apart before the run.
+    Read from the calling functions, so a FiftyOne release that renames them makes an embedding
+    run ask for a phrase (a loud error), never a prediction run go without one."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_globals.get("__name__") == "fiftyone.core.models":
+                if frame.f_code.co_name == "compute_embeddings":
+                    return True
+                if frame.f_code.co_name == "apply_model":
+                    return False
+            frame = frame.f_back
+        return False
+    finally:
+        del frame  # a frame held in a local keeps every caller's locals alive

@@ -340,6 +340,8 @@ def _run(dataset, model: GroundingModel, label_field: str, rows: Iterable[tuple]
             finally:
                 loader.close()
         bar.update(total - done)  # the rows without a phrase
+        if progress_callback is not None and done < total:
+            progress_callback(1.0, f"{total:,} of {total:,} samples")
     log_skipped(skipped)
     return {"processed": total, "skipped": skipped}
 

@@ -18,9 +18,11 @@ class GroundingGetItem(fout.GetItem):
     """Loads one sample for inference: its image and its own phrase, together (or, with
     ``prompt``, the one phrase of every sample)."""
 
-    def __init__(self, image_size: int, field_mapping=None, prompt: Optional[str] = None):
+    def __init__(self, image_size: int, field_mapping=None, prompt: Optional[str] = None, features=None):
+        """``features``: a feature cache whose images are read from it, not decoded (embeddings)."""
         self.image_size = image_size
         self.prompt = prompt
+        self.features = features
         self._last: Optional[tuple] = None  # (filepath, pixels, error) of the previous item
         super().__init__(field_mapping=field_mapping)
 
@@ -33,6 +35,9 @@ class GroundingGetItem(fout.GetItem):
         item = {"id": d.get("id"), "filepath": d["filepath"], "phrase": phrase, "error": None}
         if item["phrase"] is None:
             item["error"] = NO_PHRASE
+            return item
+        if self.features is not None and d["filepath"] in self.features:
+            item["image_features"] = self.features.get(d["filepath"], 0)  # (N, D) float16, the unmirrored view
             return item
         # The expressions of an image are consecutive samples: decode the image once for
         # all of them (decoding costs more than the model on small models).

@@ -12,6 +12,10 @@ other argument (FiftyOne's "Apply zoo model" operator passes none):
 or ``prompt="the red car"`` (one phrase for every sample). ``apply_model(prompt_field=...)``
 wins over both.
 
+The frozen image encoder also serves FiftyOne's embeddings (``dataset.compute_embeddings(model)``,
+and FiftyOne Brain's ``compute_similarity`` / ``compute_visualization`` / ``compute_uniqueness``
+with ``model=model``), which need no phrase: :meth:`GroundingModel.embed_all`.
+
 Every path that predicts boxes goes through :meth:`GroundingModel.predict_boxes`; the
 faster path over whole datasets is ``apply.apply_grounding_model``. This module is FiftyOne's
 model interface; the data loaders' items are in ``items.py`` and ``get_item.py``, tokenization in
@@ -26,12 +30,14 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import fiftyone.core.models as fom
 
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint_dir
 from ..data.fields import DEFAULT_LABEL
+from ..fiftyone_api import fiftyone_is_embedding
 from ..devices import resolve_device
-from ..errors import InputError
+from ..errors import ImageError, InputError
 from ..data.images import normalize_pixels_batch, resize_rgb, rgb_tensor
 from ..data.labels import LabelMaker
 from ..models.decoder import Grounder
@@ -65,13 +71,25 @@ def phrase_source(prompt_field: Optional[str] = None, prompt: Optional[str] = No
     return (prompt_field.strip() if prompt_field else None), clean_phrase(prompt)
 
 
-class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
-    """A trained grounding network wrapped for ``apply_model`` and the model zoo."""
+EMBEDDINGS = ("cls", "mean")  # the image embeddings GroundingModel makes (see its `embedding` argument)
+
+
+def embedding_kind(embedding: str) -> str:
+    """``embedding`` checked: one of :data:`EMBEDDINGS`."""
+    if embedding not in EMBEDDINGS:
+        raise InputError(f"embedding must be 'cls' (the frozen image encoder's CLS token) or 'mean' (the mean of "
+                         f"its patch tokens), got {embedding!r}.")
+    return embedding
+
+
+class GroundingModel(fom.Model, fom.EmbeddingsMixin, fom.SupportsGetItem, fom.TorchModelMixin):
+    """A trained grounding network wrapped for ``apply_model``, ``compute_embeddings`` and the model zoo."""
 
     def __init__(self, model: Grounder, device: Optional[Union[str, torch.device]] = None,
                  mixed_precision: str = "auto", label: str = DEFAULT_LABEL,
                  confidence_thresh: Optional[float] = None, score_thresh: Optional[float] = None,
-                 prompt_field: Optional[str] = None, prompt: Optional[str] = None, source: Optional[str] = None):
+                 prompt_field: Optional[str] = None, prompt: Optional[str] = None, source: Optional[str] = None,
+                 embedding: str = "cls", embedding_cache: bool = True):
         """``label``: the label of every box (the phrase goes to its ``expression`` attribute);
         ``confidence_thresh``: boxes less confident than this are not written (as FiftyOne's
         ``apply_model(confidence_thresh=...)``, which also works); ``score_thresh``: a multi-box
@@ -79,7 +97,9 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         gRefCOCO scorer's); lower it to sweep the threshold in evaluation. ``prompt_field`` (each
         sample's phrase) or ``prompt`` (one phrase for all): the phrases ``apply_model`` grounds
         when it is given no ``prompt_field``; ``source``: the checkpoint folder or zoo name the
-        network came from (recorded with the fields it writes)."""
+        network came from (recorded with the fields it writes); ``embedding``: the image embedding
+        of ``compute_embeddings`` and FiftyOne Brain, ``"cls"`` or ``"mean"`` (:meth:`embed_all`);
+        ``embedding_cache``: read it from the training feature cache where it is there."""
         self._device = resolve_device(device)
         self.model = model.to(self._device).eval()
         self.config = model.config
@@ -90,6 +110,9 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         self.autocast_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
         self.score_thresh = model.config.score_thresh if score_thresh is None else float(score_thresh)
         self.source = str(source) if source is not None else None
+        self.embedding = embedding_kind(embedding)
+        self.use_embedding_cache = bool(embedding_cache)
+        self._embeddings: Optional[np.ndarray] = None  # those of the last embed / embed_all call
         self._set_options(label=label, confidence_thresh=confidence_thresh, prompt_field=prompt_field, prompt=prompt)
 
     def _set_options(self, label: str, confidence_thresh: Optional[float], prompt_field: Optional[str],
@@ -101,23 +124,29 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def from_checkpoint(cls, path, device=None, **kwargs) -> "GroundingModel":
-        """Load a checkpoint folder (``config.json`` + ``model.safetensors``), or a training run's
-        folder (its ``best/``). ``kwargs``: the options of ``GroundingModel``, e.g.
-        ``prompt_field="expression"`` or ``prompt="the red car"``."""
-        folder = resolve_checkpoint_dir(path)
-        kwargs.setdefault("source", str(folder))
+    def from_checkpoint(cls, path, device=None, revision: Optional[str] = None, **kwargs) -> "GroundingModel":
+        """Load a checkpoint folder (``config.json`` + ``model.safetensors``), a training run's
+        folder (its ``best/``), or a Hugging Face Hub repository (``"org/name"``, at ``revision``:
+        a branch, tag or commit; ``"org/name@revision"`` also works), fetched into the Hugging
+        Face cache once. ``kwargs``: the options of ``GroundingModel``, e.g.
+        ``prompt_field="expression"`` or ``prompt="the red car"``. The model's ``source`` is the
+        folder, or ``org/name[@revision]`` for a repository (not its place in the cache)."""
+        from ..models.checkpoint import hub_checkpoint
+
+        repo = hub_checkpoint(path, revision)
+        folder = resolve_checkpoint_dir(path, revision=revision)
+        kwargs.setdefault("source", str(repo) if repo is not None else str(folder))
         return cls(load_checkpoint(folder), device=device, **kwargs)
 
     def with_options(self, **options) -> "GroundingModel":
         """A model that shares this one's network and tokenizer (nothing is loaded again) with
         other options: ``prompt_field``, ``prompt``, ``confidence_thresh``, ``score_thresh``,
-        ``label``, ``source``; those not given keep this model's values."""
+        ``label``, ``source``, ``embedding``, ``embedding_cache``; those not given keep this model's values."""
         unknown = sorted(set(options) - {"prompt_field", "prompt", "confidence_thresh", "score_thresh", "label",
-                                         "source"})
+                                         "source", "embedding", "embedding_cache"})
         if unknown:
             raise InputError(f"Unknown GroundingModel options {unknown}: use prompt_field, prompt, confidence_thresh, "
-                             f"score_thresh, label or source.")
+                             f"score_thresh, label, source, embedding or embedding_cache.")
         current = {"label": self.labels.label, "confidence_thresh": self.labels.confidence_thresh,
                    "prompt_field": self.prompt_field, "prompt": self.prompt}
         if "prompt_field" in options or "prompt" in options:  # a new phrase source replaces the old one
@@ -128,6 +157,9 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             clone.score_thresh = float(score_thresh)
         source = options.pop("source", self.source)
         clone.source = str(source) if source is not None else None
+        clone.embedding = embedding_kind(options.pop("embedding", self.embedding))
+        clone.use_embedding_cache = bool(options.pop("embedding_cache", self.use_embedding_cache))
+        clone._embeddings = None
         clone._set_options(**{**current, **options})
         return clone
 
@@ -154,7 +186,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
     @property
     def has_embeddings(self):
-        return False
+        return True  # the frozen image encoder's (embed_all)
 
     @property
     def ragged_batches(self):
@@ -182,16 +214,23 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
 
     def build_get_item(self, field_mapping=None):
         """The data loader's item: ``apply_model(prompt_field=...)`` wins, then the load-time
-        ``prompt_field``, then the load-time ``prompt``."""
+        ``prompt_field``, then the load-time ``prompt``. For ``compute_embeddings`` (FiftyOne Brain
+        too) the item is the image alone, whatever the phrase source: no phrase is asked for."""
+        from .get_item import GroundingGetItem
+
         mapping = dict(field_mapping or {})
+        if fiftyone_is_embedding():  # FiftyOne passes no phrase source to an embedding run
+            mapping.pop(PROMPT_KEY, None)
+            # The same loading as predictions (or the feature cache's tokens); an empty phrase for
+            # every sample, which embed_all never reads.
+            return GroundingGetItem(self.config.image_size, field_mapping=mapping, prompt="",
+                                    features=self.embedding_cache())
         if PROMPT_KEY not in mapping and self.prompt_field is not None:
             mapping[PROMPT_KEY] = self.prompt_field
         if PROMPT_KEY not in mapping and self.prompt is None:
             raise InputError("This grounding model has no phrases to find: pass apply_model(..., "
                              "prompt_field='expression'), or load it with prompt_field=... or prompt='...'.")
         prompt = None if PROMPT_KEY in mapping else self.prompt
-        from .get_item import GroundingGetItem
-
         return GroundingGetItem(self.config.image_size, field_mapping=mapping, prompt=prompt)
 
     def __enter__(self):
@@ -213,11 +252,10 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
             phrase = self.prompt
         if phrase is None:
             raise InputError("GroundingModel.predict needs a phrase: predict(image, phrase)")
-        image = np.asarray(arg.convert("RGB")) if hasattr(arg, "convert") else np.asarray(arg)
         item = {"id": None, "filepath": "<array>", "phrase": clean_phrase(phrase), "error": None}
         if item["phrase"] is None:
             return None
-        item["pixel_values"] = rgb_tensor(resize_rgb(image, self.config.image_size))
+        item["pixel_values"] = self.resized(arg)
         return self.predict_all([item])[0]
 
     def predict_all(self, args, samples=None):
@@ -244,9 +282,7 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
         head; None for a model without one)."""
         text = tokenize_distinct(self.tokenize, phrases)
         if pixel_values is not None:
-            pixel_values = to_device(pixel_values, self._device)
-            if pixel_values.dtype == torch.uint8:
-                pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+            pixel_values = self.model_input(pixel_values)
         if image_features is not None:
             image_features = to_device(image_features, self._device)
         ids, mask = to_device(text.input_ids, self._device), to_device(text.attention_mask, self._device)
@@ -262,3 +298,102 @@ class GroundingModel(fom.Model, fom.SupportsGetItem, fom.TorchModelMixin):
                              text_features=text_features)
         postprocess = PostProcess(self.model.calibration, self.score_thresh)
         return copy_to_host(postprocess.pack(out), postprocess)  # one copy of boxes and confidences
+
+    def resized(self, image) -> torch.Tensor:
+        """One image (uint8 HWC array or PIL image) -> (S, S, 3) uint8, resized as the data
+        loaders' items are (``predict`` and ``embed`` take images through it)."""
+        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        return rgb_tensor(resize_rgb(image, self.config.image_size))
+
+    def model_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Resized uint8 images (I, S, S, 3), or model input (I, 3, S, S) already normalized ->
+        model input on the model's device: the one normalization of predictions and embeddings."""
+        pixel_values = to_device(pixel_values, self._device)
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels_batch(pixel_values, self.config.image_mean, self.config.image_std)
+        return pixel_values
+
+    # -- embeddings (FiftyOne's EmbeddingsMixin) ---------------------------------------------
+
+    def embed(self, arg) -> np.ndarray:
+        """One image (uint8 HWC array or PIL image) or get-item item -> its (D,) embedding."""
+        return self.embed_all([arg])[0]
+
+    def embed_all(self, args) -> np.ndarray:
+        """(B, D) float32 image embeddings of get-item items, of their collated batch (what
+        ``compute_embeddings`` passes), or of images (uint8 HWC arrays or PIL images), each
+        resized and normalized as for predictions; no phrase is read.
+
+        D is the frozen image encoder's width: its output tokens after its final norm, before any
+        of the grounding network's projections (the adapter architecture's adapters do not run).
+        ``embedding="cls"`` (the default) takes their CLS token, ``"mean"`` the mean of the patch
+        tokens (CLS and registers left out). CLS by default because it is DINOv3's global image
+        descriptor: the image-level (DINO) objective trains it, and the authors' model cards and
+        transformers' ``pooler_output`` give it as the image embedding; the patch tokens are
+        trained for dense work.
+
+        L2-normalized: FiftyOne Brain's similarity indexes compare by cosine by default (which
+        normalizing leaves unchanged), but some backends by dot product (Milvus), and its
+        visualizations (PCA, t-SNE, UMAP) by Euclidean distance; on unit vectors every one of them
+        ranks as cosine does. The raw tokens: ``model.model.image_encoder``.
+
+        Read from the training feature cache where it holds the image (:meth:`embedding_cache`):
+        the decoder architectures' cache (seed, grounder, tiny) holds exactly the encoder's final
+        tokens, in float16, so the embedding is the encoded one to float16 rounding (about 1e-4
+        on the unit vector) without decoding or encoding the image. The fusion architecture's
+        cache holds its tapped layers before DINOv3's final norm, the adapter has none: those
+        encode.
+
+        An unreadable image fails its batch (FiftyOne then writes no embedding for that batch's
+        samples and goes on, as with its own models)."""
+        if isinstance(args, dict):
+            batch = args
+        else:
+            batch = collate_items([a if isinstance(a, dict) else
+                                   {"id": None, "filepath": f"<array {i}>", "phrase": "", "error": None,
+                                    "pixel_values": self.resized(a)} for i, a in enumerate(args)])
+        if batch["errors"]:
+            raise ImageError(f"No embeddings for this batch of {batch['size']} samples: "
+                             f"{count_by_reason(batch['errors'])}")
+        parts = []  # pixels first, then cached features: the order of the batch's image numbers
+        if batch["pixel_values"] is not None:
+            parts.append(self.embed_pixels(batch["pixel_values"]))
+        if batch["image_features"] is not None:
+            parts.append(self.pool(batch["image_features"]))
+        if not parts:
+            raise InputError("GroundingModel.embed_all takes images (at least one).")
+        images = torch.cat(parts).numpy()  # (I, D)
+        self._embeddings = images[batch["image_index"].numpy()]  # (B, D): samples that share an image share its row
+        return self._embeddings
+
+    def get_embeddings(self) -> np.ndarray:
+        """The (B, D) embeddings of the last :meth:`embed` / :meth:`embed_all` call (predictions
+        make none: the grounding network keeps no image embedding)."""
+        if self._embeddings is None:
+            raise InputError("This model has made no embeddings yet: call embed(image) or embed_all(images) first.")
+        return self._embeddings
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Resized uint8 images (I, S, S, 3), or model input (I, 3, S, S) -> (I, D) embeddings
+        on the CPU, float32, L2-normalized (see :meth:`embed_all`)."""
+        with autocast(self._device, self.autocast_dtype):
+            tokens = self.model.image_encoder(pixel_values=self.model_input(pixel_values)).last_hidden_state
+        return self.pool(tokens)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The image encoder's final tokens (I, N, D) (CLS, registers, patches) -> (I, D) embeddings
+        on the CPU, float32, L2-normalized: the CLS token or the mean of the patches."""
+        tokens = tokens.float()
+        pooled = tokens[:, 0] if self.embedding == "cls" else tokens[:, self.model.num_prefix:].mean(1)  # (I, D)
+        return F.normalize(pooled, dim=-1).cpu()
+
+    def embedding_cache(self):
+        """The training feature cache of this network when it holds the image encoder's final
+        tokens (``feature_spec() is None``: the decoder architectures) and ``embedding_cache`` is
+        on, else None: the images an embedding run finds there are read from it."""
+        if not self.use_embedding_cache or not self.model.cacheable or self.model.feature_spec() is not None:
+            return None
+        from ..data.cache import default_feature_cache_dir, find_feature_cache
+
+        return find_feature_cache(default_feature_cache_dir(), self.model)
