@@ -203,6 +203,16 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -> list:
     biases = [torch.nn.Parameter(torch.zeros(b)) for b in dims[1:]]
     xt, yt = torch.from_numpy(x).float(), torch.from_numpy(y).long()
     optimizer = torch.optim.Adam(weights + biases, lr=LR)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # (8,000 x 64) products: threads cost more than they save (41 s against 3 s on 2 cores)
+    try:
+        _adam_steps(weights, biases, xt, yt, optimizer)
+    finally:
+        torch.set_num_threads(threads)
+    return [(w.detach().double().numpy(), b.detach().double().numpy()) for w, b in zip(weights, biases)]
+
+
+def _adam_steps(weights: list, biases: list, xt, yt, optimizer) -> None:
     for _ in range(STEPS):
         h = xt
         for i, (w, b) in enumerate(zip(weights, biases)):
@@ -213,7 +223,6 @@ def _fit_mlp(x: np.ndarray, y: np.ndarray, classes: int, seed: int = 0) -> list:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return [(w.detach().double().numpy(), b.detach().double().numpy()) for w, b in zip(weights, biases)]
 
 
 def fit_error_model(signals: Signals, labels: Sequence[str], kinds: Sequence[str], seed: int = 0) -> ErrorModel:
