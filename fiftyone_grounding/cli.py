@@ -249,8 +249,8 @@ def _distributed_label_errors(view, args) -> None:
         part = score_label_errors(view, checkpoint, distributed=shard, **options)
         counts = group.gather(part["scored"])
         if shard.rank == 0:
-            print(f"scored {' + '.join(f'{n:,}' for n in counts)} annotations on {shard.world_size} ranks; "
-                  f"calibrating on rank 0")
+            ranks = f"{shard.world_size} rank{'s' if shard.world_size > 1 else ''}"
+            print(f"scored {' + '.join(f'{n:,}' for n in counts)} annotations on {ranks}; calibrating on rank 0")
             calibrate_label_errors(view, checkpoint, **options)
         group.barrier()  # the others end with rank 0, so the launcher's status is the whole run's
 

@@ -174,3 +174,35 @@ def test_cpu_presets_reports_each_presets_rate_and_the_time_for_10000_images(tmp
         assert row["images"] == 3 and row["expressions"] == 6 and row["images_per_s"] > 0
         assert row["seconds_for_10000_images"] == pytest.approx(10_000 / row["images_per_s"])
         assert f"  {preset} " in stdout and "10,000 images:" in stdout
+
+
+def test_scale_measures_every_stage_in_its_own_process(tmp_path, tiny_checkpoint):
+    """One small size (each stage's process costs seconds of imports); the ratios between sizes
+    are checked below on given figures."""
+    stages = ["import", "apply", "apply_2proc", "evaluate", "search", "label_errors"]
+    result, stdout = run_benchmark("scale", tmp_path, "--sizes", "100", "--pool", "10",
+                                   "--checkpoint", tiny_checkpoint, fresh_process=True)
+    assert set(result["results"]) == {"100"} and not result["problems"]
+    rows = result["results"]["100"]
+    assert list(rows) == stages
+    for stage, r in rows.items():
+        assert r["seconds"] > 0 and r["per_second"] > 0 and r["peak_mib"] >= r["start_mib"] > 0, stage
+        assert r["process_seconds"] > r["seconds"] and r["phrases"] == 100 and r["images"] == 10
+    assert len(rows["apply_2proc"]["ranks"]) == 2 and rows["search"]["unit"] == "images"
+    assert all(f"| {stage} | " in stdout for stage in stages)
+    assert not Path(result["workdir"]).exists()  # images, caches and logs deleted (and the datasets)
+
+
+def test_scale_ratios_say_linear_time_and_flat_memory():
+    import importlib.util
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("benchmark_scale", REPO / "benchmarks" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    row = {"seconds": 10.0, "phrases": 1000, "peak_mib": 800.0, "start_mib": 700.0}
+    results = {"1000": {"apply": row}, "10000": {"apply": {**row, "seconds": 100.0, "phrases": 10000}},
+               "100000": {"apply": {**row, "seconds": 2000.0, "phrases": 100000, "peak_mib": 1600.0}}}
+    ratios = scale.ratios_of(results, [1000, 10000, 100000], ["apply"])
+    assert ratios["apply"] == {"time_per_phrase": 2.0, "peak_memory": 2.0, "growth_mib": [100.0, 900.0]}
+    assert "| apply | 2.00 | 2.00 | 100 -> 900 |" in scale.format_ratios(ratios, [1000, 10000, 100000])

@@ -11,7 +11,8 @@ from PIL import Image, ImageDraw
 from fiftyone_grounding.cli import main
 from fiftyone_grounding.models.config import PRESETS
 
-COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert", "migrate-labels"]
+COMMANDS = ["demo", "summary", "train", "apply", "evaluate", "predict", "import-refcoco", "convert", "migrate-labels",
+            "search", "push-to-hub"]
 
 
 @pytest.mark.parametrize("command", [None] + COMMANDS)
@@ -152,6 +153,8 @@ def bad_inputs(synthetic_dataset, dataset_name, tiny_checkpoint, tmp_path):
         "import-refcoco": (["refcoco", "--source", missing], "is not a folder written by save_to_disk"),
         "convert": ([missing / "old.pt", tmp_path / "new", "--preset", "tiny"], "No file"),
         "migrate-labels": (["--dataset", dataset_name, "--fields", "expression"], "are not Detections fields"),
+        "search": (["--dataset", dataset_name, "the red circle", "--distributed"], "needs the ranks of a launcher"),
+        "push-to-hub": ([missing, "org/name", "--dry-run", tmp_path / "out"], "No folder"),
     }
 
 
@@ -171,3 +174,23 @@ def test_bad_input_ends_with_one_error_line_not_a_traceback(synthetic_dataset, d
     assert code == 2 and err.startswith("error: The field 'expression' already holds StringField, not Detections")
     code, _, err = cli("apply", "--dataset", "no-such-dataset", "--checkpoint", tiny_checkpoint)
     assert code == 2 and err.startswith("error: no FiftyOne dataset named 'no-such-dataset'")
+
+
+def test_search_and_label_errors_as_the_one_rank_of_a_launcher(synthetic_dataset, dataset_name, tiny_checkpoint,
+                                                                cli, monkeypatch):
+    """``--distributed`` where the launcher started one process (RANK 0 of WORLD_SIZE 1): the
+    distributed path end to end in this process; the search prints its ranking, and the label
+    errors are scored and calibrated."""
+    ds = synthetic_dataset.limit(24).clone(dataset_name)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    code, out, err = cli("search", "--dataset", dataset_name, "the red circle", "--checkpoint", tiny_checkpoint,
+                         "--device", "cpu", "--top", "3", "--save-view", "red circles", "--distributed")
+    assert code == 0, err
+    assert "'the red circle': the 3 most likely of 24 samples" in out and len(ds.load_saved_view("red circles")) == 24
+    assert ds.exists("search").count() == 24
+    code, out, err = cli("label-errors", "--dataset", dataset_name, "--checkpoint", tiny_checkpoint, "--device", "cpu",
+                         "--no-progress", "--distributed")
+    assert code == 0, err
+    assert "on 1 rank; calibrating on rank 0" in out and "Scored" in out
+    assert ds.exists("label_error").count() == ds.exists("label_error_signals").count() > 0

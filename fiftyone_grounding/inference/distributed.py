@@ -27,8 +27,8 @@ from typing import Iterator, Optional
 from ..errors import InputError
 
 LAUNCH_HINT = ("run it under a launcher that starts one process per device, e.g. `torchrun --nproc_per_node 2 "
-               "$(which fiftyone-grounding) apply --distributed ...` or `accelerate launch --num_processes 2 "
-               "$(which fiftyone-grounding) apply --distributed ...`")
+               "-m fiftyone_grounding.cli apply --distributed ...` or `accelerate launch --num_processes 2 "
+               "-m fiftyone_grounding.cli apply --distributed ...`")
 # How long a rank that finished waits for the slowest one at the end (a shard can take hours).
 END_TIMEOUT = datetime.timedelta(hours=24)
 
