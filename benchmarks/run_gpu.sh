@@ -24,6 +24,8 @@
 #    torch.profiler table of the cached_text step.
 # 4. fit_throughput.py: the real `fit` end to end (FiftyOne dataset of 4,000 images x 7
 #    expressions, cache build, DataLoader workers, 4 epochs). Needs FiftyOne.
+# 5. scale.py: `apply` of 100,000 phrases in 1 process and under torchrun with one rank per GPU
+#    found (`apply --distributed`, each rank on cuda:LOCAL_RANK). Needs FiftyOne.
 # DEVICE, PRESET, STEPS, FIT_IMAGES, APPLY_IMAGES override the defaults
 # (a dry run on a CPU: DEVICE=cpu PRESET=tiny STEPS=2 FIT_IMAGES=40 APPLY_IMAGES=10).
 set -u -o pipefail
@@ -73,12 +75,12 @@ HAVE_FO=0
 
 status=0
 echo
-echo "== 0/4 one training step of each real-size recipe at its batch size: time and peak GPU memory"
+echo "== 0/5 one training step of each real-size recipe at its batch size: time and peak GPU memory"
 timeout 240 "$PY" benchmarks/recipe_step.py --device "$DEVICE" --steps 5 --warmup 2 \
     --json "$OUT_DIR/recipe_step.json" 2>&1 | tee "$OUT_DIR/recipe_step.log" || status=1
 
 echo
-echo "== 1/4 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
+echo "== 1/5 apply end to end ($PRESET, $APPLY_IMAGES images x 7, batch 256, default workers: 8 threads)"
 timeout 170 "$PY" benchmarks/apply_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-sizes 256 \
     --images "$APPLY_IMAGES" --loop-samples 210 --profile \
     --json "$OUT_DIR/apply_${PRESET}.json" 2>&1 | tee "$OUT_DIR/apply.log" || status=1
@@ -97,7 +99,7 @@ apply_variant p8 "1b apply with 8 DataLoader processes instead of threads" --wor
 apply_variant w16 "1c apply with 16 decoding threads: is the default (8) bound by JPEG decoding?" --workers 16
 
 echo
-echo "== 2/4 tests/test_cuda.py: what only a GPU runs, against the CPU"
+echo "== 2/5 tests/test_cuda.py: what only a GPU runs, against the CPU"
 if "$PY" -c "import pytest, fiftyone" 2>/dev/null; then
     timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -15 | tee "$OUT_DIR/test_cuda.log" || status=1
 else
@@ -105,19 +107,29 @@ else
 fi
 
 echo
-echo "== 3/4 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode, $REPEATS interleaved repeats)"
+echo "== 3/5 training step ($PRESET, 224 px, batch 256, $STEPS timed steps per mode, $REPEATS interleaved repeats)"
 timeout 200 "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --batch-size 256 \
     --phrases-per-image 7 --steps "$STEPS" --warmup 5 --modes seed,grouped,cached,cached_text \
     --repeats "$REPEATS" --profile cached_text --json "$OUT_DIR/train_${PRESET}_b256.json" 2>&1 | tee "$OUT_DIR/train.log" || status=1
 
 echo
-echo "== 4/4 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 4 epochs, $WORKERS workers)"
+echo "== 4/5 fit end to end ($PRESET, $FIT_IMAGES images x 7, batch 256, 4 epochs, $WORKERS workers)"
 if [ "$HAVE_FO" = 1 ]; then
     timeout 200 "$PY" benchmarks/fit_throughput.py --preset "$PRESET" --device "$DEVICE" --images "$FIT_IMAGES" \
         --batch-size 256 --epochs 4 --workers "$WORKERS" \
         --json "$OUT_DIR/fit_${PRESET}.json" 2>&1 | tee "$OUT_DIR/fit.log" || status=1
 else
     echo "SKIPPED: FiftyOne is not available here"
+fi
+
+echo
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+echo "== 5/5 distributed apply on the $NGPU GPU(s) found: torchrun, one rank per GPU, against 1 process (tiny, 100,000 phrases)"
+if [ "$HAVE_FO" = 1 ] && [ "${NGPU:-0}" -ge 1 ]; then
+    timeout 420 "$PY" benchmarks/scale.py --sizes 100000 --stages apply apply_2proc --device "$DEVICE" \
+        --procs "$NGPU" --threads 4 --json "$OUT_DIR/scale_apply_${NGPU}gpu.json" 2>&1 | tee "$OUT_DIR/scale_apply.log" || status=1
+else
+    echo "SKIPPED: needs FiftyOne and at least one GPU"
 fi
 
 echo

@@ -84,7 +84,9 @@ def parse_args(argv=None):
                    help="torch threads of a one-process stage; each of apply_2proc's 2 ranks gets half (at least 1). "
                         "1: one process per core, what apply_2proc is compared with (2 threads on a busy 2-core "
                         "machine ran apply 2.8x slower than 1)")
-    p.add_argument("--device", default="cpu", help="the device of every stage (this benchmark is meant for the CPU)")
+    p.add_argument("--device", default="cpu", help="the device of every stage (this benchmark is meant for the CPU; "
+                                                   "with cuda, each rank of apply_2proc takes cuda:LOCAL_RANK)")
+    p.add_argument("--procs", type=int, default=2, help="ranks of the distributed apply stage (apply_2proc)")
     p.add_argument("--workdir", default=None, help="where the temporary folder goes (default: the system's)")
     p.add_argument("--keep", action="store_true", help="keep the datasets, images, checkpoint and logs")
     p.add_argument("--seed", type=int, default=0)
@@ -258,13 +260,13 @@ def run_child(args, stage: str, result: Path, log: Path, **options) -> dict:
     process reads its own ``VmHWM``: the ``ru_maxrss`` the kernel reports on reaping a child also
     counts the image it was forked from before its ``exec``, 908 MiB for a stage that peaked at 778.)"""
     distributed = stage == "apply_2proc"
-    threads = max(1, args.threads // 2) if distributed else args.threads
+    threads = max(1, args.threads // args.procs) if distributed else args.threads
     flags = ["--stage", stage, "--result", str(result), "--threads", str(threads), "--device", args.device,
              "--phrases-per-image", str(args.phrases_per_image), "--seed", str(args.seed)]
     for key, value in options.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     if distributed:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.procs), "--master_addr",
                    "127.0.0.1", "--master_port", str(_free_port()), str(SCRIPT), *flags, "--distributed"]
     else:
         command = [sys.executable, str(SCRIPT), *flags]
@@ -282,7 +284,7 @@ def run_child(args, stage: str, result: Path, log: Path, **options) -> dict:
     if proc.returncode != 0:
         tail = log.read_text()[-4000:]
         raise RuntimeError(f"stage {stage} failed (exit status {proc.returncode}); the end of {log}:\n{tail}")
-    paths = [result.with_name(f"{result.name}.rank{r}") for r in range(2)] if distributed else [result]
+    paths = [result.with_name(f"{result.name}.rank{r}") for r in range(args.procs)] if distributed else [result]
     ranks = [json.loads(p.read_text()) for p in paths]
     first, last = min(r["start"] for r in ranks), max(r["end"] for r in ranks)
     figures = {"seconds": last - first, "peak_mib": max(r["peak_mib"] for r in ranks),

@@ -48,3 +48,7 @@ class DownloadError(GroundingError, RuntimeError):
 
 class TrainingError(GroundingError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class HubUploadError(GroundingError, RuntimeError):
+    """A checkpoint could not be pushed to the Hugging Face Hub (offline, no token, no rights)."""

@@ -17,9 +17,8 @@ from huggingface_hub.errors import LocalTokenNotFoundError
 from fiftyone_grounding import hub
 from fiftyone_grounding.data.images import load_rgb
 from fiftyone_grounding.engine.fit import fit
-from fiftyone_grounding.engine.publish import (HubUploadError, RunRecords, model_card, prepare_hub_folder,
-                                               push_to_hub)
-from fiftyone_grounding.errors import CheckpointError, InputError
+from fiftyone_grounding.engine.publish import RunRecords, model_card, prepare_hub_folder, push_to_hub
+from fiftyone_grounding.errors import CheckpointError, HubUploadError, InputError
 from fiftyone_grounding.evaluation.fiftyone_run import evaluate_in_fiftyone
 from fiftyone_grounding.inference.apply import apply_grounding_model
 from fiftyone_grounding.inference.model import GroundingModel

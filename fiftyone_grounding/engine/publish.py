@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import CheckpointError, GroundingError, InputError
+from ..errors import CheckpointError, HubUploadError, InputError
 from ..evaluation.metrics import GREC_METRICS, METRICS
 from ..evaluation.tables import format_metric
 from ..hub import hub_offline, offline_setting
@@ -48,10 +48,6 @@ INFO_NAME = "info.json"
 # Training options that say where a run wrote and how fast it loaded, not how it trained: left
 # out of the card's recipe (and machine-specific).
 MACHINE_OPTIONS = ("out_dir", "cache_dir", "num_workers", "cache_budget_gb")
-
-
-class HubUploadError(GroundingError, RuntimeError):
-    """A checkpoint could not be pushed to the Hugging Face Hub (offline, no token, no rights)."""
 
 
 @dataclass(frozen=True)
