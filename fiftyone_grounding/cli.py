@@ -158,7 +158,8 @@ def cmd_apply(args) -> None:
     run = apply_grounding_model(view, model, label_field=args.label_field, prompt_field=args.phrase_field,
                                 batch_size=args.batch_size, num_workers=args.num_workers,
                                 worker_type=args.worker_type, skip_existing=args.skip_existing,
-                                confidence_thresh=args.confidence_thresh, write_every=args.write_every,
+                                confidence_thresh=args.confidence_thresh,
+                                write_every=getattr(args, "write_every", 1024),  # evaluate --checkpoint has none
                                 distributed=shard,
                                 progress=False if shard.distributed and shard.rank else None)
     if shard.rank == 0:

@@ -5,11 +5,14 @@ A fresh process, so that nothing the test process did on GPU 0 counts. It predic
 the result copied back behind an event), takes a training step (bf16 where ``DEVICE`` has it),
 builds the image-feature cache (a DataLoader with workers and pinned memory), and with a dataset
 name also runs ``fit`` (Accelerate's device set by ``ACCELERATE_TORCH_DEVICE``, as the caller does).
-Usage: cuda_device_script.py CHECKPOINT DEVICE WORK_DIR OUT [DATASET]
+Usage: cuda_device_script.py CHECKPOINT DEVICE WORK_DIR OUT [DATASET]; from a test: :func:`run`.
 """
 
 import json
+import os
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,22 @@ from fiftyone_grounding.engine.loop import to_device, train_step
 from fiftyone_grounding.engine.optim import configure_optimizer
 from fiftyone_grounding.inference.model import GroundingModel
 from fiftyone_grounding.models.precision import AUTOCAST_DTYPES, default_mixed_precision
+
+def run(checkpoint, device: str, work: Path, synthetic_dataset, **env) -> dict:
+    """This script on ``device`` in a fresh process, over a persistent copy of ``synthetic_dataset``
+    (deleted after); its report. ``env``: more environment variables."""
+    name = f"fog-device-{uuid.uuid4().hex[:8]}"
+    dataset = synthetic_dataset.clone(name)
+    dataset.persistent = True  # the script loads it by name
+    try:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), **env)
+        proc = subprocess.run([sys.executable, __file__, str(checkpoint), device, str(work), str(work / "report.json"),
+                               name], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        dataset.delete()
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((work / "report.json").read_text())
+
 
 PHRASES = ["the red circle", "the small blue square on the left", "the large triangle", "the top one"]
 

@@ -176,11 +176,12 @@ def test_cpu_presets_reports_each_presets_rate_and_the_time_for_10000_images(tmp
         assert f"  {preset} " in stdout and "10,000 images:" in stdout
 
 
-def test_scale_measures_every_stage_in_its_own_process(tmp_path, tiny_checkpoint):
-    """One small size (each stage's process costs seconds of imports); the ratios between sizes
-    are checked below on given figures."""
-    stages = ["import", "apply", "apply_2proc", "evaluate", "search", "label_errors"]
-    result, stdout = run_benchmark("scale", tmp_path, "--sizes", "100", "--pool", "10",
+def test_scale_measures_each_stage_in_its_own_process(tmp_path, tiny_checkpoint):
+    """One small size and two stages (each stage's process costs seconds of imports; apply,
+    evaluate, search and label errors run the commands other tests run); the ratios are checked
+    below on given figures."""
+    stages = ["import", "apply_2proc"]
+    result, stdout = run_benchmark("scale", tmp_path, "--sizes", "100", "--pool", "10", "--stages", *stages,
                                    "--checkpoint", tiny_checkpoint, fresh_process=True)
     assert set(result["results"]) == {"100"} and not result["problems"]
     rows = result["results"]["100"]
@@ -188,7 +189,7 @@ def test_scale_measures_every_stage_in_its_own_process(tmp_path, tiny_checkpoint
     for stage, r in rows.items():
         assert r["seconds"] > 0 and r["per_second"] > 0 and r["peak_mib"] >= r["start_mib"] > 0, stage
         assert r["process_seconds"] > r["seconds"] and r["phrases"] == 100 and r["images"] == 10
-    assert len(rows["apply_2proc"]["ranks"]) == 2 and rows["search"]["unit"] == "images"
+    assert len(rows["apply_2proc"]["ranks"]) == 2
     assert all(f"| {stage} | " in stdout for stage in stages)
     assert not Path(result["workdir"]).exists()  # images, caches and logs deleted (and the datasets)
 

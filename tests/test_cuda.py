@@ -60,29 +60,12 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two C
 @pytest.fixture(scope="module")
 def on_gpu_1(synthetic_dataset, tiny_checkpoint, tmp_path_factory):
     """What the script reports after predicting, training a step, caching features and fitting on cuda:1."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import uuid
-    from pathlib import Path
+    from cuda_device_script import run
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA GPUs")
-    repo = Path(__file__).resolve().parents[1]
-    work = tmp_path_factory.mktemp("gpu1")
-    name = f"fog-gpu1-{uuid.uuid4().hex[:8]}"
-    dataset = synthetic_dataset.clone(name)
-    dataset.persistent = True  # the script loads it by name
-    try:
-        env = dict(os.environ, PYTHONPATH=str(repo), ACCELERATE_TORCH_DEVICE="cuda:1")
-        proc = subprocess.run([sys.executable, str(repo / "tests" / "cuda_device_script.py"), str(tiny_checkpoint),
-                               "cuda:1", str(work), str(work / "report.json"), name],
-                              env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return json.loads((work / "report.json").read_text())
-    finally:
-        dataset.delete()
+    return run(tiny_checkpoint, "cuda:1", tmp_path_factory.mktemp("gpu1"), synthetic_dataset,
+               ACCELERATE_TORCH_DEVICE="cuda:1")
 
 
 @two_gpus

@@ -11,11 +11,6 @@ replaced by recorders. ``tests/test_cuda.py`` runs a model on ``cuda:1`` where t
 
 import ast
 import contextlib
-import json
-import os
-import subprocess
-import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -103,7 +98,6 @@ def device_problems(source: str, path: str, pinned: bool = True) -> tuple[list[s
     checked = 0
 
     def visit(node: ast.AST, blocks: int, function: str) -> None:
-        nonlocal checked
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             function = node.name
         if isinstance(node, (ast.With, ast.AsyncWith)):
@@ -387,18 +381,9 @@ def test_the_two_gpu_script_runs_on_the_cpu(synthetic_dataset, tiny_checkpoint, 
     """The script that tests/test_cuda.py runs on ``cuda:1`` (where two GPUs are), here on the CPU:
     it predicts, trains a step, caches features and fits (with ``cpu=False``: Accelerate's device,
     the CPU here), so that a GPU run finds it working."""
-    name = f"fog-devices-{uuid.uuid4().hex[:8]}"
-    dataset = synthetic_dataset.clone(name)
-    dataset.persistent = True  # the script loads it by name
-    try:
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, str(REPO / "tests" / "cuda_device_script.py"), str(tiny_checkpoint),
-                               "cpu", str(tmp_path), str(tmp_path / "report.json"), name],
-                              env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        dataset.delete()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
+    from cuda_device_script import run
+
+    report = run(tiny_checkpoint, "cpu", tmp_path, synthetic_dataset, OMP_NUM_THREADS="1")
     assert report["boxes_finite"] and report["loss_finite"] and report["autocast"] == "None"
     assert report["parameters_on"] == report["fit_parameters_on"] == ["cpu"]
     assert report["cached"] == 4 and report["fit_val_iou"] is not None and report["peak_gib"] is None

@@ -130,20 +130,14 @@ class ScoreLabelErrors(GroundingOperator):
                                    "signals under a trained model; then 'calibrate label errors'")
 
     def resolve_input(self, ctx):
-        inputs = types.Object()
-        if not self.needs_dataset(ctx, inputs):
-            return form(inputs, self.FORM)
-        self.model_input(ctx, inputs)
-        label_error_fields(self, ctx, inputs, self.target(ctx))
-        return form(inputs, self.FORM)
+        return label_error_form(self, ctx)
 
     def run(self, ctx, progress):
         from ..qa.label_errors import score_label_errors
         from .zoo import load_grounding_model
 
         part = score_label_errors(self.target(ctx), load_grounding_model(self.param(ctx, "model")),
-                                  phrase_field=self.param(ctx, "phrase_field"), gt_field=self.param(ctx, "gt_field"),
-                                  field=self.param(ctx, "field"), progress=False, progress_callback=progress)
+                                  **label_error_options(self, ctx), progress=False, progress_callback=progress)
         return {"scored": part["scored"], "left_out": part["left_out"]}
 
     def resolve_output(self, ctx):
@@ -166,22 +160,33 @@ class CalibrateLabelErrors(FindLabelErrors):
                                    "tagged and the view sorted by it")
 
     def resolve_input(self, ctx):
-        inputs = types.Object()
-        if not self.needs_dataset(ctx, inputs):
-            return form(inputs, self.FORM)
-        self.model_input(ctx, inputs)
-        label_error_fields(self, ctx, inputs, self.target(ctx))
-        return form(inputs, self.FORM)
+        return label_error_form(self, ctx)
 
     def run(self, ctx, progress):
         from ..qa.label_errors import calibrate_label_errors
         from .zoo import load_grounding_model
 
         result = calibrate_label_errors(self.target(ctx), load_grounding_model(self.param(ctx, "model")),
-                                        phrase_field=self.param(ctx, "phrase_field"),
-                                        gt_field=self.param(ctx, "gt_field"), field=self.param(ctx, "field"),
-                                        progress=False, progress_callback=progress)
+                                        **label_error_options(self, ctx), progress=False,
+                                        progress_callback=progress)
         return self.finish(ctx, result)
+
+
+def label_error_form(op: GroundingOperator, ctx, more=None):
+    """The form of a label-error step: the model, the fields (and ``more(inputs)``)."""
+    inputs = types.Object()
+    if not op.needs_dataset(ctx, inputs):
+        return form(inputs, op.FORM)
+    op.model_input(ctx, inputs)
+    label_error_fields(op, ctx, inputs, op.target(ctx))
+    if more is not None:
+        more(inputs)
+    return form(inputs, op.FORM)
+
+
+def label_error_options(op: GroundingOperator, ctx) -> dict:
+    """The phrase, annotation and score fields a label-error step was given."""
+    return {name: op.param(ctx, name) for name in ("phrase_field", "gt_field", "field")}
 
 
 def label_error_fields(op: GroundingOperator, ctx, inputs, view) -> None:

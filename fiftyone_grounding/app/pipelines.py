@@ -18,7 +18,7 @@ import fiftyone.operators.types as types
 
 from ..data.fields import DEFAULT_PROMPT_FIELD
 from .forms import flag, form, name_error
-from .label_error_operators import ScoreLabelErrors, label_error_fields
+from .label_error_operators import ScoreLabelErrors, label_error_form, label_error_options
 from .operators import ICONS, ApplyGroundingModel, EvaluateGroundingModel, GroundingOperator, RiskLevel
 
 
@@ -101,16 +101,10 @@ class FindLabelErrorsAtScale(GroundingPipeline):
                                 "deployment allows), then calibrates P(wrong) once on every sample")
 
     def resolve_input(self, ctx):
-        inputs = types.Object()
-        if not self.needs_dataset(ctx, inputs):
-            return form(inputs, self.FORM)
-        self.model_input(ctx, inputs)
-        label_error_fields(self, ctx, inputs, self.target(ctx))
-        self.tasks_input(inputs)
-        return form(inputs, self.FORM)
+        return label_error_form(self, ctx, more=self.tasks_input)
 
     def stages(self, ctx) -> list:
-        params = {name: self.param(ctx, name) for name in ("model", "phrase_field", "gt_field", "field")}
+        params = {"model": self.param(ctx, "model"), **label_error_options(self, ctx)}
         return [("score_label_errors", params, True), ("calibrate_label_errors", params, False)]
 
 
