@@ -167,7 +167,7 @@ def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_work
 ROWS_PER_CHUNK = 32768
 
 
-def _chunks(rows: Iterable[tuple], chunk_rows: int = ROWS_PER_CHUNK) -> Iterator[list[tuple]]:
+def chunks_of_whole_images(rows: Iterable[tuple], chunk_rows: int = ROWS_PER_CHUNK) -> Iterator[list[tuple]]:
     """``rows`` (in filepath order) cut into lists of at least ``chunk_rows`` rows (the last one
     may be shorter) that never split an image's rows."""
     chunk: list[tuple] = []
@@ -283,7 +283,7 @@ def _run(dataset, model: GroundingModel, label_field: str, rows: Iterable[tuple]
 
     total, phrases, images, cached = counts
     skipped: list[tuple[str, str]] = []
-    loader = _batches(_chunks(rows), model, batch_size, num_workers, worker_type, features, skipped)
+    loader = _batches(chunks_of_whole_images(rows), model, batch_size, num_workers, worker_type, features, skipped)
     if overlap is None:
         overlap = model.device.type == "cuda"
     done = 0

@@ -8,9 +8,9 @@ fold holds out (also listed in its ``held_out.json``): an interrupted scoring re
 already trained, and a view whose folds have changed since (samples added or left out) trains new
 ones, never reusing a model that trained on a sample it is now to score.
 
-Given a trained checkpoint, :func:`trained_rows` finds the samples its training run recorded on
-this dataset (its view's train split, as the split field says now) so that they, and every other
-phrase of their images, are left out of the scoring.
+Given a trained checkpoint, :class:`TrainedImages` finds the images its training run recorded on
+this dataset (its view's train split, as the split field says now) so that every phrase of them
+is left out of the scoring.
 """
 
 from __future__ import annotations
@@ -85,28 +85,38 @@ def train_fold_models(view, records: GroundingRecords, folds: np.ndarray, out_di
     return best
 
 
-def trained_rows(view, checkpoint, records: GroundingRecords) -> tuple[np.ndarray, Optional[str]]:
-    """The rows of ``records`` that ``checkpoint``'s training run trained on, or that share an
-    image with one (a model may remember an image's objects), and the run's key; no rows and
-    None where this dataset holds no record of training that checkpoint."""
-    dataset = root_dataset(view)
-    if hub_checkpoint(checkpoint) is not None:  # a Hub repository or a zoo name: no run folder here to match
-        return np.zeros(0, dtype=np.int64), None
-    try:
-        folder = resolve_checkpoint_dir(checkpoint).resolve()
-    except CheckpointError:  # a zoo model's name: trained elsewhere, no record here
-        return np.zeros(0, dtype=np.int64), None
-    for key in dataset.list_runs(method=TRAIN_METHOD):
-        config = dataset.get_run_info(key).config
-        run_dir = getattr(config, "out_dir", None)
-        if not run_dir or Path(run_dir).resolve() not in (folder, *folder.parents):  # its best/, last/, ...
-            continue
-        train_config = getattr(config, "train_config", None) or {}
-        trained = samples_of_split(dataset.load_run_view(key), train_config.get("split_field", "split"),
-                                   train_config.get("train_split", "train"))
-        ids = set(trained.values("id"))
-        images = set(trained.values("filepath"))
-        rows = [i for i, (sid, path) in enumerate(zip(records.sample_ids, records.filepaths))
-                if sid in ids or path in images]
-        return np.asarray(rows, dtype=np.int64), key
-    return np.zeros(0, dtype=np.int64), None
+class TrainedImages:
+    """The images ``checkpoint``'s training run trained on, as recorded on this dataset (its view's
+    train split, as the split field says now): :meth:`rows` finds them among any records, one
+    query per call, so a view is checked a part at a time. ``key``: the run's key (None where the
+    dataset holds no record of training that checkpoint: nothing is left out)."""
+
+    def __init__(self, view, checkpoint):
+        self.key, self.train_view = None, None
+        if hub_checkpoint(checkpoint) is not None:  # a Hub repository or a zoo name: no run folder here to match
+            return
+        dataset = root_dataset(view)
+        try:
+            folder = resolve_checkpoint_dir(checkpoint).resolve()
+        except CheckpointError:  # a zoo model's name: trained elsewhere, no record here
+            return
+        for key in dataset.list_runs(method=TRAIN_METHOD):
+            config = dataset.get_run_info(key).config
+            run_dir = getattr(config, "out_dir", None)
+            if not run_dir or Path(run_dir).resolve() not in (folder, *folder.parents):  # its best/, last/, ...
+                continue
+            train_config = getattr(config, "train_config", None) or {}
+            self.key = key
+            self.train_view = samples_of_split(dataset.load_run_view(key), train_config.get("split_field", "split"),
+                                               train_config.get("train_split", "train"))
+            return
+
+    def rows(self, records: GroundingRecords) -> np.ndarray:
+        """The rows of ``records`` whose image the run trained on (a model may remember an image's
+        objects: every phrase of a trained image is left out, not only the trained samples)."""
+        if self.train_view is None or not len(records):
+            return np.zeros(0, dtype=np.int64)
+        paths = sorted(set(records.filepaths))
+        images = set(self.train_view.match({"filepath": {"$in": paths}}).distinct("filepath"))
+        return np.asarray([i for i, path in enumerate(records.filepaths) if path in images], dtype=np.int64)
+

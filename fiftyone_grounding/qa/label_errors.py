@@ -42,11 +42,12 @@ from ..data.labels import make_detections
 from ..data.records import read_records
 from ..devices import on_device, resolve_device
 from ..errors import InputError
-from ..fiftyone_api import root_dataset
+from ..fiftyone_api import root_dataset, stream_by_filepath
+from ..inference.apply import ROWS_PER_CHUNK, chunks_of_whole_images
 from ..models.checkpoint import load_checkpoint
 from ..runs import record_label_errors
 from .combine import AMBIGUOUS, REPORTED_KIND, fit_error_model
-from .folds import image_folds, train_fold_models, trained_rows
+from .folds import TrainedImages, image_folds, train_fold_models
 from .inject import KINDS, plan_corruptions, with_corrupted_copies
 from .signals import Signals, compute_signals, scoring_progress
 
@@ -55,8 +56,6 @@ SUSPECT_THRESH = 0.5  # more likely wrong than right
 CALIBRATION_ROWS = 4000  # at most this many annotations get injected copies to fit the score on
 MIN_COPIES = 400  # a small view gets several copies of each annotation, up to COPIES_PER_ROW
 COPIES_PER_ROW = 10
-# what a scoring writes (the review answer, <field>_reviewed, is a person's work: kept)
-WRITTEN = ("", "_kind", "_driver", "_box", "_fold")
 SIGNALS_SUFFIX = "_signals"  # each annotation's signals, between the score and calibrate steps
 TRAINING_SHARE = 0.9  # of the progress reported while fold models train; the scoring takes the rest
 
@@ -120,39 +119,37 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
     if model is None and (not isinstance(folds, int) or folds < 2):
         raise InputError(f"folds must be an integer >= 2, got {folds!r}")
     skipped: dict = {}
-    records = _records(view, phrase_field, gt_field, skipped)
-
+    options = dict(phrase_field=phrase_field, gt_field=gt_field, field=field, batch_size=batch_size,
+                   progress=progress, say=say)
     if model is not None:
         network, source, device = _load(model, device)
-        score_label_errors(view, network, source=source, phrase_field=phrase_field, gt_field=gt_field, field=field,
-                           batch_size=batch_size, device=device, progress=progress,
-                           progress_callback=progress_callback, say=say, records=records, skipped=skipped)
-        return calibrate_label_errors(view, network, source=source, phrase_field=phrase_field, gt_field=gt_field,
-                                      field=field, suspect_thresh=suspect_thresh, batch_size=batch_size,
-                                      device=device, seed=seed, progress=progress,
-                                      progress_callback=progress_callback, say=say, records=records,
-                                      skipped=skipped)
+        score_label_errors(view, network, source=source, device=device, progress_callback=progress_callback,
+                           skipped=skipped, **options)
+        return calibrate_label_errors(view, network, source=source, suspect_thresh=suspect_thresh, device=device,
+                                      seed=seed, progress_callback=progress_callback, skipped=skipped, **options)
+    records = _records(view, phrase_field, gt_field, skipped)
     device = resolve_device(device)
     images = len(set(records.filepaths))
     if images < folds:
         raise InputError(f"{folds} folds need at least {folds} images; this view has {images}: lower folds, or "
                          f"score it with a trained model (model=...).")
     fold_of = image_folds(records.filepaths, folds, seed)
-    options = {"seed": seed, **(train_options or {}), "preset": preset, "phrase_field": phrase_field,
-               "gt_field": gt_field}
+    train = {"seed": seed, **(train_options or {}), "preset": preset, "phrase_field": phrase_field,
+             "gt_field": gt_field}
     out_dir = out_dir or str(Path("runs") / f"label_errors_{field}")
     training_progress = None if progress_callback is None else (
         lambda fraction, label: progress_callback(TRAINING_SHARE * fraction, label))
     with on_device(device):  # the fold runs train on the chosen GPU, not the current one
-        checkpoints = [str(p) for p in train_fold_models(view, records, fold_of, out_dir, train_options=options,
+        checkpoints = [str(p) for p in train_fold_models(view, records, fold_of, out_dir, train_options=train,
                                                          say=say, progress=progress,
                                                          progress_callback=training_progress)]
     scored = np.arange(len(records))
     on_batch = scoring_progress(2 * len(scored), say if progress else None, progress_callback, start=TRAINING_SHARE)
     signals = _score(checkpoints, records, scored, fold_of, device, batch_size, on_batch, skipped, len(records))
-    return _calibrate(view, records, scored, signals, fold_of, checkpoints, device=device, batch_size=batch_size,
-                      field=field, phrase_field=phrase_field, gt_field=gt_field, suspect_thresh=suspect_thresh,
-                      seed=seed, folds=folds, skipped=skipped, on_batch=on_batch, say=say)
+    readable = scored[np.isfinite(signals["iou"][scored])]
+    _store(root_dataset(view), records, readable, signals, field, clear=view.values("id"), fold_of=fold_of)
+    return _calibrate(view, checkpoints, checkpoints, device=device, seed=seed, folds=folds,
+                      suspect_thresh=suspect_thresh, skipped=skipped, on_batch=on_batch, **options)
 
 
 def _records(view, phrase_field: str, gt_field: str, skipped: dict):
@@ -165,16 +162,25 @@ def _records(view, phrase_field: str, gt_field: str, skipped: dict):
     return records
 
 
+def _image_chunks(view, shard, rows: int = ROWS_PER_CHUNK):
+    """The sample ids of ``view``'s images that ``shard`` runs, a chunk of about ``rows`` samples
+    (whole images) at a time, read in pages: memory holds a chunk, not the view."""
+    mine = (row for row in stream_by_filepath(view) if shard.owns(row[1]))
+    for chunk in chunks_of_whole_images(mine, rows):
+        yield [sid for sid, _ in chunk]
+
+
 def score_label_errors(view, model, *, source: Optional[str] = None, phrase_field: str = DEFAULT_PROMPT_FIELD,
                        gt_field: str = "ground_truth", field: str = "label_error", batch_size: int = 64,
                        device=None, distributed=False, progress: bool = True,
                        progress_callback: Optional[Callable[[float, str], None]] = None,
-                       say: Callable[[str], None] = print, records=None, skipped: Optional[dict] = None) -> dict:
+                       say: Callable[[str], None] = print, skipped: Optional[dict] = None) -> dict:
     """The first step of :func:`compute_label_errors` with a trained ``model``, which any number of
     processes or tasks can run on parts of a view: the signals of each annotation the model did
     not train on, written to ``<field>_signals`` with the model's box (``<field>_box``); the
-    samples it must leave out get neither (an earlier scoring's values are cleared). The second
-    step, :func:`calibrate_label_errors`, needs the whole view and runs once after.
+    samples it must leave out get neither (an earlier scoring's values are cleared). The view is
+    read, scored and written a chunk of images at a time (``ROWS_PER_CHUNK`` samples), so memory
+    does not grow with it. The second step, :func:`calibrate_label_errors`, runs once after.
 
     ``distributed``: under ``torchrun`` / ``accelerate launch``, this rank scores its share of the
     images (``inference/distributed.py``). Returns ``{"scored", "left_out", "skipped"}`` (this rank's).
@@ -184,27 +190,50 @@ def score_label_errors(view, model, *, source: Optional[str] = None, phrase_fiel
     shard = shard_of(distributed)
     network, source, device = _load(model, device) if source is None else (model, source, resolve_device(device))
     skipped = {} if skipped is None else skipped
-    records = records if records is not None else _records(view, phrase_field, gt_field, skipped)
-    mine = np.asarray([i for i, path in enumerate(records.filepaths) if shard.owns(path)], dtype=np.int64)
-    left_out, run_key = trained_rows(view, source, records)
-    if run_key is None and shard.rank == 0:
+    for name in (phrase_field, gt_field):
+        if not view.has_field(name):
+            raise InputError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
+    trained = TrainedImages(view, source)
+    if trained.key is None and shard.rank == 0:
         say(f"No training run of {source} is recorded on this dataset: every sample is scored as one it did not "
             f"train on. If it did, its scores are too kind.")
-    scored = np.setdiff1d(mine, left_out)
-    if len(np.intersect1d(mine, left_out)):
-        _count(skipped, f"trained on by {Path(source).name}, or an image it trained on",
-               len(np.intersect1d(mine, left_out)))
-    on_batch = scoring_progress(len(scored), say if progress else None, progress_callback)
-    signals = _score([network], records, scored, np.zeros(len(records), dtype=np.int64), device, batch_size,
-                     on_batch, skipped, len(records))
+    total = sum(1 for row in stream_by_filepath(view) if shard.owns(row[1]))
+    on_batch = scoring_progress(total, say if progress else None, progress_callback)
     dataset = root_dataset(view)
-    ids = [records.sample_ids[i] for i in mine]
-    readable = set(scored[np.isfinite(signals["iou"][scored])].tolist())
-    stored = {records.sample_ids[i]: _stored_signals(signals, i) if i in readable else None for i in mine}
-    dataset.set_values(field + SIGNALS_SUFFIX, stored, key_field="id")
-    rows = [i for i in mine if i in readable]
-    _write_boxes(dataset, records, rows, signals.take(rows), field, clear=ids)
-    return {"scored": len(readable), "left_out": len(mine) - len(scored), "skipped": skipped}
+    counts = {"annotations": 0, "scored": 0, "left_out": 0}
+    for ids in _image_chunks(view, shard):
+        records = read_records(view.select(ids), phrase_field, gt_field)
+        for _, reason in records.skipped:
+            _count(skipped, reason)
+        left_out = trained.rows(records)
+        if len(left_out):
+            _count(skipped, f"trained on by {Path(source).name}, or an image it trained on", len(left_out))
+        scored = np.setdiff1d(np.arange(len(records)), left_out)
+        signals = _score([network], records, scored, np.zeros(len(records), dtype=np.int64), device, batch_size,
+                         on_batch, skipped, len(records))
+        readable = scored[np.isfinite(signals["iou"][scored])]
+        _store(dataset, records, readable, signals, field, clear=ids)
+        counts["annotations"] += len(records)
+        counts["scored"] += len(readable)
+        counts["left_out"] += len(left_out)
+    if counts["annotations"] == 0 and not shard.distributed:
+        raise InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
+                         f"one box in {gt_field!r}.")
+    return {"scored": counts["scored"], "left_out": counts["left_out"], "skipped": skipped}
+
+
+def _store(dataset, records, rows, signals: Signals, field: str, clear=(), fold_of=None) -> None:
+    """Each of ``rows``' signals to ``<field>_signals`` and the model's box to ``<field>_box`` (and
+    its fold to ``<field>_fold``); the samples ``clear`` names that are not among them get none."""
+    stored = {sid: None for sid in clear}
+    stored.update({records.sample_ids[i]: _stored_signals(signals, i) for i in rows})
+    if stored:
+        dataset.set_values(field + SIGNALS_SUFFIX, stored, key_field="id")
+    _write_boxes(dataset, records, rows, signals.take(rows), field, clear=clear)
+    if fold_of is not None:
+        folds = {sid: None for sid in clear}
+        folds.update({records.sample_ids[i]: int(fold_of[i]) for i in rows})
+        dataset.set_values(f"{field}_fold", folds, key_field="id")
 
 
 def _stored_signals(signals: Signals, i: int) -> dict:
@@ -213,103 +242,129 @@ def _stored_signals(signals: Signals, i: int) -> dict:
     return {**values, "box": [float(x) for x in signals.boxes[i]]}
 
 
+def _signals_of(stored: list) -> Signals:
+    """Stored signals (dicts, as :func:`_stored_signals` writes them) back as ``Signals``."""
+    n = len(stored)
+    signals = Signals(np.asarray([d["box"] for d in stored], dtype=np.float64).reshape(n, 4), {})
+    for i, values in enumerate(stored):
+        for name, value in values.items():
+            if name != "box":
+                signals.values.setdefault(name, np.full(n, np.nan))[i] = np.nan if value is None else value
+    return signals
+
+
 def calibrate_label_errors(view, model, *, source: Optional[str] = None, phrase_field: str = DEFAULT_PROMPT_FIELD,
                            gt_field: str = "ground_truth", field: str = "label_error",
                            suspect_thresh: float = SUSPECT_THRESH, batch_size: int = 64, device=None, seed: int = 0,
                            progress: bool = True, progress_callback: Optional[Callable[[float, str], None]] = None,
-                           say: Callable[[str], None] = print, records=None,
-                           skipped: Optional[dict] = None) -> LabelErrorResult:
+                           say: Callable[[str], None] = print, skipped: Optional[dict] = None) -> LabelErrorResult:
     """The second step of :func:`compute_label_errors` with a trained ``model``, once for the whole
     view after :func:`score_label_errors` has run on all of it (in any number of parts): errors
     injected into copies of at most ``CALIBRATION_ROWS`` scored annotations, scored by ``model``;
-    the classifier fitted on them; each annotation's P(wrong), kind and driver written; the
-    suspects tagged; the run recorded."""
+    the classifier fitted on them; each annotation's P(wrong), kind and driver written a page at
+    a time; the suspects tagged; the run recorded."""
     network, source, device = _load(model, device) if source is None else (model, source, resolve_device(device))
     standalone = skipped is None  # else the score step of this process counted what it left out
     skipped = {} if skipped is None else skipped
-    records = records if records is not None else _records(view, phrase_field, gt_field, skipped)
-    if not view.has_field(field + SIGNALS_SUFFIX):
-        raise InputError(f"No annotation of this view has been scored into {field + SIGNALS_SUFFIX!r}: run "
+    on_batch = scoring_progress(CALIBRATION_ROWS, say if progress else None, progress_callback)
+    return _calibrate(view, [network], [source], phrase_field=phrase_field, gt_field=gt_field, field=field,
+                      suspect_thresh=suspect_thresh, batch_size=batch_size, device=device, seed=seed, folds=None,
+                      skipped=skipped, on_batch=on_batch, say=say, count_unscored=standalone, progress=progress)
+
+
+def _calibrate(view, networks: list, checkpoints: list, *, phrase_field: str, gt_field: str, field: str,
+               suspect_thresh: float, batch_size: int, device, seed: int, folds: Optional[int], skipped: dict,
+               on_batch, say, count_unscored: bool = False, progress: bool = True) -> LabelErrorResult:
+    """From the signals stored on ``view``: inject errors into copies of at most
+    ``CALIBRATION_ROWS`` scored annotations (the pool they draw other objects and phrases from:
+    every annotation of those annotations' images), score the copies with the network of their
+    annotation's fold (``<field>_fold``; one network: all), fit the classifier, and write every
+    scored annotation's P(wrong), a page at a time."""
+    signals_field = field + SIGNALS_SUFFIX
+    if not view.has_field(signals_field):
+        raise InputError(f"No annotation of this view has been scored into {signals_field!r}: run "
                          f"score_label_errors (the 'score' step) on it first.")
-    stored = dict(zip(*view.values(["id", field + SIGNALS_SUFFIX])))
-    n = len(records)
-    signals = Signals(np.full((n, 4), np.nan), {})
-    scored = []
-    for i, sid in enumerate(records.sample_ids):
-        values = stored.get(sid)
-        if not values:
-            continue
-        scored.append(i)
-        signals.boxes[i] = values["box"]
-        for name, value in values.items():
-            if name != "box":
-                signals.values.setdefault(name, np.full(n, np.nan))[i] = np.nan if value is None else value
-    scored = np.asarray(scored, dtype=np.int64)
-    if len(scored) == 0:
+    scored_view = view.exists(signals_field)
+    scored_ids = scored_view.values("id")  # the natural order: which annotations get copies
+    if not scored_ids:
         raise InputError("Every sample of this view is one the model trained on (or shares an image with one): "
                          "score a view it did not train on (e.g. the val or test split), or pass preset= to "
                          "train fold models.")
-    if len(scored) < n and standalone:
-        _count(skipped, "not scored (trained on, unreadable, or not run by the score step)", n - len(scored))
-    fold_of = np.full(n, -1, dtype=np.int64)
-    fold_of[scored] = 0
-    on_batch = scoring_progress(min(len(scored), CALIBRATION_ROWS) * COPIES_PER_ROW, say if progress else None,
-                                progress_callback)
-    return _calibrate(view, records, scored, signals, fold_of, [network], checkpoints=[source], device=device,
-                      batch_size=batch_size, field=field, phrase_field=phrase_field, gt_field=gt_field,
-                      suspect_thresh=suspect_thresh, seed=seed, folds=None, skipped=skipped, on_batch=on_batch,
-                      say=say)
-
-
-def _calibrate(view, records, scored: np.ndarray, signals: Signals, fold_of: np.ndarray, networks: list,
-               checkpoints: Optional[list] = None, *, device, batch_size: int, field: str, phrase_field: str,
-               gt_field: str, suspect_thresh: float, seed: int, folds: Optional[int], skipped: dict, on_batch,
-               say) -> LabelErrorResult:
-    """Inject errors into copies of some scored annotations, score the copies with the network of
-    their annotation's fold, fit the classifier, write every scored annotation's P(wrong)."""
-    checkpoints = checkpoints or [str(n) for n in networks]
-    dataset = root_dataset(view)
-    if len(scored) == 0:
-        raise InputError("Every sample of this view is one the model trained on (or shares an image with one): "
-                         "score a view it did not train on (e.g. the val or test split), or pass preset= to "
-                         "train fold models.")
+    if count_unscored and len(scored_ids) < len(view):
+        _count(skipped, "not scored (trained on, unreadable, or not run by the score step)",
+               len(view) - len(scored_ids))
     rng = np.random.default_rng([seed, 26])
-    calib_rows = np.sort(rng.choice(scored, size=min(len(scored), CALIBRATION_ROWS), replace=False))
+    chosen = set(scored_ids[i] for i in rng.choice(len(scored_ids), size=min(len(scored_ids), CALIBRATION_ROWS),
+                                                   replace=False))
+    del scored_ids
+    # every annotation of the chosen annotations' images: what the injected errors are drawn from
+    chosen_paths = sorted(set(view.select(list(chosen)).values("filepath")))
+    pool = read_records(view.match({"filepath": {"$in": chosen_paths}}), phrase_field, gt_field)
+    stored = dict(zip(*view.select(pool.sample_ids).values(["id", signals_field])))
+    fold_field = f"{field}_fold" if folds is not None else None
+    fold_by_id = dict(zip(*view.select(pool.sample_ids).values(["id", fold_field]))) if fold_field else {}
+    calib_rows = np.asarray([i for i, sid in enumerate(pool.sample_ids) if sid in chosen and stored.get(sid)],
+                            dtype=np.int64)
+    fold_of = np.asarray([fold_by_id.get(sid) or 0 for sid in pool.sample_ids], dtype=np.int64)
     copies = min(COPIES_PER_ROW, -(-MIN_COPIES // len(calib_rows)))  # a small view: several copies each
-    corruptions = [c for _ in range(copies) for c in plan_corruptions(records, calib_rows, rng)]
-    both, labels = with_corrupted_copies(records, corruptions)
+    corruptions = [c for _ in range(copies) for c in plan_corruptions(pool, calib_rows, rng)]
+    both, labels = with_corrupted_copies(pool, corruptions)
     copy_fold = np.concatenate([fold_of, fold_of[[c.index for c in corruptions]]])
-    copy_rows = len(records) + np.arange(len(corruptions))
-    copied = _score(networks, both, copy_rows, copy_fold, device, batch_size, on_batch, {}, len(records))
-    signals = Signals(np.concatenate([signals.boxes, copied.boxes[len(records):]]),
-                      {name: np.concatenate([signals.values.get(name, np.full(len(records), np.nan)),
-                                             copied.values[name][len(records):]]) for name in copied.values})
-
-    readable = scored[np.isfinite(signals["iou"][scored])]
-    if len(readable) == 0:
-        raise InputError(f"No image of this view could be read: {skipped}")
-    fit_rows = np.concatenate([calib_rows, copy_rows])
-    fit_rows = fit_rows[np.isfinite(signals["iou"][fit_rows])]
-    error_model = fit_error_model(signals.take(fit_rows), [labels[i] for i in fit_rows], KINDS, seed=seed)
+    copy_rows = len(pool) + np.arange(len(corruptions))
+    copied = _score(networks, both, copy_rows, copy_fold, device, batch_size, on_batch, {}, len(pool))
+    originals = _signals_of([stored[pool.sample_ids[i]] for i in calib_rows])
+    fit_signals = Signals(np.concatenate([originals.boxes, copied.boxes[copy_rows]]),
+                          {name: np.concatenate([originals.values.get(name, np.full(len(calib_rows), np.nan)),
+                                                 copied.values[name][copy_rows]]) for name in copied.values})
+    fit_labels = [""] * len(calib_rows) + [labels[i] for i in copy_rows]
+    keep = np.isfinite(fit_signals["iou"])
+    fit_ids = [pool.sample_ids[i] for i in calib_rows] + [None] * len(copy_rows)
+    error_model = fit_error_model(fit_signals.take(np.flatnonzero(keep)), [fit_labels[i] for i in np.flatnonzero(keep)],
+                                  KINDS, seed=seed)
     # each scored annotation by the half of the score's classifier that was not fitted on it
-    half_of = dict(zip(fit_rows.tolist(), error_model.fitted_half.tolist()))
-    halves = np.asarray([half_of.get(int(i), -1) for i in readable])
-    mine = signals.take(readable)
-    wrong = error_model.probability(mine, halves)
-    drivers = error_model.drivers(mine)
-    reported = [AMBIGUOUS if d == "ambiguity" else REPORTED_KIND[k]
-                for k, d in zip(error_model.kind(mine, halves), drivers)]
-    suspects = _write(dataset, view, records, readable, mine, wrong, reported, drivers, fold_of, field,
-                      suspect_thresh, with_folds=folds is not None)
+    half_of = {fit_ids[i]: int(h) for i, h in zip(np.flatnonzero(keep), error_model.fitted_half) if fit_ids[i]}
+    dataset = root_dataset(view)
+    for suffix in ("", "_kind", "_driver"):
+        if view.has_field(field + suffix):
+            view.clear_sample_field(field + suffix)
+    view.untag_samples(SUSPECT_TAG)
+    scored = suspects = 0
+    for page in _pages(stream_by_filepath(scored_view, (signals_field,))):
+        ids = [sid for sid, _, _ in page]
+        mine = _signals_of([values for _, _, values in page])
+        halves = np.asarray([half_of.get(sid, -1) for sid in ids])
+        wrong = error_model.probability(mine, halves)
+        drivers = error_model.drivers(mine)
+        reported = [AMBIGUOUS if d == "ambiguity" else REPORTED_KIND[k]
+                    for k, d in zip(error_model.kind(mine, halves), drivers)]
+        dataset.set_values(field, dict(zip(ids, map(float, wrong))), key_field="id")
+        dataset.set_values(f"{field}_kind", dict(zip(ids, reported)), key_field="id")
+        dataset.set_values(f"{field}_driver", dict(zip(ids, drivers)), key_field="id")
+        flagged = [sid for sid, p in zip(ids, wrong) if p >= suspect_thresh]
+        if flagged:
+            dataset.select(flagged).tag_samples(SUSPECT_TAG)
+        scored += len(ids)
+        suspects += len(flagged)
     record_label_errors(view, field, gt_field=gt_field, phrase_field=phrase_field, checkpoints=checkpoints,
-                        folds=folds, error_rate=error_model.error_rate,
-                        scored=len(readable), suspects=suspects,
+                        folds=folds, error_rate=error_model.error_rate, scored=scored, suspects=suspects,
                         fitted_on={k: int(v) for k, v in error_model.fitted_on.items()})
-    result = LabelErrorResult(view=view.sort_by(field, reverse=True), field=field, scored=len(readable),
+    result = LabelErrorResult(view=view.sort_by(field, reverse=True), field=field, scored=scored,
                               suspects=suspects, error_rate=error_model.error_rate, skipped=skipped,
                               fitted_on=dict(error_model.fitted_on), checkpoints=checkpoints)
     say(result.summary())
     return result
+
+
+def _pages(rows, size: int = ROWS_PER_CHUNK):
+    """``rows`` in lists of ``size``."""
+    page = []
+    for row in rows:
+        page.append(row)
+        if len(page) == size:
+            yield page
+            page = []
+    if page:
+        yield page
 
 
 def _score(networks: list, both, rows_needed: np.ndarray, copy_fold: np.ndarray, device, batch_size: int,
@@ -333,27 +388,6 @@ def _score(networks: list, both, rows_needed: np.ndarray, copy_fold: np.ndarray,
             if rows[row] < originals:
                 _count(skipped, reason)
     return signals
-
-
-def _write(dataset, view, records, rows, signals: Signals, wrong, kinds, drivers, fold_of, field: str,
-           suspect_thresh: float, with_folds: bool) -> int:
-    """Clear what an earlier scoring wrote on the view, write the scores, kinds, drivers and model
-    boxes in bulk, and tag the suspects."""
-    for suffix in WRITTEN:
-        if view.has_field(field + suffix):
-            view.clear_sample_field(field + suffix)
-    ids = [records.sample_ids[i] for i in rows]
-    dataset.set_values(field, dict(zip(ids, map(float, wrong))), key_field="id")
-    dataset.set_values(f"{field}_kind", dict(zip(ids, kinds)), key_field="id")
-    dataset.set_values(f"{field}_driver", dict(zip(ids, drivers)), key_field="id")
-    _write_boxes(dataset, records, rows, signals, field)
-    if with_folds:
-        dataset.set_values(f"{field}_fold", {sid: int(fold_of[i]) for sid, i in zip(ids, rows)}, key_field="id")
-    view.untag_samples(SUSPECT_TAG)
-    flagged = [sid for sid, p in zip(ids, wrong) if p >= suspect_thresh]
-    if flagged:
-        dataset.select(flagged).tag_samples(SUSPECT_TAG)
-    return len(flagged)
 
 
 def _write_boxes(dataset, records, rows, signals: Signals, field: str, clear=()) -> None:
