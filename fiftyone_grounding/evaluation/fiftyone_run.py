@@ -27,7 +27,7 @@ import fiftyone.utils.eval.detection as foud
 
 from ..data.fields import NO_TARGET_FIELD
 from ..data.labels import valid_detection_xyxy
-from ..fiftyone_api import dataset_id, root_dataset
+from ..fiftyone_api import dataset_id, root_dataset, stream_by_filepath
 from ..models.boxes import box_iou
 from ..runs import checkpoint_of, record_evaluation
 from .metrics import GREC_METRICS, MAP_THRESHOLDS, METRICS, average_precision
@@ -365,20 +365,26 @@ def _write_run(view, eval_key: str, scores: SampleScores, config: GroundingEvalu
     return matches, {"tp": sum(tp.values()), "fp": sum(fp.values()), "fn": sum(fn.values())}
 
 
+WRITE_CHUNK = 8192  # documents changed per bulk write
+
+
 def _write_box_attributes(view, field: str, eval_key: str, box_values: dict) -> None:
     """``<eval_key>``, ``_id`` and ``_iou`` on every box of ``field`` that the run scored: the
-    field's documents read, changed and written back whole (one bulk write, not one per attribute)."""
+    field's documents read a page at a time, changed and written back whole (a bulk write of
+    ``WRITE_CHUNK`` documents, not one per attribute)."""
     dataset = root_dataset(view)
-    sample_ids, docs = view.values(["id", field], _raw=True)
     changed = {}
-    for sid, doc in zip(sample_ids, docs):
+    for sid, _, doc in stream_by_filepath(view, (field,)):  # a page of documents at a time, not all of them
         dets = (doc or {}).get("detections") or []
         if not any(str(det["_id"]) in box_values for det in dets):
             continue
         for det in dets:
             value, match, iou = box_values.get(str(det["_id"]), (None, None, None))
             det[eval_key], det[f"{eval_key}_id"], det[f"{eval_key}_iou"] = value, match, iou
-        changed[str(sid)] = doc
+        changed[sid] = doc
+        if len(changed) == WRITE_CHUNK:
+            dataset.set_values(field, changed, key_field="id", validate=False)
+            changed = {}
     if changed:
         dataset.set_values(field, changed, key_field="id", validate=False)
 
