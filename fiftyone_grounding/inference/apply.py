@@ -162,8 +162,8 @@ def _loader(items: ImageGroups, batch_size: int, model: GroundingModel, num_work
         return iter(loader)
 
 
-# Phrases held in memory at once: a view is read from one database cursor in chunks of whole
-# images, so memory is bounded by this and the batches, not by the size of the view.
+# Phrases held in memory at once: a view is read in pages and run in chunks of whole images
+# (fiftyone_api.stream_by_filepath), so memory is bounded by this, not by the size of the view.
 ROWS_PER_CHUNK = 32768
 
 
@@ -253,8 +253,7 @@ def _ground(view, model: GroundingModel, label_field: str, rows: Callable[[], It
         run = {"processed": 0, "skipped": []}
         if total:
             run = _run(dataset, model, label_field, mine(), (total, phrases, images, cached), shard,
-                       batch_size=batch_size,
-                       num_workers=num_workers, worker_type=worker_type, progress=progress,
+                       batch_size=batch_size, num_workers=num_workers, worker_type=worker_type, progress=progress,
                        progress_callback=progress_callback, write_every=write_every, overlap=overlap,
                        confidence_thresh=confidence_thresh, features=features)
         counts = group.gather({"processed": run["processed"], "skipped": len(run["skipped"])})
