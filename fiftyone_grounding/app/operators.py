@@ -414,16 +414,21 @@ class ApplyGroundingModel(GroundingOperator):
         if not self.needs_dataset(ctx, inputs):
             return form(inputs, "Apply a grounding model")
         view = self.target(ctx)
-        self.model_input(ctx, inputs)
-        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text",
-                         "each sample's own referring expression")
-        self.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
-                         "new or existing Detections field to write the boxes to", new_ok=True)
+        self.model_and_fields_input(self, ctx, inputs, view)
         inputs.int("batch_size", min=1, label="Batch size", required=False,
                    description=f"phrases per forward pass; empty: {APPLY_BATCH_SIZE_TEXT}")
         inputs.bool("skip_existing", label="Only samples without a prediction in this field",
                     default=False, description="finish an interrupted run instead of predicting everything again")
         return form(inputs, "Apply a grounding model")
+
+    @staticmethod
+    def model_and_fields_input(op: GroundingOperator, ctx, inputs, view) -> None:
+        """The model, phrase field and prediction field of an apply form (this one, a pipeline's)."""
+        op.model_input(ctx, inputs)
+        op.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text",
+                       "each sample's own referring expression")
+        op.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
+                       "new or existing Detections field to write the boxes to", new_ok=True)
 
     def run(self, ctx, progress):
         from ..inference.apply import apply_grounding_model

@@ -67,11 +67,7 @@ class ApplyThenEvaluate(GroundingPipeline):
         if not self.needs_dataset(ctx, inputs):
             return form(inputs, self.FORM)
         view = self.target(ctx)
-        self.model_input(ctx, inputs)
-        self.field_input(ctx, inputs, view, "phrase_field", "Phrase field", "text",
-                         "each sample's own referring expression")
-        self.field_input(ctx, inputs, view, "label_field", "Prediction field", "Detections",
-                         "new or existing Detections field to write the boxes to", new_ok=True)
+        ApplyGroundingModel.model_and_fields_input(self, ctx, inputs, view)
         self.field_input(ctx, inputs, view, "gt_field", "Ground-truth field", "Detections", "the true boxes")
         key = inputs.str("eval_key", label="Evaluation key", default=self.DEFAULTS["eval_key"],
                          description="names the run in the Model Evaluation panel")
