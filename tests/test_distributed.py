@@ -2,6 +2,7 @@
 ``--distributed`` under a real ``torchrun`` with 2 CPU processes against the test database, and
 the pieces it rests on: the image-grouped shards and the paged read of a view."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,19 +71,28 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only torchrun
+        workers = _rank_pids(proc.pid)  # in sessions of their own: killpg of torchrun's misses them
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"torchrun did not finish in {timeout} s:\n{out[-4000:]}")
     return out
 
 
 def _rank_pids(launcher: int) -> dict:
-    """{RANK: pid} of the worker processes a torchrun process started (from /proc)."""
-    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    """{RANK: pid} of the worker processes a torchrun process started (from /proc: the children of
+    each of its threads)."""
     ranks = {}
-    for pid in map(int, children):
-        environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
-        ranks[int(environ.get("RANK", -1))] = pid
+    for task in Path(f"/proc/{launcher}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for pid in map(int, children):
+            environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            ranks[int(environ.get("RANK", -1))] = pid
     return ranks
 
 
@@ -114,14 +124,15 @@ def test_two_ranks_under_torchrun_write_the_boxes_of_one_process_and_a_rerun_fin
     # the last image (in path order) of one rank becomes a pipe, so that rank has written the rest first
     paths = sorted(set(ds.values("filepath")))
     stuck_path = paths[-1]
-    stuck_rank = 0 if Shard(0, 2).owns(stuck_path) else 1
-    pipe = tmp_path / ("zz-" + Path(stuck_path).name)
+    pipe = tmp_path / ("zz-" + Path(stuck_path).name)  # this test's folder sorts after the dataset's
+    stuck_rank = 0 if Shard(0, 2).owns(str(pipe)) else 1  # the rank of the path the sample will have
     os.mkfifo(pipe)
     stuck = ds.match({"filepath": stuck_path})
     stuck_ids = stuck.values("id")
     stuck.set_field("filepath", str(pipe)).save()
     owned = {r: {sid for sid, p in zip(*ds.values(["id", "filepath"])) if Shard(r, 2).owns(p)} for r in (0, 1)}
     assert owned[0] and owned[1] and not owned[0] & owned[1]
+    assert str(pipe) > paths[-1] and len(owned[stuck_rank]) > 8  # the pipe last: the rank writes batches first
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     args = ["apply", "--dataset", dataset_name, "--checkpoint", tiny_checkpoint, "--label-field", "dist",
