@@ -63,6 +63,13 @@ NO_TARGET = "no target (the phrase refers to nothing): one-box models skip it"
 SEVERAL_TARGETS = "several targets: one-box models skip them"
 
 
+def require_fields(view, names) -> None:
+    """Refuse a view whose dataset lacks any of the fields ``names``, naming the fields it has."""
+    for name in names:
+        if not view.has_field(name):
+            raise InputError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
+
+
 def read_records(view, phrase_field: str = "expression", gt_field: str = "ground_truth",
                  several: bool = False, max_boxes: Optional[int] = None) -> GroundingRecords:
     """Bulk-read (id, filepath, phrase, box) from a FiftyOne view, validating each row.
@@ -77,9 +84,7 @@ def read_records(view, phrase_field: str = "expression", gt_field: str = "ground
     ``over_capacity``. What tells an image that lacks a phrase's referent is read where the view has
     it: ``referent_kind`` (else ``category``) into ``categories``, ``image_kinds`` into ``image_kinds``.
     """
-    for name in (phrase_field, gt_field):
-        if not view.has_field(name):
-            raise InputError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
+    require_fields(view, (phrase_field, gt_field))
     ids, paths, phrases, bbs = view.values(
         ["id", "filepath", phrase_field, f"{gt_field}.detections.bounding_box"]
     )

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import fiftyone.core.utils as fou
 import numpy as np
 
 from ..data.fields import DEFAULT_LABEL, DEFAULT_PROMPT_FIELD
 from ..data.labels import make_detections
-from ..data.records import read_records
+from ..data.records import read_records, require_fields
 from ..devices import on_device, resolve_device
 from ..errors import InputError
 from ..fiftyone_api import root_dataset, stream_by_filepath
@@ -119,14 +120,14 @@ def compute_label_errors(view, model=None, *, preset: Optional[str] = None, fold
     if model is None and (not isinstance(folds, int) or folds < 2):
         raise InputError(f"folds must be an integer >= 2, got {folds!r}")
     skipped: dict = {}
-    options = dict(phrase_field=phrase_field, gt_field=gt_field, field=field, batch_size=batch_size,
-                   progress=progress, say=say)
+    options = dict(phrase_field=phrase_field, gt_field=gt_field, field=field, batch_size=batch_size, say=say)
     if model is not None:
         network, source, device = _load(model, device)
-        score_label_errors(view, network, source=source, device=device, progress_callback=progress_callback,
-                           skipped=skipped, **options)
+        score_label_errors(view, network, source=source, device=device, progress=progress,
+                           progress_callback=progress_callback, skipped=skipped, **options)
         return calibrate_label_errors(view, network, source=source, suspect_thresh=suspect_thresh, device=device,
-                                      seed=seed, progress_callback=progress_callback, skipped=skipped, **options)
+                                      seed=seed, progress=progress, progress_callback=progress_callback,
+                                      skipped=skipped, **options)
     records = _records(view, phrase_field, gt_field, skipped)
     device = resolve_device(device)
     images = len(set(records.filepaths))
@@ -157,9 +158,13 @@ def _records(view, phrase_field: str, gt_field: str, skipped: dict):
     for _, reason in records.skipped:
         _count(skipped, reason)
     if len(records) == 0:
-        raise InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
-                         f"one box in {gt_field!r}.")
+        raise _no_annotations(phrase_field, gt_field)
     return records
+
+
+def _no_annotations(phrase_field: str, gt_field: str) -> InputError:
+    return InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
+                      f"one box in {gt_field!r}.")
 
 
 def _image_chunks(view, shard, rows: int = ROWS_PER_CHUNK):
@@ -190,9 +195,7 @@ def score_label_errors(view, model, *, source: Optional[str] = None, phrase_fiel
     shard = shard_of(distributed)
     network, source, device = _load(model, device) if source is None else (model, source, resolve_device(device))
     skipped = {} if skipped is None else skipped
-    for name in (phrase_field, gt_field):
-        if not view.has_field(name):
-            raise InputError(f"The dataset has no field {name!r}; fields: {sorted(view.get_field_schema())}")
+    require_fields(view, (phrase_field, gt_field))
     trained = TrainedImages(view, source)
     if trained.key is None and shard.rank == 0:
         say(f"No training run of {source} is recorded on this dataset: every sample is scored as one it did not "
@@ -217,8 +220,7 @@ def score_label_errors(view, model, *, source: Optional[str] = None, phrase_fiel
         counts["scored"] += len(readable)
         counts["left_out"] += len(left_out)
     if counts["annotations"] == 0 and not shard.distributed:
-        raise InputError(f"No annotations to score in this view: each sample needs a phrase in {phrase_field!r} and "
-                         f"one box in {gt_field!r}.")
+        raise _no_annotations(phrase_field, gt_field)
     return {"scored": counts["scored"], "left_out": counts["left_out"], "skipped": skipped}
 
 
@@ -269,12 +271,12 @@ def calibrate_label_errors(view, model, *, source: Optional[str] = None, phrase_
     on_batch = scoring_progress(CALIBRATION_ROWS, say if progress else None, progress_callback)
     return _calibrate(view, [network], [source], phrase_field=phrase_field, gt_field=gt_field, field=field,
                       suspect_thresh=suspect_thresh, batch_size=batch_size, device=device, seed=seed, folds=None,
-                      skipped=skipped, on_batch=on_batch, say=say, count_unscored=standalone, progress=progress)
+                      skipped=skipped, on_batch=on_batch, say=say, count_unscored=standalone)
 
 
 def _calibrate(view, networks: list, checkpoints: list, *, phrase_field: str, gt_field: str, field: str,
                suspect_thresh: float, batch_size: int, device, seed: int, folds: Optional[int], skipped: dict,
-               on_batch, say, count_unscored: bool = False, progress: bool = True) -> LabelErrorResult:
+               on_batch, say, count_unscored: bool = False) -> LabelErrorResult:
     """From the signals stored on ``view``: inject errors into copies of at most
     ``CALIBRATION_ROWS`` scored annotations (the pool they draw other objects and phrases from:
     every annotation of those annotations' images), score the copies with the network of their
@@ -300,9 +302,9 @@ def _calibrate(view, networks: list, checkpoints: list, *, phrase_field: str, gt
     # every annotation of the chosen annotations' images: what the injected errors are drawn from
     chosen_paths = sorted(set(view.select(list(chosen)).values("filepath")))
     pool = read_records(view.match({"filepath": {"$in": chosen_paths}}), phrase_field, gt_field)
-    stored = dict(zip(*view.select(pool.sample_ids).values(["id", signals_field])))
-    fold_field = f"{field}_fold" if folds is not None else None
-    fold_by_id = dict(zip(*view.select(pool.sample_ids).values(["id", fold_field]))) if fold_field else {}
+    read = [signals_field] + ([f"{field}_fold"] if folds is not None else [])  # one network: every fold is 0
+    ids, stored, *fold = view.select(pool.sample_ids).values(["id", *read])
+    stored, fold_by_id = dict(zip(ids, stored)), dict(zip(ids, fold[0])) if fold else {}
     calib_rows = np.asarray([i for i, sid in enumerate(pool.sample_ids) if sid in chosen and stored.get(sid)],
                             dtype=np.int64)
     fold_of = np.asarray([fold_by_id.get(sid) or 0 for sid in pool.sample_ids], dtype=np.int64)
@@ -329,7 +331,7 @@ def _calibrate(view, networks: list, checkpoints: list, *, phrase_field: str, gt
             view.clear_sample_field(field + suffix)
     view.untag_samples(SUSPECT_TAG)
     scored = suspects = 0
-    for page in _pages(stream_by_filepath(scored_view, (signals_field,))):
+    for page in fou.iter_batches(stream_by_filepath(scored_view, (signals_field,)), ROWS_PER_CHUNK):
         ids = [sid for sid, _, _ in page]
         mine = _signals_of([values for _, _, values in page])
         halves = np.asarray([half_of.get(sid, -1) for sid in ids])
@@ -353,18 +355,6 @@ def _calibrate(view, networks: list, checkpoints: list, *, phrase_field: str, gt
                               fitted_on=dict(error_model.fitted_on), checkpoints=checkpoints)
     say(result.summary())
     return result
-
-
-def _pages(rows, size: int = ROWS_PER_CHUNK):
-    """``rows`` in lists of ``size``."""
-    page = []
-    for row in rows:
-        page.append(row)
-        if len(page) == size:
-            yield page
-            page = []
-    if page:
-        yield page
 
 
 def _score(networks: list, both, rows_needed: np.ndarray, copy_fold: np.ndarray, device, batch_size: int,
